@@ -1,0 +1,266 @@
+"""Input checking and conversion, in one place so one mistake gets one message.
+
+Every layer, trainer helper and estimator calls these. None of them writes to what the
+user passed: a returned tensor may share memory with the input, so callers never modify it
+in place.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "as_tensor",
+    "check_finite",
+    "check_nonnegative",
+    "check_counts",
+    "check_shape",
+    "check_rank",
+    "check_positive",
+    "check_option",
+    "check_mask",
+    "nonzeros",
+    "is_sparse",
+]
+
+ArrayLike = Union[Tensor, np.ndarray, "scipy.sparse.spmatrix", Sequence]  # noqa: F821
+
+
+def is_sparse(X: Tensor) -> bool:
+    """Whether ``X`` is a torch sparse tensor (COO, CSR, CSC, BSR or BSC)."""
+    return isinstance(X, Tensor) and X.layout != torch.strided
+
+
+def _from_scipy(X, dtype) -> Tensor:
+    coo = X.tocoo()
+    idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+    vals = torch.from_numpy(np.asarray(coo.data))
+    out = torch.sparse_coo_tensor(idx, vals, coo.shape)
+    if dtype is not None:
+        out = out.to(dtype)
+    return out.coalesce()
+
+
+def as_tensor(
+    X,
+    name: str = "X",
+    *,
+    dtype: Optional[torch.dtype] = None,
+    device: Union[str, torch.device, None] = None,
+    ndim: Union[int, Iterable[int], None] = None,
+    sparse: str = "keep",
+    float_only: bool = True,
+) -> Tensor:
+    """Convert array-like input to a tensor, checking type and dimensions.
+
+    Parameters
+    ----------
+    X : Tensor, numpy array, scipy.sparse matrix, pandas DataFrame or nested sequence
+        The input.
+    name : str
+        The argument's name, used in error messages.
+    dtype : torch.dtype, optional
+        Target floating dtype. Default: keep a floating tensor's dtype; convert integer
+        or numpy input to ``torch.get_default_dtype()`` (float64 numpy stays float64).
+    device : str or torch.device, optional
+        Target device; default keeps a tensor's device (cpu for other input).
+    ndim : int or iterable of int, optional
+        Allowed numbers of dimensions.
+    sparse : {'keep', 'dense', 'coo'}
+        Keep sparse input sparse (scipy becomes torch COO), densify it, or make any
+        input a coalesced COO tensor.
+    float_only : bool
+        Raise ``TypeError`` for a torch tensor of non-floating dtype instead of
+        converting it. Numpy and python input is converted either way.
+
+    Returns
+    -------
+    Tensor
+        Possibly sharing memory with ``X``: never write to it in place.
+
+    Raises
+    ------
+    TypeError
+        Non-numeric, boolean or complex input, or an integer tensor with ``float_only``.
+    ValueError
+        Wrong number of dimensions or unknown ``sparse``.
+    """
+    check_option(sparse, ("keep", "dense", "coo"), "sparse")
+    if X is None:
+        raise TypeError(f"{name} must be an array or tensor, got None")
+    if hasattr(X, "tocoo") and hasattr(X, "nnz"):  # scipy.sparse
+        if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+            raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
+        if X.dtype == np.bool_:
+            raise TypeError(f"{name} must hold real numbers, got dtype bool")
+        target = dtype or (torch.float64 if X.dtype == np.float64 else torch.get_default_dtype())
+        T = _from_scipy(X, target)
+    elif isinstance(X, Tensor):
+        T = X
+        if T.dtype == torch.bool or T.is_complex():
+            raise TypeError(f"{name} must hold real numbers, got dtype {T.dtype}")
+        if not T.is_floating_point():
+            if float_only:
+                raise TypeError(
+                    f"{name} must be a floating-point tensor, got dtype {T.dtype}; "
+                    f"convert it with {name}.float() or {name}.double()"
+                )
+            T = T.to(dtype or torch.get_default_dtype())
+    else:
+        if hasattr(X, "to_numpy"):  # pandas
+            X = X.to_numpy()
+        try:
+            A = np.asarray(X)
+        except Exception as err:  # ragged lists and the like
+            raise TypeError(f"{name} could not be read as an array: {err}") from None
+        if A.dtype == np.bool_ or A.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must hold real numbers, got dtype {A.dtype}")
+        target = dtype or (torch.float64 if A.dtype == np.float64 else torch.get_default_dtype())
+        T = torch.as_tensor(np.ascontiguousarray(A), dtype=target)
+    if dtype is not None and T.dtype != dtype:
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        T = T.to(dtype)
+    if device is not None:
+        T = T.to(device)
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if T.dim() not in allowed:
+            raise ValueError(
+                f"{name} must have {' or '.join(map(str, allowed))} dimensions, "
+                f"got shape {tuple(T.shape)}"
+            )
+    if sparse == "dense" and is_sparse(T):
+        T = T.to_dense()
+    elif sparse == "coo":
+        T = T.to_sparse_coo() if T.layout != torch.sparse_coo else T
+        T = T.coalesce()
+    return T
+
+
+def _values(X: Tensor) -> Tensor:
+    if X.layout == torch.sparse_coo:
+        return X._values() if not X.is_coalesced() else X.values()
+    if X.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return X.values()
+    if X.layout in (torch.sparse_csc, torch.sparse_bsc):
+        return X.values()
+    return X
+
+
+def check_finite(X: Tensor, name: str = "X") -> Tensor:
+    """Raise ``ValueError`` if ``X`` (dense or sparse) holds NaN or infinity; return ``X``."""
+    v = _values(X)
+    if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{name} contains NaN or infinity")
+    return X
+
+
+def check_nonnegative(X: Tensor, name: str = "X") -> Tensor:
+    """Raise ``ValueError`` if ``X`` holds NaN, infinity or negative values; return ``X``."""
+    check_finite(X, name)
+    v = _values(X)
+    if v.numel() and bool((v < 0).any()):
+        raise ValueError(f"{name} must be non-negative, got minimum {float(v.min()):.4g}")
+    return X
+
+
+def check_counts(X: Tensor, name: str = "X", allow_noninteger: bool = False) -> Tensor:
+    """Check ``X`` holds finite non-negative counts (integers unless ``allow_noninteger``)."""
+    check_nonnegative(X, name)
+    if not allow_noninteger:
+        v = _values(X)
+        if v.numel() and not bool((v == torch.round(v)).all()):
+            raise ValueError(
+                f"{name} must hold integer counts; pass allow_noninteger=True to fit "
+                "non-integer data (the Poisson likelihood is then a quasi-likelihood)"
+            )
+    return X
+
+
+def check_shape(X: Tensor, expected: Sequence[Optional[int]], name: str = "X") -> Tensor:
+    """Raise ``ValueError`` unless ``X.shape`` matches ``expected`` (``None`` matches any size)."""
+    shape = tuple(X.shape)
+    ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
+    if not ok:
+        want = tuple("*" if e is None else e for e in expected)
+        raise ValueError(f"{name} has shape {shape}, expected {want}")
+    return X
+
+
+def check_rank(rank, name: str = "rank", max_rank: Optional[int] = None) -> int:
+    """Return ``rank`` as an int, raising if it is not a positive integer (or exceeds ``max_rank``)."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer, got {rank!r}")
+    if rank <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {rank}")
+    if max_rank is not None and rank > max_rank:
+        raise ValueError(f"{name}={rank} is larger than the data allows ({max_rank})")
+    return int(rank)
+
+
+def check_positive(value, name: str, allow_zero: bool = False) -> float:
+    """Return ``value`` as a float, raising ``ValueError`` unless it is finite and > 0 (>= 0)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    bad = value < 0 if allow_zero else value <= 0
+    if bad or not math.isfinite(value):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
+    return value
+
+
+def check_option(value, valid: Sequence, name: str):
+    """Return ``value`` if it is one of ``valid``; otherwise raise ``ValueError`` listing them."""
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}; got {value!r}")
+    return value
+
+
+def check_mask(mask, shape: Sequence[int], name: str = "mask", device=None, dtype=None) -> Optional[Tensor]:
+    """Convert a missing-entry mask (1 or True = observed) to a float tensor of ``shape``."""
+    if mask is None:
+        return None
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool:
+        M = mask
+    else:
+        M = as_tensor(mask, name, float_only=False, sparse="dense")
+    if tuple(M.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(M.shape)}, expected {tuple(shape)}")
+    M = M.to(device=device, dtype=dtype or torch.get_default_dtype())
+    if bool(((M != 0) & (M != 1)).any()):
+        raise ValueError(f"{name} must hold only 0 and 1 (or booleans)")
+    return M
+
+
+def nonzeros(X: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Row indices, column indices and values of the non-zero entries of a 2-D tensor.
+
+    Parameters
+    ----------
+    X : Tensor, shape (n_rows, n_cols)
+        Dense or sparse (COO, CSR, CSC).
+
+    Returns
+    -------
+    rows, cols : LongTensor, shape (nnz,)
+    values : Tensor, shape (nnz,)
+        Explicit zeros of a sparse input are dropped.
+    """
+    if X.dim() != 2:
+        raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}")
+    if X.layout == torch.strided:
+        rows, cols = torch.nonzero(X, as_tuple=True)
+        return rows, cols, X[rows, cols]
+    C = X.to_sparse_coo().coalesce() if X.layout != torch.sparse_coo else X.coalesce()
+    rows, cols = C.indices()
+    vals = C.values()
+    keep = vals != 0
+    if not bool(keep.all()):
+        rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    return rows, cols, vals

@@ -1,0 +1,194 @@
+"""Objective history of a fit: thread-safe records, a stop flag, a progress bar, a plot."""
+from __future__ import annotations
+
+import threading
+from typing import Any, List, Optional, Union
+
+from .poisson.elbo import ELBO
+
+__all__ = ["History", "plot_history"]
+
+Record = Union[float, ELBO]
+
+
+class History:
+    """Records of an objective, one per step, safe to read from another thread.
+
+    A fit appends a record after each step and stops cleanly after the step in which
+    :meth:`request_stop` was called (from a callback, a signal handler or another thread).
+
+    Parameters
+    ----------
+    verbose : bool, default False
+        Show a tqdm progress bar with the latest objective.
+    total : int, optional
+        Expected number of steps, for the progress bar.
+    desc : str, optional
+        Progress bar label.
+    name : str, default 'objective'
+        What the records are (``'elbo'``, ``'beta-divergence'``...), used by plots.
+    maximize : bool, default False
+        Whether larger is better (True for an ELBO), used by :meth:`converged`.
+
+    Attributes
+    ----------
+    records : list of float or ELBO
+        A copy of the records so far (see :meth:`snapshot`).
+    """
+
+    def __init__(self, verbose: bool = False, total: Optional[int] = None, desc: Optional[str] = None,
+                 name: str = "objective", maximize: bool = False):
+        self._records: List[Record] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.name = name
+        self.maximize = maximize
+        self._bar = None
+        if verbose:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:  # pragma: no cover - tqdm is an optional dependency
+                raise ImportError("verbose progress bars need tqdm: pip install tqdm") from None
+            self._bar = tqdm(total=total, desc=desc or name, leave=False)
+
+    # -- records ---------------------------------------------------------------
+    def append(self, record: Record) -> bool:
+        """Add one record (an ELBO is detached first); return ``False`` once a stop was requested."""
+        if isinstance(record, ELBO):
+            record = record.detach()
+        with self._lock:
+            self._records.append(record)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix({self.name: f"{float(record):.6g}"}, refresh=False)
+        return not self._stop.is_set()
+
+    def snapshot(self) -> List[Record]:
+        """A copy of the records, consistent even while another thread appends."""
+        with self._lock:
+            return list(self._records)
+
+    @property
+    def records(self) -> List[Record]:
+        return self.snapshot()
+
+    @property
+    def values(self) -> List[float]:
+        """The records as floats (an ELBO's total)."""
+        return [float(r) for r in self.snapshot()]
+
+    @property
+    def elbos(self) -> List[ELBO]:
+        """The ELBO records (empty for a history of plain floats)."""
+        return [r for r in self.snapshot() if isinstance(r, ELBO)]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._records)
+
+    def __getitem__(self, i):
+        with self._lock:
+            return self._records[i]
+
+    def __iter__(self):
+        return iter(self.snapshot())
+
+    # -- control ---------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Ask the fit to end after its current step."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def converged(self, tol: float, window: int = 1) -> bool:
+        """Whether the relative change over the last ``window`` steps is below ``tol``."""
+        vals = self.values
+        if len(vals) <= window or tol <= 0:
+            return False
+        old, new = vals[-1 - window], vals[-1]
+        return abs(new - old) <= tol * max(abs(old), 1e-300)
+
+    def close(self) -> None:
+        """Close the progress bar, if any."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    # -- persistence -----------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Records as plain data (ELBOs as dicts of floats), for checkpoints and JSON."""
+        return {"name": self.name, "maximize": self.maximize,
+                "records": [r.to_dict() if isinstance(r, ELBO) else float(r) for r in self.snapshot()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        import torch
+
+        recs: List[Any] = []
+        for r in state["records"]:
+            if isinstance(r, dict):
+                data = torch.tensor(r["data"], dtype=torch.float64)
+                kls = {k: torch.tensor(v, dtype=torch.float64) for k, v in r.items() if k not in ("data", "total")}
+                recs.append(ELBO(data, kls))
+            else:
+                recs.append(float(r))
+        with self._lock:
+            self._records = recs
+        self.name = state.get("name", self.name)
+        self.maximize = state.get("maximize", self.maximize)
+
+    def plot(self, ax=None, parts: bool = False):
+        """Plot the history; see :func:`plot_history`."""
+        return plot_history(self, ax=ax, parts=parts)
+
+    def __repr__(self) -> str:
+        last = f", last={float(self[-1]):.6g}" if len(self) else ""
+        return f"History({self.name}, steps={len(self)}{last})"
+
+
+def plot_history(history, ax=None, parts: bool = False, logy: Optional[bool] = None):
+    """Plot an objective history with matplotlib.
+
+    Parameters
+    ----------
+    history : History or sequence of float or ELBO
+    ax : matplotlib Axes, optional
+        Drawn into; a new figure otherwise.
+    parts : bool, default False
+        For ELBO records, also draw each term on its own axis.
+    logy : bool, optional
+        Log scale; default for positive, non-ELBO objectives.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use(matplotlib.get_backend())
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - optional dependency
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from None
+    records = history.snapshot() if isinstance(history, History) else list(history)
+    name = history.name if isinstance(history, History) else "objective"
+    values = [float(r) for r in records]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(range(1, len(values) + 1), values, label="total" if parts else name)
+    if parts and records and isinstance(records[0], ELBO):
+        twin = ax.twinx()
+        for key in records[0].to_dict():
+            if key == "total":
+                continue
+            twin.plot([r.to_dict()[key] for r in records], "--", label=key, alpha=0.6)
+        twin.legend(loc="center right")
+    if logy is None:
+        logy = bool(values) and not isinstance(records[0], ELBO) and min(values) > 0
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(name)
+    ax.legend(loc="best")
+    return ax

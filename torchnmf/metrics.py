@@ -1,0 +1,137 @@
+"""Divergences between a prediction and a target, summed over all entries.
+
+Every function takes the prediction (``input``) first and the target second, like
+:mod:`torch.nn.functional`, and returns a 0-dim tensor that is differentiable in both.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["beta_div", "kl_div", "is_div", "euclidean", "sparseness", "poisson_nll"]
+
+
+def euclidean(input: Tensor, target: Tensor) -> Tensor:
+    r"""Half the squared Frobenius distance, :math:`\frac12\sum (x - y)^2` (beta = 2).
+
+    Parameters
+    ----------
+    input : Tensor, any shape
+        Prediction.
+    target : Tensor, same shape as ``input``
+        Target.
+
+    Returns
+    -------
+    Tensor, shape ()
+    """
+    return 0.5 * (input - target).pow(2).sum()
+
+
+def kl_div(input: Tensor, target: Tensor) -> Tensor:
+    r"""Generalised Kullback-Leibler divergence :math:`\sum y \log(y/x) - y + x` (beta = 1).
+
+    Zero targets contribute :math:`x` (``0 log 0 = 0``).
+
+    Parameters
+    ----------
+    input : Tensor, any shape
+        Prediction, positive where ``target`` is positive.
+    target : Tensor, same shape as ``input``
+        Non-negative target.
+
+    Returns
+    -------
+    Tensor, shape ()
+    """
+    return (torch.xlogy(target, target) - torch.xlogy(target, input) - target + input).sum()
+
+
+def is_div(input: Tensor, target: Tensor) -> Tensor:
+    r"""Itakura-Saito divergence :math:`\sum y/x - \log(y/x) - 1` (beta = 0).
+
+    Parameters
+    ----------
+    input : Tensor, any shape
+        Positive prediction.
+    target : Tensor, same shape as ``input``
+        Positive target.
+
+    Returns
+    -------
+    Tensor, shape ()
+    """
+    ratio = target / input
+    return (ratio - torch.log(ratio) - 1).sum()
+
+
+def beta_div(input: Tensor, target: Tensor, beta: float = 2) -> Tensor:
+    r"""Beta-divergence :math:`d_\beta(y \| x)` summed over entries.
+
+    .. math::
+        d_\beta(y\|x) = \frac{y^\beta + (\beta - 1) x^\beta - \beta y x^{\beta-1}}{\beta(\beta-1)}
+
+    with the limits :func:`is_div` at beta = 0 and :func:`kl_div` at beta = 1.
+
+    Parameters
+    ----------
+    input : Tensor, any shape
+        Non-negative prediction.
+    target : Tensor, same shape as ``input``
+        Non-negative target.
+    beta : float, default 2
+        The divergence parameter.
+
+    Returns
+    -------
+    Tensor, shape ()
+    """
+    if beta == 2:
+        return euclidean(input, target)
+    if beta == 1:
+        return kl_div(input, target)
+    if beta == 0:
+        return is_div(input, target)
+    bminus = beta - 1
+    term = target.pow(beta) + bminus * input.pow(beta) - beta * target * input.pow(bminus)
+    return term.sum() / (beta * bminus)
+
+
+def sparseness(x: Tensor) -> Tensor:
+    r"""Hoyer's sparseness of a vector, 0 for a flat vector and 1 for a single non-zero.
+
+    .. math:: \frac{\sqrt{n} - \|x\|_1 / \|x\|_2}{\sqrt{n} - 1}
+
+    Parameters
+    ----------
+    x : Tensor, any shape
+        Flattened before measuring; needs at least 2 entries.
+
+    Returns
+    -------
+    Tensor, shape ()
+    """
+    n = x.numel()
+    if n < 2:
+        raise ValueError(f"sparseness needs at least 2 entries in x, got {n}")
+    sqrt_n = math.sqrt(n)
+    return (sqrt_n - x.abs().sum() / x.norm()) / (sqrt_n - 1)
+
+
+def poisson_nll(rate: Tensor, counts: Tensor) -> Tensor:
+    r"""Poisson negative log-likelihood :math:`\sum \lambda - y\log\lambda + \log\Gamma(y+1)`.
+
+    Parameters
+    ----------
+    rate : Tensor, any shape
+        Positive Poisson rates.
+    counts : Tensor, same shape as ``rate``
+        Non-negative counts.
+
+    Returns
+    -------
+    Tensor, shape ()
+    """
+    return (rate - torch.xlogy(counts, rate) + torch.lgamma(counts + 1)).sum()

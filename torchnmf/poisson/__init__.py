@@ -1,0 +1,2 @@
+"""Probabilistic Poisson factorization layers sharing one ELBO interface."""
+from .elbo import ELBO  # noqa: F401
