@@ -10,3 +10,17 @@ from .poisson.elbo import ELBO  # noqa: F401
 from .history import History  # noqa: F401
 
 # -- public layers, trainers and estimators (each line added by the module's owner) --
+from .poisson.lognormal import FactorPosterior, IndependentNormal, LogNormalPoisson  # noqa: F401
+from . import init  # noqa: F401
+from .nmf import BaseComponent, NMF, NMFD, NMF2D, NMF3D  # noqa: F401
+from .plca import PLCA, SIPLCA, SIPLCA2, SIPLCA3  # noqa: F401
+from . import trainer  # noqa: F401
+from .poisson.spatial import LCGP, SVGP  # noqa: F401
+from .poisson.gamma import GammaPoisson  # noqa: F401
+from .trainer.cavi import CAVI  # noqa: F401
+from .trainer.natural import NaturalGradient  # noqa: F401
+from .trainer.online import OnlineMU  # noqa: F401
+from . import distributed, parallel, streaming  # noqa: F401
+from .parallel import fit_gamma_cavi, fit_gamma_svi, fit_nmf, fit_nmf_online  # noqa: F401
+from .streaming import SparseRows, row_loader  # noqa: F401
+from .poisson.spfa import SparsePoissonFA  # noqa: F401

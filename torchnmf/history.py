@@ -117,6 +117,22 @@ class History:
             self._bar = None
 
     # -- persistence -----------------------------------------------------------
+    def __getstate__(self) -> dict:
+        # Locks, events and progress bars do not pickle: keep the records and the flags.
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_stop", "_bar")}
+        state["_records"] = self.snapshot()
+        state["_stop_set"] = self._stop.is_set()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        stop_set = state.pop("_stop_set", False)
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        if stop_set:
+            self._stop.set()
+        self._bar = None
+
     def state_dict(self) -> dict:
         """Records as plain data (ELBOs as dicts of floats), for checkpoints and JSON."""
         return {"name": self.name, "maximize": self.maximize,

@@ -95,7 +95,9 @@ def beta_div(input: Tensor, target: Tensor, beta: float = 2) -> Tensor:
     if beta == 0:
         return is_div(input, target)
     bminus = beta - 1
-    term = target.pow(beta) + bminus * input.pow(beta) - beta * target * input.pow(bminus)
+    # a zero target contributes nothing to the cross term, even where input^(beta-1) is infinite
+    cross = torch.where(target == 0, torch.zeros_like(input), target * input.pow(bminus))
+    term = target.pow(beta) + bminus * input.pow(beta) - beta * cross
     return term.sum() / (beta * bminus)
 
 

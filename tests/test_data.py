@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import torch
+
+from torchnmf import data
+
+pytestmark = [pytest.mark.usefixtures("single_thread")]
+
+
+def test_as_tensor_conversions():
+    a = np.arange(6, dtype=np.float64).reshape(2, 3)
+    t = data.as_tensor(a)
+    assert t.dtype == torch.float64 and t.shape == (2, 3)
+    assert data.as_tensor(np.arange(4)).dtype == torch.get_default_dtype()
+    assert data.as_tensor([[1, 2], [3, 4]], dtype=torch.float64).dtype == torch.float64
+    x = torch.rand(3, 2)
+    assert data.as_tensor(x) is x  # no copy, never written to
+    with pytest.raises(TypeError, match="floating"):
+        data.as_tensor(torch.ones(2, dtype=torch.int64), "V")
+    with pytest.raises(TypeError, match="real"):
+        data.as_tensor(np.array([True, False]), "V")
+    with pytest.raises(TypeError, match="None"):
+        data.as_tensor(None, "V")
+    with pytest.raises(ValueError, match="V must have 2 dimensions"):
+        data.as_tensor(torch.rand(3), "V", ndim=2)
+
+
+def test_as_tensor_sparse():
+    sp = pytest.importorskip("scipy.sparse")
+    S = sp.random(5, 4, density=0.4, format="csr", random_state=0)
+    t = data.as_tensor(S)
+    assert data.is_sparse(t) and t.dtype == torch.float64
+    np.testing.assert_allclose(t.to_dense().numpy(), S.toarray())
+    assert not data.is_sparse(data.as_tensor(S, sparse="dense"))
+    assert data.as_tensor(torch.rand(3, 3), sparse="coo").layout == torch.sparse_coo
+
+
+def test_checks_name_the_argument():
+    x = torch.tensor([1.0, -1.0])
+    with pytest.raises(ValueError, match="V must be non-negative"):
+        data.check_nonnegative(x, "V")
+    with pytest.raises(ValueError, match="V contains NaN"):
+        data.check_finite(torch.tensor([float("nan")]), "V")
+    with pytest.raises(ValueError, match="V contains NaN"):
+        data.check_nonnegative(torch.tensor([float("inf")]).to_sparse(), "V")
+    with pytest.raises(ValueError, match="integer counts"):
+        data.check_counts(torch.tensor([0.5]), "X")
+    with pytest.raises(ValueError, match=r"X has shape \(2, 3\), expected \(2, 4\)"):
+        data.check_shape(torch.rand(2, 3), (2, 4))
+    assert data.check_shape(torch.rand(2, 3), (None, 3)) is not None
+    with pytest.raises(ValueError, match="rank"):
+        data.check_rank(0)
+    with pytest.raises(TypeError, match="rank"):
+        data.check_rank(True)
+    with pytest.raises(ValueError, match="tol"):
+        data.check_positive(-1, "tol", allow_zero=True)
+    with pytest.raises(ValueError, match="solver"):
+        data.check_option("x", ("mu", "cd"), "solver")
+
+
+def test_check_mask():
+    m = data.check_mask(torch.tensor([[True, False]]), (1, 2), dtype=torch.float64)
+    assert m.dtype == torch.float64 and m.tolist() == [[1.0, 0.0]]
+    assert data.check_mask(None, (1, 2)) is None
+    with pytest.raises(ValueError, match="mask has shape"):
+        data.check_mask(torch.ones(2, 1), (1, 2))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        data.check_mask(torch.full((1, 2), 0.5), (1, 2))
+
+
+def test_nonzeros():
+    X = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
+    for T in (X, X.to_sparse(), X.to_sparse_csr()):
+        r, c, v = data.nonzeros(T)
+        assert sorted(zip(r.tolist(), c.tolist(), v.tolist())) == [(0, 1, 2.0), (1, 0, 3.0)]
+    with pytest.raises(ValueError, match="2-D"):
+        data.nonzeros(torch.rand(3))

@@ -1,0 +1,159 @@
+import pickle
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from scipy.special import digamma
+
+from torchnmf.estimators import GammaPoissonFactorization, NotFittedError
+from torchnmf.history import History
+
+
+def counts(n=30, c=15, k=3, seed=0):
+    rng = np.random.RandomState(seed)
+    U = rng.gamma(0.5, 2.0, (n, k))
+    A = rng.gamma(0.5, 2.0, (c, k))
+    return rng.poisson(U @ A.T).astype(np.int64)
+
+
+def local_cavi_reference(X, a, kappa0, s_alpha, r_alpha, n_iter, learn_kappa=True):
+    """Row-factor posteriors of new rows with q(alpha) fixed: plain numpy CAVI with dense phi."""
+    n, _ = X.shape
+    K = s_alpha.shape[1]
+    Ea = s_alpha / r_alpha
+    Elog_a = digamma(s_alpha) - np.log(r_alpha)
+    kappa = np.full(n, kappa0)
+    shape = np.full((n, K), a + 1.0)
+    rate = kappa[:, None] + Ea.sum(0)
+    for _ in range(n_iter):
+        Elog_u = digamma(shape) - np.log(rate)
+        logits = Elog_u[:, None, :] + Elog_a[None, :, :]  # (n, c, K)
+        phi = np.exp(logits - logits.max(-1, keepdims=True))
+        phi /= phi.sum(-1, keepdims=True)
+        shape = a + (X[:, :, None] * phi).sum(1)
+        if learn_kappa:
+            kappa = a * K / (shape / rate).sum(1)
+        rate = kappa[:, None] + Ea.sum(0)
+    return shape / rate
+
+
+def test_fit_elbo_increases_and_shapes():
+    X = counts()
+    est = GammaPoissonFactorization(3, max_iter=15, tol=0, random_state=0, device="cpu", dtype="float64")
+    U = est.fit_transform(X)
+    assert U.shape == (30, 3) and est.components_.shape == (3, 15)
+    assert isinstance(est.history_, History) and est.history_.maximize
+    totals = np.array(est.history_.values)
+    assert len(totals) == est.n_iter_ == 15
+    assert np.all(np.diff(totals) >= -1e-8 * np.abs(totals[:-1]))
+    assert est.elbo_ == pytest.approx(totals[-1])
+    assert len(est.history_.elbos) == 15 and hasattr(est.history_.elbos[0], "U_kls")
+    np.testing.assert_allclose(U, est.module_.mean_U().detach().numpy())
+    recon = est.inverse_transform(U)
+    np.testing.assert_allclose(recon, U @ est.components_)
+
+
+def test_transform_matches_numpy_reference():
+    X = counts()
+    est = GammaPoissonFactorization(3, max_iter=10, transform_max_iter=25, random_state=0, device="cpu",
+                                    dtype="float64").fit(X)
+    m = est.module_
+    Xnew = counts(n=6, seed=5)
+    got = est.transform(Xnew)
+    ref = local_cavi_reference(Xnew.astype(float), float(m.a), float(m.kappa.mean()),
+                               m.q_alpha().concentration.detach().numpy(), m.q_alpha().rate.detach().numpy(), 25,
+                               learn_kappa=est.learn_kappa)
+    np.testing.assert_allclose(got, ref, rtol=1e-8)
+    # rows are independent of each other
+    np.testing.assert_allclose(est.transform(Xnew[:2]), got[:2], rtol=1e-10)
+
+
+def test_transform_close_to_fit_after_convergence():
+    X = counts()
+    est = GammaPoissonFactorization(3, max_iter=100, tol=1e-10, transform_max_iter=100, random_state=0,
+                                    device="cpu", dtype="float64")
+    U = est.fit_transform(X)
+    np.testing.assert_allclose(est.transform(X), U, rtol=0.02, atol=1e-3 * U.max())
+
+
+def test_input_types_agree_and_input_untouched():
+    X = counts()
+    X0 = X.copy()
+    kw = dict(n_components=3, max_iter=5, random_state=1, device="cpu", dtype="float64")
+    U_np = GammaPoissonFactorization(**kw).fit_transform(X)
+    assert isinstance(U_np, np.ndarray)
+    U_sp = GammaPoissonFactorization(**kw).fit_transform(sp.csr_matrix(X))
+    Xt = torch.tensor(X, dtype=torch.float64)
+    U_t = GammaPoissonFactorization(**kw).fit_transform(Xt)
+    U_ts = GammaPoissonFactorization(**kw).fit_transform(Xt.to_sparse())
+    assert isinstance(U_t, torch.Tensor)
+    np.testing.assert_allclose(U_sp, U_np, rtol=1e-9)
+    np.testing.assert_allclose(U_t.numpy(), U_np, rtol=1e-9)
+    np.testing.assert_allclose(U_ts.numpy(), U_np, rtol=1e-9)
+    assert np.array_equal(X, X0)
+
+
+def test_recovers_factors_on_simulated_data():
+    rng = np.random.RandomState(0)
+    K = 3
+    U = rng.gamma(0.3, 10.0, (120, K))
+    A = rng.gamma(0.3, 3.0, (60, K))
+    X = rng.poisson(U @ A.T)
+    est = GammaPoissonFactorization(K, max_iter=50, random_state=0, device="cpu", dtype="float64")
+    Uhat = est.fit_transform(X)
+    C = np.corrcoef(U.T, Uhat.T)[:K, K:]
+    # greedy matching of components
+    best = [C[i].max() for i in range(K)]
+    assert min(best) > 0.8
+
+
+def test_pickle_roundtrip():
+    X = counts()
+    est = GammaPoissonFactorization(2, max_iter=3, transform_max_iter=5, random_state=0, device="cpu").fit(X)
+    again = pickle.loads(pickle.dumps(est))
+    np.testing.assert_allclose(again.transform(X), est.transform(X))
+
+
+@pytest.mark.parametrize(
+    "params, X, match",
+    [
+        (dict(), np.array([[1.5, 2.0], [1.0, 0.0]]), "integer"),
+        (dict(), -np.ones((3, 2)), "Negative values"),
+        (dict(), np.full((3, 2), np.inf), "infinity|inf"),
+        (dict(n_components=0), np.ones((3, 2)), "n_components"),
+        (dict(a=0.0), np.ones((3, 2)), "a must"),
+        (dict(max_iter=0), np.ones((3, 2)), "max_iter"),
+    ],
+)
+def test_bad_input(params, X, match):
+    with pytest.raises(ValueError, match=match):
+        GammaPoissonFactorization(**{"device": "cpu", "max_iter": 2, **params}).fit(X)
+
+
+def test_noninteger_allowed_with_flag():
+    X = np.array([[1.5, 2.0, 0.0], [1.0, 0.0, 3.2], [0.5, 0.5, 0.5]])
+    U = GammaPoissonFactorization(2, max_iter=3, allow_noninteger=True, random_state=0, device="cpu").fit_transform(X)
+    assert np.isfinite(U).all()
+
+
+def test_not_fitted():
+    with pytest.raises(NotFittedError):
+        GammaPoissonFactorization(device="cpu").transform(np.ones((2, 2)))
+
+
+def test_empty_rows_and_columns_are_finite():
+    X = counts()
+    X[0] = 0
+    X[:, 3] = 0
+    est = GammaPoissonFactorization(3, max_iter=5, random_state=0, device="cpu").fit(X)
+    assert np.isfinite(est.components_).all() and np.isfinite(est.transform(X)).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs cuda")
+def test_cuda_matches_cpu():
+    X = counts()
+    kw = dict(n_components=3, max_iter=5, random_state=0, dtype="float64")
+    U_cpu = GammaPoissonFactorization(device="cpu", **kw).fit_transform(X)
+    U_gpu = GammaPoissonFactorization(device="cuda", **kw).fit_transform(X)
+    np.testing.assert_allclose(U_gpu, U_cpu, rtol=1e-6)

@@ -1,0 +1,42 @@
+"""Each example runs end to end with --quick in its own process (as a user would run it)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+
+def run(script, *args, timeout=600):
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
+    res = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), "--quick", *args],
+                         capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def test_digits_parts(tmp_path):
+    pytest.importorskip("sklearn")
+    out = run("digits_parts.py", "--out", str(tmp_path), "--device", "cpu")
+    assert "digits (1797, 64)" in out
+    for name in ("digits_parts.png", "digits_reconstructions.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_topics_gamma_poisson():
+    pytest.importorskip("lda")
+    out = run("topics_gamma_poisson.py", "--device", "cpu")
+    topics = [line for line in out.splitlines() if line.startswith("topic")]
+    assert len(topics) == 6 and all(len(t.split(":", 1)[1].split()) == 8 for t in topics)
+
+
+def test_audio_nmfd(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("pygame") is None:
+        pytest.skip("pygame (which ships the recording) is not installed")
+    out = run("audio_nmfd.py", "--out", str(tmp_path))
+    assert "house_lo.wav" in out and "pattern 3" in out
+    assert (tmp_path / "audio_nmfd.png").stat().st_size > 1000

@@ -1,0 +1,182 @@
+"""Tests of the stochastic variational inference trainer (torchnmf.trainer.natural)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import digamma, logsumexp
+
+from torchnmf.poisson import GammaPoisson
+from torchnmf.trainer import CAVI, NaturalGradient
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small problems: one thread avoids oversubscribing a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def simulate(n=60, m=20, K=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    U = torch._standard_gamma(torch.full((n, K), 0.6, dtype=DT), generator=g)
+    A = torch._standard_gamma(torch.full((m, K), 0.6, dtype=DT), generator=g) * 3
+    return torch.poisson(U @ A.T, generator=g)
+
+
+def make(X, K=3, seed=0, **kw):
+    kw.setdefault("dtype", DT)
+    return GammaPoisson(X.shape[0], X.shape[1], K, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def params(layer):
+    return [getattr(layer, n).detach().numpy().copy() for n in ("U_shape", "U_rate", "alpha_shape", "alpha_rate")]
+
+
+def batches(n, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randperm(n, generator=g)[:size]
+
+
+@pytest.mark.parametrize("full_rows", [False, True])
+def test_rho_one_full_batch_equals_cavi_sweep(full_rows):
+    X = simulate()
+    svi_layer, cavi_layer = make(X), make(X)
+    svi = NaturalGradient(svi_layer, lr=1.0, forgetting_rate=0.0, local_iters=1)
+    cavi = CAVI(cavi_layer)
+    rows = torch.arange(X.shape[0])
+    for _ in range(3):
+        assert svi.rho() == 1.0
+        svi.step(lambda: (X, rows) if full_rows else X)
+        cavi.step(lambda: X)
+        for p, q in zip(params(svi_layer), params(cavi_layer)):
+            np.testing.assert_allclose(p, q, rtol=1e-12)
+        np.testing.assert_allclose(svi_layer.kappa, cavi_layer.kappa, rtol=1e-12)
+        np.testing.assert_allclose(svi_layer.lambda_, cavi_layer.lambda_, rtol=1e-12)
+
+
+def test_global_step_is_natural_gradient_towards_scaled_batch_estimate():
+    X = simulate()
+    layer = make(X)
+    trainer = NaturalGradient(layer, lr=1.0, tau0=3.0, forgetting_rate=0.6, local_iters=4, local_tol=0)
+    rows = torch.arange(10, 25)
+    rho = trainer.rho()
+    np.testing.assert_allclose(rho, 3.0 ** -0.6)
+    old_sA, old_rA = params(layer)[2:]
+    old_lam = layer.lambda_.numpy().copy()
+    old_elog_a = (digamma(old_sA) - np.log(old_rA))
+    trainer.step(lambda: (X[rows], rows))
+    sU, rU, sA, rA = params(layer)
+    # independent batch estimate from the new local posterior and the old q(alpha)
+    scale = X.shape[0] / len(rows)
+    ElU = digamma(sU[rows]) - np.log(rU[rows])
+    logits = ElU[:, None, :] + old_elog_a[None]
+    phi = np.exp(logits - logsumexp(logits, axis=2, keepdims=True))
+    shape_hat = float(layer.b) + scale * (X[rows].numpy()[:, :, None] * phi).sum(0)
+    rate_hat = old_lam[:, None] + scale * (sU[rows] / rU[rows]).sum(0)
+    np.testing.assert_allclose(sA, (1 - rho) * old_sA + rho * shape_hat, rtol=1e-10)
+    np.testing.assert_allclose(rA, (1 - rho) * old_rA + rho * rate_hat, rtol=1e-10)
+    # rows outside the batch are untouched
+    other = torch.arange(0, 10)
+    fresh = make(X)
+    np.testing.assert_array_equal(sU[other], params(fresh)[0][other])
+
+
+def test_svi_approaches_cavi_optimum():
+    X = simulate(120, 25)
+    cavi_layer = make(X)
+    cavi_layer.fit(X, max_iter=150, tol=1e-9)
+    target = float(cavi_layer.elbo(X).total)
+    layer = make(X)
+    start = float(layer.elbo(X).total)
+    trainer = NaturalGradient(layer, tau0=2.0, forgetting_rate=0.7, local_iters=10)
+    it = batches(120, 30, 0)
+    for _ in range(60):
+        rows = next(it)
+        est = trainer.step(lambda: (X[rows], rows))
+        assert torch.isfinite(est.total)
+    final = float(layer.elbo(X).total)
+    assert final > start
+    # 15 epochs of noisy steps: close to the CAVI optimum (which may be another local optimum)
+    assert (target - final) < 0.06 * abs(target), (start, final, target)
+
+
+def test_scheduler_drives_rho():
+    X = simulate()
+    layer = make(X)
+    trainer = NaturalGradient(layer, lr=0.5, tau0=1.0, forgetting_rate=0.0, local_iters=2)
+    sched = torch.optim.lr_scheduler.StepLR(trainer, step_size=2, gamma=0.5)
+    rhos = []
+    it = batches(60, 20, 1)
+    for _ in range(5):
+        rhos.append(trainer.rho())
+        rows = next(it)
+        trainer.step(lambda: (X[rows], rows))
+        sched.step()
+    np.testing.assert_allclose(rhos, [0.5, 0.5, 0.25, 0.25, 0.125])
+    decaying = NaturalGradient(make(X), lr=1.0, tau0=4.0, forgetting_rate=0.5)
+    assert decaying.rho() == pytest.approx(0.5)
+
+
+def test_resume_follows_same_trajectory():
+    X = simulate()
+    layer = make(X)
+    trainer = NaturalGradient(layer, tau0=2.0, local_iters=3)
+    it = batches(60, 15, 2)
+    for _ in range(3):
+        rows = next(it)
+        trainer.step(lambda: (X[rows], rows))
+    saved = copy.deepcopy((layer.state_dict(), trainer.state_dict()))
+    future = [next(it) for _ in range(3)]
+    expected = [float(trainer.step(lambda: (X[r], r)).total) for r in future]
+    resumed = make(X, seed=11)
+    resumed.load_state_dict(saved[0])
+    trainer2 = NaturalGradient(resumed)
+    trainer2.load_state_dict(saved[1])
+    assert trainer2.steps == 3 and trainer2.param_groups[0]["tau0"] == 2.0
+    got = [float(trainer2.step(lambda: (X[r], r)).total) for r in future]
+    np.testing.assert_allclose(got, expected, rtol=1e-13)
+    for p, q in zip(params(layer), params(resumed)):
+        np.testing.assert_allclose(p, q, rtol=1e-13)
+
+
+def test_chunked_and_sparse_batches_agree():
+    X = simulate()
+    rows = torch.arange(5, 30)
+    a, b = make(X), make(X)
+    NaturalGradient(a, local_iters=3).step(lambda: (X[rows], rows))
+    NaturalGradient(b, local_iters=3, chunk_size=11).step(lambda: (X[rows].to_sparse_csr(), rows.numpy()))
+    for p, q in zip(params(a), params(b)):
+        np.testing.assert_allclose(p, q, rtol=1e-12)
+
+
+def test_bad_use():
+    X = simulate()
+    layer = make(X)
+    for kw, name in [(dict(lr=0.0), "lr"), (dict(tau0=0.0), "tau0"), (dict(forgetting_rate=1.5), "forgetting_rate"),
+                     (dict(forgetting_rate=-0.1), "forgetting_rate"), (dict(local_iters=0), "local_iters"),
+                     (dict(local_tol=-1.0), "local_tol"), (dict(chunk_size=0), "chunk_size")]:
+        with pytest.raises(ValueError, match=name):
+            NaturalGradient(layer, **kw)
+    trainer = NaturalGradient(layer, lr=2.0, forgetting_rate=0.0)
+    before = params(layer)
+    with pytest.raises(ValueError, match="rho"):
+        trainer.step(lambda: X)
+    trainer = NaturalGradient(layer)
+    with pytest.raises(ValueError, match="no rows"):
+        trainer.step(lambda: (X[:0], torch.arange(0)))
+    with pytest.raises(ValueError, match="shape"):
+        trainer.step(lambda: (X[:4], torch.arange(5)))
+    with pytest.raises(ValueError, match="scale"):
+        trainer.step(lambda: (X[:4], torch.arange(4), -1.0))
+    with pytest.raises(ValueError, match="closure"):
+        trainer.step()  # type: ignore[call-arg]
+    for p, q in zip(before, params(layer)):
+        np.testing.assert_array_equal(p, q)
+    with pytest.raises(TypeError, match="conjugate"):
+        NaturalGradient(torch.nn.Linear(2, 2))

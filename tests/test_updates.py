@@ -1,0 +1,117 @@
+import numpy as np
+import pytest
+import torch
+
+from torchnmf.metrics import beta_div
+from torchnmf.updates import EPSILON, mu_gamma, mu_update
+
+pytestmark = [pytest.mark.usefixtures("single_thread")]
+
+BETAS = [0, 0.5, 1, 1.5, 2, 3]
+
+
+def ref_mu(V, W, H, beta, M=None, l1=0.0, l2=0.0, eps=EPSILON):
+    """Slow numpy reference: H <- H * ((M V WH^(b-2)) W / ((M WH^(b-1)) W + l1 + l2 H))^gamma."""
+    V, W, H = (np.asarray(x, dtype=np.float64) for x in (V, W, H))
+    M = np.ones_like(V) if M is None else np.asarray(M, dtype=np.float64)
+    WH = H @ W.T
+    if beta < 2:
+        WH = np.maximum(WH, eps)
+    num = (M * V * WH ** (beta - 2)) @ W
+    den = (M * WH ** (beta - 1)) @ W + l1 + l2 * H
+    den[den == 0] = eps
+    g = 1 / (2 - beta) if beta < 1 else (1 / (beta - 1) if beta > 2 else 1)
+    return H * (num / den) ** g
+
+
+def problem(N=13, C=9, R=3, positive=True):
+    V = torch.rand(N, C, dtype=torch.float64) + (0.1 if positive else 0.0)
+    W = torch.rand(C, R, dtype=torch.float64)
+    H = torch.rand(N, R, dtype=torch.float64)
+    return V, W, H
+
+
+def test_gamma():
+    assert mu_gamma(0) == 0.5 and mu_gamma(0.5) == pytest.approx(1 / 1.5)
+    assert mu_gamma(1) == mu_gamma(1.5) == mu_gamma(2) == 1
+    assert mu_gamma(3) == 0.5
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_dense_matches_reference(beta, masked):
+    V, W, H = problem()
+    M = (torch.rand_like(V) > 0.3).double() if masked else None
+    new = mu_update(V, W, H, beta, mask=M, l1=0.1, l2=0.2)
+    ref = ref_mu(V, W, H, beta, None if M is None else M, l1=0.1, l2=0.2)
+    np.testing.assert_allclose(new.numpy(), ref, rtol=1e-10)
+    # W update by the transpose
+    newW = mu_update(V.T, H, W, beta, mask=None if M is None else M.T)
+    np.testing.assert_allclose(newW.numpy(), ref_mu(V.T, H, W, beta, None if M is None else M.T), rtol=1e-10)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_loss_is_divergence_at_input(beta, masked):
+    V, W, H = problem()
+    M = (torch.rand_like(V) > 0.3).double() if masked else None
+    _, loss = mu_update(V, W, H, beta, mask=M, with_loss=True)
+    pred = H @ W.T
+    keep = torch.ones_like(V, dtype=torch.bool) if M is None else M.bool()
+    assert float(loss) == pytest.approx(float(beta_div(pred[keep], V[keep], beta)), rel=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+@pytest.mark.parametrize("beta", [0.5, 1, 1.5, 2, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sparse_equals_dense(layout, beta, masked):
+    V, W, H = problem(positive=False)
+    V[V < 0.6] = 0
+    M = (torch.rand_like(V) > 0.3).double() if masked else None
+    S = V.to_sparse() if layout == "coo" else V.to_sparse_csr()
+    dense, ld = mu_update(V, W, H, beta, mask=M, l1=0.05, with_loss=True)
+    sparse, ls = mu_update(S, W, H, beta, mask=M, l1=0.05, with_loss=True)
+    torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-14)
+    assert float(ls) == pytest.approx(float(ld), rel=1e-10)
+    assert S.layout != torch.strided  # never densified in place
+
+
+def test_sparse_rejects_nonpositive_beta():
+    V, W, H = problem()
+    with pytest.raises(ValueError, match="beta"):
+        mu_update(V.to_sparse(), W, H, beta=0)
+
+
+def test_out_in_place_and_inputs_untouched():
+    V, W, H = problem()
+    V0, W0, H0 = V.clone(), W.clone(), H.clone()
+    expect = mu_update(V, W, H, 1)
+    assert torch.equal(H, H0) and torch.equal(V, V0) and torch.equal(W, W0)
+    res = mu_update(V, W, H, 1, out=H)
+    assert res.data_ptr() == H.data_ptr()
+    torch.testing.assert_close(H, expect)
+
+
+def test_cache_reuse_gives_same_result():
+    V, W, H = problem()
+    cache = {}
+    for beta in (1,):
+        a = mu_update(V, W, H, beta, cache=cache, with_loss=True)
+        b = mu_update(V, W, H, beta, cache=cache, with_loss=True)
+        torch.testing.assert_close(a[0], b[0])
+        torch.testing.assert_close(a[1], b[1])
+
+
+def test_shape_errors():
+    V, W, H = problem()
+    with pytest.raises(ValueError, match="shapes"):
+        mu_update(V, W[:-1], H)
+    with pytest.raises(ValueError, match="2-D"):
+        mu_update(V[None], W, H)
+
+
+def test_float32():
+    V, W, H = (x.float() for x in problem())
+    out = mu_update(V, W, H, 1)
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), ref_mu(V, W, H, 1), rtol=1e-4)

@@ -1,0 +1,6 @@
+"""``python -m torchnmf`` runs the command line (see :mod:`torchnmf.cli`)."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

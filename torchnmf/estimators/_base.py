@@ -1,0 +1,224 @@
+"""Machinery shared by torchnmf's scikit-learn estimators.
+
+Input conversion (numpy, scipy.sparse, pandas DataFrame, torch on any device) with
+scikit-learn's validation messages for array-likes and :mod:`torchnmf.data` for tensors,
+``device='auto'``, the ``dtype`` rule, ``random_state`` as a :class:`torch.Generator`,
+the objective history with progress bar, and the output type (numpy for array-like input,
+a tensor on the input's device for tensor input, or whatever :meth:`set_output` asks for).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn.utils import parametrize
+
+from ..data import as_tensor, check_finite, check_nonnegative, is_sparse
+from ..history import History, plot_history
+from ..init import check_random_state
+
+try:
+    from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+except ImportError as err:  # pragma: no cover - optional dependency
+    raise ImportError("torchnmf.estimators needs scikit-learn: pip install scikit-learn") from err
+
+try:  # scikit-learn >= 1.6
+    from sklearn.utils.validation import validate_data as _validate_data
+except ImportError:  # pragma: no cover - older scikit-learn
+    def _validate_data(est, X, reset=True, **kw):
+        return est._validate_data(X, reset=reset, **kw)
+
+try:
+    from sklearn.utils._set_output import _get_output_config
+except ImportError:  # pragma: no cover
+    _get_output_config = None
+
+__all__ = ["TorchFactorization", "NotFittedError", "resolve_device", "resolve_dtype"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32, "double": torch.float64}
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> Optional[torch.device]:
+    """``'auto'`` -> cuda when available else cpu; ``None`` -> ``None`` (follow the input)."""
+    if device is None:
+        return None
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', None or a torch device such as 'cpu' or 'cuda'; got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asked for cuda, which is not available here; use device='auto'")
+    return dev
+
+
+def resolve_dtype(dtype, default: torch.dtype) -> torch.dtype:
+    """``None`` -> ``default``; a name (``'float32'``...), numpy or torch floating dtype otherwise."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        out = dtype
+    elif isinstance(dtype, str) and dtype in _DTYPES:
+        out = _DTYPES[dtype]
+    else:
+        try:
+            out = {np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}[np.dtype(dtype)]
+        except (TypeError, KeyError):
+            raise ValueError(f"dtype must be None, 'float32' or 'float64'; got {dtype!r}") from None
+    if out not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be None, 'float32' or 'float64'; got {dtype!r}")
+    return out
+
+
+class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Base class of torchnmf's estimators (not used directly).
+
+    Subclasses define ``__init__`` with their hyperparameters, among them ``device``,
+    ``dtype``, ``random_state`` and ``verbose``, and use the helpers below.
+
+    Conventions
+    -----------
+    - ``X`` has shape ``(n_samples, n_features)``: numpy, scipy.sparse, pandas DataFrame or a
+      torch tensor (dense or sparse, cpu or cuda). It is never modified.
+    - ``device='auto'`` computes on cuda when available; ``None`` follows a tensor input's
+      device (cpu for other input).
+    - ``dtype=None`` keeps float32 / float64 input as it is and computes other input in
+      float64; ``'float32'`` or ``'float64'`` forces one.
+    - Outputs are numpy arrays for array-like input and tensors on the input's device for
+      tensor input, unless :meth:`set_output` asks for pandas or polars.
+    - ``history_`` is a :class:`torchnmf.history.History` of the objective per iteration.
+    """
+
+    # -- input -----------------------------------------------------------------
+    def _check_X(self, X, *, reset: bool, counts: bool = False, allow_noninteger: bool = True) -> Tensor:
+        """Validate and convert ``X`` to a tensor on the estimator's device and dtype."""
+        device = resolve_device(getattr(self, "device", "auto"))
+        if isinstance(X, Tensor):
+            T = as_tensor(X, "X", ndim=2, float_only=False)
+            if 0 in T.shape:
+                raise ValueError(f"X has shape {tuple(T.shape)}; at least one sample and one feature are required")
+            check_finite(T, "X")
+            if reset:
+                self.n_features_in_ = int(T.shape[1])
+                if hasattr(self, "feature_names_in_"):
+                    del self.feature_names_in_
+            elif T.shape[1] != self.n_features_in_:
+                raise ValueError(
+                    f"X has {T.shape[1]} features, but {type(self).__name__} is expecting "
+                    f"{self.n_features_in_} features as input"
+                )
+            default = T.dtype if T.dtype in (torch.float32, torch.float64) else torch.float64
+            dtype = resolve_dtype(getattr(self, "dtype", None), default)
+            T = T.to(device=device if device is not None else T.device, dtype=dtype)
+        else:
+            A = _validate_data(self, X, reset=reset, accept_sparse=("csr", "csc", "coo"),
+                               dtype=[np.float64, np.float32])
+            dtype = resolve_dtype(getattr(self, "dtype", None),
+                                  torch.float32 if A.dtype == np.float32 else torch.float64)
+            T = as_tensor(A, "X", dtype=dtype, device=device)
+        vals = T.coalesce().values() if T.layout == torch.sparse_coo else (T.values() if is_sparse(T) else T)
+        if vals.numel() and bool((vals < 0).any()):
+            # scikit-learn's wording, which its estimator checks look for
+            raise ValueError(f"Negative values in data passed to {type(self).__name__}: X must be non-negative, "
+                             f"got minimum {float(vals.min()):.4g}")
+        if counts:
+            from ..data import check_counts
+
+            check_counts(T, "X", allow_noninteger=allow_noninteger)
+        else:
+            check_nonnegative(T, "X")
+        return T
+
+    # -- output ----------------------------------------------------------------
+    def _output(self, T: Tensor, like, method: str = "transform"):
+        """Return ``T`` as the caller expects: a tensor for tensor input, else numpy."""
+        T = T.detach()
+        wants_default = True
+        if _get_output_config is not None:
+            wants_default = _get_output_config("transform", self)["dense"] == "default"
+        if isinstance(like, Tensor) and wants_default:
+            return T.to(like.device)
+        return T.cpu().numpy()
+
+    @staticmethod
+    def _to_numpy(T: Tensor) -> np.ndarray:
+        return T.detach().cpu().numpy()
+
+    # -- randomness, history ---------------------------------------------------
+    def _generator(self) -> torch.Generator:
+        """A fresh generator from ``random_state`` (an int gives the same fit every time)."""
+        return check_random_state(getattr(self, "random_state", None))
+
+    def _new_history(self, name: str, maximize: bool = False, total: Optional[int] = None) -> History:
+        return History(verbose=bool(getattr(self, "verbose", False)), total=total,
+                       desc=type(self).__name__, name=name, maximize=maximize)
+
+    def plot_history(self, ax=None, **kwargs):
+        """Plot ``history_`` with matplotlib (see :func:`torchnmf.history.plot_history`).
+
+        Returns
+        -------
+        matplotlib.axes.Axes
+        """
+        check_is_fitted(self, "history_")
+        return plot_history(self.history_, ax=ax, **kwargs)
+
+    # -- pickling ----------------------------------------------------------------
+    def __getstate__(self):
+        # torch refuses to pickle modules with parametrizations (softplus/exp positive
+        # parameters): pickle a copy without them, with what is needed to put them back.
+        state = super().__getstate__()
+        records = {}
+        for key, value in list(state.items()):
+            if isinstance(value, torch.nn.Module) and any(parametrize.is_parametrized(m) for m in value.modules()):
+                module = copy.deepcopy(value)
+                found = []
+                for path, sub in list(module.named_modules()):
+                    if parametrize.is_parametrized(sub):
+                        for name in list(sub.parametrizations.keys()):
+                            chain = list(getattr(sub.parametrizations, name))
+                            parametrize.remove_parametrizations(sub, name, leave_parametrized=False)
+                            found.append((path, name, chain))
+                state[key] = module
+                records[key] = found
+        if records:
+            state["_torchnmf_parametrizations"] = records
+        return state
+
+    def __setstate__(self, state):
+        records = state.pop("_torchnmf_parametrizations", {})
+        super().__setstate__(state)
+        for key, found in records.items():
+            module = getattr(self, key)
+            for path, name, chain in found:
+                sub = module.get_submodule(path)
+                raw = getattr(sub, name)
+                for p in chain:
+                    parametrize.register_parametrization(sub, name, p, unsafe=True)
+                getattr(sub.parametrizations, name).original = raw  # exact raw value and its mode
+
+    # -- scikit-learn metadata -------------------------------------------------
+    @property
+    def _n_features_out(self):
+        return self.n_components_
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        tags.input_tags.sparse = True
+        tags.requires_fit = True
+        if tags.transformer_tags is not None:
+            tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    def _more_tags(self):  # scikit-learn < 1.6
+        return {"requires_positive_X": True, "preserves_dtype": [np.float64, np.float32]}
+
+    def _check_fitted(self):
+        check_is_fitted(self, "n_components_")

@@ -1,0 +1,175 @@
+"""Gamma-Poisson factorization of counts with the scikit-learn API."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..data import check_positive, check_rank
+from ._base import TorchFactorization, check_is_fitted
+
+__all__ = ["GammaPoissonFactorization"]
+
+
+class GammaPoissonFactorization(TorchFactorization):
+    r"""Bayesian Poisson factorization of counts, ``X ~ Poisson(U αᵀ)`` with Gamma priors.
+
+    A scikit-learn front end to the layer :class:`torchnmf.poisson.gamma.GammaPoisson`
+    fitted by coordinate-ascent variational inference (:class:`torchnmf.trainer.CAVI`), on the
+    nonzeros of ``X`` only. ``X`` has shape ``(n_samples, n_features)``; ``U`` (rows,
+    ``n_samples x K``) and ``α`` (columns, ``n_features x K``) have independent Gamma priors
+    with shapes ``a``, ``b`` and per-row/per-column rates fitted by empirical Bayes.
+
+    Parameters
+    ----------
+    n_components : int, default 10
+        Number of factors ``K``.
+    a, b : float, default 0.3
+        Prior shapes of the row and column factors (below 1: sparse factors).
+    learn_kappa, learn_lambda : bool, default True
+        Fit the prior rates of rows / columns by maximum likelihood after each sweep.
+    max_iter : int, default 200
+        Maximum CAVI sweeps in :meth:`fit`.
+    tol : float, default 1e-6
+        Stop :meth:`fit` when the relative ELBO change of a sweep is below ``tol``.
+    transform_max_iter : int, default 100
+        Coordinate-ascent iterations of the new rows' ``q(U)`` in :meth:`transform`, always
+        run in full so a row's result does not depend on the other rows.
+    allow_noninteger : bool, default False
+        Accept non-integer ``X`` (the Poisson likelihood is then a quasi-likelihood).
+    chunk_size : int, optional
+        Bound on the nonzeros processed at once (peak memory).
+    random_state : None, int, numpy or torch generator
+        For the random initialisation of the variational parameters.
+    device : 'auto', None, str or torch.device, default 'auto'
+    dtype : None, 'float32' or 'float64'
+        ``None``: float32 for float32 input, float64 otherwise.
+    verbose : bool, default False
+        tqdm progress bar with the ELBO.
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features)
+        Posterior means of the column factors, ``E[α]ᵀ``.
+    module_ : torchnmf.poisson.gamma.GammaPoisson
+        The fitted layer.
+    elbo_ : float
+        The evidence lower bound after the last sweep.
+    history_ : torchnmf.history.History
+        One :class:`torchnmf.ELBO` record per sweep (``history_.elbos``).
+    n_iter_ : int
+    n_components_ : int
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from torchnmf.estimators import GammaPoissonFactorization
+    >>> X = np.random.RandomState(0).poisson(2.0, size=(40, 12))
+    >>> est = GammaPoissonFactorization(n_components=3, max_iter=20, random_state=0, device="cpu")
+    >>> U = est.fit_transform(X)
+    >>> U.shape, est.components_.shape
+    ((40, 3), (3, 12))
+    """
+
+    def __init__(self, n_components: int = 10, *, a: float = 0.3, b: float = 0.3, learn_kappa: bool = True,
+                 learn_lambda: bool = True, max_iter: int = 200, tol: float = 1e-6, transform_max_iter: int = 100,
+                 allow_noninteger: bool = False, chunk_size: Optional[int] = None, random_state=None,
+                 device="auto", dtype=None, verbose: bool = False):
+        self.n_components = n_components
+        self.a = a
+        self.b = b
+        self.learn_kappa = learn_kappa
+        self.learn_lambda = learn_lambda
+        self.max_iter = max_iter
+        self.tol = tol
+        self.transform_max_iter = transform_max_iter
+        self.allow_noninteger = allow_noninteger
+        self.chunk_size = chunk_size
+        self.random_state = random_state
+        self.device = device
+        self.dtype = dtype
+        self.verbose = verbose
+
+    def _check_params(self):
+        rank = check_rank(self.n_components, "n_components")
+        check_positive(self.a, "a")
+        check_positive(self.b, "b")
+        check_rank(self.max_iter, "max_iter")
+        check_rank(self.transform_max_iter, "transform_max_iter")
+        check_positive(self.tol, "tol", allow_zero=True)
+        if self.chunk_size is not None:
+            check_rank(self.chunk_size, "chunk_size")
+        return rank
+
+    def fit(self, X, y=None):
+        """Fit the posterior to counts ``X`` of shape ``(n_samples, n_features)``; return ``self``."""
+        self.fit_transform(X)
+        return self
+
+    def fit_transform(self, X, y=None):
+        """Fit and return the posterior means of the row factors ``E[U]``.
+
+        Parameters
+        ----------
+        X : counts, array-like, sparse matrix or Tensor, shape (n_samples, n_features)
+        y : ignored
+
+        Returns
+        -------
+        ndarray or Tensor, shape (n_samples, n_components)
+        """
+        from ..poisson.gamma import GammaPoisson
+
+        rank = self._check_params()
+        V = self._check_X(X, reset=True, counts=True, allow_noninteger=bool(self.allow_noninteger))
+        layer = GammaPoisson(V.shape[0], V.shape[1], rank, a=self.a, b=self.b, learn_kappa=self.learn_kappa,
+                             learn_lambda=self.learn_lambda, allow_noninteger=bool(self.allow_noninteger),
+                             generator=self._generator(), dtype=V.dtype, device=V.device)
+        self.history_ = self._new_history("elbo", maximize=True, total=self.max_iter)
+        # The layer works on nonzeros: hand it those once, whatever the input layout.
+        layer.fit(layer.prepare(V), max_iter=self.max_iter, tol=self.tol, history=self.history_, chunk_size=self.chunk_size)
+        self.module_ = layer
+        self.n_iter_ = len(self.history_)
+        self.elbo_ = float(self.history_[-1])
+        if not math.isfinite(self.elbo_):
+            raise FloatingPointError(f"the ELBO became {self.elbo_}")
+        self.n_components_ = rank
+        with torch.no_grad():
+            self.components_ = self._to_numpy(layer.mean_alpha().t())
+            U = layer.mean_U()
+        return self._output(U, X)
+
+    def transform(self, X):
+        """Posterior means ``E[U]`` of the row factors of new rows, column factors fixed.
+
+        Parameters
+        ----------
+        X : counts, shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray or Tensor, shape (n_samples, n_components)
+        """
+        check_is_fitted(self, "module_")
+        V = self._check_X(X, reset=False, counts=True, allow_noninteger=bool(self.allow_noninteger))
+        V = V.to(device=self.module_.device, dtype=self.module_.dtype)
+        U = self.module_.transform(V, max_iter=self.transform_max_iter, tol=0.0, chunk_size=self.chunk_size)
+        return self._output(U, X)
+
+    def inverse_transform(self, X):
+        """Expected counts ``X E[α]ᵀ`` for row factors ``X`` of shape ``(n_samples, n_components)``.
+
+        Returns
+        -------
+        ndarray or Tensor, shape (n_samples, n_features)
+        """
+        check_is_fitted(self, "module_")
+        from ..data import as_tensor, check_shape
+
+        Ut = check_shape(as_tensor(X, "X", ndim=2, float_only=False), (None, self.n_components_), "X")
+        with torch.no_grad():
+            A = self.module_.mean_alpha()
+            out = Ut.to(device=A.device, dtype=A.dtype) @ A.t()
+        return self._output(out, X)

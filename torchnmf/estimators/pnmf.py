@@ -1,0 +1,531 @@
+"""scikit-learn estimator for log-normal Poisson factorization (:class:`~torchnmf.poisson.LogNormalPoisson`)."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import constraints
+from ..data import as_tensor, check_option, check_positive, check_rank, nonzeros
+from ..history import History
+from ..init import METHODS as INIT_METHODS
+from ..init import initialize
+from ..poisson.elbo import ELBO
+from ..poisson.lognormal import ELBO_MODES, Counts, IndependentNormal, LogNormalPoisson
+from ..trainer.gaussian_natural import GaussianNatural
+from ._base import NotFittedError, TorchFactorization  # noqa: F401
+from sklearn.utils.validation import check_is_fitted
+
+__all__ = ["PNMF"]
+
+TRAINING_MODES = ("standard", "natural")
+SCHEDULERS = ("one_cycle", "plateau", None)
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+              "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}
+
+
+def _counts_of(X: Tensor) -> Counts:
+    """Counts of ``X.T`` (features x samples) from samples x features ``X``."""
+    r, c, v = nonzeros(X)
+    return Counts(None, _parts=(c, r, v, (int(X.shape[1]), int(X.shape[0]))))
+
+
+class PNMF(TorchFactorization):
+    r"""Log-normal Poisson factorization with the scikit-learn API.
+
+    ``X`` (samples x features) is modelled as ``X.T ~ Poisson(W exp(F))`` with loadings
+    ``W`` (features x K) and Gaussian ``q(F)`` (K x samples) under a ``Normal(0, prior_scale^2)``
+    prior; the fit maximises the ELBO of :class:`torchnmf.poisson.LogNormalPoisson`.
+
+    Parameters
+    ----------
+    n_components : int, default 2
+    loadings_mode : {'softplus', 'exp', 'projected', 'multiplicative'}, default 'softplus'
+        Positivity of ``W``; ``'multiplicative'`` updates ``W`` by the layer's
+        multiplicative update instead of the gradient optimizer.
+    mode : {'lower-bound', 'expanded', 'simple'}, default 'lower-bound'
+        ELBO estimate (analytic Jensen bound, or Monte Carlo with ``E`` draws).
+    training_mode : {'standard', 'natural'}, default 'standard'
+        ``'standard'``: ``optimizer`` on the negative ELBO for all parameters.
+        ``'natural'``: :class:`torchnmf.trainer.GaussianNatural` for ``q(F)`` (step
+        ``learning_rate`` times ``batch_size / n_samples``), ``optimizer`` (or the
+        multiplicative update) for ``W``.
+    E : int, default 3
+        Monte Carlo draws per step.
+    max_iter : int, default 500
+        Epochs (passes over all batches).
+    tol : float, default 1e-5
+        Stop when the relative change of the epoch ELBO falls below ``tol`` (0: never).
+    learning_rate : float, optional
+        Default 0.05 for gradient optimizers; for natural steps 0.5 (``lower-bound``) or
+        0.1 (Monte Carlo modes).
+    optimizer : {'adam', 'adamw', 'sgd', 'rmsprop', 'adagrad'} or Optimizer class, default 'adam'
+    random_state : int, numpy/torch generator or None
+        Seeds initialization, shuffling and Monte Carlo draws (the global torch RNG is
+        left untouched).
+    verbose : bool, default False
+        Progress bar.
+    device : 'auto', str, torch.device or None, default None
+        ``None`` follows a tensor input's device.
+    dtype : {None, 'float32', 'float64'}
+    init : {'random', 'nndsvd', 'nndsvda', 'nndsvdar', 'k-means', None}, default None
+        Initial ``W`` and ``exp(mean F)`` from :func:`torchnmf.init.initialize` (``None``: auto).
+    scheduler : {'one_cycle', 'plateau', None}, default None
+        Learning-rate schedule of the optimizers (per batch step for ``one_cycle``, per
+        epoch on the ELBO for ``plateau``).
+    batch_size : int, optional
+        Samples per mini-batch (default all). Must not exceed ``n_samples``.
+    y_batch_size : int, optional
+        Features per mini-batch (default all). Must not exceed ``n_features``.
+    shuffle : bool, default True
+        Reshuffle batches every epoch.
+    prior_scale : float, default 1
+    init_scale : float, default 0.1
+        Initial posterior standard deviation of ``F``.
+    transform_max_iter : int, default 200
+        Steps of the variational fit of :meth:`transform` / :meth:`transform_F` and of the
+        multiplicative updates of :meth:`transform_W`.
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features)
+        ``W.T``.
+    layer_ : LogNormalPoisson
+        The fitted layer.
+    elbo_ : float
+        Final ELBO (last epoch).
+    n_iter_ : int
+    history_ : torchnmf.history.History
+        ELBO records, one per epoch.
+    n_components_, n_features_in_ : int
+
+    Notes
+    -----
+    ``transform`` (and ``fit_transform``) refit ``q(F)`` for the given data with ``W`` fixed;
+    the joint fit's own posterior is :meth:`log_factors` / :meth:`factor_uncertainty`.
+
+    :func:`sklearn.utils.estimator_checks.check_estimator` passes (tested with the default
+    ``mode='lower-bound'``; the Monte Carlo modes are reproducible per ``random_state`` too).
+    Pickling stores the fitted layer through its ``state_dict`` (parametrized modules do
+    not pickle directly).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).poisson(3.0, size=(40, 12))
+    >>> model = PNMF(n_components=2, max_iter=50, random_state=0).fit(X)
+    >>> model.transform(X).shape, model.components_.shape
+    ((40, 2), (2, 12))
+    """
+
+    def __init__(self, n_components: int = 2, loadings_mode: str = "softplus", mode: str = "lower-bound",
+                 training_mode: str = "standard", E: int = 3, max_iter: int = 500, tol: float = 1e-5,
+                 learning_rate: Optional[float] = None, optimizer="adam", random_state=None, verbose: bool = False,
+                 device=None, dtype=None, init: Optional[str] = None, scheduler: Optional[str] = None,
+                 batch_size: Optional[int] = None, y_batch_size: Optional[int] = None, shuffle: bool = True,
+                 prior_scale: float = 1.0, init_scale: float = 0.1, transform_max_iter: int = 200):
+        self.n_components = n_components
+        self.loadings_mode = loadings_mode
+        self.mode = mode
+        self.training_mode = training_mode
+        self.E = E
+        self.max_iter = max_iter
+        self.tol = tol
+        self.learning_rate = learning_rate
+        self.optimizer = optimizer
+        self.random_state = random_state
+        self.verbose = verbose
+        self.device = device
+        self.dtype = dtype
+        self.init = init
+        self.scheduler = scheduler
+        self.batch_size = batch_size
+        self.y_batch_size = y_batch_size
+        self.shuffle = shuffle
+        self.prior_scale = prior_scale
+        self.init_scale = init_scale
+        self.transform_max_iter = transform_max_iter
+
+    # -- parameter checks ------------------------------------------------------------
+    def _check_params(self, N: int, D: int):
+        check_rank(self.n_components, "n_components")
+        check_option(self.loadings_mode, constraints.MODES, "loadings_mode")
+        check_option(self.mode, ELBO_MODES, "mode")
+        check_option(self.training_mode, TRAINING_MODES, "training_mode")
+        check_rank(self.E, "E")
+        check_rank(self.max_iter, "max_iter")
+        check_rank(self.transform_max_iter, "transform_max_iter")
+        check_positive(self.tol, "tol", allow_zero=True)
+        check_positive(self.prior_scale, "prior_scale")
+        check_positive(self.init_scale, "init_scale")
+        check_option(self.init, INIT_METHODS, "init")
+        check_option(self.scheduler, SCHEDULERS, "scheduler")
+        if self.learning_rate is not None:
+            check_positive(self.learning_rate, "learning_rate")
+        if not (isinstance(self.optimizer, type) and issubclass(self.optimizer, torch.optim.Optimizer)):
+            check_option(self.optimizer, tuple(OPTIMIZERS), "optimizer")
+        for name, value, n, what in (("batch_size", self.batch_size, N, "samples"),
+                                     ("y_batch_size", self.y_batch_size, D, "features")):
+            if value is not None:
+                check_rank(value, name)
+                if value > n:
+                    raise ValueError(f"{name}={value} is larger than the number of {what} ({n})")
+
+    def _lr(self, natural: bool) -> float:
+        if self.learning_rate is not None:
+            return float(self.learning_rate)
+        if natural:
+            return 0.5 if self.mode == "lower-bound" else 0.1
+        return 0.05
+
+    def _make_optimizer(self, params, lr):
+        params = list(params)
+        if not params:
+            return None
+        cls = self.optimizer if isinstance(self.optimizer, type) else OPTIMIZERS[self.optimizer]
+        opt = cls(params, lr=lr)
+        constraints.attach_projection(opt)
+        return opt
+
+    # -- fitting ---------------------------------------------------------------------
+    def _init_layer(self, T: Tensor, g: torch.Generator) -> LogNormalPoisson:
+        N, D = T.shape
+        K = int(self.n_components)
+        method = self.init
+        if method is None:
+            method = "nndsvda" if K <= min(N, D) else "random"
+        if method in ("nndsvd", "nndsvda", "nndsvdar") and K > min(N, D):
+            raise ValueError(f"init={method!r} needs n_components <= min(n_samples, n_features) = {min(N, D)}, "
+                             f"got {K}")
+        W0, H0 = initialize(T.to(torch.float64), K, method, random_state=g)
+        W0 = W0.to(device=T.device, dtype=T.dtype)
+        H0 = H0.to(device=T.device, dtype=T.dtype)
+        # zeros of NNDSVD are floored so that log H is finite: exp(F) ~ H
+        floor = float(H0[H0 > 0].mean()) * 1e-2 if bool((H0 > 0).any()) else 1e-2
+        loc = torch.log(H0.clamp_min(floor)).t() - self.init_scale ** 2 / 2
+        W0 = W0.clamp_min(float(W0.max()) * 1e-6 if float(W0.max()) > 0 else 1e-6)
+        return LogNormalPoisson(D, N, K, mode=self.mode, E=self.E, loadings_mode=self.loadings_mode,
+                                prior_scale=self.prior_scale, W=W0, init_loc=loc, init_scale=self.init_scale,
+                                dtype=T.dtype, device=T.device)
+
+    def _batches(self, n: int, size: Optional[int], g: torch.Generator, device):
+        if size is None or size >= n:
+            return [None]
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        return [b.to(device) for b in order.split(int(size))]
+
+    def fit(self, X, y=None, return_history: bool = False, callback: Optional[Callable] = None,
+            callback_interval: int = 1):
+        """Fit the factorization.
+
+        Parameters
+        ----------
+        X : array-like, scipy.sparse or tensor of shape (n_samples, n_features)
+            Non-negative (counts; non-integers give a quasi-likelihood). Never modified.
+        y : ignored
+        return_history : bool, default False
+            Return ``history_`` instead of ``self``.
+        callback : callable, optional
+            ``callback(estimator, iteration, elbo)`` every ``callback_interval`` epochs, with
+            ``elbo`` a :class:`torchnmf.ELBO`; returning ``False`` (or calling
+            ``estimator.history_.request_stop()``) stops the fit after that epoch.
+        callback_interval : int, default 1
+
+        Returns
+        -------
+        self, or the History if ``return_history``.
+        """
+        T = self._check_X(X, reset=True)
+        N, D = T.shape
+        self._check_params(N, D)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        callback_interval = check_rank(callback_interval, "callback_interval")
+        g = self._generator()
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
+        devices = [T.device] if T.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            self._fit(T, g, callback, callback_interval)
+        self._tensor_input_ = isinstance(X, Tensor)
+        return self.history_ if return_history else self
+
+    def _fit(self, T: Tensor, g: torch.Generator, callback, callback_interval: int):
+        N, D = T.shape
+        layer = self._init_layer(T, g)
+        counts = _counts_of(T)
+        natural = self.training_mode == "natural"
+        lr = self._lr(natural)
+        multiplicative_W = self.loadings_mode == "multiplicative"
+        if natural:
+            nat = GaussianNatural(layer.factors.natural_groups(), lr=lr, max_step=1.0)
+            grad_params = [p for p in constraints.gradient_parameters(layer)
+                           if all(p is not q for q in (layer.factors.loc, layer.factors.raw_scale))]
+            grad_opt = self._make_optimizer(grad_params, 0.05 if self.learning_rate is None else lr)
+        else:
+            nat = None
+            grad_opt = self._make_optimizer(constraints.gradient_parameters(layer), lr)
+        n_sb = 1 if self.batch_size is None else math.ceil(N / self.batch_size)
+        n_fb = 1 if self.y_batch_size is None else math.ceil(D / self.y_batch_size)
+        schedulers = []
+        for opt in (nat, grad_opt):
+            if opt is None or self.scheduler is None:
+                continue
+            if self.scheduler == "one_cycle":
+                schedulers.append(("batch", torch.optim.lr_scheduler.OneCycleLR(
+                    opt, max_lr=[g_["lr"] for g_ in opt.param_groups], total_steps=self.max_iter * n_sb * n_fb)))
+            else:
+                schedulers.append(("epoch", torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max")))
+        history = self._new_history("elbo", maximize=True, total=self.max_iter)
+        self.history_ = history
+        norm = float(N * D)
+        n_iter = 0
+        try:
+            for epoch in range(self.max_iter):
+                parts = []
+                for idx in self._batches(N, self.batch_size, g, T.device):
+                    for fidx in self._batches(D, self.y_batch_size, g, T.device):
+                        batch = counts.select(idx, fidx)
+                        for opt in (nat, grad_opt):
+                            if opt is not None:
+                                opt.zero_grad()
+                        elbo = layer.elbo(batch, idx, fidx, check=False)
+                        loss = -elbo.total
+                        (loss if natural else loss / norm).backward()
+                        if nat is not None:
+                            # the ELBO is scaled by N / B, so a local step of lr * B / N is
+                            # lr times the full local update (see GaussianNatural)
+                            frac = 1.0 if idx is None else idx.numel() / N
+                            saved = [group["lr"] for group in nat.param_groups]
+                            for group in nat.param_groups:
+                                group["lr"] = group["lr"] * frac
+                            nat.step()
+                            for group, lr_ in zip(nat.param_groups, saved):
+                                group["lr"] = lr_
+                        if grad_opt is not None:
+                            grad_opt.step()
+                        for kind, sch in schedulers:
+                            if kind == "batch":
+                                sch.step()
+                        if multiplicative_W:
+                            layer.update_W_(batch, idx, fidx, check=False)
+                        parts.append(elbo.detach())
+                record = ELBO(torch.stack([p.data for p in parts]).mean(),
+                              {k: torch.stack([p.kls[k] for p in parts]).mean() for k in parts[0].kls})
+                if not math.isfinite(float(record)):
+                    raise FloatingPointError(
+                        f"the ELBO became {float(record)} at epoch {epoch + 1}; lower learning_rate "
+                        f"(now {lr}) or use mode='lower-bound'")
+                n_iter = epoch + 1
+                go_on = history.append(record)
+                for kind, sch in schedulers:
+                    if kind == "epoch":
+                        sch.step(float(record))
+                if callback is not None and n_iter % callback_interval == 0:
+                    self.layer_, self.n_iter_ = layer, n_iter
+                    if callback(self, n_iter, record) is False:
+                        go_on = False
+                if not go_on or history.converged(self.tol):
+                    break
+        finally:
+            history.close()
+        self.layer_ = layer
+        self.n_iter_ = n_iter
+        self.n_components_ = int(self.n_components)
+        self.elbo_ = float(history[-1]) if len(history) else float("nan")
+        self.components_ = self._to_numpy(layer.W.detach().t())
+
+    def fit_transform(self, X, y=None, **fit_params):
+        """Fit, then return ``E_q[exp F]`` for ``X``, shape (n_samples, n_components).
+
+        ``q(F)`` is refitted with the fitted ``W`` exactly as :meth:`transform` does, so
+        ``fit_transform(X)`` equals ``fit(X).transform(X)``; the posterior of the joint fit
+        itself is :meth:`log_factors` / :meth:`factor_uncertainty`.
+        """
+        out = self.fit(X, **fit_params)
+        if isinstance(out, History):
+            raise ValueError("fit_transform does not take return_history; call fit instead")
+        T = self._check_X(X, reset=False)
+        factors = self._fit_factors(T, self.transform_max_iter)
+        return self._output(self._expected_factors(factors), X, "fit_transform")
+
+    # -- pickling: parametrized modules pickle only through their state_dict ----------
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        layer = state.pop("layer_", None)
+        if layer is not None:
+            # only W is parametrized: the factor posterior (of any class) pickles as itself
+            state["_layer_spec_"] = dict(
+                n_features=layer.n_features, n_samples=layer.n_samples, n_components=layer.n_components,
+                mode=layer.mode, E=layer.E, loadings_mode=layer.loadings_mode, factors=layer.factors,
+                control_variates=layer.control_variates, dtype=layer.W.dtype,
+                state_dict={k: v.detach().cpu() for k, v in layer.state_dict().items() if not k.startswith("factors.")},
+                device=str(layer.W.device))
+        return state
+
+    def __setstate__(self, state):
+        spec = state.pop("_layer_spec_", None)
+        self.__dict__.update(state)
+        if spec is not None:
+            sd = spec.pop("state_dict")
+            device = spec.pop("device")
+            layer = LogNormalPoisson(**spec, device=device)
+            layer.load_state_dict(sd, strict=False)
+            self.layer_ = layer
+
+    # -- helpers over the fitted posterior -------------------------------------------
+    @staticmethod
+    def _expected_factors(factors) -> Tensor:
+        mu, var = factors.marginals()
+        return torch.exp(mu + var / 2).t().detach()
+
+    def _fitted_output(self, T: Tensor):
+        T = T.detach()
+        return T if getattr(self, "_tensor_input_", False) else T.cpu().numpy()
+
+    def get_loadings(self):
+        """Loadings ``W``, shape (n_features, n_components)."""
+        check_is_fitted(self, "layer_")
+        return self._fitted_output(self.layer_.W)
+
+    def log_factors(self):
+        """Posterior means of ``F`` for the training samples, shape (n_samples, n_components)."""
+        check_is_fitted(self, "layer_")
+        return self._fitted_output(self.layer_.factors.marginals()[0].t())
+
+    def factor_uncertainty(self, kind: str = "std"):
+        """Posterior ``'std'`` or ``'variance'`` of ``F``, shape (n_samples, n_components)."""
+        check_is_fitted(self, "layer_")
+        check_option(kind, ("std", "variance"), "kind")
+        var = self.layer_.factors.marginals()[1].t()
+        return self._fitted_output(var.sqrt() if kind == "std" else var)
+
+    def factor_samples(self, n: int = 1, exp: bool = False, random_state=None):
+        """``n`` draws of ``F`` (or ``exp(F)``) from ``q``, shape (n, n_samples, n_components)."""
+        check_is_fitted(self, "layer_")
+        n = check_rank(n, "n")
+        from ..init import check_random_state
+
+        g = check_random_state(random_state)
+        mu, var = self.layer_.factors.marginals()
+        eps = torch.randn((n, *mu.shape), generator=g, dtype=mu.dtype).to(mu.device)
+        F = (mu + var.sqrt() * eps).transpose(1, 2)
+        return self._fitted_output(torch.exp(F) if exp else F)
+
+    def transform_F(self, X, max_iter: Optional[int] = None) -> Tuple:
+        """Variational fit of ``q(F)`` for new samples with ``W`` fixed.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_new, n_features)
+        max_iter : int, optional
+            Default ``transform_max_iter``.
+
+        Returns
+        -------
+        mean, std : arrays (tensors for tensor input) of shape (n_new, n_components)
+            Posterior mean and standard deviation of the log-factors.
+        """
+        check_is_fitted(self, "layer_")
+        T = self._check_X(X, reset=False)
+        max_iter = check_rank(self.transform_max_iter if max_iter is None else max_iter, "max_iter")
+        factors = self._fit_factors(T, max_iter)
+        mu, var = factors.marginals()
+        return self._output(mu.t(), X), self._output(var.sqrt().t(), X)
+
+    def _fit_factors(self, T: Tensor, max_iter: int) -> IndependentNormal:
+        N, D = T.shape
+        fitted = self.layer_
+        W = fitted.W.detach()
+        prior = float(fitted.factors.prior_scale) if hasattr(fitted.factors, "prior_scale") else self.prior_scale
+        layer = LogNormalPoisson(D, N, self.n_components_, mode=self.mode, E=self.E, loadings_mode="projected",
+                                 prior_scale=prior, W=W, init_scale=self.init_scale, dtype=W.dtype, device=W.device)
+        layer.W.requires_grad_(False)
+        # start from the least-squares-like guess exp(F) ~ mean count share per component
+        with torch.no_grad():
+            totals = torch.as_tensor(_row_sums(T), dtype=W.dtype, device=W.device)
+            guess = totals[:, None] / W.sum(0).clamp_min(1e-12)[None, :] / self.n_components_
+            layer.factors.loc.copy_(torch.log(guess.clamp_min(1e-8)).t())
+        counts = _counts_of(T.to(W.dtype))
+        g = self._generator()
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
+        with torch.random.fork_rng(devices=[W.device] if W.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            if self.mode == "lower-bound" or self.training_mode == "natural":
+                opt = GaussianNatural(layer.factors.natural_groups(), lr=self._lr(True), max_step=1.0)
+                scale = 1.0
+            else:
+                opt = torch.optim.Adam(layer.factors.parameters(), lr=self._lr(False))
+                scale = float(N * D)
+            for _ in range(max_iter):
+                opt.zero_grad()
+                (-layer.elbo(counts, check=False).total / scale).backward()
+                opt.step()
+        return layer.factors
+
+    def transform(self, X):
+        """``E_q[exp F]`` for new samples (``q(F)`` refitted with ``W`` fixed), shape (n_new, n_components)."""
+        check_is_fitted(self, "layer_")
+        T = self._check_X(X, reset=False)
+        factors = self._fit_factors(T, self.transform_max_iter)
+        return self._output(self._expected_factors(factors), X)
+
+    def inverse_transform(self, X):
+        """Expected counts ``X @ components_`` from factors ``E[exp F]``, shape (n_samples, n_features)."""
+        check_is_fitted(self, "layer_")
+        Y = as_tensor(X, "X", ndim=2, sparse="dense", float_only=False)
+        if Y.shape[1] != self.n_components_:
+            raise ValueError(f"X has {Y.shape[1]} columns, expected n_components={self.n_components_}")
+        W = self.layer_.W.detach()
+        out = Y.to(device=W.device, dtype=W.dtype) @ W.t()
+        return self._output(out, X, "inverse_transform")
+
+    def transform_W(self, X, max_iter: Optional[int] = None):
+        """Loadings for new features of the training samples, with ``q(F)`` fixed.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_samples, n_new_features)
+            New features measured on the *training* samples.
+        max_iter : int, optional
+            Multiplicative updates (default ``transform_max_iter``).
+
+        Returns
+        -------
+        array or tensor of shape (n_components, n_new_features)
+            Like :attr:`components_`.
+        """
+        check_is_fitted(self, "layer_")
+        T = as_tensor(X, "X", ndim=2, float_only=False)
+        from ..data import check_nonnegative
+
+        check_nonnegative(T, "X")
+        N = self.layer_.n_samples
+        if T.shape[0] != N:
+            raise ValueError(f"X has {T.shape[0]} samples, expected the {N} training samples")
+        max_iter = check_rank(self.transform_max_iter if max_iter is None else max_iter, "max_iter")
+        W = self.layer_.W.detach()
+        T = T.to(device=W.device, dtype=W.dtype)
+        factors = copy.deepcopy(self.layer_.factors).requires_grad_(False)
+        D_new = int(T.shape[1])
+        layer = LogNormalPoisson(D_new, N, self.n_components_, mode=self.mode, E=self.E,
+                                 loadings_mode="multiplicative", factors=factors,
+                                 W=torch.ones(D_new, self.n_components_, dtype=W.dtype, device=W.device)
+                                 / self.n_components_, dtype=W.dtype, device=W.device)
+        counts = _counts_of(T)
+        g = self._generator()
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
+        with torch.random.fork_rng(devices=[W.device] if W.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for _ in range(max_iter):
+                layer.update_W_(counts, check=False)
+        return self._output(layer.W.detach().t(), X)
+
+
+def _row_sums(T: Tensor) -> Tensor:
+    if T.layout == torch.strided:
+        return T.sum(1)
+    return torch.sparse.sum(T.coalesce() if T.layout == torch.sparse_coo else T.to_sparse_coo(), 1).to_dense()

@@ -1,0 +1,296 @@
+"""Probabilistic latent component analysis: PLCA and its shift-invariant forms.
+
+``V / ΣV ≈ P(n, c, ...) = Σ_z Z[z] · P(c, ... | z) ⊛ P(n, ... | z)``: the layers of
+:mod:`torchnmf.nmf` with W and H normalised to sum to one per component (over every dim but
+dim 1) and a prior ``Z`` over components (summing to one). Fitting is EM, the
+multiplicative updates of the KL divergence followed by normalisation, with optional
+Dirichlet priors (``*_alpha``; 1 is flat, > 1 smooths, < 1 sparsifies).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import data
+from .constraints import positive
+from .history import History
+from .metrics import kl_div
+from .nmf import NMF, NMF2D, NMF3D, NMFD, _check_vshape, _tuple
+
+__all__ = ["BaseComponent", "PLCA", "SIPLCA", "SIPLCA2", "SIPLCA3"]
+
+
+def _normalize(x: Tensor, dims: Tuple[int, ...]) -> Tensor:
+    s = x.sum(dims, keepdim=True) if dims else x
+    return x / s.clamp_min(torch.finfo(x.dtype).tiny) if dims else x / x.sum().clamp_min(torch.finfo(x.dtype).tiny)
+
+
+class BaseComponent(nn.Module):
+    """Base of the PLCA layers: W, H normalised per component, Z a distribution over components.
+
+    Parameters
+    ----------
+    rank : int, optional
+        Number of components; inferred from W, H or Z tensors.
+    W, H : Tensor or sequence of int, optional
+        Factors with the rank in dim 1 (tensors are copied and normalised; shapes get a
+        random start).
+    Z : Tensor or int, optional
+        Component weights, shape (rank,); default uniform.
+    trainable_W, trainable_H, trainable_Z : bool, default True
+    """
+
+    _nmf = NMF
+    _conv_dims = 0
+
+    def __init__(self, rank: Optional[int] = None, W=None, H=None, Z=None,
+                 trainable_W: bool = True, trainable_H: bool = True, trainable_Z: bool = True):
+        super().__init__()
+        fdim = 2 + self._conv_dims
+        inferred = data.check_rank(rank) if rank is not None else None
+        for name, value, trainable in (("W", W, trainable_W), ("H", H, trainable_H)):
+            if value is None:
+                self.register_parameter(name, None)
+                continue
+            if isinstance(value, Tensor):
+                data.as_tensor(value, name)
+                data.check_nonnegative(value, name)
+                if value.dim() != fdim:
+                    raise ValueError(f"{name} must have {fdim} dimensions, got shape {tuple(value.shape)}")
+                init = value.detach().clone()
+            else:
+                shape = tuple(value)
+                if len(shape) != fdim:
+                    raise ValueError(f"{name} shape must have {fdim} entries, got {shape}")
+                init = torch.rand(*shape)
+            if inferred is not None and init.shape[1] != inferred:
+                raise ValueError(f"{name} has rank {init.shape[1]} in dim 1, expected {inferred}")
+            inferred = init.shape[1]
+            setattr(self, name, _normalize(init, self._other_dims(init)))
+            positive(self, name, "multiplicative", requires_grad=bool(trainable))
+        if isinstance(Z, Tensor):
+            data.as_tensor(Z, "Z")
+            data.check_nonnegative(Z, "Z")
+            if Z.dim() != 1 or (inferred is not None and Z.shape[0] != inferred):
+                raise ValueError(f"Z must have shape ({inferred},), got {tuple(Z.shape)}")
+            z = Z.detach().clone()
+            inferred = z.shape[0]
+        elif Z is None or isinstance(Z, numbers.Integral):
+            n = inferred if Z is None else data.check_rank(Z, "Z")
+            if n is None:
+                raise ValueError("the rank could not be inferred: give rank, W, H or Z")
+            ref = self.W if self.W is not None else self.H
+            z = torch.ones(n, dtype=ref.dtype if ref is not None else None)
+        else:
+            raise TypeError(f"Z must be a tensor or an int, got {type(Z).__name__}")
+        self.Z = z / z.sum()
+        positive(self, "Z", "multiplicative", requires_grad=bool(trainable_Z))
+        self.rank = inferred
+
+    @staticmethod
+    def _other_dims(x: Tensor) -> Tuple[int, ...]:
+        return tuple(d for d in range(x.dim()) if d != 1)
+
+    def forward(self, H: Optional[Tensor] = None, W: Optional[Tensor] = None, Z: Optional[Tensor] = None) -> Tensor:
+        """The normalised reconstruction ``Σ_z Z[z] W[:, z] ⊛ H[:, z]`` (sums to one).
+
+        Parameters
+        ----------
+        H, W, Z : Tensor, optional
+            Default to the module's own.
+
+        Returns
+        -------
+        Tensor
+        """
+        H = self.H if H is None else H
+        W = self.W if W is None else W
+        Z = self.Z if Z is None else Z
+        if H is None or W is None:
+            raise ValueError(f"{'H' if H is None else 'W'} was not given and the module has none")
+        return self.reconstruct(H, W, Z)
+
+    def reconstruct(self, H: Tensor, W: Tensor, Z: Tensor) -> Tensor:
+        """The matching NMF layer's reconstruction with H scaled by Z along the rank dim."""
+        return self._nmf.reconstruct(H * Z.view((1, -1) + (1,) * (H.dim() - 2)), W)
+
+    def _vshape(self):
+        if self.W is None or self.H is None:
+            raise ValueError("fit needs both W and H on the module")
+        Hs, Ws = tuple(self.H.shape), tuple(self.W.shape)
+        return (Hs[0], Ws[0]) + tuple(h + k - 1 for h, k in zip(Hs[2:], Ws[2:]))
+
+    def fit(self, V, tol: float = 1e-4, max_iter: int = 200, verbose: bool = False,
+            W_alpha: float = 1, H_alpha: float = 1, Z_alpha: float = 1,
+            *, history: Optional[History] = None) -> Tuple[int, Tensor]:
+        r"""Fit by EM, maximising the (penalised) likelihood of ``V / ΣV`` under the model.
+
+        The E- and M-steps combine into, for every trainable factor X in {W, H, Z},
+        ``X ← normalise(X ∘ ∂/∂X Σ V log V̂ + α_X - 1)`` (clamped at 0 when α < 1).
+
+        Parameters
+        ----------
+        V : Tensor or array, shape of :meth:`forward`'s output
+            Non-negative, not all zero; never modified.
+        tol : float, default 1e-4
+            Stop when the KL divergence decreases by less than ``tol`` relative to its start.
+        max_iter : int, default 200
+        verbose : bool, default False
+            Progress bar.
+        W_alpha, H_alpha, Z_alpha : float, default 1
+            Dirichlet prior concentrations (1: none).
+        history : History, optional
+            Receives ``KL(V/ΣV ‖ V̂)`` before the first and after every iteration.
+
+        Returns
+        -------
+        n_iter : int
+        norm : Tensor, shape ()
+            ``ΣV``; ``norm * self()`` approximates V.
+        """
+        data.check_positive(tol, "tol", allow_zero=True)
+        if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
+            raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+        alphas = {n: data.check_positive(a, f"{n}_alpha") for n, a in (("W", W_alpha), ("H", H_alpha), ("Z", Z_alpha))}
+        shape = self._vshape()
+        V = data.as_tensor(V, "V", ndim=len(shape), sparse="dense")
+        data.check_nonnegative(V, "V")
+        data.check_shape(V, shape, "V")
+        V = V.to(device=self.Z.device, dtype=self.Z.dtype)
+        norm = V.sum()
+        if not norm > 0:
+            raise ValueError("V must have a positive sum")
+        Vn = V / norm
+        params = {n: getattr(self, n) for n in ("W", "H", "Z")}
+        train = {n: p for n, p in params.items() if p is not None and p.requires_grad}
+        own = history is None
+        if own:
+            history = History(verbose=verbose, total=max_iter + 1, desc=f"{type(self).__name__}.fit", name="kl")
+        # floor of the model where a prior < 1 zeroed it: small, yet 1/floor sums stay finite
+        tiny = torch.finfo(V.dtype).tiny ** 0.5
+        records = []
+        n_iter = 0
+        try:
+            while True:
+                with torch.enable_grad():
+                    pred = self()
+                with torch.no_grad():
+                    loss = float(kl_div(pred.clamp_min(tiny), Vn))
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"the divergence became {loss} after {n_iter} iterations")
+                    records.append(loss)
+                    go_on = history.append(loss)
+                    if (n_iter >= max_iter or not go_on or not train
+                            or (len(records) > 1 and tol > 0 and (records[-2] - records[-1]) / max(abs(records[0]), 1e-300) < tol)):
+                        break
+                    ratio = Vn / pred.detach().clamp_min(tiny)
+                names = list(train)
+                grads = torch.autograd.grad(pred, [train[n] for n in names], ratio)
+                with torch.no_grad():
+                    for n, g in zip(names, grads):
+                        p = train[n]
+                        new = p * g + (alphas[n] - 1)
+                        new.clamp_min_(0)
+                        dims = self._other_dims(p) if n != "Z" else (0,)
+                        p.copy_(_normalize(new, dims))
+                n_iter += 1
+        finally:
+            if own:
+                history.close()
+        return n_iter, norm
+
+
+class PLCA(BaseComponent):
+    """PLCA, ``V (N, C) / ΣV ≈ H diag(Z) Wᵀ`` with W (C, R), H (N, R) columns summing to one.
+
+    Parameters
+    ----------
+    Vshape : (int, int), optional
+    rank : int, optional
+    **kwargs
+        :class:`BaseComponent` arguments.
+    """
+
+    def __init__(self, Vshape: Optional[Sequence[int]] = None, rank: Optional[int] = None, **kwargs):
+        if Vshape is not None:
+            N, C = _check_vshape(Vshape, 2)
+            rank = data.check_rank(rank)
+            kwargs.setdefault("W", (C, rank))
+            kwargs.setdefault("H", (N, rank))
+        super().__init__(rank, **kwargs)
+
+
+class SIPLCA(BaseComponent):
+    """Shift-invariant PLCA: V (N, C, L), W (C, R, T), H (N, R, L - T + 1) (as :class:`torchnmf.NMFD`).
+
+    Parameters
+    ----------
+    Vshape : (int, int, int), optional
+    rank : int, optional
+    T : int, default 1
+    **kwargs
+    """
+
+    _nmf = NMFD
+    _conv_dims = 1
+
+    def __init__(self, Vshape: Optional[Sequence[int]] = None, rank: Optional[int] = None, T: int = 1, **kwargs):
+        (T,) = _tuple(T, 1, "T")
+        if Vshape is not None:
+            N, C, L = _check_vshape(Vshape, 3)
+            rank = data.check_rank(rank)
+            kwargs.setdefault("W", (C, rank, T))
+            kwargs.setdefault("H", (N, rank, L - T + 1))
+        super().__init__(rank, **kwargs)
+
+
+class SIPLCA2(BaseComponent):
+    """2-D shift-invariant PLCA (as :class:`torchnmf.NMF2D`).
+
+    Parameters
+    ----------
+    Vshape : tuple of 4 ints, optional
+    rank : int, optional
+    kernel_size : int or (int, int), default 1
+    **kwargs
+    """
+
+    _nmf = NMF2D
+    _conv_dims = 2
+
+    def __init__(self, Vshape: Optional[Sequence[int]] = None, rank: Optional[int] = None, kernel_size=1, **kwargs):
+        ks = _tuple(kernel_size, 2, "kernel_size")
+        if Vshape is not None:
+            N, C, *L = _check_vshape(Vshape, 4)
+            rank = data.check_rank(rank)
+            kwargs.setdefault("W", (C, rank) + ks)
+            kwargs.setdefault("H", (N, rank) + tuple(l - k + 1 for l, k in zip(L, ks)))
+        super().__init__(rank, **kwargs)
+
+
+class SIPLCA3(BaseComponent):
+    """3-D shift-invariant PLCA (as :class:`torchnmf.NMF3D`).
+
+    Parameters
+    ----------
+    Vshape : tuple of 5 ints, optional
+    rank : int, optional
+    kernel_size : int or (int, int, int), default 1
+    **kwargs
+    """
+
+    _nmf = NMF3D
+    _conv_dims = 3
+
+    def __init__(self, Vshape: Optional[Sequence[int]] = None, rank: Optional[int] = None, kernel_size=1, **kwargs):
+        ks = _tuple(kernel_size, 3, "kernel_size")
+        if Vshape is not None:
+            N, C, *L = _check_vshape(Vshape, 5)
+            rank = data.check_rank(rank)
+            kwargs.setdefault("W", (C, rank) + ks)
+            kwargs.setdefault("H", (N, rank) + tuple(l - k + 1 for l, k in zip(L, ks)))
+        super().__init__(rank, **kwargs)

@@ -1,0 +1,815 @@
+r"""Gamma-Poisson matrix factorization, fitted by conjugate updates on nonzeros only.
+
+Model, for counts :math:`X` with rows :math:`c`, columns :math:`t` and :math:`K` factors:
+
+.. math::
+
+    U_{ck} \sim \mathrm{Gamma}(a, \kappa_c), \quad
+    \alpha_{tk} \sim \mathrm{Gamma}(b, \lambda_t), \quad
+    Z_{ctk} \sim \mathrm{Poisson}(U_{ck}\alpha_{tk}), \quad
+    X_{ct} = \textstyle\sum_k Z_{ctk}
+
+(shape-rate parametrisation). The mean-field posterior is
+:math:`q(U_{ck}) = \mathrm{Gamma}(s^U_{ck}, r^U_{ck})`,
+:math:`q(\alpha_{tk}) = \mathrm{Gamma}(s^\alpha_{tk}, r^\alpha_{tk})` and
+:math:`q(Z_{ct\cdot}) = \mathrm{Mult}(X_{ct}, \phi_{ct})`; :math:`\kappa` and :math:`\lambda`
+are fitted by maximum likelihood (empirical Bayes) or kept fixed.
+
+The multinomial parameters are never stored. They are optimal for the current
+:math:`q(U), q(\alpha)`,
+:math:`\phi_{ctk} = \mathrm{softmax}_k(\mathbb E\log U_{ck} + \mathbb E\log\alpha_{tk})`, and
+every quantity a coordinate step needs is a sum of :math:`X_{ct}\phi_{ctk}` over the nonzeros.
+Writing :math:`G^U_{ck} = \exp(\mathbb E\log U_{ck} - m_c)` (``m_c`` the row maximum, so
+:math:`G \le 1` and nothing overflows) and likewise :math:`G^\alpha`, the softmax is
+:math:`\phi_{ctk} = G^U_{ck}G^\alpha_{tk} / d_{ct}` with :math:`d_{ct} = \sum_k G^U_{ck}G^\alpha_{tk}`,
+so
+
+* :math:`d` on the nonzeros is one sampled dense-dense product (SDDMM),
+* :math:`\sum_t X_{ct}\phi_{ctk} = G^U_{ck}\,[S G^\alpha]_{ck}` and
+  :math:`\sum_c X_{ct}\phi_{ctk} = G^\alpha_{tk}\,[S^\top G^U]_{tk}` with the sparse matrix
+  :math:`S_{ct} = X_{ct}/d_{ct}` (two sparse-dense products),
+
+which takes :math:`O(\mathrm{nnz} + (\mathrm{rows}+\mathrm{cols})K)` memory and no
+``exp`` over the nonzeros. Entries where :math:`d` underflows (factors whose preferred
+components disagree by hundreds of nats) are recomputed by an explicit log-softmax over
+:math:`K`, in chunks. Zero entries enter only through the column sums
+:math:`\sum_c \mathbb E U_{ck}` and :math:`\sum_t \mathbb E\alpha_{tk}`.
+
+The sufficient statistics of a batch of rows (:meth:`GammaPoisson.statistics`) are what a
+trainer needs: :class:`torchnmf.trainer.CAVI` (full sweeps), :class:`torchnmf.trainer.NaturalGradient`
+(stochastic variational inference) and data-parallel fitting, which sums the statistics named
+in :attr:`GammaPoisson.global_statistics` over processes before each update.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.distributions import Gamma, kl_divergence
+from torch.nn.utils import parametrize
+
+from .. import constraints
+from ..data import as_tensor, check_counts, check_option, check_positive, check_rank, check_shape, nonzeros
+from .elbo import ELBO
+
+__all__ = ["GammaPoisson", "CountMatrix"]
+
+# torch warns once per process that sparse CSR support is in beta; the kernels used here
+# (CSR @ dense, sampled_addmm) are stable.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+
+Rows = Union[None, Tensor, np.ndarray, Sequence[int]]
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: Tuple[int, int]) -> Tensor:
+    return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+class CountMatrix:
+    """The nonzero entries of a count matrix, indexed for row- and column-wise sparse products.
+
+    Build it once with :meth:`GammaPoisson.prepare` (or :meth:`from_input`) and pass it
+    instead of the raw matrix to avoid converting the input at every step.
+
+    Parameters
+    ----------
+    rows, cols : LongTensor, shape (nnz,)
+        Row and column of each nonzero.
+    values : Tensor, shape (nnz,)
+        Positive counts.
+    shape : tuple of int
+        ``(n_rows, n_cols)``.
+
+    Attributes
+    ----------
+    rows, cols, values : Tensor, shape (nnz,)
+        Sorted by row, then column.
+    crow : LongTensor, shape (n_rows + 1,)
+        CSR row pointers.
+    col_order : LongTensor, shape (nnz,)
+        Permutation putting the nonzeros in column-major order.
+    ccol : LongTensor, shape (n_cols + 1,)
+        CSC column pointers.
+    rows_by_col : LongTensor, shape (nnz,)
+        ``rows[col_order]``.
+    log_factorial : Tensor, shape ()
+        :math:`\\sum \\log X_{ct}!` (``lgamma(X + 1)`` for non-integer counts).
+    row_totals, col_totals : Tensor, shape (n_rows,) and (n_cols,)
+        Row and column sums of the counts.
+    """
+
+    def __init__(self, rows: Tensor, cols: Tensor, values: Tensor, shape: Tuple[int, int]):
+        n_rows, n_cols = int(shape[0]), int(shape[1])
+        self.shape = (n_rows, n_cols)
+        rows, cols = rows.long(), cols.long()
+        key = rows * n_cols + cols
+        if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
+            order = torch.argsort(key)
+            rows, cols, values = rows[order], cols[order], values[order]
+        self.rows, self.cols, self.values = rows, cols, values
+        zero = torch.zeros(1, dtype=torch.long, device=rows.device)
+        self.crow = torch.cat([zero, torch.bincount(rows, minlength=n_rows).cumsum(0)])
+        self.col_order = torch.argsort(cols, stable=True)
+        self.ccol = torch.cat([zero, torch.bincount(cols, minlength=n_cols).cumsum(0)])
+        self.rows_by_col = rows[self.col_order]
+        self.log_factorial = torch.lgamma(values + 1).sum()
+        self.row_totals = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add_(0, rows, values)
+        self.col_totals = torch.zeros(n_cols, dtype=values.dtype, device=values.device).index_add_(0, cols, values)
+
+    @property
+    def nnz(self) -> int:
+        """Number of nonzero entries."""
+        return self.values.numel()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "CountMatrix":
+        """A copy on ``device`` with values of ``dtype`` (``self`` when nothing changes)."""
+        device = torch.device(device) if device is not None else self.device
+        dtype = dtype or self.dtype
+        if device == self.device and dtype == self.dtype:
+            return self
+        out = object.__new__(CountMatrix)
+        out.shape = self.shape
+        for name in ("rows", "cols", "crow", "col_order", "ccol", "rows_by_col"):
+            setattr(out, name, getattr(self, name).to(device))
+        out.values = self.values.to(device=device, dtype=dtype)
+        for name in ("log_factorial", "row_totals", "col_totals"):
+            setattr(out, name, getattr(self, name).to(device=device, dtype=dtype))
+        return out
+
+    @classmethod
+    def from_input(cls, X, name: str = "X", *, allow_noninteger: bool = False,
+                   dtype: Optional[torch.dtype] = None, device=None,
+                   shape: Optional[Sequence[Optional[int]]] = None) -> "CountMatrix":
+        """Check and index a count matrix.
+
+        Parameters
+        ----------
+        X : Tensor (dense or sparse COO/CSR/CSC), numpy array, scipy.sparse matrix or CountMatrix
+            Shape ``(n_rows, n_cols)``; non-negative integer counts (any values with
+            ``allow_noninteger``). It is never modified.
+        name : str
+            Argument name used in error messages.
+        allow_noninteger : bool, default False
+            Accept non-integer values (a quasi-likelihood fit).
+        dtype, device : optional
+            Of the values; default the input's floating dtype (default dtype for integers).
+        shape : sequence of int or None, optional
+            Expected shape (``None`` matches any size).
+
+        Raises
+        ------
+        TypeError, ValueError
+            Through :mod:`torchnmf.data`: non-numeric input, wrong dimensions, NaN/inf,
+            negative or (without ``allow_noninteger``) non-integer counts, wrong shape.
+        """
+        if isinstance(X, CountMatrix):
+            if shape is not None:
+                check_shape(torch.empty(X.shape, device="meta"), shape, name)
+            return X.to(device=device, dtype=dtype)
+        T = as_tensor(X, name, dtype=dtype, device=device, ndim=2, float_only=False)
+        if shape is not None:
+            check_shape(T, shape, name)
+        check_counts(T, name, allow_noninteger=allow_noninteger)
+        rows, cols, vals = nonzeros(T)
+        return cls(rows, cols, vals, tuple(T.shape))
+
+    def __repr__(self) -> str:
+        return f"CountMatrix(shape={self.shape}, nnz={self.nnz}, dtype={self.dtype}, device={self.device})"
+
+
+def _row_blocks(crow: Tensor, chunk_size: Optional[int]) -> List[Tuple[int, int]]:
+    """Contiguous row ranges holding at most ``chunk_size`` nonzeros each (or a single row)."""
+    n = crow.numel() - 1
+    nnz = int(crow[-1])
+    if chunk_size is None or nnz <= chunk_size:
+        return [(0, n)]
+    ptr = crow.tolist()
+    blocks, start = [], 0
+    while start < n:
+        # last row end r with ptr[r] - ptr[start] <= chunk_size, at least one row
+        target = ptr[start] + chunk_size
+        lo, hi = start + 1, n
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if ptr[mid] <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        blocks.append((start, lo))
+        start = lo
+    return blocks
+
+
+def expected_counts(data: CountMatrix, elog_u: Tensor, elog_a: Tensor, need_rows: bool = True,
+                    need_cols: bool = True, chunk_size: Optional[int] = None
+                    ) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor]:
+    r"""Expected latent counts summed over columns and over rows, and the log normaliser.
+
+    With :math:`\phi_{ctk} = \mathrm{softmax}_k(\mathbb E\log U_{ck} + \mathbb E\log\alpha_{tk})`,
+    over the nonzeros only (see the module notes for how).
+
+    Parameters
+    ----------
+    data : CountMatrix, shape (n, m)
+    elog_u : Tensor, shape (n, K)
+        :math:`\mathbb E\log U` of the data's rows.
+    elog_a : Tensor, shape (m, K)
+        :math:`\mathbb E\log \alpha`.
+    need_rows, need_cols : bool
+        Compute the row sums / column sums (the log normaliser is always computed).
+    chunk_size : int, optional
+        Nonzeros handled at once by the sampled product and the log-softmax fallback.
+
+    Returns
+    -------
+    row_counts : Tensor, shape (n, K), or None
+        :math:`\sum_t X_{ct}\phi_{ctk}`.
+    col_counts : Tensor, shape (m, K), or None
+        :math:`\sum_c X_{ct}\phi_{ctk}`.
+    log_norm : Tensor, shape ()
+        :math:`\sum_{ct} X_{ct}\log\sum_k \exp(\mathbb E\log U_{ck} + \mathbb E\log\alpha_{tk})`;
+        differentiable in ``elog_u`` and ``elog_a``.
+    """
+    n, m = data.shape
+    K = elog_u.shape[1]
+    x, rows, cols = data.values, data.rows, data.cols
+    if data.nnz == 0:
+        zero = elog_u.sum() * 0
+        return (elog_u.new_zeros(n, K) if need_rows else None,
+                elog_a.new_zeros(m, K) if need_cols else None, zero)
+    mu = elog_u.amax(1, keepdim=True)
+    ma = elog_a.amax(1, keepdim=True)
+    gu = torch.exp(elog_u - mu)
+    ga = torch.exp(elog_a - ma)
+    gaT = ga.t().contiguous()
+    parts = []
+    for r0, r1 in _row_blocks(data.crow, chunk_size):
+        i0, i1 = int(data.crow[r0]), int(data.crow[r1])
+        pattern = _csr(data.crow[r0:r1 + 1] - i0, cols[i0:i1], x.new_zeros(i1 - i0), (r1 - r0, m))
+        parts.append(torch.sparse.sampled_addmm(pattern, gu[r0:r1], gaT, beta=0.0).values())
+    d = parts[0] if len(parts) == 1 else torch.cat(parts)
+    # d <= K always; below sqrt(tiny) its terms may have underflowed: recompute exactly.
+    tiny = math.sqrt(torch.finfo(d.dtype).tiny)
+    bad_idx = None
+    if bool(d.detach().min() < tiny):
+        bad = d < tiny
+        bad_idx = torch.nonzero(bad).flatten()
+        d = torch.where(bad, torch.ones_like(d), d)
+        w = torch.where(bad, torch.zeros_like(x), x / d)
+    else:
+        w = x / d
+    log_d = torch.log(d)
+    # sum X (log d + m_c + m_t), the shifts summed through the row and column totals
+    shift = (data.row_totals * mu[:, 0]).sum() + (data.col_totals * ma[:, 0]).sum()
+    row_fix = col_fix = None
+    if bad_idx is not None:
+        step = chunk_size or bad_idx.numel()
+        lses = []
+        row_fix = elog_u.new_zeros(n, K) if need_rows else None
+        col_fix = elog_a.new_zeros(m, K) if need_cols else None
+        for j in range(0, bad_idx.numel(), step):
+            idx = bad_idx[j:j + step]
+            logits = elog_u[rows[idx]] + elog_a[cols[idx]]
+            lse = torch.logsumexp(logits, 1)
+            # the bad entries' log d is replaced by their exact lse, which already holds the shifts
+            lses.append(lse - mu[rows[idx], 0] - ma[cols[idx], 0])
+            if need_rows or need_cols:
+                xphi = torch.exp(logits.detach() - lse.detach()[:, None]) * x[idx, None]
+                if need_rows:
+                    row_fix.index_add_(0, rows[idx], xphi)
+                if need_cols:
+                    col_fix.index_add_(0, cols[idx], xphi)
+        log_d = log_d.index_put((bad_idx,), torch.cat(lses))
+    log_norm = (x * log_d).sum() + shift
+    row_counts = col_counts = None
+    with torch.no_grad():
+        if need_rows:
+            row_counts = gu * (_csr(data.crow, cols, w, (n, m)) @ ga)
+            if row_fix is not None:
+                row_counts += row_fix
+        if need_cols:
+            col_counts = ga * (_csr(data.ccol, data.rows_by_col, w[data.col_order], (m, n)) @ gu)
+            if col_fix is not None:
+                col_counts += col_fix
+    return row_counts, col_counts, log_norm
+
+
+def _kl_gamma(shape: Tensor, rate: Tensor, digamma_shape: Tensor, log_rate: Tensor, shape0: Tensor,
+              rate0: Tensor) -> Tensor:
+    """Elementwise KL(Gamma(shape, rate) || Gamma(shape0, rate0)), reusing digamma(shape) and log(rate).
+
+    The formula of ``torch.distributions.kl_divergence`` for two Gammas, written out so that
+    the digamma and log already computed for the expected counts are not computed again.
+    """
+    return ((shape - shape0) * digamma_shape - torch.lgamma(shape) + torch.lgamma(shape0)
+            + shape0 * (log_rate - torch.log(rate0)) + shape * (rate0 / rate - 1))
+
+
+def _hyper(value, size: int, name: str, dtype, device) -> Tensor:
+    """A positive hyperparameter as a vector of ``size`` (a scalar is broadcast)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.full((size,), check_positive(value, name), dtype=dtype, device=device)
+    T = as_tensor(value, name, dtype=dtype, device=device, ndim=(0, 1), sparse="dense", float_only=False)
+    T = T.expand(size).clone() if T.dim() == 0 else T.clone()
+    check_shape(T, (size,), name)
+    if not bool(torch.isfinite(T).all()) or not bool((T > 0).all()):
+        raise ValueError(f"{name} must be > 0 and finite")
+    return T
+
+
+class GammaPoisson(nn.Module):
+    r"""Gamma-Poisson matrix factorization with a mean-field variational posterior.
+
+    ``X ≈ E[U] E[α]ᵀ`` for counts ``X`` of shape ``(n_rows, n_cols)``; see the module notes
+    for the model. The variational shapes and rates are positive parameters
+    (:mod:`torchnmf.constraints`) of shape ``(n_rows, rank)`` (``U_shape``, ``U_rate``)
+    and ``(n_cols, rank)`` (``alpha_shape``, ``alpha_rate``); the hyperparameters are buffers
+    ``a``, ``b`` (shape ``()``), ``kappa`` (``(n_rows,)``) and ``lambda_`` (``(n_cols,)``),
+    so :meth:`state_dict` holds everything to resume a fit.
+
+    Fit it with :meth:`fit`, with :class:`torchnmf.trainer.CAVI` or
+    :class:`torchnmf.trainer.NaturalGradient` in a loop of your own, or, in ``softplus``/``exp``
+    mode, with any gradient optimizer maximising :meth:`elbo`.
+
+    Parameters
+    ----------
+    n_rows, n_cols : int
+        Shape of the count matrix.
+    rank : int
+        Number of factors ``K``.
+    a, b : float, default 0.3
+        Prior shapes of ``U`` and ``α`` (values below 1 favour sparse factors).
+    kappa : float or array of shape (n_rows,), default 1.0
+        Prior rates of the rows of ``U`` (initial values when ``learn_kappa``).
+    lambda_ : float or array of shape (n_cols,), default 1.0
+        Prior rates of the rows of ``α`` (initial values when ``learn_lambda``).
+    learn_kappa, learn_lambda : bool, default True
+        Fit ``kappa`` / ``lambda_`` by maximum likelihood after each sweep; fixed otherwise.
+    mode : {'multiplicative', 'softplus', 'exp', 'projected'}, default 'multiplicative'
+        Positivity mode of the variational parameters; ``'multiplicative'`` means they are
+        changed in place by closed-form trainers only.
+    allow_noninteger : bool, default False
+        Accept non-integer counts (the Poisson likelihood is then a quasi-likelihood).
+    generator : torch.Generator, optional
+        For the random initialisation.
+    dtype, device : optional
+        Of parameters and buffers.
+
+    Examples
+    --------
+    >>> import torch
+    >>> X = torch.poisson(torch.rand(30, 4) @ torch.rand(4, 20) * 3)
+    >>> layer = GammaPoisson(30, 20, rank=4, dtype=torch.float64)
+    >>> history = layer.fit(X, max_iter=50)
+    >>> layer().shape, history.elbos[-1].total.shape
+    (torch.Size([30, 20]), torch.Size([]))
+    """
+
+    #: Statistics that are sums over rows (already scaled to the full data): a data-parallel
+    #: fit sums these over processes (``all_reduce``) before the updates; the others are local.
+    global_statistics = ("alpha_counts", "U_mean_sum", "log_likelihood", "U_kl")
+
+    _names = ("U_shape", "U_rate", "alpha_shape", "alpha_rate")
+
+    def __init__(self, n_rows: int, n_cols: int, rank: int, *, a: float = 0.3, b: float = 0.3,
+                 kappa: Union[float, Tensor, np.ndarray] = 1.0, lambda_: Union[float, Tensor, np.ndarray] = 1.0,
+                 learn_kappa: bool = True, learn_lambda: bool = True, mode: str = "multiplicative",
+                 allow_noninteger: bool = False, generator: Optional[torch.Generator] = None,
+                 dtype: Optional[torch.dtype] = None, device=None):
+        super().__init__()
+        n_rows = check_rank(n_rows, "n_rows")
+        n_cols = check_rank(n_cols, "n_cols")
+        rank = check_rank(rank, "rank")
+        check_option(mode, constraints.MODES, "mode")
+        dtype = dtype or torch.get_default_dtype()
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        a = check_positive(a, "a")
+        b = check_positive(b, "b")
+        self.n_rows, self.n_cols, self.rank = n_rows, n_cols, rank
+        self.learn_kappa, self.learn_lambda = bool(learn_kappa), bool(learn_lambda)
+        self.allow_noninteger = bool(allow_noninteger)
+        self.register_buffer("a", torch.tensor(a, dtype=dtype, device=device))
+        self.register_buffer("b", torch.tensor(b, dtype=dtype, device=device))
+        self.register_buffer("kappa", _hyper(kappa, n_rows, "kappa", dtype, device))
+        self.register_buffer("lambda_", _hyper(lambda_, n_cols, "lambda_", dtype, device))
+        kw = dict(dtype=dtype, device=device)
+        for name in self._names:
+            setattr(self, name, nn.Parameter(torch.ones((n_rows if name.startswith("U") else n_cols, rank), **kw)))
+            constraints.positive(self, name, mode)
+        self.reset_parameters(generator)
+
+    # -- parameters ------------------------------------------------------------
+    def _raw(self, name: str) -> Tensor:
+        if parametrize.is_parametrized(self, name):
+            return getattr(self.parametrizations, name).original
+        return self._parameters[name]
+
+    @torch.no_grad()
+    def _write(self, name: str, value: Tensor, rows: Optional[Tensor] = None) -> None:
+        raw = self._raw(name)
+        if rows is None:
+            constraints.assign_(raw, value)
+        elif constraints.mode_of(raw) in ("multiplicative", "projected"):
+            raw[rows] = value
+        else:
+            full = getattr(self, name).detach().clone()
+            full[rows] = value
+            constraints.assign_(raw, full)
+
+    def _trainable(self, *names: str) -> bool:
+        return all(self._raw(n).requires_grad for n in names)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Random initialisation: shapes ``prior + Uniform(0, 1)``, rates equal to the prior rates."""
+        for name, prior in (("U_shape", self.a), ("alpha_shape", self.b)):
+            shape = self._raw(name).shape
+            gen_device = generator.device if generator is not None else self.device
+            # drawn in float64 so that layers of any dtype start from the same point
+            noise = torch.rand(shape, generator=generator, dtype=torch.float64, device=gen_device)
+            noise = noise.to(device=self.device, dtype=self.dtype)
+            self._write(name, prior + noise)
+        self._write("U_rate", self.kappa[:, None].expand(self.n_rows, self.rank).clone())
+        self._write("alpha_rate", self.lambda_[:, None].expand(self.n_cols, self.rank).clone())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kappa.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.kappa.device
+
+    # -- posterior summaries ---------------------------------------------------
+    def _rows(self, rows: Rows) -> Optional[Tensor]:
+        if rows is None:
+            return None
+        if isinstance(rows, slice):
+            return torch.arange(self.n_rows, device=self.device)[rows]
+        r = torch.as_tensor(np.asarray(rows) if not isinstance(rows, Tensor) else rows)
+        if r.dim() != 1 or (r.numel() and (r.is_floating_point() or r.dtype == torch.bool)):
+            raise ValueError(f"rows must be a 1-D array of integer row indices, got shape {tuple(r.shape)} "
+                             f"and dtype {r.dtype}")
+        r = r.long().to(self.device)
+        if r.numel() and (int(r.min()) < 0 or int(r.max()) >= self.n_rows):
+            raise ValueError(f"rows must be indices in [0, {self.n_rows}), got range "
+                             f"[{int(r.min())}, {int(r.max())}]")
+        if torch.unique(r).numel() != r.numel():
+            raise ValueError("rows must not repeat an index")
+        return r
+
+    def _u(self, name: str, rows: Optional[Tensor]) -> Tensor:
+        v = getattr(self, name)
+        return v if rows is None else v[rows]
+
+    def q_U(self, rows: Rows = None) -> Gamma:
+        """The variational posterior of ``U`` (or of its ``rows``), a Gamma of batch shape ``(n, K)``."""
+        r = self._rows(rows)
+        return Gamma(self._u("U_shape", r), self._u("U_rate", r), validate_args=False)
+
+    def q_alpha(self) -> Gamma:
+        """The variational posterior of ``α``, a Gamma of batch shape ``(n_cols, K)``."""
+        return Gamma(self.alpha_shape, self.alpha_rate, validate_args=False)
+
+    def mean_U(self, rows: Rows = None) -> Tensor:
+        """Posterior mean :math:`\\mathbb E U = s^U / r^U`, shape ``(n_rows, K)`` (or ``(len(rows), K)``)."""
+        r = self._rows(rows)
+        return self._u("U_shape", r) / self._u("U_rate", r)
+
+    def mean_alpha(self) -> Tensor:
+        """Posterior mean :math:`\\mathbb E\\alpha`, shape ``(n_cols, K)``."""
+        return self.alpha_shape / self.alpha_rate
+
+    def log_mean_U(self, rows: Rows = None) -> Tensor:
+        """:math:`\\mathbb E\\log U = \\psi(s^U) - \\log r^U`, shape ``(n_rows, K)``."""
+        r = self._rows(rows)
+        return torch.digamma(self._u("U_shape", r)) - torch.log(self._u("U_rate", r))
+
+    def log_mean_alpha(self) -> Tensor:
+        """:math:`\\mathbb E\\log\\alpha`, shape ``(n_cols, K)``."""
+        return torch.digamma(self.alpha_shape) - torch.log(self.alpha_rate)
+
+    def geometric_mean_U(self, rows: Rows = None) -> Tensor:
+        """:math:`\\exp\\mathbb E\\log U`, shape ``(n_rows, K)``."""
+        return torch.exp(self.log_mean_U(rows))
+
+    def geometric_mean_alpha(self) -> Tensor:
+        """:math:`\\exp\\mathbb E\\log\\alpha`, shape ``(n_cols, K)``."""
+        return torch.exp(self.log_mean_alpha())
+
+    def forward(self, rows: Rows = None) -> Tensor:
+        """Expected rate ``E[U] E[α]ᵀ``, shape ``(n_rows, n_cols)`` (or ``(len(rows), n_cols)``).
+
+        Dense: meant for moderate sizes, plotting and chaining with other layers.
+        """
+        return self.mean_U(rows) @ self.mean_alpha().t()
+
+    # -- data ------------------------------------------------------------------
+    def prepare(self, X, rows: Rows = None, allow_noninteger: Optional[bool] = None) -> CountMatrix:
+        """Check counts and index their nonzeros for this layer (dtype, device, shape).
+
+        Parameters
+        ----------
+        X : array-like or sparse, shape (n_rows, n_cols), or (len(rows), n_cols)
+            Counts: dense or sparse torch tensor, numpy array, scipy.sparse matrix or
+            :class:`CountMatrix`. Never modified.
+        rows : 1-D integer array, optional
+            Rows of the full data that ``X`` holds (a minibatch or a shard).
+        allow_noninteger : bool, optional
+            Default: the layer's setting.
+
+        Returns
+        -------
+        CountMatrix
+        """
+        r = self._rows(rows)
+        allow = self.allow_noninteger if allow_noninteger is None else allow_noninteger
+        n = self.n_rows if r is None else r.numel()
+        return CountMatrix.from_input(X, "X", allow_noninteger=allow, dtype=self.dtype, device=self.device,
+                                      shape=(n, self.n_cols))
+
+    # -- sufficient statistics and closed-form updates ---------------------------
+    def _kl_U(self, rows: Optional[Tensor]) -> Tensor:
+        kappa = self.kappa if rows is None else self.kappa[rows]
+        prior = Gamma(self.a.expand(kappa.shape[0], 1), kappa[:, None], validate_args=False)
+        return kl_divergence(self.q_U(rows), prior).sum()
+
+    def _kl_alpha(self) -> Tensor:
+        prior = Gamma(self.b.expand(self.n_cols, 1), self.lambda_[:, None], validate_args=False)
+        return kl_divergence(self.q_alpha(), prior).sum()
+
+    def statistics(self, X, rows: Rows = None, scale: float = 1.0, chunk_size: Optional[int] = None,
+                   which: Sequence[str] = ("U", "alpha", "elbo")) -> Dict[str, object]:
+        r"""Sufficient statistics of a batch of rows under the current posterior.
+
+        With :math:`\phi` optimal for the current :math:`q(U), q(\alpha)`, over the nonzeros
+        of ``X`` only, in chunks of ``chunk_size`` nonzeros.
+
+        Parameters
+        ----------
+        X : counts or CountMatrix, shape (len(rows), n_cols)
+            The batch (the whole matrix when ``rows`` is None).
+        rows : 1-D integer array, optional
+            Rows of the full data held by ``X``.
+        scale : float, default 1
+            Factor from the batch to the full data (``n_rows / len(rows)`` for a uniform
+            minibatch; 1 for the full data or for one shard of a data-parallel fit).
+        chunk_size : int, optional
+            Bound on the nonzeros processed at once.
+        which : sequence of {'U', 'alpha', 'elbo'}
+            Which expected-count sums to compute, and whether to add the KL terms the ELBO
+            needs (:meth:`elbo_from_statistics`).
+
+        Returns
+        -------
+        dict
+            ``rows`` (LongTensor or None) and ``scale``;
+            ``U_counts`` (``(len(rows), K)``, :math:`\sum_t X_{ct}\phi_{ctk}`, not scaled) if
+            ``'U'`` in ``which``; ``alpha_counts`` (``(n_cols, K)``,
+            :math:`\text{scale}\sum_{c}X_{ct}\phi_{ctk}`) if ``'alpha'`` in ``which``;
+            ``U_mean_sum`` (``(K,)``, scale · :math:`\sum_c\mathbb E U_{ck}`);
+            ``log_likelihood`` (``()``, scale · :math:`\sum_{ct} [X_{ct}\log\sum_k
+            e^{\mathbb E\log U_{ck}+\mathbb E\log\alpha_{tk}} - \log X_{ct}!]`);
+            with ``'elbo'``: ``U_kl`` (``()``, scale · KL of the batch rows of ``q(U)`` from
+            their prior) and ``alpha_kl`` (``()``, KL of ``q(α)`` from its prior, not scaled:
+            the same on every shard). Keys in :attr:`global_statistics` add up over disjoint
+            batches.
+        """
+        for w in which:
+            check_option(w, ("U", "alpha", "elbo"), "which")
+        scale = check_positive(scale, "scale")
+        if chunk_size is not None:
+            chunk_size = check_rank(chunk_size, "chunk_size")
+        r = self._rows(rows)
+        data = self.prepare(X, r)
+        with torch.no_grad():
+            shape_a, rate_a = self.alpha_shape, self.alpha_rate
+            digamma_a, log_rate_a = torch.digamma(shape_a), torch.log(rate_a)
+            row_counts, col_counts, log_norm = expected_counts(
+                data, self.log_mean_U(r), digamma_a - log_rate_a, "U" in which, "alpha" in which, chunk_size)
+            stats: Dict[str, object] = {"rows": r, "scale": scale}
+            if row_counts is not None:
+                stats["U_counts"] = row_counts
+            if col_counts is not None:
+                stats["alpha_counts"] = col_counts * scale
+            stats["U_mean_sum"] = self.mean_U(r).sum(0) * scale
+            stats["log_likelihood"] = (log_norm - data.log_factorial) * scale
+            if "elbo" in which:
+                stats["U_kl"] = self._kl_U(r) * scale
+                stats["alpha_kl"] = _kl_gamma(shape_a, rate_a, digamma_a, log_rate_a, self.b,
+                                              self.lambda_[:, None]).sum()
+        return stats
+
+    def elbo_from_statistics(self, stats: Dict[str, object]) -> ELBO:
+        """The ELBO (an estimate, for a scaled minibatch) from :meth:`statistics` and the current ``q(α)``.
+
+        ``data = log_likelihood - Σ_k U_mean_sum_k Σ_t E[α_tk]``, ``U_kls = U_kl``,
+        ``alpha_kls = alpha_kl`` (recomputed when absent). The statistics must include
+        ``'elbo'`` and be computed for the current ``q(α)``.
+        """
+        if "U_kl" not in stats:
+            raise ValueError("stats: compute the statistics with 'elbo' in which= to get an ELBO")
+        with torch.no_grad():
+            data = stats["log_likelihood"] - (stats["U_mean_sum"] * self.mean_alpha().sum(0)).sum()
+            alpha_kl = stats["alpha_kl"] if "alpha_kl" in stats else self._kl_alpha()
+            return ELBO(data, {"U_kls": stats["U_kl"], "alpha_kls": alpha_kl})
+
+    @torch.no_grad()
+    def update_U(self, stats: Dict[str, object]) -> None:
+        """Coordinate step for ``q(U)`` of the statistics' rows: ``s = a + U_counts``, ``r = κ + Σ_t E[α]``.
+
+        Skipped when ``U_shape`` or ``U_rate`` has ``requires_grad=False`` (frozen).
+        """
+        if not self._trainable("U_shape", "U_rate"):
+            return
+        r = stats["rows"]
+        kappa = self.kappa if r is None else self.kappa[r]
+        self._write("U_shape", self.a + stats["U_counts"], r)
+        self._write("U_rate", kappa[:, None] + self.mean_alpha().sum(0), r)
+
+    @torch.no_grad()
+    def update_alpha(self, stats: Dict[str, object], rho: float = 1.0) -> None:
+        """Step for ``q(α)`` towards ``s = b + alpha_counts``, ``r = λ + U_mean_sum`` (natural parameters).
+
+        ``rho = 1`` is the coordinate-ascent update; ``0 < rho < 1`` the stochastic
+        natural-gradient step ``(1 - rho) * current + rho * estimate``. Skipped when frozen.
+        """
+        if not self._trainable("alpha_shape", "alpha_rate"):
+            return
+        shape_hat = self.b + stats["alpha_counts"]
+        rate_hat = self.lambda_[:, None] + stats["U_mean_sum"]
+        if rho != 1.0:
+            shape_hat = torch.lerp(self.alpha_shape.detach(), shape_hat, rho)
+            rate_hat = torch.lerp(self.alpha_rate.detach(), rate_hat, rho)
+        self._write("alpha_shape", shape_hat)
+        self._write("alpha_rate", rate_hat)
+
+    @torch.no_grad()
+    def update_kappa(self, rows: Rows = None) -> None:
+        """Maximum-likelihood prior rates of ``U`` (of ``rows``): ``κ_c = a K / Σ_k E[U_ck]`` (if learned)."""
+        if not self.learn_kappa:
+            return
+        r = self._rows(rows)
+        new = self.a * self.rank / self.mean_U(r).sum(1)
+        if r is None:
+            self.kappa.copy_(new)
+        else:
+            self.kappa[r] = new
+
+    @torch.no_grad()
+    def update_lambda(self) -> None:
+        """Maximum-likelihood prior rates of ``α``: ``λ_t = b K / Σ_k E[α_tk]`` (if learned)."""
+        if self.learn_lambda:
+            self.lambda_.copy_(self.b * self.rank / self.mean_alpha().sum(1))
+
+    # -- objective ---------------------------------------------------------------
+    def elbo(self, X, chunk_size: Optional[int] = None) -> ELBO:
+        r"""The evidence lower bound on the full data, with :math:`\phi` optimal for the current posterior.
+
+        ``data`` (alias ``Z``): :math:`\sum_{ct}[X_{ct}\log\sum_k e^{\mathbb E\log U_{ck} +
+        \mathbb E\log\alpha_{tk}} - \log X_{ct}!] - \sum_k(\sum_c\mathbb EU_{ck})(\sum_t\mathbb E\alpha_{tk})`
+        (the expected complete log-likelihood plus the entropy of ``q(Z)``);
+        ``U_kls``, ``alpha_kls``: KL divergences of the posteriors from their priors;
+        ``total = Z - U_kls - alpha_kls``.
+
+        Differentiable in the variational parameters when gradients are enabled and some
+        parameter is in a gradient mode (``softplus``, ``exp``, ``projected``).
+
+        Parameters
+        ----------
+        X : counts or CountMatrix, shape (n_rows, n_cols)
+        chunk_size : int, optional
+
+        Returns
+        -------
+        ELBO
+        """
+        if chunk_size is not None:
+            chunk_size = check_rank(chunk_size, "chunk_size")
+        data = self.prepare(X)
+        grad = torch.is_grad_enabled() and any(True for _ in constraints.gradient_parameters(self))
+        with torch.set_grad_enabled(grad):
+            _, _, log_norm = expected_counts(data, self.log_mean_U(), self.log_mean_alpha(), False, False, chunk_size)
+            z = log_norm - data.log_factorial - (self.mean_U().sum(0) * self.mean_alpha().sum(0)).sum()
+            return ELBO(z, {"U_kls": self._kl_U(None), "alpha_kls": self._kl_alpha()})
+
+    # -- fitting -----------------------------------------------------------------
+    def fit(self, X, max_iter: int = 200, tol: float = 1e-6, verbose: bool = False, history=None,
+            callback: Optional[Callable] = None, chunk_size: Optional[int] = None, trainer=None):
+        """Fit by coordinate ascent (:class:`torchnmf.trainer.CAVI`) until the ELBO settles.
+
+        Parameters
+        ----------
+        X : counts, shape (n_rows, n_cols)
+            Dense or sparse tensor, numpy array, scipy.sparse matrix or CountMatrix; never modified.
+        max_iter : int, default 200
+            Maximum number of sweeps.
+        tol : float, default 1e-6
+            Stop when the relative ELBO change of a sweep is below ``tol`` (0 runs ``max_iter``).
+        verbose : bool, default False
+            Show a tqdm progress bar (ignored when ``history`` is given).
+        history : torchnmf.History, optional
+            Records are appended to it; another thread may read it and call
+            :meth:`~torchnmf.History.request_stop`, which ends the fit after the current sweep.
+        callback : callable, optional
+            ``callback(layer, elbo)`` after each sweep.
+        chunk_size : int, optional
+            Bound on the nonzeros processed at once.
+        trainer : torch.optim.Optimizer, optional
+            Default: a new ``CAVI(self, chunk_size=chunk_size)``; pass one to resume its state.
+
+        Returns
+        -------
+        torchnmf.History
+            ``history.elbos`` holds one :class:`~torchnmf.ELBO` per sweep.
+
+        Raises
+        ------
+        FloatingPointError
+            If the ELBO becomes NaN or infinite.
+        """
+        from ..history import History
+        from ..trainer.cavi import CAVI
+
+        max_iter = check_rank(max_iter, "max_iter")
+        tol = check_positive(tol, "tol", allow_zero=True)
+        data = self.prepare(X)
+        if history is None:
+            history = History(verbose=verbose, total=max_iter, desc="GammaPoisson", name="elbo", maximize=True)
+        trainer = trainer if trainer is not None else CAVI(self, chunk_size=chunk_size)
+        try:
+            for _ in range(max_iter):
+                record = trainer.step(lambda: data)
+                if not bool(torch.isfinite(record.total)):
+                    raise FloatingPointError(f"the ELBO became {float(record.total)}: {record}")
+                keep_going = history.append(record)
+                if callback is not None:
+                    callback(self, record)
+                if not keep_going or history.stop_requested or history.converged(tol):
+                    break
+        finally:
+            history.close()
+        return history
+
+    @torch.no_grad()
+    def transform(self, X, max_iter: int = 100, tol: float = 1e-6, chunk_size: Optional[int] = None) -> Tensor:
+        """Posterior means of the row factors of new rows, with ``q(α)`` (and ``λ``) fixed.
+
+        Coordinate ascent on the new rows' ``q(U)`` (and their ``κ`` when learned, starting
+        from the mean of the fitted ``κ``); the layer is not changed.
+
+        Parameters
+        ----------
+        X : counts, shape (n_new, n_cols)
+        max_iter : int, default 100
+        tol : float, default 1e-6
+            Stop when the largest relative change of the posterior means is below ``tol``.
+        chunk_size : int, optional
+
+        Returns
+        -------
+        Tensor, shape (n_new, K)
+        """
+        max_iter = check_rank(max_iter, "max_iter")
+        tol = check_positive(tol, "tol", allow_zero=True)
+        allow = self.allow_noninteger
+        data = CountMatrix.from_input(X, "X", allow_noninteger=allow, dtype=self.dtype, device=self.device,
+                                      shape=(None, self.n_cols))
+        n = data.shape[0]
+        elog_a = self.log_mean_alpha()
+        col_sum = self.mean_alpha().sum(0)
+        kappa = self.kappa.mean().expand(n).clone()
+        shape = torch.full((n, self.rank), float(self.a), dtype=self.dtype, device=self.device) + 1.0
+        rate = kappa[:, None] + col_sum
+        mean = shape / rate
+        for _ in range(max_iter):
+            counts, _, _ = expected_counts(data, torch.digamma(shape) - torch.log(rate), elog_a, True, False, chunk_size)
+            shape = self.a + counts
+            if self.learn_kappa:
+                kappa = self.a * self.rank / (shape / rate).sum(1)
+            rate = kappa[:, None] + col_sum
+            new = shape / rate
+            change = float(((new - mean).abs() / mean.clamp_min(torch.finfo(self.dtype).tiny)).max()) if n else 0.0
+            mean = new
+            if change < tol:
+                break
+        return mean
+
+    def extra_repr(self) -> str:
+        mode = constraints.mode_of(self._raw("U_shape"))
+        return (f"n_rows={self.n_rows}, n_cols={self.n_cols}, rank={self.rank}, a={float(self.a):g}, "
+                f"b={float(self.b):g}, learn_kappa={self.learn_kappa}, learn_lambda={self.learn_lambda}, mode={mode!r}")

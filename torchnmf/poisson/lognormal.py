@@ -1,0 +1,592 @@
+r"""Log-normal Poisson factorization (PNMF) and the factor-posterior interface.
+
+Model
+-----
+``X`` (``D`` features x ``N`` samples) ``~ Poisson(W exp(F))`` with loadings ``W`` (``D x K``,
+a positive parameter in any :mod:`torchnmf.constraints` mode) and log-factors ``F``
+(``K x N``) under a Gaussian variational posterior ``q(F)``.
+
+Factor-posterior interface (stable; spatial GP priors plug in here)
+-------------------------------------------------------------------
+:class:`FactorPosterior` is an ``nn.Module`` holding ``q(F)`` *and* its prior, with
+``F`` of shape ``(n_components, n_samples) = (K, N)``:
+
+``marginals(idx=None, **covariates) -> (mean, var)``
+    Mean and variance of ``q(F[:, idx])``, each ``(K, B)`` (``B = len(idx)``, or ``N``).
+``rsample(idx=None, n_samples=1, **covariates) -> Tensor``
+    Reparameterised draws of ``F[:, idx]``, shape ``(E, K, B)`` with ``E = n_samples``.
+``kl(idx=None, **covariates) -> Tensor``
+    The KL term, shape ``()``, to subtract from an ELBO whose data term is scaled to the
+    full data set: per-sample priors return ``(N / B) * sum over the batch``; global priors
+    (e.g. GP inducing points) return their full KL.
+``natural_groups() -> list of dict``  (optional)
+    Parameter groups for :class:`torchnmf.trainer.GaussianNatural`, for posteriors that are
+    mean-field Gaussian in ``(loc, raw scale)`` pairs. The base class raises
+    ``NotImplementedError``.
+
+``idx`` is a ``LongTensor`` of sample (column) indices, ``None`` meaning all samples.
+``covariates`` are keyword tensors a spatial prior needs for the batch (``coordinates=``,
+``groups=``...); :class:`IndependentNormal` ignores them.
+
+ELBO modes of :class:`LogNormalPoisson`
+---------------------------------------
+``simple``
+    Monte Carlo estimate of ``E_q[log p(X | W, F)]`` with ``E`` reparameterised draws.
+``expanded``
+    Monte Carlo only for ``E_q[log (W e^F)]``; the rate term uses
+    ``E[e^F] = exp(mu + sigma^2 / 2)``.
+``lower-bound``
+    Jensen's inequality on the convex log-sum-exp,
+    ``E_q[log sum_k W_dk e^{F_kn}] >= log sum_k W_dk e^{mu_kn}``: fully analytic, no draws.
+
+Zeros of ``X`` enter only through sums (``sum_{d,n} (W E[e^F])_{dn} = sum_k (sum_d W_dk)
+(sum_n E[e^{F_kn}])``), so a sparse ``X`` costs ``O(nnz K E)`` time and
+``O(nnz E + (D + N) K E)`` memory (the per-nonzero rates are computed in chunks by a custom
+autograd function), never ``O(D N E)``. :class:`Counts` keeps the nonzeros once so
+mini-batches slice them without re-reading ``X``.
+
+Monte Carlo modes subtract first-order Taylor control variates (``control_variates=True``),
+which keeps them unbiased and makes the gradient w.r.t. the posterior variances usable by
+natural-gradient steps.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as Fn
+from torch import Tensor, nn
+from torch.distributions import Normal, kl_divergence
+
+from .. import constraints
+from ..data import as_tensor, check_finite, check_nonnegative, check_option, check_positive, check_rank, nonzeros
+from .elbo import ELBO
+
+__all__ = ["FactorPosterior", "IndependentNormal", "LogNormalPoisson", "Counts", "ELBO_MODES", "inv_softplus"]
+
+ELBO_MODES = ("simple", "expanded", "lower-bound")
+
+
+def inv_softplus(y: Tensor) -> Tensor:
+    """Inverse of softplus, ``log(expm1(y))`` written stably; ``y`` must be > 0."""
+    y = y.clamp_min(torch.finfo(y.dtype).tiny)
+    return y + torch.log(-torch.expm1(-y))
+
+
+def _check_idx(idx, n: int, name: str = "idx") -> Optional[Tensor]:
+    if idx is None:
+        return None
+    idx = torch.as_tensor(idx)
+    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must hold integer indices, got dtype {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(idx.shape)}")
+    if idx.numel() == 0:
+        raise ValueError(f"{name} must not be empty")
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise ValueError(f"{name} must lie in [0, {n}), got range [{int(idx.min())}, {int(idx.max())}]")
+    return idx.long()
+
+
+class FactorPosterior(nn.Module):
+    """Abstract ``q(F)`` with its prior, ``F`` of shape ``(n_components, n_samples)``.
+
+    Subclasses implement :meth:`marginals`, :meth:`rsample` and :meth:`kl`; see the
+    module docstring for the contract (shapes and KL scaling).
+
+    Attributes
+    ----------
+    n_components : int
+        ``K``.
+    n_samples : int
+        ``N``.
+    """
+
+    n_components: int
+    n_samples: int
+
+    def marginals(self, idx: Optional[Tensor] = None, **covariates) -> Tuple[Tensor, Tensor]:
+        """Mean and variance of ``q(F[:, idx])``, each of shape ``(K, B)``."""
+        raise NotImplementedError
+
+    def rsample(self, idx: Optional[Tensor] = None, n_samples: int = 1, **covariates) -> Tensor:
+        """Reparameterised draws of ``F[:, idx]``, shape ``(n_samples, K, B)``."""
+        raise NotImplementedError
+
+    def kl(self, idx: Optional[Tensor] = None, **covariates) -> Tensor:
+        """KL term scaled to the full data set (see the module docstring), shape ``()``."""
+        raise NotImplementedError
+
+    def natural_groups(self) -> List[dict]:
+        """Parameter groups for :class:`torchnmf.trainer.GaussianNatural`."""
+        raise NotImplementedError(f"{type(self).__name__} does not support natural-gradient training")
+
+    def batch_size_of(self, idx: Optional[Tensor]) -> int:
+        """``B``: the number of samples ``idx`` selects."""
+        return self.n_samples if idx is None else int(idx.numel())
+
+
+class IndependentNormal(FactorPosterior):
+    r"""Mean-field ``q(F_kn) = Normal(loc_kn, scale_kn^2)`` with prior ``Normal(prior_loc, prior_scale^2)``.
+
+    ``scale = softplus(raw_scale)``, so any gradient optimizer can train ``loc`` and
+    ``raw_scale``; :class:`torchnmf.trainer.GaussianNatural` updates them by natural
+    gradient (:meth:`natural_groups`).
+
+    Parameters
+    ----------
+    n_components : int
+        ``K``.
+    n_samples : int
+        ``N``.
+    prior_scale : float, default 1
+        Standard deviation ``s`` of the prior.
+    prior_loc : float, default 0
+    init_loc : Tensor of shape (K, N), optional
+        Initial posterior means (default 0).
+    init_scale : float, default 0.1
+        Initial posterior standard deviation.
+
+    Attributes
+    ----------
+    loc : Parameter, shape (K, N)
+    raw_scale : Parameter, shape (K, N)
+    """
+
+    def __init__(self, n_components: int, n_samples: int, prior_scale: float = 1.0, prior_loc: float = 0.0,
+                 init_loc: Optional[Tensor] = None, init_scale: float = 0.1, dtype: Optional[torch.dtype] = None,
+                 device=None):
+        super().__init__()
+        self.n_components = check_rank(n_components, "n_components")
+        self.n_samples = check_rank(n_samples, "n_samples")
+        prior_scale = check_positive(prior_scale, "prior_scale")
+        init_scale = check_positive(init_scale, "init_scale")
+        if isinstance(prior_loc, bool) or not isinstance(prior_loc, (int, float)) or not math.isfinite(prior_loc):
+            raise TypeError(f"prior_loc must be a finite real number, got {prior_loc!r}")
+        dtype = dtype or torch.get_default_dtype()
+        shape = (self.n_components, self.n_samples)
+        if init_loc is None:
+            loc = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            loc = as_tensor(init_loc, "init_loc", dtype=dtype, device=device, ndim=2, sparse="dense").detach().clone()
+            if tuple(loc.shape) != shape:
+                raise ValueError(f"init_loc has shape {tuple(loc.shape)}, expected {shape}")
+            check_finite(loc, "init_loc")
+        self.loc = nn.Parameter(loc)
+        self.raw_scale = nn.Parameter(inv_softplus(torch.full(shape, init_scale, dtype=dtype, device=device)))
+        self.register_buffer("prior_loc", torch.tensor(float(prior_loc), dtype=dtype, device=device))
+        self.register_buffer("prior_scale", torch.tensor(prior_scale, dtype=dtype, device=device))
+
+    @property
+    def scale(self) -> Tensor:
+        """Posterior standard deviations, shape ``(K, N)``."""
+        return Fn.softplus(self.raw_scale)
+
+    def _select(self, idx: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        if idx is None:
+            return self.loc, self.scale
+        return self.loc[:, idx], Fn.softplus(self.raw_scale[:, idx])
+
+    def marginals(self, idx: Optional[Tensor] = None, **covariates) -> Tuple[Tensor, Tensor]:
+        loc, scale = self._select(idx)
+        return loc, scale.square()
+
+    def rsample(self, idx: Optional[Tensor] = None, n_samples: int = 1, **covariates) -> Tensor:
+        loc, scale = self._select(idx)
+        return Normal(loc, scale).rsample((int(n_samples),))
+
+    def kl(self, idx: Optional[Tensor] = None, **covariates) -> Tensor:
+        loc, scale = self._select(idx)
+        prior = Normal(self.prior_loc.expand_as(loc), self.prior_scale.expand_as(loc))
+        total = kl_divergence(Normal(loc, scale), prior).sum()
+        return total * (self.n_samples / loc.shape[1])
+
+    def natural_groups(self) -> List[dict]:
+        return [{"params": [self.loc, self.raw_scale], "scale": "softplus"}]
+
+    def extra_repr(self) -> str:
+        return (f"n_components={self.n_components}, n_samples={self.n_samples}, "
+                f"prior_scale={float(self.prior_scale):g}")
+
+
+class Counts:
+    """Nonzero entries of a count matrix, kept once so mini-batches slice them cheaply.
+
+    Parameters
+    ----------
+    X : Tensor, shape (D, N)
+        Dense or sparse non-negative data (checked: finite, non-negative).
+    check : bool, default True
+        Skip the checks for data already checked.
+
+    Attributes
+    ----------
+    rows, cols : LongTensor, shape (nnz,)
+    values : Tensor, shape (nnz,)
+    shape : tuple of int
+    lgamma : Tensor, shape ()
+        ``sum log(x!)`` over the entries (the Poisson normaliser).
+    """
+
+    def __init__(self, X: Tensor, check: bool = True, _parts=None):
+        if _parts is not None:
+            self.rows, self.cols, self.values, self.shape = _parts
+        else:
+            X = as_tensor(X, "X", ndim=2)
+            if check:
+                check_nonnegative(X, "X")
+            self.rows, self.cols, self.values = nonzeros(X)
+            self.shape = tuple(X.shape)
+        self.lgamma = torch.lgamma(self.values + 1).sum()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    def to(self, *args, **kwargs) -> "Counts":
+        """The same counts moved/cast like :meth:`torch.Tensor.to` (indices keep their dtype)."""
+        vals = self.values.to(*args, **kwargs)
+        return Counts(None, _parts=(self.rows.to(vals.device), self.cols.to(vals.device), vals, self.shape))
+
+    def select(self, idx: Optional[Tensor] = None, feature_idx: Optional[Tensor] = None) -> "Counts":
+        """The sub-matrix ``X[feature_idx][:, idx]`` (rows and columns renumbered in that order)."""
+        rows, cols, vals = self.rows, self.cols, self.values
+        D, N = self.shape
+        keep = None
+        if idx is not None:
+            pos = torch.full((N,), -1, dtype=torch.long, device=rows.device)
+            pos[idx.to(rows.device)] = torch.arange(idx.numel(), device=rows.device)
+            new_cols = pos[cols]
+            keep = new_cols >= 0
+            cols = new_cols
+            N = int(idx.numel())
+        if feature_idx is not None:
+            pos = torch.full((D,), -1, dtype=torch.long, device=rows.device)
+            pos[feature_idx.to(rows.device)] = torch.arange(feature_idx.numel(), device=rows.device)
+            new_rows = pos[rows]
+            k2 = new_rows >= 0
+            keep = k2 if keep is None else keep & k2
+            rows = new_rows
+            D = int(feature_idx.numel())
+        if keep is not None:
+            rows, cols, vals = rows[keep], cols[keep], vals[keep]
+        return Counts(None, _parts=(rows, cols, vals, (D, N)))
+
+
+_CHUNK = 1 << 16  # nonzeros per chunk: bounds the (chunk x K) temporaries
+
+
+class _SampledProduct(torch.autograd.Function):
+    """``out[..., z] = sum_k W[rows[z], k] Z[..., cols[z], k]`` without keeping ``(nnz, K)`` tensors.
+
+    Forward and backward run in chunks of nonzeros; autograd saves only ``W``, ``Z`` and the
+    indices, so memory is ``O(nnz E + (D + N) K)`` instead of ``O(nnz E K)``.
+    """
+
+    @staticmethod
+    def forward(ctx, W, Z, rows, cols):
+        out = Z.new_empty((*Z.shape[:-2], rows.numel()))
+        for a in range(0, rows.numel(), _CHUNK):
+            r, c = rows[a:a + _CHUNK], cols[a:a + _CHUNK]
+            out[..., a:a + _CHUNK] = (W.index_select(0, r) * Z.index_select(-2, c)).sum(-1)
+        ctx.save_for_backward(W, Z, rows, cols)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        W, Z, rows, cols = ctx.saved_tensors
+        gW = torch.zeros_like(W) if ctx.needs_input_grad[0] else None
+        gZ = torch.zeros_like(Z) if ctx.needs_input_grad[1] else None
+        for a in range(0, rows.numel(), _CHUNK):
+            r, c, g = rows[a:a + _CHUNK], cols[a:a + _CHUNK], grad[..., a:a + _CHUNK, None]
+            if gW is not None:
+                part = g * Z.index_select(-2, c)  # (..., chunk, K)
+                gW.index_add_(0, r, part.reshape(-1, part.shape[-2], part.shape[-1]).sum(0))
+            if gZ is not None:
+                gZ.index_add_(-2, c, g * W.index_select(0, r))
+        return gW, gZ, None, None
+
+
+def _log_rate_nz(W: Tensor, F: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``log sum_k W[rows, k] exp(F[..., k, cols])`` for each nonzero, shape ``(..., nnz)``.
+
+    Shifted by the per-column maximum of ``F`` so large log-factors do not overflow.
+    """
+    shift = F.detach().amax(dim=-2, keepdim=True)  # (..., 1, B)
+    expF = torch.exp(F - shift).transpose(-1, -2).contiguous()  # (..., B, K)
+    # O(nnz K) time per draw, O(nnz) memory (see _SampledProduct)
+    rate = _SampledProduct.apply(W, expF, rows, cols)
+    tiny = torch.finfo(rate.dtype).tiny
+    return torch.log(rate.clamp_min(tiny)) + shift[..., 0, :].index_select(-1, cols)
+
+
+def _weighted_responsibilities(W: Tensor, F: Tensor, rows: Tensor, cols: Tensor, x: Tensor) -> Tensor:
+    """``A[k, b] = sum_{z: cols[z] = b} x_z W[rows_z, k] e^{F[k, b]} / sum_k (...)``, shape ``(K, B)``.
+
+    The gradient of ``sum_z x_z log sum_k W e^F`` w.r.t. ``F``; computed in chunks of nonzeros.
+    """
+    expF = torch.exp(F - F.amax(0, keepdim=True)).t().contiguous()  # (B, K)
+    A = torch.zeros_like(expF)
+    tiny = torch.finfo(expF.dtype).tiny
+    for a in range(0, rows.numel(), _CHUNK):
+        r, c = rows[a:a + _CHUNK], cols[a:a + _CHUNK]
+        num = W.index_select(0, r) * expF.index_select(0, c)
+        A.index_add_(0, c, num * (x[a:a + _CHUNK, None] / num.sum(1, keepdim=True).clamp_min(tiny)))
+    return A.t()
+
+
+class LogNormalPoisson(nn.Module):
+    r"""Log-normal Poisson factorization ``X ~ Poisson(W exp(F))``.
+
+    Parameters
+    ----------
+    n_features : int
+        ``D``, rows of ``X``.
+    n_samples : int
+        ``N``, columns of ``X``.
+    n_components : int
+        ``K``.
+    mode : {'simple', 'expanded', 'lower-bound'}, default 'lower-bound'
+        How :meth:`elbo` estimates the expected log-likelihood (see the module docstring).
+    E : int, default 3
+        Monte Carlo draws per evaluation (unused by ``lower-bound``).
+    loadings_mode : {'softplus', 'exp', 'projected', 'multiplicative'}, default 'softplus'
+        Positivity mode of ``W`` (:mod:`torchnmf.constraints`). ``multiplicative`` loadings
+        are updated by :meth:`update_W_`, not by gradient optimizers.
+    factors : FactorPosterior, optional
+        ``q(F)`` with its prior; default :class:`IndependentNormal` with ``prior_scale``.
+    prior_scale : float, default 1
+        Prior standard deviation of the default factors.
+    W : Tensor of shape (D, K), optional
+        Initial loadings (non-negative); default uniform in ``[0.5, 1.5) / K``.
+    init_loc : Tensor of shape (K, N), optional
+        Initial posterior means of the default factors.
+    init_scale : float, default 0.1
+        Initial posterior standard deviation of the default factors.
+    control_variates : bool, default True
+        In the Monte Carlo modes, subtract first-order Taylor control variates (zero mean):
+        same expectation, much less gradient noise w.r.t. the variances (needed by
+        natural-gradient steps). Their coefficients are held constant, so with them the
+        gradient is unbiased but not the exact derivative of the returned sample value.
+    dtype, device : optional
+        Of the parameters.
+
+    Attributes
+    ----------
+    W : Tensor, shape (D, K)
+        Non-negative loadings (a positive parameter; the raw value is
+        ``constraints`` territory).
+    factors : FactorPosterior
+
+    Examples
+    --------
+    >>> import torch
+    >>> X = torch.poisson(torch.full((20, 30), 2.0))
+    >>> layer = LogNormalPoisson(20, 30, 3)
+    >>> float(layer.elbo(X)) < 0
+    True
+    """
+
+    def __init__(self, n_features: int, n_samples: int, n_components: int, mode: str = "lower-bound", E: int = 3,
+                 loadings_mode: str = "softplus", factors: Optional[FactorPosterior] = None,
+                 prior_scale: float = 1.0, W: Optional[Tensor] = None, init_loc: Optional[Tensor] = None,
+                 init_scale: float = 0.1, control_variates: bool = True, dtype: Optional[torch.dtype] = None,
+                 device=None):
+        super().__init__()
+        self.control_variates = bool(control_variates)
+        self.n_features = check_rank(n_features, "n_features")
+        self.n_samples = check_rank(n_samples, "n_samples")
+        self.n_components = check_rank(n_components, "n_components")
+        self.mode = check_option(mode, ELBO_MODES, "mode")
+        self.E = check_rank(E, "E")
+        check_option(loadings_mode, constraints.MODES, "loadings_mode")
+        dtype = dtype or torch.get_default_dtype()
+        if factors is None:
+            factors = IndependentNormal(self.n_components, self.n_samples, prior_scale=prior_scale,
+                                        init_loc=init_loc, init_scale=init_scale, dtype=dtype, device=device)
+        elif not isinstance(factors, FactorPosterior):
+            raise TypeError(f"factors must be a FactorPosterior, got {type(factors).__name__}")
+        if (factors.n_components, factors.n_samples) != (self.n_components, self.n_samples):
+            raise ValueError(f"factors has (n_components, n_samples) = ({factors.n_components}, {factors.n_samples}), "
+                             f"expected ({self.n_components}, {self.n_samples})")
+        self.factors = factors
+        if W is None:
+            W = (torch.rand(self.n_features, self.n_components, dtype=dtype, device=device) + 0.5) / self.n_components
+        else:
+            W = as_tensor(W, "W", dtype=dtype, device=device, ndim=2, sparse="dense").detach().clone()
+            if tuple(W.shape) != (self.n_features, self.n_components):
+                raise ValueError(f"W has shape {tuple(W.shape)}, expected {(self.n_features, self.n_components)}")
+            check_nonnegative(W, "W")
+        self.W = W
+        constraints.positive(self, "W", loadings_mode)
+
+    @property
+    def loadings_mode(self) -> str:
+        raw = self.parametrizations.W.original if hasattr(self, "parametrizations") and "W" in self.parametrizations else self.W
+        return constraints.mode_of(raw)
+
+    # -- pieces ------------------------------------------------------------------
+    def _counts(self, X, check: bool) -> Counts:
+        if isinstance(X, Counts):
+            return X
+        return Counts(X, check=check)
+
+    def _check_batch(self, C: Counts, idx, feature_idx) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        idx = _check_idx(idx, self.n_samples, "idx")
+        feature_idx = _check_idx(feature_idx, self.n_features, "feature_idx")
+        D = self.n_features if feature_idx is None else feature_idx.numel()
+        N = self.n_samples if idx is None else idx.numel()
+        if tuple(C.shape) != (D, N):
+            raise ValueError(f"X has shape {tuple(C.shape)}, expected {(D, N)} (features x samples"
+                             f"{' of the batch' if idx is not None or feature_idx is not None else ''})")
+        return idx, feature_idx
+
+    def data_terms(self, X, idx: Optional[Tensor] = None, feature_idx: Optional[Tensor] = None,
+                   W: Optional[Tensor] = None, E: Optional[int] = None, check: bool = True,
+                   **covariates) -> Tuple[Tensor, Tensor, Tensor]:
+        r"""The unscaled pieces of the expected log-likelihood of a batch.
+
+        Parameters
+        ----------
+        X : Tensor of shape (D_b, B) or Counts
+            The batch ``X[feature_idx][:, idx]``, dense or sparse.
+        idx, feature_idx : LongTensor, optional
+            Sample (column) and feature (row) indices of the batch; default all.
+        W : Tensor of shape (D_b, K), optional
+            Loadings to use (default ``self.W[feature_idx]``); :meth:`update_W_` passes a leaf.
+        E : int, optional
+            Draws (default ``self.E``).
+
+        Returns
+        -------
+        log_term : Tensor, shape ()
+            Estimate (or lower bound) of ``sum_nz x E_q[log (W e^F)]``.
+        rate_term : Tensor, shape ()
+            Estimate (or exact value) of ``sum_{d,n} E_q[(W e^F)_{dn}]``.
+        lgamma : Tensor, shape ()
+            ``sum log x!``. The batch log-likelihood is ``log_term - rate_term - lgamma``.
+        """
+        C = self._counts(X, check)
+        idx, feature_idx = self._check_batch(C, idx, feature_idx)
+        if W is None:
+            W = self.W if feature_idx is None else self.W[feature_idx]
+        E = self.E if E is None else check_rank(E, "E")
+        C = C.to(device=W.device, dtype=W.dtype) if (C.device != W.device or C.dtype != W.dtype) else C
+        mu, var = self.factors.marginals(idx, **covariates)
+        Wsum = W.sum(0)
+        if self.mode == "lower-bound":
+            log_term = (C.values * _log_rate_nz(W, mu, C.rows, C.cols)).sum()
+            rate_term = Wsum @ torch.exp(mu + var / 2).sum(1)
+        else:
+            F = self.factors.rsample(idx, E, **covariates)  # (E, K, B)
+            dev = (F - mu).mean(0)  # (K, B): E_q[dev] = 0 for any parameters
+            log_term = (C.values * _log_rate_nz(W, F, C.rows, C.cols)).sum(-1).mean()
+            if self.control_variates:
+                # First-order Taylor control variate around the mean: g'(mu) (F - mu) has
+                # expectation 0 for any parameters, so subtracting it keeps the estimate and
+                # its gradient unbiased while the gradient w.r.t. the variance loses its
+                # O(1/std) noise. The coefficient g'(mu) is held constant (no (nnz x K)
+                # graph), so the gradient differs from the derivative of the returned
+                # value by a zero-mean term.
+                with torch.no_grad():
+                    A = _weighted_responsibilities(W, mu, C.rows, C.cols, C.values)  # (K, B)
+                log_term = log_term - (A * dev).sum()
+            if self.mode == "expanded":
+                rate_term = Wsum @ torch.exp(mu + var / 2).sum(1)
+            else:
+                rate_term = (torch.exp(F).sum(-1) @ Wsum).mean()
+                if self.control_variates:
+                    rate_term = rate_term - (Wsum[:, None] * torch.exp(mu + var / 2) * dev).sum()
+        return log_term, rate_term, C.lgamma.to(W.dtype)
+
+    def _scale(self, idx, feature_idx) -> float:
+        D = self.n_features if feature_idx is None else len(feature_idx)
+        N = self.n_samples if idx is None else len(idx)
+        return (self.n_features / D) * (self.n_samples / N)
+
+    def elbo(self, X, idx: Optional[Tensor] = None, feature_idx: Optional[Tensor] = None, E: Optional[int] = None,
+             check: bool = True, **covariates) -> ELBO:
+        r"""The ELBO of the full data set, estimated from a batch.
+
+        Parameters
+        ----------
+        X : Tensor of shape (D_b, B), scipy/torch sparse, or Counts
+            ``X[feature_idx][:, idx]`` (all of ``X`` by default): non-negative, finite.
+        idx : LongTensor of shape (B,), optional
+            Sample (column) indices of the batch.
+        feature_idx : LongTensor of shape (D_b,), optional
+            Feature (row) indices of the batch.
+        E : int, optional
+            Draws, default ``self.E``.
+        check : bool, default True
+            Check ``X`` (set False in loops over pre-checked :class:`Counts`).
+        **covariates
+            Passed to the factor posterior (e.g. ``coordinates=`` for spatial priors).
+
+        Returns
+        -------
+        ELBO
+            ``data`` is the batch log-likelihood scaled by ``(D / D_b) (N / B)``;
+            ``kls = {'F_kl': ...}`` scaled by the factor posterior.
+        """
+        idx_t = _check_idx(idx, self.n_samples, "idx")
+        fidx_t = _check_idx(feature_idx, self.n_features, "feature_idx")
+        log_term, rate_term, lg = self.data_terms(X, idx_t, fidx_t, E=E, check=check, **covariates)
+        data = (log_term - rate_term - lg) * self._scale(idx_t, fidx_t)
+        return ELBO(data, {"F_kl": self.factors.kl(idx_t, **covariates)})
+
+    def forward(self, idx: Optional[Tensor] = None, **covariates) -> Tensor:
+        """Expected rate ``W E_q[e^F]``, shape ``(D, B)`` (``B = N`` without ``idx``)."""
+        idx = _check_idx(idx, self.n_samples, "idx")
+        mu, var = self.factors.marginals(idx, **covariates)
+        return self.W @ torch.exp(mu + var / 2)
+
+    @torch.no_grad()
+    def update_W_(self, X, idx: Optional[Tensor] = None, feature_idx: Optional[Tensor] = None, E: Optional[int] = None,
+                  check: bool = True, **covariates) -> Tensor:
+        r"""One multiplicative update of ``W`` (rows ``feature_idx``) from a batch, in place.
+
+        ``W <- W * d(log_term)/dW / d(rate_term)/dW`` with the terms of :meth:`data_terms`
+        in the current ELBO mode. For ``lower-bound`` (and for the Monte Carlo modes with
+        their draws held fixed) this is the minorize-maximize update, so the bound never
+        decreases; the sample scaling ``N / B`` cancels in the ratio.
+
+        Returns
+        -------
+        Tensor, shape (D_b, K)
+            The updated rows of ``W``.
+        """
+        idx = _check_idx(idx, self.n_samples, "idx")
+        feature_idx = _check_idx(feature_idx, self.n_features, "feature_idx")
+        W0 = (self.W if feature_idx is None else self.W[feature_idx]).detach()
+        Wl = W0.clone().requires_grad_(True)
+        with torch.enable_grad():
+            log_term, rate_term, _ = self.data_terms(X, idx, feature_idx, W=Wl, E=E, check=check, **covariates)
+            num, = torch.autograd.grad(log_term, Wl, retain_graph=True, allow_unused=True)
+            den, = torch.autograd.grad(rate_term, Wl, allow_unused=True)
+        num = torch.zeros_like(W0) if num is None else num
+        den = torch.zeros_like(W0) if den is None else den
+        eps = torch.finfo(W0.dtype).tiny
+        new = W0 * num / den.clamp_min(eps)
+        new = torch.where(den > 0, new, W0)  # no information about a component: keep it
+        full = self.W.detach().clone()
+        if feature_idx is None:
+            full = new
+        else:
+            full[feature_idx] = new
+        raw = self.parametrizations.W.original if hasattr(self, "parametrizations") and "W" in self.parametrizations else self.W
+        constraints.assign_(raw, full)
+        return new
+
+    def extra_repr(self) -> str:
+        return (f"n_features={self.n_features}, n_samples={self.n_samples}, n_components={self.n_components}, "
+                f"mode={self.mode!r}, E={self.E}")
