@@ -13,8 +13,8 @@ from torchnmf.estimators import PNMF, BetaNMF, GammaPoissonFactorization
 
 CONVERGED = {
     "BetaNMF": dict(max_iter=200, tol=1e-6),
-    "GammaPoissonFactorization": dict(max_iter=100, tol=1e-8, transform_max_iter=100),
-    "PNMF": dict(max_iter=300),
+    "GammaPoissonFactorization": dict(max_iter=50, tol=1e-8, transform_max_iter=50),
+    "PNMF": dict(max_iter=150),
 }
 NEEDS_CONVERGENCE = ("check_transformer_general", "check_transformer_data_not_an_array")
 

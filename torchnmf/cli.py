@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--rank", "-k", type=int, required=True, help="number of components K")
     f.add_argument("--beta", type=float, default=1.0, help="beta of the divergence for --model nmf (default: 1, KL)")
     f.add_argument("--max-iter", type=int, default=200, help="maximum iterations (default: 200)")
-    f.add_argument("--tol", type=float, default=1e-4, help="relative tolerance for stopping (default: 1e-4)")
+    f.add_argument("--tol", type=float, default=1e-6, help="relative tolerance for stopping (default: 1e-6)")
     f.add_argument("--init", default=None, choices=("random", "nndsvd", "nndsvda", "nndsvdar", "k-means"),
                    help="initialisation for nmf and pnmf (default: automatic)")
     f.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1'...")
