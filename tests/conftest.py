@@ -18,9 +18,13 @@ def digits():
     return torch.as_tensor(X, dtype=torch.float64)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def single_thread():
-    """Run a test on one intra-op thread (small problems; avoids thread contention), then restore."""
+    """Run every test on one intra-op thread, then restore.
+
+    The suite's problems are small, and CI's 2 cores are shared: OpenMP threads there cost far
+    more in contention than they gain.
+    """
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

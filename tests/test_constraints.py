@@ -10,8 +10,6 @@ from torchnmf.constraints import (MODES, PositiveParameter, assign_, attach_proj
                                   mode_of, multiplicative_parameters, positive, positive_parameters, project_,
                                   value_of)
 
-pytestmark = [pytest.mark.usefixtures("single_thread")]
-
 
 class Box(nn.Module):
     def __init__(self, mode, value=None):

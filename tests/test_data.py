@@ -4,8 +4,6 @@ import torch
 
 from torchnmf import data
 
-pytestmark = [pytest.mark.usefixtures("single_thread")]
-
 
 def test_as_tensor_conversions():
     a = np.arange(6, dtype=np.float64).reshape(2, 3)

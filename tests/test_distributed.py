@@ -21,15 +21,6 @@ N, C, R = 24, 10, 3
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems on a shared machine run fastest without intra-op threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data():
     g = torch.Generator().manual_seed(42)
     V = torch.poisson(torch.rand(N, R, generator=g, dtype=F64) @ torch.rand(R, C, generator=g, dtype=F64) * 4,

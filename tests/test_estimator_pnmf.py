@@ -11,7 +11,6 @@ from torchnmf.estimators import PNMF
 from torchnmf.history import History
 
 # small problems: one intra-op thread avoids contention (conftest fixture)
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def simulate(N=100, D=30, K=3, seed=0):

@@ -12,15 +12,6 @@ from torchnmf.poisson import LCGP, SVGP
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny problems: thread start-up costs more than it saves, and CI machines are shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _grid(side=20):
     xy = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1)
     return xy.reshape(-1, 2).to(DT) / side

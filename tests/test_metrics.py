@@ -6,8 +6,7 @@ import torch
 
 from torchnmf.metrics import beta_div, euclidean, is_div, kl_div, poisson_nll, sparseness
 
-pytestmark = [pytest.mark.usefixtures("single_thread"),
-              pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")]
+pytestmark = [pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")]
 
 
 def ref_beta(x, y, beta):

@@ -13,7 +13,6 @@ from torchnmf.constraints import MODES, mode_of
 from torchnmf.history import History
 from torchnmf.metrics import beta_div
 
-pytestmark = [pytest.mark.usefixtures("single_thread")]
 
 LAYERS = [
     (NMF, (12, 9), {}),

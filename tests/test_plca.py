@@ -7,8 +7,6 @@ import torch
 from torchnmf import PLCA, SIPLCA, SIPLCA2, SIPLCA3
 from torchnmf.history import History
 
-pytestmark = [pytest.mark.usefixtures("single_thread")]
-
 
 def ref_em_step(V, W, H, Z):
     """One EM step of PLCA in numpy, through the posteriors P(z | n, c)."""

@@ -12,15 +12,6 @@ import torch
 from torchnmf.streaming import EpochSampler, RowBatch, SparseRows, collate_rows, mtx_to_csr, row_loader, save_csr
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems on a shared machine run fastest without intra-op threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def X():
     M = sp.random(37, 9, density=0.3, format="csr", random_state=np.random.RandomState(1))

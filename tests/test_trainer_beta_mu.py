@@ -9,7 +9,6 @@ from torchnmf.constraints import MODES, value_of
 from torchnmf.metrics import beta_div
 from torchnmf.trainer import BetaMu
 
-pytestmark = [pytest.mark.usefixtures("single_thread")]
 
 BETAS = [0, 0.5, 1, 1.5, 2, 3]
 

@@ -13,15 +13,6 @@ from torchnmf.trainer import CAVI
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems: one thread avoids oversubscribing a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def simulate(n=30, m=20, K=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     U = torch._standard_gamma(torch.full((n, K), 0.6, dtype=DT), generator=g)

@@ -8,7 +8,6 @@ from torchnmf.poisson import IndependentNormal
 from torchnmf.trainer import GaussianNatural
 
 # small problems: one intra-op thread avoids contention (conftest fixture)
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 DT = torch.float64
 

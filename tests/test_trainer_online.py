@@ -13,15 +13,6 @@ from torchnmf.updates import mu_update
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems on a shared machine run fastest without intra-op threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _problem(N=30, C=8, R=3, seed=0):
     rng = np.random.default_rng(seed)
     V = rng.poisson(3.0, size=(N, C)).astype(float) + 0.25

@@ -9,8 +9,6 @@ from torchnmf.metrics import beta_div, sparseness
 from torchnmf.trainer import SparsityProj
 from torchnmf.trainer.sparsity import project_sparseness
 
-pytestmark = [pytest.mark.usefixtures("single_thread")]
-
 
 def ref_project(x, s):
     """Hoyer (2004) projection, one vector at a time, written plainly in numpy."""

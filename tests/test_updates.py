@@ -5,7 +5,6 @@ import torch
 from torchnmf.metrics import beta_div
 from torchnmf.updates import EPSILON, mu_gamma, mu_update
 
-pytestmark = [pytest.mark.usefixtures("single_thread")]
 
 BETAS = [0, 0.5, 1, 1.5, 2, 3]
 

@@ -15,15 +15,6 @@ from torchnmf.poisson.gamma import CountMatrix, expected_counts
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems: one thread avoids oversubscribing a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def simulate(n=40, m=30, K=4, a=0.5, b=0.5, scale=3.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     U = torch._standard_gamma(torch.full((n, K), a, dtype=DT), generator=g)

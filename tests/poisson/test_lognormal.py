@@ -13,7 +13,6 @@ from torchnmf.poisson import ELBO, Counts, FactorPosterior, IndependentNormal, L
 from torchnmf.trainer import GaussianNatural
 
 # small problems: one intra-op thread avoids contention (conftest fixture)
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 DT = torch.float64
 MODES = ("simple", "expanded", "lower-bound")

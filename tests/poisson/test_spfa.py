@@ -12,7 +12,6 @@ from torchnmf.poisson import ELBO, SparsePoissonFA
 from torchnmf.poisson.spfa import spike_slab_kl
 
 # small problems: one intra-op thread avoids contention (conftest fixture)
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 DT = torch.float64
 
