@@ -560,6 +560,19 @@ class NMFD(BaseComponent):
         return f"rank={self.rank}, same_length={self.same_length}"
 
 
+def _conv_defaults(Vshape, rank, ks: Tuple[int, ...], kwargs: dict) -> Optional[int]:
+    """Default W ``(C, R, *ks)`` and H ``(N, R, *(L - ks + 1))`` shapes from ``Vshape`` into ``kwargs``."""
+    if Vshape is None:
+        return rank
+    N, C, *L = _check_vshape(Vshape, len(ks) + 2)
+    if any(k > l for k, l in zip(ks, L)):
+        raise ValueError(f"kernel_size {ks} is larger than V's {tuple(L)}")
+    rank = data.check_rank(rank if rank is not None else _rank_from(kwargs))
+    kwargs.setdefault("W", (C, rank) + ks)
+    kwargs.setdefault("H", (N, rank) + tuple(l - k + 1 for l, k in zip(L, ks)))
+    return rank
+
+
 class NMF2D(BaseComponent):
     r"""2-D convolutional NMF: ``V (N, C, L1, L2)``, W ``(C, R, K1, K2)``, H ``(N, R, L1-K1+1, L2-K2+1)``.
 
@@ -575,14 +588,7 @@ class NMF2D(BaseComponent):
     _conv_dims = 2
 
     def __init__(self, Vshape: Optional[Sequence[int]] = None, rank: Optional[int] = None, kernel_size: Shape = 1, **kwargs):
-        ks = _tuple(kernel_size, 2, "kernel_size")
-        if Vshape is not None:
-            N, C, *L = _check_vshape(Vshape, 4)
-            if any(k > l for k, l in zip(ks, L)):
-                raise ValueError(f"kernel_size {ks} is larger than V's {tuple(L)}")
-            rank = data.check_rank(rank if rank is not None else _rank_from(kwargs))
-            kwargs.setdefault("W", (C, rank) + ks)
-            kwargs.setdefault("H", (N, rank) + tuple(l - k + 1 for l, k in zip(L, ks)))
+        rank = _conv_defaults(Vshape, rank, _tuple(kernel_size, 2, "kernel_size"), kwargs)
         super().__init__(rank, **kwargs)
 
     @staticmethod
@@ -606,14 +612,7 @@ class NMF3D(BaseComponent):
     _conv_dims = 3
 
     def __init__(self, Vshape: Optional[Sequence[int]] = None, rank: Optional[int] = None, kernel_size: Shape = 1, **kwargs):
-        ks = _tuple(kernel_size, 3, "kernel_size")
-        if Vshape is not None:
-            N, C, *L = _check_vshape(Vshape, 5)
-            if any(k > l for k, l in zip(ks, L)):
-                raise ValueError(f"kernel_size {ks} is larger than V's {tuple(L)}")
-            rank = data.check_rank(rank if rank is not None else _rank_from(kwargs))
-            kwargs.setdefault("W", (C, rank) + ks)
-            kwargs.setdefault("H", (N, rank) + tuple(l - k + 1 for l, k in zip(L, ks)))
+        rank = _conv_defaults(Vshape, rank, _tuple(kernel_size, 3, "kernel_size"), kwargs)
         super().__init__(rank, **kwargs)
 
     @staticmethod

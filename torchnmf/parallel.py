@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -61,6 +61,20 @@ def _stop_any(history: History, like: Tensor, group, timeout) -> bool:
     """Whether any process was asked to stop (a collective, so all processes agree)."""
     flag = like.new_tensor(1.0 if history.stop_requested else 0.0)
     return bool(all_reduce_stats({"stop": flag}, group=group, timeout=timeout)["stop"] > 0)
+
+
+def _resume_layer(ckpt: Optional[Checkpointer], layer, trainer, history: History) -> Tuple[int, list]:
+    """Load the last complete checkpoint into ``layer`` and ``trainer``; return (start, records)."""
+    resumed = ckpt.load(map_location=layer.device) if ckpt is not None else None
+    if resumed is None:
+        return 0, []
+    start, state = resumed
+    layer.load_state_dict(state["layer"])
+    trainer.load_state_dict(state["trainer"])
+    records = list(state["records"])
+    for rec in _elbo_records(records):
+        history.append(rec)
+    return start, records
 
 
 def _elbo_records(records) -> list:
@@ -437,15 +451,7 @@ def fit_gamma_cavi(layer, X, rows=None, *, max_iter: int = 200, tol: float = 1e-
     closure = (lambda: (prepared, r)) if reduce is not None else (lambda: prepared)
     ckpt = _checkpointer(checkpoint, checkpoint_every, group, timeout)
     history, own = _history(history, verbose, max_iter, "fit_gamma_cavi", "elbo", True, group)
-    start, records = 0, []
-    resumed = ckpt.load(map_location=layer.device) if ckpt is not None else None
-    if resumed is not None:
-        start, state = resumed
-        layer.load_state_dict(state["layer"])
-        trainer.load_state_dict(state["trainer"])
-        records = list(state["records"])
-        for rec in _elbo_records(records):
-            history.append(rec)
+    start, records = _resume_layer(ckpt, layer, trainer, history)
     try:
         for it in range(start, max_iter):
             record = trainer.step(closure)
@@ -528,15 +534,7 @@ def fit_gamma_svi(layer, source, *, batch_size: int = 1024, epochs: int = 10, lr
                               local_tol=local_tol, chunk_size=chunk_size, reduce=reduce)
     ckpt = _checkpointer(checkpoint, checkpoint_every, group, timeout)
     history, own = _history(history, verbose, epochs * n_steps, "fit_gamma_svi", "elbo", True, group)
-    start, records = 0, []
-    resumed = ckpt.load(map_location=layer.device) if ckpt is not None else None
-    if resumed is not None:
-        start, state = resumed
-        layer.load_state_dict(state["layer"])
-        trainer.load_state_dict(state["trainer"])
-        records = list(state["records"])
-        for rec in _elbo_records(records):
-            history.append(rec)
+    start, records = _resume_layer(ckpt, layer, trainer, history)
     try:
         for epoch in range(start, epochs):
             for batch in _batches(loader, epoch, n_steps):

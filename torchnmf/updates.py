@@ -326,15 +326,8 @@ def mu_update(
             num, den, loss = _dense_update(V, W, H, beta, M, eps, with_loss, cache)
         else:
             num, den, loss = _sparse_update(V, W, H, beta, M, eps, with_loss, cache)
-        if l1:
-            den = den + l1
-        if l2:
-            den = den + l2 * H
-        den = torch.where(den == 0, torch.as_tensor(eps, dtype=den.dtype, device=den.device), den)
-        mult = num.div_(den)
-        if g != 1:
-            mult.pow_(g)
-        result = torch.mul(H, mult, out=out) if out is not None else H * mult
+        # num is a fresh tensor here: the ratio may overwrite it
+        result = _multiply(H, num, den, g, l1, l2, eps, out=out, num_is_scratch=True)
     return (result, loss) if with_loss else result
 
 
@@ -391,12 +384,18 @@ def mu_apply(H: Tensor, num: Tensor, den: Tensor, beta: float = 1, l1: float = 0
     """
     g = mu_gamma(float(beta)) if gamma is None else float(gamma)
     with torch.no_grad():
-        if l1:
-            den = den + l1
-        if l2:
-            den = den + l2 * H
-        den = torch.where(den == 0, torch.as_tensor(eps, dtype=den.dtype, device=den.device), den)
-        mult = num / den
-        if g != 1:
-            mult.pow_(g)
-        return H * mult
+        return _multiply(H, num, den, g, l1, l2, eps)
+
+
+def _multiply(H: Tensor, num: Tensor, den: Tensor, g: float, l1: float, l2: float, eps: float,
+              out: Optional[Tensor] = None, num_is_scratch: bool = False) -> Tensor:
+    """``H ∘ (num / (den + l1 + l2 H))^g``, zero denominators floored at ``eps``."""
+    if l1:
+        den = den + l1
+    if l2:
+        den = den + l2 * H
+    den = torch.where(den == 0, torch.as_tensor(eps, dtype=den.dtype, device=den.device), den)
+    mult = num.div_(den) if num_is_scratch else num / den
+    if g != 1:
+        mult.pow_(g)
+    return torch.mul(H, mult, out=out) if out is not None else H * mult
