@@ -125,6 +125,14 @@ def test_transform_rows_independent_and_close_to_fit():
     np.testing.assert_allclose(recon, H @ est.components_)
 
 
+def test_transform_of_sparse_csr_tensor():
+    X = torch.rand(20, 6, dtype=torch.float64)
+    est = BetaNMF(n_components=2, max_iter=5, device="cpu", random_state=0).fit(X)
+    dense = est.transform(X)
+    for S in (X.to_sparse_csr(), X.to_sparse_coo()):
+        torch.testing.assert_close(est.transform(S), dense)
+
+
 def test_regularization_shrinks():
     X = poisson_data()
     plain = BetaNMF(3, max_iter=50, random_state=0, device="cpu").fit(X)

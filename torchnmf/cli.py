@@ -233,7 +233,7 @@ def _fit(args) -> int:
     est = _estimator(args)
     t0 = time.perf_counter()
     try:
-        H = est.fit_transform(X.astype(np.float64) if not sp.issparse(X) else X.astype(np.float64))
+        H = est.fit_transform(X.astype(np.float64))
     except (ValueError, TypeError, FloatingPointError) as err:
         raise CLIError(str(err).splitlines()[0]) from err
     seconds = time.perf_counter() - t0

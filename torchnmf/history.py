@@ -104,10 +104,11 @@ class History:
 
     def converged(self, tol: float, window: int = 1) -> bool:
         """Whether the relative change over the last ``window`` steps is below ``tol``."""
-        vals = self.values
-        if len(vals) <= window or tol <= 0:
+        with self._lock:  # only the two records compared: no pass over the whole history per step
+            recs = self._records[-1 - window:]
+        if len(recs) <= window or tol <= 0:
             return False
-        old, new = vals[-1 - window], vals[-1]
+        old, new = float(recs[0]), float(recs[-1])
         return abs(new - old) <= tol * max(abs(old), 1e-300)
 
     def close(self) -> None:

@@ -25,8 +25,8 @@ __all__ = ["BaseComponent", "PLCA", "SIPLCA", "SIPLCA2", "SIPLCA3"]
 
 
 def _normalize(x: Tensor, dims: Tuple[int, ...]) -> Tensor:
-    s = x.sum(dims, keepdim=True) if dims else x
-    return x / s.clamp_min(torch.finfo(x.dtype).tiny) if dims else x / x.sum().clamp_min(torch.finfo(x.dtype).tiny)
+    s = x.sum(dims, keepdim=True) if dims else x.sum()
+    return x / s.clamp_min(torch.finfo(x.dtype).tiny)
 
 
 class BaseComponent(nn.Module):
@@ -84,7 +84,8 @@ class BaseComponent(nn.Module):
             if n is None:
                 raise ValueError("the rank could not be inferred: give rank, W, H or Z")
             ref = self.W if self.W is not None else self.H
-            z = torch.ones(n, dtype=ref.dtype if ref is not None else None)
+            z = torch.ones(n, dtype=ref.dtype if ref is not None else None,
+                           device=ref.device if ref is not None else None)
         else:
             raise TypeError(f"Z must be a tensor or an int, got {type(Z).__name__}")
         self.Z = z / z.sum()
@@ -184,8 +185,7 @@ class BaseComponent(nn.Module):
                         raise FloatingPointError(f"the divergence became {loss} after {n_iter} iterations")
                     records.append(loss)
                     go_on = history.append(loss)
-                    if (n_iter >= max_iter or not go_on or not train
-                            or (len(records) > 1 and tol > 0 and (records[-2] - records[-1]) / max(abs(records[0]), 1e-300) < tol)):
+                    if n_iter >= max_iter or not go_on or not train or NMF._converged(records, tol):
                         break
                     ratio = Vn / pred.detach().clamp_min(tiny)
                 names = list(train)

@@ -150,6 +150,7 @@ def _dense_update(V, W, H, beta, M, eps, with_loss, cache):
     if beta < 2:
         WH.clamp_min_(eps)
     if beta == 1:
+        den = W.sum(0).expand_as(H) if M is None else _big_mm(M, W)
         if with_loss:
             if "c1" not in cache:
                 X = torch.xlogy(V, V) - V
@@ -157,14 +158,13 @@ def _dense_update(V, W, H, beta, M, eps, with_loss, cache):
             # Σ V log WH: WH >= eps > 0 here, so a plain (vectorised) log; xlogy is ~10x slower
             L = torch.log(WH)
             if M is not None:
-                loss = cache["c1"] - L.mul_(V).mul_(M).sum() + (H * _big_mm(M, W)).sum()
+                loss = cache["c1"] - L.mul_(V).mul_(M).sum() + (H * den).sum()
             else:
                 loss = cache["c1"] - torch.dot(_flat(V), _flat(L)) + torch.dot(H.sum(0), W.sum(0))
         ratio = torch.div(V, WH, out=WH)
         if M is not None:
             ratio.mul_(M)
         num = _big_mm(ratio, W)
-        den = W.sum(0).expand_as(H) if M is None else _big_mm(M, W)
         return num, den, loss
     if beta == 2:  # with a mask
         if "MV" not in cache:
@@ -243,6 +243,13 @@ def _sparse_update(V, W, H, beta, M, eps, with_loss, cache):
     return num, den, loss
 
 
+def _statistics(V, W, H, beta: float, mask, eps, with_loss, cache):
+    """(num, den, loss) of :func:`mu_update`, dense or sparse ``V``; ``mask`` cast to H's dtype."""
+    M = None if mask is None else (mask if mask.dtype == H.dtype else mask.to(H.dtype))
+    update = _dense_update if V.layout == torch.strided else _sparse_update
+    return update(V, W, H, beta, M, eps, with_loss, {} if cache is None else cache)
+
+
 def mu_update(
     V: Tensor,
     W: Tensor,
@@ -316,16 +323,8 @@ def mu_update(
         )
     beta = float(beta)
     g = mu_gamma(beta) if gamma is None else float(gamma)
-    if cache is None:
-        cache = {}
-    M = None
-    if mask is not None:
-        M = mask if mask.dtype == H.dtype else mask.to(H.dtype)
     with torch.no_grad():
-        if V.layout == torch.strided:
-            num, den, loss = _dense_update(V, W, H, beta, M, eps, with_loss, cache)
-        else:
-            num, den, loss = _sparse_update(V, W, H, beta, M, eps, with_loss, cache)
+        num, den, loss = _statistics(V, W, H, beta, mask, eps, with_loss, cache)
         # num is a fresh tensor here: the ratio may overwrite it
         result = _multiply(H, num, den, g, l1, l2, eps, out=out, num_is_scratch=True)
     return (result, loss) if with_loss else result
@@ -360,13 +359,8 @@ def mu_statistics(
     loss : Tensor of shape () or None
         The divergence at the input point with ``with_loss``.
     """
-    beta = float(beta)
-    if cache is None:
-        cache = {}
-    M = None if mask is None else (mask if mask.dtype == H.dtype else mask.to(H.dtype))
     with torch.no_grad():
-        update = _dense_update if V.layout == torch.strided else _sparse_update
-        num, den, loss = update(V, W, H, beta, M, eps, with_loss, cache)
+        num, den, loss = _statistics(V, W, H, float(beta), mask, eps, with_loss, cache)
         # _big_mm gives transposed views; collectives (all_reduce) want contiguous tensors
         return num.contiguous(), den.contiguous(), loss
 

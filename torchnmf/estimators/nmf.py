@@ -248,7 +248,8 @@ class BetaNMF(TorchFactorization):
         beta, _, T = self._check_params(V)
         W = self.module_.W.detach().to(device=V.device, dtype=V.dtype).clone()
         rank = self.n_components_
-        mean = float(V.coalesce().values().sum() if is_sparse(V) else V.sum()) / (V.shape[0] * V.shape[1])
+        vals = V.coalesce().values() if V.layout == torch.sparse_coo else (V.values() if is_sparse(V) else V)
+        mean = float(vals.sum()) / (V.shape[0] * V.shape[1])  # CSR/CSC input has no coalesce()
         H0 = torch.full((V.shape[0], rank), (mean / rank) ** 0.5, dtype=V.dtype, device=V.device)
         if mean == 0:
             return self._output(torch.zeros_like(H0), X)

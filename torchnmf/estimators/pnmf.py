@@ -1,6 +1,7 @@
 """scikit-learn estimator for log-normal Poisson factorization (:class:`~torchnmf.poisson.LogNormalPoisson`)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Callable, Optional, Tuple
@@ -25,6 +26,15 @@ TRAINING_MODES = ("standard", "natural")
 SCHEDULERS = ("one_cycle", "plateau", None)
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}
+
+
+@contextlib.contextmanager
+def _seeded(g: torch.Generator, device: torch.device):
+    """Seed the global torch RNG (Monte Carlo draws) from ``g`` inside, restore it after."""
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _counts_of(X: Tensor) -> Counts:
@@ -245,10 +255,7 @@ class PNMF(TorchFactorization):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         callback_interval = check_rank(callback_interval, "callback_interval")
         g = self._generator()
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
-        devices = [T.device] if T.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with _seeded(g, T.device):
             self._fit(T, g, callback, callback_interval)
         self._tensor_input_ = isinstance(X, Tensor)
         return self.history_ if return_history else self
@@ -449,22 +456,23 @@ class PNMF(TorchFactorization):
             totals = torch.as_tensor(_row_sums(T), dtype=W.dtype, device=W.device)
             guess = totals[:, None] / W.sum(0).clamp_min(1e-12)[None, :] / self.n_components_
             layer.factors.loc.copy_(torch.log(guess.clamp_min(1e-8)).t())
-        counts = _counts_of(T.to(W.dtype))
-        g = self._generator()
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
-        with torch.random.fork_rng(devices=[W.device] if W.device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        return self._refit_factors(layer, _counts_of(T.to(W.dtype)), max_iter)
+
+    def _refit_factors(self, layer: LogNormalPoisson, counts: Counts, max_iter: int):
+        """``max_iter`` steps of ``layer.factors`` (``q(F)``) on ``counts`` with ``W`` fixed; return them."""
+        factors = layer.factors
+        with _seeded(self._generator(), layer.W.device):
             if self.mode == "lower-bound" or self.training_mode == "natural":
-                opt = GaussianNatural(layer.factors.natural_groups(), lr=self._lr(True), max_step=1.0)
+                opt = GaussianNatural(factors.natural_groups(), lr=self._lr(True), max_step=1.0)
                 scale = 1.0
             else:
-                opt = torch.optim.Adam(layer.factors.parameters(), lr=self._lr(False))
-                scale = float(N * D)
+                opt = torch.optim.Adam(factors.parameters(), lr=self._lr(False))
+                scale = float(layer.n_features * layer.n_samples)
             for _ in range(max_iter):
                 opt.zero_grad()
                 (-layer.elbo(counts, check=False).total / scale).backward()
                 opt.step()
-        return layer.factors
+        return factors
 
     def transform(self, X):
         """``E_q[exp F]`` for new samples (``q(F)`` refitted with ``W`` fixed), shape (n_new, n_components)."""
@@ -516,10 +524,7 @@ class PNMF(TorchFactorization):
                                  W=torch.ones(D_new, self.n_components_, dtype=W.dtype, device=W.device)
                                  / self.n_components_, dtype=W.dtype, device=W.device)
         counts = _counts_of(T)
-        g = self._generator()
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
-        with torch.random.fork_rng(devices=[W.device] if W.device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with _seeded(self._generator(), W.device):
             for _ in range(max_iter):
                 layer.update_W_(counts, check=False)
         return self._output(layer.W.detach().t(), X)

@@ -9,9 +9,8 @@ from torch import Tensor
 from torch.distributions import Normal, kl_divergence
 
 from ..data import check_option, check_positive, check_rank
-from ..poisson.lognormal import Counts, IndependentNormal, LogNormalPoisson
+from ..poisson.lognormal import IndependentNormal, LogNormalPoisson
 from ..poisson.spatial import CHOLESKY_MODES, INDUCING_ALLOCATIONS, LCGP, SVGP, check_coordinates
-from ..trainer.gaussian_natural import GaussianNatural
 from .pnmf import PNMF, _counts_of
 
 __all__ = ["SpatialPNMF"]
@@ -328,20 +327,6 @@ class SpatialPNMF(PNMF):
         layer = LogNormalPoisson(D, N, self.n_components_, mode=self.mode, E=self.E, loadings_mode="projected",
                                  factors=factors, W=W, dtype=W.dtype, device=W.device)
         layer.W.requires_grad_(False)
-        counts: Counts = _counts_of(T.to(W.dtype))
-        g = self._generator()
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
-        with torch.random.fork_rng(devices=[W.device] if W.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            if self.mode == "lower-bound":
-                opt = GaussianNatural(factors.natural_groups(), lr=self._lr(True), max_step=1.0)
-                scale = 1.0
-            else:
-                opt = torch.optim.Adam(factors.parameters(), lr=self._lr(False))
-                scale = float(N * D)
-            for _ in range(max_iter):
-                opt.zero_grad()
-                (-layer.elbo(counts, check=False).total / scale).backward()
-                opt.step()
-        return factors
+        # training_mode is 'standard' with spatial=True, so this is natural steps for 'lower-bound' only
+        return self._refit_factors(layer, _counts_of(T.to(W.dtype)), max_iter)
 

@@ -31,17 +31,16 @@ import os
 import sys
 from typing import Iterator, Optional, Tuple, Union
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from ..data import check_option, is_sparse
+from ..updates import EPSILON, _multiply, mu_gamma
+from ..updates import mu_update as _generic_mu_update
 
 __all__ = ["available", "supports", "mu_update", "default_gamma", "set_enabled", "disabled",
            "set_precision", "EPSILON", "MAX_RANK"]
 
-#: Floor of the reconstruction and of the denominator, as in scikit-learn's MU solver.
-EPSILON = float(np.finfo(np.float32).eps)
 
 #: Largest rank the fused kernels take: their ``BLOCK x rank`` factor tiles and accumulators
 #: live in registers. :func:`mu_update` hands larger ranks to the generic path.
@@ -139,16 +138,8 @@ def supports(V, beta, mask=None) -> bool:
     return not (float(beta) == 2.0 and mask is None)
 
 
-def default_gamma(beta: float) -> float:
-    """Exponent that makes the multiplicative update monotone (Févotte & Idier 2011).
-
-    ``1/(2-beta)`` for beta < 1, 1 for 1 <= beta <= 2, ``1/(beta-1)`` for beta > 2.
-    """
-    if beta < 1:
-        return 1.0 / (2.0 - beta)
-    if beta > 2:
-        return 1.0 / (beta - 1.0)
-    return 1.0
+#: Exponent that makes the multiplicative update monotone: :func:`torchnmf.updates.mu_gamma`.
+default_gamma = mu_gamma
 
 
 _PRECISION: Optional[str] = None
@@ -307,10 +298,8 @@ def mu_update(
     if W.shape[1] > MAX_RANK or W.dtype not in _FACTOR_DTYPES:
         # too large for registers, or half-precision factors (whose updates would underflow
         # in a kernel accumulating in their dtype): the generic path does what torch does
-        from ..updates import mu_update as generic
-
         with disabled():  # the generic path must not dispatch back here
-            return generic(V, W, H, beta=beta, mask=mask, l1=l1, l2=l2, gamma=gamma, eps=eps,
+            return _generic_mu_update(V, W, H, beta=beta, mask=mask, l1=l1, l2=l2, gamma=gamma, eps=eps,
                            out=out, with_loss=with_loss)
 
     with torch.no_grad():
@@ -338,13 +327,6 @@ def mu_update(
             )
         if den is None:  # beta = 1 without mask: the denominator is the column sums of W
             den = W.sum(0).expand_as(H)
-        if l1:
-            den = den + l1
-        if l2:
-            den = den + l2 * H
-        den = torch.where(den == 0, torch.as_tensor(eps, dtype=den.dtype, device=den.device), den)
-        delta = num / den
-        if gamma != 1.0:
-            delta = delta.pow_(gamma)
-        result = torch.mul(H, delta, out=out) if out is not None else H * delta
+        # num is a fresh buffer of the kernels: the ratio may overwrite it
+        result = _multiply(H, num, den, gamma, l1, l2, eps, out=out, num_is_scratch=True)
     return (result, loss) if with_loss else result

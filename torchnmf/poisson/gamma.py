@@ -597,19 +597,23 @@ class GammaPoisson(nn.Module):
         r = self._rows(rows)
         data = self.prepare(X, r)
         with torch.no_grad():
+            # the rows were checked once above: read their parameters without re-checking
+            shape_u, rate_u = self._u("U_shape", r), self._u("U_rate", r)
+            digamma_u, log_rate_u = torch.digamma(shape_u), torch.log(rate_u)
             shape_a, rate_a = self.alpha_shape, self.alpha_rate
             digamma_a, log_rate_a = torch.digamma(shape_a), torch.log(rate_a)
             row_counts, col_counts, log_norm = expected_counts(
-                data, self.log_mean_U(r), digamma_a - log_rate_a, "U" in which, "alpha" in which, chunk_size)
+                data, digamma_u - log_rate_u, digamma_a - log_rate_a, "U" in which, "alpha" in which, chunk_size)
             stats: Dict[str, object] = {"rows": r, "scale": scale}
             if row_counts is not None:
                 stats["U_counts"] = row_counts
             if col_counts is not None:
                 stats["alpha_counts"] = col_counts * scale
-            stats["U_mean_sum"] = self.mean_U(r).sum(0) * scale
+            stats["U_mean_sum"] = (shape_u / rate_u).sum(0) * scale
             stats["log_likelihood"] = (log_norm - data.log_factorial) * scale
             if "elbo" in which:
-                stats["U_kl"] = self._kl_U(r) * scale
+                kappa = self.kappa if r is None else self.kappa[r]
+                stats["U_kl"] = _kl_gamma(shape_u, rate_u, digamma_u, log_rate_u, self.a, kappa[:, None]).sum() * scale
                 stats["alpha_kl"] = _kl_gamma(shape_a, rate_a, digamma_a, log_rate_a, self.b,
                                               self.lambda_[:, None]).sum()
         return stats

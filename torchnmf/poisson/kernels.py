@@ -183,4 +183,6 @@ class MultiGroupKernel(nn.Module):
             return self.base(x1, diag=True)
         if x2 is None:
             x2, g2 = x1, g1
+        elif g2 is None:
+            raise ValueError("g2 (the groups of x2) is required with x2")
         return self.base(x1, x2) * self.attenuation(g1, g2).to(x1.dtype)

@@ -68,10 +68,12 @@ __all__ = ["FactorPosterior", "IndependentNormal", "LogNormalPoisson", "Counts",
 ELBO_MODES = ("simple", "expanded", "lower-bound")
 
 
+_SOFTPLUS = constraints.Softplus()
+
+
 def inv_softplus(y: Tensor) -> Tensor:
     """Inverse of softplus, ``log(expm1(y))`` written stably; ``y`` must be > 0."""
-    y = y.clamp_min(torch.finfo(y.dtype).tiny)
-    return y + torch.log(-torch.expm1(-y))
+    return _SOFTPLUS.right_inverse(y)
 
 
 def _check_idx(idx, n: int, name: str = "idx") -> Optional[Tensor]:
@@ -429,10 +431,12 @@ class LogNormalPoisson(nn.Module):
         self.W = W
         constraints.positive(self, "W", loadings_mode)
 
+    def _raw_W(self) -> Tensor:
+        return self.parametrizations.W.original if hasattr(self, "parametrizations") and "W" in self.parametrizations else self.W
+
     @property
     def loadings_mode(self) -> str:
-        raw = self.parametrizations.W.original if hasattr(self, "parametrizations") and "W" in self.parametrizations else self.W
-        return constraints.mode_of(raw)
+        return constraints.mode_of(self._raw_W())
 
     # -- pieces ------------------------------------------------------------------
     def _counts(self, X, check: bool) -> Counts:
@@ -578,13 +582,12 @@ class LogNormalPoisson(nn.Module):
         eps = torch.finfo(W0.dtype).tiny
         new = W0 * num / den.clamp_min(eps)
         new = torch.where(den > 0, new, W0)  # no information about a component: keep it
-        full = self.W.detach().clone()
         if feature_idx is None:
             full = new
         else:
+            full = self.W.detach().clone()
             full[feature_idx] = new
-        raw = self.parametrizations.W.original if hasattr(self, "parametrizations") and "W" in self.parametrizations else self.W
-        constraints.assign_(raw, full)
+        constraints.assign_(self._raw_W(), full)
         return new
 
     def extra_repr(self) -> str:

@@ -759,11 +759,7 @@ class LCGP(_SpatialPrior):
         estimate of the full KL) and the global ``log det(I + V^T diag(s^-2) V)`` is added
         whole.
         """
-        idx = _check_idx(idx, self.n_samples)
-        if idx is not None:
-            idx = idx.to(self.coordinates.device)
-        x = self.coordinates if idx is None else self.coordinates[idx]
-        g = None if not self.multigroup else (self.groups if idx is None else self.groups[idx])
+        idx, x, g = self._batch(idx, None, None)
         nb, valid = self._neighbors_of(idx)
         b, D = self.conditional(x, g, nb, valid)
         bm, bs, bV = self._neighbour_moments(b, nb)
@@ -778,7 +774,7 @@ class LCGP(_SpatialPrior):
         if not self.diagonal_only:
             W = self.q_factor / self.q_scale[:, :, None]
             inner = torch.eye(self.rank, dtype=W.dtype, device=W.device) + W.transpose(-1, -2) @ W
-            total = total - 0.5 * 2.0 * torch.log(torch.diagonal(_cholesky(inner, "posterior"), 0, -2, -1)).sum()
+            total = total - torch.log(torch.diagonal(_cholesky(inner, "posterior"), 0, -2, -1)).sum()
         return total
 
     def extra_repr(self) -> str:

@@ -75,11 +75,12 @@ class _SpikeSlab(nn.Module):
         self.log_precision = nn.Parameter(torch.zeros(K, dtype=dtype, device=device))
 
     def moments(self, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Mean ``a mu`` and variance ``a sd^2 + a (1 - a) mu^2`` (no cancellation), each (m, K)."""
         la, mu, sd = self.logit_alpha, self.mu, Fn.softplus(self.raw_sd)
         if idx is not None:
             la, mu, sd = la[idx], mu[idx], sd[idx]
         a = torch.sigmoid(la)
-        return a * mu, a * (mu.square() + sd.square())
+        return a * mu, a * (sd.square() + torch.sigmoid(-la) * mu.square())
 
     def kl(self, idx: Optional[Tensor] = None) -> Tensor:
         la, mu, raw = self.logit_alpha, self.mu, self.raw_sd
@@ -167,10 +168,12 @@ class SparsePoissonFA(nn.Module):
 
     def eta_moments(self, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Mean and variance of ``eta = L F^T`` under ``q`` for rows ``idx``, each (B, p)."""
-        mL, sL = self.L.moments(idx)
-        mF, sF = self.F.moments()
+        mL, vL = self.L.moments(idx)
+        mF, vF = self.F.moments()
         mean = mL @ mF.t()
-        var = (sL @ sF.t() - mL.square() @ mF.square().t()).clamp_min(0)
+        # Var[l f] = Var[l] E[f^2] + E[l]^2 Var[f]: non-negative terms, so no cancellation to 0
+        # (which made sqrt's gradient NaN when the slab sd is small against the mean)
+        var = vL @ (mF.square() + vF).t() + mL.square() @ vF.t()
         return mean, var
 
     def _inv_link(self, eta: Tensor) -> Tensor:

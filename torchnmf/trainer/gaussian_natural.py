@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
+from ..constraints import Softplus
 from ..data import check_option, check_positive
 
 __all__ = ["GaussianNatural", "SCALES"]
 
 SCALES = ("softplus", "exp", "log_var")
+_SOFTPLUS = Softplus()
 
 
 def _std_and_dvar(raw: Tensor, scale: str):
@@ -45,8 +47,7 @@ def _std_and_dvar(raw: Tensor, scale: str):
 
 def _raw_of_var(v: Tensor, scale: str) -> Tensor:
     if scale == "softplus":
-        s = v.sqrt().clamp_min(torch.finfo(v.dtype).tiny)
-        return s + torch.log(-torch.expm1(-s))
+        return _SOFTPLUS.right_inverse(v.sqrt())
     if scale == "exp":
         return 0.5 * torch.log(v)
     return torch.log(v)
