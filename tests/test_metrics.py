@@ -71,3 +71,8 @@ def test_poisson_nll_matches_scipy():
     k = torch.tensor([0.0, 1, 2, 5, 0, 3], dtype=torch.float64)
     ref = -stats.poisson.logpmf(k.numpy(), rate.numpy()).sum()
     assert float(poisson_nll(rate, k)) == pytest.approx(ref, rel=1e-12)
+
+
+def test_sparseness_of_zero_vector_is_an_error():
+    with pytest.raises(ValueError, match="all-zero"):
+        sparseness(torch.zeros(5))

@@ -118,8 +118,11 @@ def sparseness(x: Tensor) -> Tensor:
     n = x.numel()
     if n < 2:
         raise ValueError(f"sparseness needs at least 2 entries in x, got {n}")
+    norm = x.norm()
+    if not bool(norm > 0):
+        raise ValueError("sparseness is undefined for an all-zero x")
     sqrt_n = math.sqrt(n)
-    return (sqrt_n - x.abs().sum() / x.norm()) / (sqrt_n - 1)
+    return (sqrt_n - x.abs().sum() / norm) / (sqrt_n - 1)
 
 
 def poisson_nll(rate: Tensor, counts: Tensor) -> Tensor:

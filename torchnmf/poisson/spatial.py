@@ -30,12 +30,12 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as Fn
 from torch import Tensor, nn
 
+from ..constraints import Exp, Softplus
 from ..data import as_tensor, check_finite, check_option, check_positive, check_rank
 from .kernels import Matern32, MultiGroupKernel, pairwise_distance
-from .lognormal import FactorPosterior, _check_idx, inv_softplus
+from .lognormal import FactorPosterior, _check_idx
 
 __all__ = [
     "SVGP",
@@ -51,6 +51,8 @@ __all__ = [
 
 INDUCING_ALLOCATIONS = ("proportional", "equal", "derived")
 CHOLESKY_MODES = ("exp", "softplus")
+# the positive parametrizations of torchnmf.constraints, shared (stateless)
+_DIAG_TRANSFORMS = {"exp": Exp(), "softplus": Softplus()}
 
 
 # -- input checks -----------------------------------------------------------------------------
@@ -363,10 +365,10 @@ class _SpatialPrior(FactorPosterior):
         return s2.reshape((self.n_components,) + tuple(x.shape[:-1]))
 
     def _diag_transform(self, raw: Tensor) -> Tensor:
-        return torch.exp(raw) if self.cholesky_mode == "exp" else Fn.softplus(raw)
+        return _DIAG_TRANSFORMS[self.cholesky_mode](raw)
 
     def _diag_inverse(self, value: Tensor) -> Tensor:
-        return torch.log(value) if self.cholesky_mode == "exp" else inv_softplus(value)
+        return _DIAG_TRANSFORMS[self.cholesky_mode].right_inverse(value)
 
     def _batch(self, idx, coordinates, groups) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
         """Resolve a batch: training indices, or new coordinates (and groups)."""
