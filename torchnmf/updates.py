@@ -57,13 +57,16 @@ def mu_gamma(beta: float) -> float:
     return 1.0
 
 
-def _flat(x: Tensor) -> Tensor:
-    """1-D view of a 2-D tensor in memory order (row- or column-major); a copy otherwise."""
-    if x.is_contiguous():
-        return x.view(-1)
-    if x.dim() == 2 and x.t().is_contiguous():
-        return x.t().reshape(-1)
-    return x.reshape(-1)
+def _dot(A: Tensor, B: Tensor) -> Tensor:
+    """``Σ A ∘ B`` for two 2-D tensors of one shape, whatever their strides.
+
+    Both operands are flattened in the same logical order (a temporary is made only for an
+    operand that is not contiguous in that order): flattening each in its own memory order
+    pairs wrong entries when one is row-major and the other column-major (issue 14).
+    """
+    if B.dim() == 2 and not B.is_contiguous() and B.t().is_contiguous():
+        A, B = A.t(), B.t()  # follow B's memory order, so B (the larger temporary) is a view
+    return torch.dot(A.reshape(-1), B.reshape(-1))
 
 
 def _big_mm(A: Tensor, B: Tensor) -> Tensor:
@@ -133,7 +136,7 @@ def _dense_update(V, W, H, beta, M, eps, with_loss, cache):
         den = H @ WtW
         if with_loss:
             if "sq" not in cache:
-                cache["sq"] = torch.dot(_flat(V), _flat(V))
+                cache["sq"] = _dot(V, V)
             loss = 0.5 * (cache["sq"] - 2 * (H * num).sum() + ((H.t() @ H) * WtW).sum())
         return num, den, loss
 
@@ -160,7 +163,7 @@ def _dense_update(V, W, H, beta, M, eps, with_loss, cache):
             if M is not None:
                 loss = cache["c1"] - L.mul_(V).mul_(M).sum() + (H * den).sum()
             else:
-                loss = cache["c1"] - torch.dot(_flat(V), _flat(L)) + torch.dot(H.sum(0), W.sum(0))
+                loss = cache["c1"] - _dot(V, L) + torch.dot(H.sum(0), W.sum(0))
         ratio = torch.div(V, WH, out=WH)
         if M is not None:
             ratio.mul_(M)
