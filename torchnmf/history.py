@@ -1,7 +1,9 @@
 """Objective history of a fit: thread-safe records, a stop flag, a progress bar, a plot."""
 from __future__ import annotations
 
+import math
 import threading
+import time as _time
 from typing import Any, List, Optional, Union
 
 from .poisson.elbo import ELBO
@@ -39,6 +41,14 @@ class History:
     def __init__(self, verbose: bool = False, total: Optional[int] = None, desc: Optional[str] = None,
                  name: str = "objective", maximize: bool = False):
         self._records: List[Record] = []
+        self._meta: List[tuple] = []  # (step, wall time, relative change) of each record
+        #: tolerance and stop rule of the last fit that used this history (set by the engine)
+        self.tol: Optional[float] = None
+        self.stop_rule: Optional[str] = None
+        #: whether that fit met its tolerance, and its number of steps (set by the engine)
+        self.converged_: Optional[bool] = None
+        self.n_iter_: Optional[int] = None
+        self._t0 = _time.perf_counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.name = name
@@ -52,11 +62,32 @@ class History:
             self._bar = tqdm(total=total, desc=desc or name, leave=False)
 
     # -- records ---------------------------------------------------------------
+    def annotate_next(self, step: Optional[int] = None, change: float = math.nan,
+                      time: Optional[float] = None) -> None:
+        """Describe the record the next :meth:`append` adds (the fit engine calls this).
+
+        Parameters
+        ----------
+        step : int, optional
+            The fit's step the record measures (default: the record's index).
+        change : float, optional
+            The relative change the stop rule read (see :mod:`torchnmf.engine`).
+        time : float, optional
+            Seconds since the fit started (default: since the history was made).
+        """
+        self._next = (step, float(change), time)
+
     def append(self, record: Record) -> bool:
-        """Add one record (an ELBO is detached first); return ``False`` once a stop was requested."""
+        """Add one record (an ELBO is detached first); return ``False`` once a stop was requested.
+
+        Its step, wall time and relative change come from :meth:`annotate_next`, if called.
+        """
         if isinstance(record, ELBO):
             record = record.detach()
+        step, change, elapsed = self.__dict__.pop("_next", None) or (None, math.nan, None)
+        elapsed = _time.perf_counter() - self._t0 if elapsed is None else float(elapsed)
         with self._lock:
+            self._meta.append((len(self._records) if step is None else int(step), elapsed, change))
             self._records.append(record)
         if self._bar is not None:
             self._bar.update(1)
@@ -76,6 +107,24 @@ class History:
     def values(self) -> List[float]:
         """The records as floats (an ELBO's total)."""
         return [float(r) for r in self.snapshot()]
+
+    @property
+    def steps(self) -> List[int]:
+        """The step each record measures."""
+        with self._lock:
+            return [m[0] for m in self._meta]
+
+    @property
+    def times(self) -> List[float]:
+        """Wall time of each record, in seconds since the fit started."""
+        with self._lock:
+            return [m[1] for m in self._meta]
+
+    @property
+    def changes(self) -> List[float]:
+        """The relative change the stop rule read at each record (``nan`` for the first)."""
+        with self._lock:
+            return [m[2] for m in self._meta]
 
     @property
     def elbos(self) -> List[ELBO]:
@@ -103,13 +152,17 @@ class History:
         return self._stop.is_set()
 
     def converged(self, tol: float, window: int = 1) -> bool:
-        """Whether the relative change over the last ``window`` steps is below ``tol``."""
+        """Whether the change per step over the last ``window`` records meets ``tol``.
+
+        The ``'relative'`` rule of :mod:`torchnmf.engine`: ``|new - old| / |new| / window``.
+        """
+        from .engine import has_converged, relative_change  # the engine owns the rule
+
         with self._lock:  # only the two records compared: no pass over the whole history per step
             recs = self._records[-1 - window:]
         if len(recs) <= window or tol <= 0:
             return False
-        old, new = float(recs[0]), float(recs[-1])
-        return abs(new - old) <= tol * max(abs(old), 1e-300)
+        return has_converged(relative_change(float(recs[0]), float(recs[-1]), window), tol)
 
     def close(self) -> None:
         """Close the progress bar, if any."""
@@ -136,14 +189,41 @@ class History:
 
     def state_dict(self) -> dict:
         """Records as plain data (ELBOs as dicts of floats), for checkpoints and JSON."""
-        return {"name": self.name, "maximize": self.maximize,
-                "records": [r.to_dict() if isinstance(r, ELBO) else float(r) for r in self.snapshot()]}
+        return {"name": self.name, "maximize": self.maximize, "tol": self.tol, "stop_rule": self.stop_rule,
+                "converged": self.converged_, "n_iter": self.n_iter_,
+                "records": [r.to_dict() if isinstance(r, ELBO) else float(r) for r in self.snapshot()],
+                "meta": self.meta_state()}
+
+    def meta_state(self) -> List[List[float]]:
+        """``[step, wall time, relative change]`` of each record, as plain data."""
+        with self._lock:
+            return [list(m) for m in self._meta]
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` gave (records, their steps/times/changes, the fit's outcome)."""
+        self.load_records(state["records"], state.get("meta"), replace=True)
+        self.name = state.get("name", self.name)
+        self.maximize = state.get("maximize", self.maximize)
+        self.tol = state.get("tol", self.tol)
+        self.stop_rule = state.get("stop_rule", self.stop_rule)
+        self.converged_ = state.get("converged", self.converged_)
+        self.n_iter_ = state.get("n_iter", self.n_iter_)
+
+    def load_records(self, records, meta=None, replace: bool = False) -> None:
+        """Append (or with ``replace``, set) records saved by :meth:`state_dict`.
+
+        Parameters
+        ----------
+        records : list of float or dict
+            Objectives, ELBOs as dicts of floats.
+        meta : list of [step, time, change], optional
+            As :meth:`meta_state`; default: steps numbered from the current length.
+        replace : bool, default False
+        """
         import torch
 
         recs: List[Any] = []
-        for r in state["records"]:
+        for r in records:
             if isinstance(r, dict):
                 data = torch.tensor(r["data"], dtype=torch.float64)
                 kls = {k: torch.tensor(v, dtype=torch.float64) for k, v in r.items() if k not in ("data", "total")}
@@ -151,9 +231,15 @@ class History:
             else:
                 recs.append(float(r))
         with self._lock:
-            self._records = recs
-        self.name = state.get("name", self.name)
-        self.maximize = state.get("maximize", self.maximize)
+            base = 0 if replace else len(self._records)
+            if meta is None or len(meta) != len(recs):
+                meta = [(base + k, math.nan, math.nan) for k in range(len(recs))]
+            meta = [(int(m[0]), float(m[1]), float(m[2])) for m in meta]
+            if replace:
+                self._records, self._meta = recs, meta
+            else:
+                self._records.extend(recs)
+                self._meta.extend(meta)
 
     def plot(self, ax=None, parts: bool = False):
         """Plot the history; see :func:`plot_history`."""
@@ -191,15 +277,16 @@ def plot_history(history, ax=None, parts: bool = False, logy: Optional[bool] = N
     records = history.snapshot() if isinstance(history, History) else list(history)
     name = history.name if isinstance(history, History) else "objective"
     values = [float(r) for r in records]
+    steps = history.steps if isinstance(history, History) else list(range(len(values)))
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(range(1, len(values) + 1), values, label="total" if parts else name)
+    ax.plot(steps, values, label="total" if parts else name)
     if parts and records and isinstance(records[0], ELBO):
         twin = ax.twinx()
         for key in records[0].to_dict():
             if key == "total":
                 continue
-            twin.plot([r.to_dict()[key] for r in records], "--", label=key, alpha=0.6)
+            twin.plot(steps, [r.to_dict()[key] for r in records], "--", label=key, alpha=0.6)
         twin.legend(loc="center right")
     if logy is None:
         logy = bool(values) and not isinstance(records[0], ELBO) and min(values) > 0
@@ -207,5 +294,21 @@ def plot_history(history, ax=None, parts: bool = False, logy: Optional[bool] = N
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(name)
-    ax.legend(loc="best")
+    handles, labels = ax.get_legend_handles_labels()
+    tol = getattr(history, "tol", None) if isinstance(history, History) else None
+    if tol and not parts:
+        # the stop rule's view: relative change per step against the tolerance it had to meet
+        changes = [(s, c) for s, c in zip(steps, history.changes) if math.isfinite(c) and c > 0]
+        if changes:
+            twin = ax.twinx()
+            twin.plot([s for s, _ in changes], [c for _, c in changes], color="tab:gray", lw=1, alpha=0.8,
+                      label="relative change")
+            twin.axhline(tol, color="tab:red", ls="--", lw=1, label=f"tol = {tol:g}")
+            twin.set_yscale("log")
+            twin.set_ylabel("relative change per step")
+            h2, l2 = twin.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+    if getattr(history, "converged_", None) is False:
+        ax.set_title(f"{name}: max_iter reached before tol", fontsize="medium")
+    ax.legend(handles, labels, loc="best")
     return ax

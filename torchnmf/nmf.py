@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,9 @@ from . import data
 from .constraints import MODES, assign_, positive, value_of
 from .history import History
 from .metrics import beta_div
-from .updates import EPSILON, mu_update
+from . import engine
+from .engine import STOP_RULES, FitResult
+from .updates import EPSILON, mu_apply, mu_statistics, mu_update
 
 __all__ = ["BaseComponent", "NMF", "NMFD", "NMF2D", "NMF3D"]
 
@@ -177,6 +179,7 @@ class BaseComponent(nn.Module):
         V = data.as_tensor(V, name, ndim=len(shape), sparse="keep" if sparse_ok else "dense")
         data.check_nonnegative(V, name)
         data.check_shape(V, shape, name)
+        data.check_magnitude(V, name, ref.dtype)
         if V.dtype != ref.dtype or V.device != ref.device:
             V = V.to(device=ref.device, dtype=ref.dtype)
         return V
@@ -195,7 +198,7 @@ class BaseComponent(nn.Module):
 
     def fit(self, V, beta: float = 1, tol: float = 1e-4, max_iter: int = 200, verbose: bool = False,
             alpha: float = 0, l1_ratio: float = 0, *, mask=None, history: Optional[History] = None,
-            check_every: Optional[int] = None) -> int:
+            check_every: Optional[int] = None, stop_rule: str = "relative") -> int:
         r"""Fit the trainable factors to ``V`` by beta-divergence multiplicative updates.
 
         Minimises :math:`d_\beta(V \| \hat V) + \ell_1 (\Sigma W + \Sigma H) +
@@ -214,8 +217,10 @@ class BaseComponent(nn.Module):
         beta : float, default 1
             Beta-divergence (2 Euclidean, 1 KL, 0 Itakura-Saito).
         tol : float, default 1e-4
-            Stop when the decrease of the divergence over one iteration, relative to the
-            initial divergence, is below ``tol``.
+            Stop when the change of the divergence per iteration, relative to its current
+            value, is at most ``tol`` (see :mod:`torchnmf.engine`); 0 runs ``max_iter``
+            iterations. Reaching ``max_iter`` with ``tol > 0`` warns with
+            :class:`~torchnmf.engine.ConvergenceWarning`.
         max_iter : int, default 200
         verbose : bool, default False
             Show a progress bar with the current divergence.
@@ -232,6 +237,9 @@ class BaseComponent(nn.Module):
             this many iterations. Default 1, except 10 for :class:`NMF` with beta != 2,
             where measuring costs a pass of logarithms/powers over V (scikit-learn
             also checks every 10 iterations); with beta = 2 it is free (Gram form).
+        stop_rule : {'relative', 'sklearn'}, default 'relative'
+            ``'sklearn'``: scikit-learn's rule, the decrease between two measurements
+            relative to the initial divergence below ``tol``.
 
         Returns
         -------
@@ -239,119 +247,136 @@ class BaseComponent(nn.Module):
             Number of iterations done.
         """
         self._check_fit_args(beta, tol, max_iter, alpha, l1_ratio)
+        data.check_option(stop_rule, STOP_RULES, "stop_rule")
         V = self._check_V(V, sparse_ok=self._plain())
         M = data.check_mask(mask, V.shape, device=V.device, dtype=V.dtype)
-        if beta <= 0 and (data.is_sparse(V) or bool((V == 0).any())):
-            raise ValueError("V must be strictly positive for beta <= 0 (the divergence is infinite at zeros)")
+        self._check_beta_support(V, beta)
         l1, l2 = float(alpha * l1_ratio), float(alpha * (1 - l1_ratio))
         if check_every is None:
             check_every = 10 if (self._plain() and beta != 2) else 1
-        elif isinstance(check_every, bool) or not isinstance(check_every, numbers.Integral) or check_every < 1:
-            raise ValueError(f"check_every must be a positive integer, got {check_every!r}")
+        else:
+            check_every = data.check_rank(check_every, "check_every")
         own = history is None
         if own:
-            n_records = max_iter // check_every + 1 + (max_iter % check_every != 0)
-            history = History(verbose=verbose, total=n_records, desc=f"{type(self).__name__}.fit", name="beta-divergence")
+            history = History(verbose=verbose, total=max_iter, desc=f"{type(self).__name__}.fit", name="beta-divergence")
         try:
-            if self._plain():
-                return self._fit_mu(V, M, float(beta), tol, max_iter, l1, l2, history, int(check_every))
-            return self._fit_trainer(V, M, float(beta), tol, max_iter, l1, l2, history, int(check_every))
+            run = self._fit_mu if self._plain() else self._fit_trainer
+            return run(V, M, float(beta), tol, max_iter, l1, l2, history, int(check_every), stop_rule).n_iter
         finally:
             if own:
                 history.close()
 
+    @staticmethod
+    def _check_beta_support(V, beta) -> None:
+        if beta <= 0 and (data.is_sparse(V) or bool((V == 0).any())):
+            raise ValueError("V must be strictly positive for beta <= 0 (the divergence is infinite at zeros)")
+
     def _plain(self) -> bool:
         return self._conv_dims == 0 and isinstance(self, NMF)
 
-    @staticmethod
-    def _record(history: History, loss: float, n_iter: int) -> bool:
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the divergence became {loss} after {n_iter} iterations; "
-                                     "check V's scale or use a larger beta")
-        return history.append(loss)
+    def _fit_mu(self, V, M, beta, tol, max_iter, l1, l2, history, check_every, stop_rule="relative", *,
+                reduce: Optional[Callable] = None, agree: Optional[Callable] = None, checkpoint=None,
+                model: Optional[str] = None) -> FitResult:
+        """Multiplicative updates of a plain NMF through the fit engine.
 
-    @staticmethod
-    def _converged(records, tol) -> bool:
-        if len(records) < 2 or tol <= 0:
-            return False
-        return (records[-2] - records[-1]) / max(abs(records[0]), 1e-300) < tol
-
-    def _fit_mu(self, V, M, beta, tol, max_iter, l1, l2, history, check_every):
+        ``reduce`` sums a dict of statistics over processes (the data-parallel fit of
+        :func:`torchnmf.parallel.fit_nmf`: rows of V and H are local, W is shared);
+        ``agree`` combines stop decisions; ``checkpoint`` saves W, H and the records and,
+        when it holds a checkpoint, resumes from it.
+        """
         rawW, rawH = self._raw("W"), self._raw("H")
         train_W, train_H = rawW.requires_grad, rawH.requires_grad
-        W = value_of(rawW).detach().clone()
-        H = value_of(rawH).detach().clone()
+        cur = {"W": value_of(rawW).detach().clone(), "H": value_of(rawH).detach().clone()}
+
+        def restore(state):
+            for name in ("W", "H"):
+                if tuple(state[name].shape) != tuple(cur[name].shape):
+                    raise ValueError(f"the checkpoint holds {name} {tuple(state[name].shape)}, "
+                                     f"the model {tuple(cur[name].shape)}")
+                cur[name] = state[name].to(device=cur[name].device, dtype=cur[name].dtype)
+
+        start = engine.resume(checkpoint, history, restore, map_location=cur["W"].device)
         Vt = V.t()
         if data.is_sparse(V):  # transpose once, not at every W update
             Vt = V.to_sparse_coo().coalesce().t().coalesce()
         Mt = None if M is None else M.t()
         cacheV, cacheT = {}, {}
-        kw = dict(beta=beta, l1=l1, l2=l2)
-        records = []
-        n_iter = 0
         tiny = torch.finfo(torch.float64).eps
+
+        def update(X, A, B, mask, cache, measure):
+            """B's update for X ≈ B Aᵀ (and the divergence before it), statistics summed by ``reduce``."""
+            if reduce is None:
+                out = mu_update(X, A, B, beta=beta, l1=l1, l2=l2, mask=mask, with_loss=measure, cache=cache)
+                return out if measure else (out, None)
+            num, den, loss = mu_statistics(X, A, B, beta, mask, with_loss=measure, cache=cache)
+            stats = reduce({"num": num, "den": den, **({"loss": loss} if measure else {})})
+            return mu_apply(B, stats["num"], stats["den"], beta, l1, l2), stats.get("loss")
+
+        def h_update(measure):
+            """H's update, local to a process: only the divergence is summed."""
+            if reduce is None:
+                return update(V, cur["W"], cur["H"], M, cacheV, measure)
+            num, den, loss = mu_statistics(V, cur["W"], cur["H"], beta, M, with_loss=measure, cache=cacheV)
+            loss = reduce({"loss": loss})["loss"] if measure else None
+            return mu_apply(cur["H"], num, den, beta, l1, l2), loss
+
+        pending = {}
+
+        def step(i, measure):
+            # the first half-update of an iteration also measures the point it starts from
+            if train_H:
+                pending["H"], loss = h_update(measure)
+            else:
+                pending["W"], loss = update(Vt, cur["H"], cur["W"], Mt, cacheT, measure)
+            return None if loss is None else float(loss)
+
+        def commit():
+            if train_H:
+                cur["H"] = pending.pop("H")
+                if beta < 1:  # as scikit-learn, for stability
+                    cur["H"].masked_fill_(cur["H"] < tiny, 0.0)
+                if train_W:
+                    cur["W"] = update(Vt, cur["H"], cur["W"], Mt, cacheT, False)[0]
+            else:
+                cur["W"] = pending.pop("W")
+            if beta < 1 and train_W:
+                cur["W"].masked_fill_(cur["W"] < tiny, 0.0)
+
         try:
-            while True:
-                # the first update of an iteration can also measure the current point
-                measure = n_iter % check_every == 0 or n_iter >= max_iter or not (train_H or train_W)
-                if train_H:
-                    out = mu_update(V, W, H, mask=M, with_loss=measure, cache=cacheV, **kw)
-                else:
-                    out = mu_update(Vt, H, W, mask=Mt, with_loss=measure, cache=cacheT, **kw)
-                new, loss = out if measure else (out, None)
-                if measure:
-                    records.append(float(loss))
-                    go_on = self._record(history, records[-1], n_iter)
-                    if n_iter >= max_iter or not go_on or self._converged(records, tol) or not (train_H or train_W):
-                        break
-                if train_H:
-                    H = new
-                    if beta < 1:  # as scikit-learn, for stability
-                        H.masked_fill_(H < tiny, 0.0)
-                    if train_W:
-                        W = mu_update(Vt, H, W, mask=Mt, cache=cacheT, **kw)
-                else:
-                    W = new
-                if beta < 1 and train_W:
-                    W.masked_fill_(W < tiny, 0.0)
-                n_iter += 1
+            trains = train_H or train_W  # nothing to train: measure the start and return 0
+            return engine.run(step, commit=commit if trains else (lambda: None), start=start,
+                              max_iter=max_iter if trains else 0, tol=tol, history=history,
+                              model=model or f"{type(self).__name__}.fit", check_every=check_every,
+                              dtype=cur["W"].dtype, rule=stop_rule, checkpoint=checkpoint, agree=agree,
+                              state=lambda: dict(cur), warn=trains)
         finally:
             if train_W:
-                assign_(rawW, W)
+                assign_(rawW, cur["W"])
             if train_H:
-                assign_(rawH, H)
-        return n_iter
+                assign_(rawH, cur["H"])
 
-    def _fit_trainer(self, V, M, beta, tol, max_iter, l1, l2, history, check_every):
+    def _fit_trainer(self, V, M, beta, tol, max_iter, l1, l2, history, check_every, stop_rule="relative") -> FitResult:
         from .trainer.beta_mu import BetaMu  # trainers import layers' modules lazily, not vice versa
 
         params = [p for p in (self._raw("W"), self._raw("H")) if p is not None and p.requires_grad]
-        records = []
-
-        def divergence():
-            with torch.no_grad():
-                return float(_divergence(self(), V, M, beta))
-
-        records.append(divergence())
-        if not self._record(history, records[-1], 0) or not params:
-            return 0
-        trainer = BetaMu(params, beta=beta, l1_reg=l1, l2_reg=l2)
+        trainer = BetaMu(params, beta=beta, l1_reg=l1, l2_reg=l2) if params else None
 
         def closure():
             return (V, self()) if M is None else (V, self(), M)
 
-        n_iter = 0
-        while n_iter < max_iter:
-            trainer.step(closure)
-            n_iter += 1
-            if n_iter % check_every and n_iter < max_iter:
-                continue
-            records.append(divergence())
-            if not self._record(history, records[-1], n_iter) or self._converged(records, tol):
-                break
-        for p in params:
-            p.grad = None
-        return n_iter
+        def step(i, measure):
+            # the objective of the current point, then (unless the engine stops here) an update
+            with torch.no_grad():
+                return float(_divergence(self(), V, M, beta)) if measure else None
+
+        try:
+            return engine.run(step, commit=(lambda: trainer.step(closure)) if params else (lambda: None),
+                              max_iter=max_iter if params else 0, tol=tol, history=history,
+                              model=f"{type(self).__name__}.fit", check_every=check_every, dtype=V.dtype,
+                              rule=stop_rule, warn=bool(params))
+        finally:
+            for p in params:
+                p.grad = None
 
     def sparse_fit(self, V, beta: float = 2, max_iter: int = 200, verbose: bool = False,
                    sW: Optional[float] = None, sH: Optional[float] = None, *, history: Optional[History] = None) -> int:
@@ -401,21 +426,21 @@ class BaseComponent(nn.Module):
                 steps.append((BetaMu([p], beta=beta), lambda: (V, self())))
             else:
                 steps.append((SparsityProj([p], sparsity=s, dim=1), lambda: beta_div(self(), V, beta)))
-        n_iter = 0
+        def step(i, measure):
+            for trainer, closure in steps:
+                trainer.step(closure)
+            with torch.no_grad():
+                return float(_divergence(self(), V, None, beta))
+
         try:
-            for n_iter in range(1, max_iter + 1):
-                for trainer, closure in steps:
-                    trainer.step(closure)
-                with torch.no_grad():
-                    loss = float(_divergence(self(), V, None, beta))
-                if not self._record(history, loss, n_iter):
-                    break
+            # no tolerance: Hoyer's projected steps run max_iter iterations (records after each)
+            return engine.run(step, max_iter=max_iter, tol=0.0, history=history, dtype=V.dtype,
+                              model=f"{type(self).__name__}.sparse_fit").n_iter
         finally:
             if own:
                 history.close()
             for p in self.parameters():
                 p.grad = None
-        return n_iter
 
 
 def _divergence(pred: Tensor, V: Tensor, M: Optional[Tensor], beta: float) -> Tensor:

@@ -33,6 +33,7 @@ from . import data
 from .constraints import assign_, value_of
 from .distributed import (Checkpointer, all_reduce_stats, broadcast_, check_shards, get_rank, get_world_size,
                           is_distributed, stats_reducer)
+from .engine import STOP_RULES, resume, run
 from .history import History
 from .streaming import SparseRows, row_loader
 from .trainer.online import OnlineMU
@@ -57,10 +58,12 @@ def _history(history: Optional[History], verbose: bool, total: int, desc: str, n
                    maximize=maximize), True
 
 
-def _stop_any(history: History, like: Tensor, group, timeout) -> bool:
-    """Whether any process was asked to stop (a collective, so all processes agree)."""
-    flag = like.new_tensor(1.0 if history.stop_requested else 0.0)
-    return bool(all_reduce_stats({"stop": flag}, group=group, timeout=timeout)["stop"] > 0)
+def _agree(like: Tensor, group, timeout):
+    """``flag -> any(flag over processes)``: one decision (stop, converged) on every process."""
+    def agree(flag: bool) -> bool:
+        t = like.new_tensor(1.0 if flag else 0.0)
+        return bool(all_reduce_stats({"flag": t}, group=group, timeout=timeout, op="max")["flag"] > 0)
+    return agree
 
 
 def _resume_layer(ckpt: Optional[Checkpointer], layer, trainer, history: History) -> Tuple[int, list]:
@@ -89,7 +92,7 @@ def fit_nmf(model, V, *, beta: float = 1, tol: float = 1e-4, max_iter: int = 200
             l1_ratio: float = 0, mask=None, history: Optional[History] = None, verbose: bool = False,
             check_every: Optional[int] = None, checkpoint: CheckpointArg = None, checkpoint_every: int = 10,
             n_shards: Optional[int] = None, shard_index: Optional[int] = None, group=None,
-            timeout: Optional[float] = None) -> int:
+            timeout: Optional[float] = None, stop_rule: str = "relative") -> int:
     r"""Fit an :class:`~torchnmf.nmf.NMF` layer by multiplicative updates, data-parallel over rows.
 
     Each process holds a shard of the rows of ``V`` and the matching rows of ``H``
@@ -126,6 +129,8 @@ def fit_nmf(model, V, *, beta: float = 1, tol: float = 1e-4, max_iter: int = 200
     timeout : float, optional
         Seconds a collective waits for the peers before
         :class:`~torchnmf.distributed.DistributedTimeoutError`.
+    stop_rule : {'relative', 'sklearn'}, default 'relative'
+        As :meth:`NMF.fit <torchnmf.nmf.BaseComponent.fit>`.
 
     Returns
     -------
@@ -145,86 +150,30 @@ def fit_nmf(model, V, *, beta: float = 1, tol: float = 1e-4, max_iter: int = 200
     if not isinstance(model, NMF) or model.W is None or model.H is None:
         raise TypeError("model must be a torchnmf.NMF with both W and H (H holding this process's rows)")
     model._check_fit_args(beta, tol, max_iter, alpha, l1_ratio)
+    data.check_option(stop_rule, STOP_RULES, "stop_rule")
     V = model._check_V(V, sparse_ok=True)
     M = data.check_mask(mask, V.shape, device=V.device, dtype=V.dtype)
     beta = float(beta)
-    if beta <= 0 and (data.is_sparse(V) or bool((V == 0).any())):
-        raise ValueError("V must be strictly positive for beta <= 0 (the divergence is infinite at zeros)")
+    model._check_beta_support(V, beta)
     checkpoint_every = data.check_rank(checkpoint_every, "checkpoint_every")
     check_every = (1 if beta == 2 else 10) if check_every is None else data.check_rank(check_every, "check_every")
     check_shards(V.shape[0], V.shape[1], shard_index=shard_index, n_shards=n_shards, group=group, timeout=timeout)
     l1, l2 = float(alpha * l1_ratio), float(alpha * (1 - l1_ratio))
-    rawW, rawH = model._raw("W"), model._raw("H")
-    train_W, train_H = rawW.requires_grad, rawH.requires_grad
-    W = value_of(rawW).detach().clone()
-    H = value_of(rawH).detach().clone()
-    broadcast_([W], group=group, timeout=timeout)
+    W0 = value_of(model._raw("W")).detach().clone()
+    broadcast_([W0], group=group, timeout=timeout)
+    assign_(model._raw("W"), W0)
     ckpt = _checkpointer(checkpoint, checkpoint_every, group, timeout)
-    records, n_iter = [], 0
-    resumed = ckpt.load(map_location=W.device) if ckpt is not None else None
-    if resumed is not None:
-        n_iter, state = resumed
-        if tuple(state["W"].shape) != tuple(W.shape) or tuple(state["H"].shape) != tuple(H.shape):
-            raise ValueError(f"the checkpoint holds W {tuple(state['W'].shape)} and H {tuple(state['H'].shape)}, "
-                             f"the model W {tuple(W.shape)} and H {tuple(H.shape)}")
-        W, H = state["W"].to(W.dtype), state["H"].to(H.dtype)
-        records = [float(r) for r in state["records"]]
-    history, own = _history(history, verbose, max_iter + 1, "fit_nmf", "beta-divergence", False, group)
-    for r in records:
-        history.append(r)
-    Vt = V.t()
-    if data.is_sparse(V):  # transpose once, not at every W update
-        Vt = V.to_sparse_coo().coalesce().t().coalesce()
-    Mt = None if M is None else M.t()
-    cacheV, cacheT = {}, {}
-    tiny = torch.finfo(torch.float64).eps
-    one_process = not is_distributed(group)
-
-    def w_step(H, W, extra):
-        num, den, loss = mu_statistics(Vt, H, W, beta, Mt, with_loss=bool(extra), cache=cacheT)
-        stats = dict(num=num, den=den, **({"loss": loss, **extra} if extra else {}))
-        stats = all_reduce_stats(stats, group=group, timeout=timeout)
-        return mu_apply(W, stats["num"], stats["den"], beta, l1, l2), stats
-
+    history, own = _history(history, verbose, max_iter, "fit_nmf", "beta-divergence", False, group)
+    distributed = is_distributed(group)
+    # NMF.fit's own loop, with W's statistics and the divergence summed over processes
+    reduce = (lambda stats: all_reduce_stats(stats, group=group, timeout=timeout)) if distributed else None
+    agree = _agree(W0, group, timeout) if distributed else None
     try:
-        while True:
-            # the first update of an iteration can also measure the current point (as NMF.fit);
-            # every process takes the same decision, so the collectives stay in step
-            measure = n_iter % check_every == 0 or n_iter >= max_iter or not (train_H or train_W)
-            flag = {"stop": H.new_tensor(1.0 if history.stop_requested else 0.0)} if measure else None
-            if train_H:
-                num, den, loss = mu_statistics(V, W, H, beta, M, with_loss=measure, cache=cacheV)
-                stats = all_reduce_stats({"loss": loss, **flag}, group=group, timeout=timeout) if measure else None
-                H_new = mu_apply(H, num, den, beta, l1, l2)
-            else:
-                W_new, stats = w_step(H, W, flag)
-            if measure:
-                records.append(float(stats["loss"]))
-                go_on = model._record(history, records[-1], n_iter)
-                stop = float(stats["stop"]) > 0 or (one_process and not go_on)
-                if n_iter >= max_iter or stop or model._converged(records, tol) or not (train_H or train_W):
-                    break
-            if train_H:
-                H = H_new
-                if beta < 1:  # as NMF.fit and scikit-learn, for stability
-                    H.masked_fill_(H < tiny, 0.0)
-                if train_W:
-                    W, _ = w_step(H, W, None)
-            else:
-                W = W_new
-            if beta < 1 and train_W:
-                W.masked_fill_(W < tiny, 0.0)
-            n_iter += 1
-            if ckpt is not None:
-                ckpt.maybe_save(n_iter - 1, {"W": W, "H": H, "records": list(records)})
+        return model._fit_mu(V, M, beta, tol, max_iter, l1, l2, history, check_every, stop_rule, reduce=reduce,
+                             agree=agree, checkpoint=ckpt, model="fit_nmf").n_iter
     finally:
-        if train_W:
-            assign_(rawW, W)
-        if train_H:
-            assign_(rawH, H)
         if own:
             history.close()
-    return n_iter
 
 
 def _steps_per_epoch(n_local_batches: int, group, timeout) -> int:
@@ -329,44 +278,36 @@ def fit_nmf_online(model, source, *, batch_size: int = 1024, epochs: int = 10, b
     opt = OnlineMU([rawW], beta=beta, forget_factor=forget_factor, n_samples=n_rows, inner_iter=inner_iter,
                    l1=l1, l2=l2, distributed=distributed, group=group, timeout=timeout)
     ckpt = _checkpointer(checkpoint, checkpoint_every, group, timeout)
-    start, records = 0, []
-    resumed = ckpt.load(map_location=W.device) if ckpt is not None else None
-    if resumed is not None:
-        start, state = resumed
+    history, own = _history(history, verbose, epochs, "fit_nmf_online", "beta-divergence", False, group)
+
+    def restore(state):
         assign_(rawW, state["W"].to(device=W.device, dtype=W.dtype))
         opt.load_state_dict(state["optimizer"])
-        records = [float(r) for r in state["records"]]
-    history, own = _history(history, verbose, epochs, "fit_nmf_online", "beta-divergence", False, group)
-    for r in records:
-        history.append(r)
+
+    start = resume(ckpt, history, restore, map_location=W.device)
     rank = get_rank(group) if distributed else 0
-    done = start
+
+    def epoch_step(epoch, measure):
+        total = 0.0
+        for step, batch in enumerate(_batches(loader, epoch, n_steps)):
+            Vb = batch.X.to(device=W.device, dtype=W.dtype)
+            # scikit-learn's random start, sqrt(mean(V) / R) * U(0, 1), from a seed per batch
+            mean = float(Vb.values().sum() if data.is_sparse(Vb) else Vb.sum()) / max(1, Vb.numel())
+            g = torch.Generator().manual_seed(hash((seed, epoch, step, rank)) & ((1 << 62) - 1))
+            Hb = (math.sqrt(max(mean, 1e-12) / R) * torch.rand(Vb.shape[0], R, generator=g, dtype=W.dtype))
+            Hb = Hb.to(W.device)
+            total += float(opt.step(lambda: (Vb, Hb)))
+        return total
+
     try:
-        for epoch in range(start, epochs):
-            total = 0.0
-            for step, batch in enumerate(_batches(loader, epoch, n_steps)):
-                Vb = batch.X.to(device=W.device, dtype=W.dtype)
-                # scikit-learn's random start, sqrt(mean(V) / R) * U(0, 1), from a seed per batch
-                mean = float(Vb.values().sum() if data.is_sparse(Vb) else Vb.sum()) / max(1, Vb.numel())
-                g = torch.Generator().manual_seed(hash((seed, epoch, step, rank)) & ((1 << 62) - 1))
-                Hb = (math.sqrt(max(mean, 1e-12) / R) * torch.rand(Vb.shape[0], R, generator=g, dtype=W.dtype))
-                Hb = Hb.to(W.device)
-                total += float(opt.step(lambda: (Vb, Hb)))
-            records.append(total)
-            if not math.isfinite(total):
-                raise FloatingPointError(f"the divergence became {total} in epoch {epoch}")
-            history.append(total)
-            if ckpt is not None:
-                ckpt.maybe_save(epoch, {"W": value_of(rawW).detach(), "optimizer": opt.state_dict(),
-                                        "records": list(records)})
-            done = epoch + 1
-            stop = _stop_any(history, W, group, timeout) if distributed else history.stop_requested
-            if stop:
-                break
+        # one record per epoch: the sum of the batch divergences, each measured before its W update;
+        # no tolerance (the records of different epochs see different random activations)
+        return run(epoch_step, max_iter=epochs, start=start, tol=0.0, history=history, model="fit_nmf_online",
+                   dtype=W.dtype, checkpoint=ckpt, agree=_agree(W, group, timeout) if distributed else None,
+                   state=lambda: {"W": value_of(rawW).detach(), "optimizer": opt.state_dict()}).n_iter
     finally:
         if own:
             history.close()
-    return done
 
 
 # -- Gamma-Poisson -----------------------------------------------------------------
@@ -451,23 +392,35 @@ def fit_gamma_cavi(layer, X, rows=None, *, max_iter: int = 200, tol: float = 1e-
     closure = (lambda: (prepared, r)) if reduce is not None else (lambda: prepared)
     ckpt = _checkpointer(checkpoint, checkpoint_every, group, timeout)
     history, own = _history(history, verbose, max_iter, "fit_gamma_cavi", "elbo", True, group)
-    start, records = _resume_layer(ckpt, layer, trainer, history)
     try:
-        for it in range(start, max_iter):
-            record = trainer.step(closure)
-            if not bool(torch.isfinite(record.total)):
-                raise FloatingPointError(f"the ELBO became {float(record.total)}: {record}")
-            history.append(record)
-            records.append(record.to_dict())
-            if ckpt is not None:
-                ckpt.maybe_save(it, _layer_state(layer, trainer, list(records)))
-            stop = _stop_any(history, record.total, group, timeout) if distributed else history.stop_requested
-            if stop or history.converged(tol):
-                break
+        run_layer_fit(layer, trainer, lambda i, measure: trainer.step(closure), max_iter=max_iter, tol=tol,
+                      history=history, model="fit_gamma_cavi", checkpoint=ckpt,
+                      agree=_agree(layer.kappa, group, timeout) if distributed else None)
     finally:
         if own:
             history.close()
     return history
+
+
+def run_layer_fit(layer, trainer, step, *, max_iter: int, tol: float, history: History, model: str,
+                  checkpoint: Optional[Checkpointer] = None, agree=None, callback=None, warn: bool = True):
+    """The engine's loop for a conjugate layer and its trainer (CAVI sweeps, SVI steps).
+
+    Resumes ``layer`` and ``trainer`` from ``checkpoint`` when it holds a checkpoint and saves
+    their state every ``checkpoint.every`` steps; see :func:`torchnmf.engine.run`.
+
+    Returns
+    -------
+    torchnmf.engine.FitResult
+    """
+    def restore(state):
+        layer.load_state_dict(state["layer"])
+        trainer.load_state_dict(state["trainer"])
+
+    start = resume(checkpoint, history, restore, map_location=layer.device)
+    return run(step, max_iter=max_iter, start=start, tol=tol, history=history, model=model, dtype=layer.dtype,
+               checkpoint=checkpoint, agree=agree, callback=callback, warn=warn,
+               state=lambda: {"layer": layer.state_dict(), "trainer": trainer.state_dict()})
 
 
 def fit_gamma_svi(layer, source, *, batch_size: int = 1024, epochs: int = 10, lr: float = 1.0, tau0: float = 1.0,
@@ -534,28 +487,46 @@ def fit_gamma_svi(layer, source, *, batch_size: int = 1024, epochs: int = 10, lr
                               local_tol=local_tol, chunk_size=chunk_size, reduce=reduce)
     ckpt = _checkpointer(checkpoint, checkpoint_every, group, timeout)
     history, own = _history(history, verbose, epochs * n_steps, "fit_gamma_svi", "elbo", True, group)
-    start, records = _resume_layer(ckpt, layer, trainer, history)
+    batches = {}
+
+    def batch_step(i, measure):
+        epoch = i // n_steps
+        if i % n_steps == 0 or epoch not in batches:  # a new epoch (or a resume): its batch order
+            batches.clear()
+            batches[epoch] = _batches(loader, epoch, n_steps)
+            for _ in range(i % n_steps):
+                next(batches[epoch])
+        batch = next(batches[epoch])
+        Xb, rows = batch.X.to(layer.device), batch.rows.to(layer.device)
+        scale = None
+        if distributed:  # the union of the processes' batches stands for the full data
+            total_rows = all_reduce_stats({"n": torch.tensor(float(len(rows)), dtype=torch.float64)},
+                                          group=group, timeout=timeout)["n"]
+            scale = n_rows / float(total_rows)
+        return trainer.step(lambda: (Xb, rows) if scale is None else (Xb, rows, scale))
+
     try:
-        for epoch in range(start, epochs):
-            for batch in _batches(loader, epoch, n_steps):
-                Xb, rows = batch.X.to(layer.device), batch.rows.to(layer.device)
-                scale = None
-                if distributed:  # the union of the processes' batches stands for the full data
-                    total_rows = all_reduce_stats({"n": torch.tensor(float(len(rows)), dtype=torch.float64)},
-                                                  group=group, timeout=timeout)["n"]
-                    scale = n_rows / float(total_rows)
-                record = trainer.step(lambda: (Xb, rows) if scale is None else (Xb, rows, scale))
-                if not bool(torch.isfinite(record.total)):
-                    raise FloatingPointError(f"the ELBO estimate became {float(record.total)}: {record}")
-                history.append(record)
-                records.append(record.to_dict())
-            if ckpt is not None:
-                ckpt.maybe_save(epoch, _layer_state(layer, trainer, list(records)))
-            stop = (_stop_any(history, layer.kappa, group, timeout) if distributed else history.stop_requested)
-            if stop:
-                break
+        # one record per step (a noisy ELBO estimate, so no tolerance); checkpoints at epoch ends
+        run_layer_fit(layer, trainer, batch_step, max_iter=epochs * n_steps, tol=0.0, history=history,
+                      model="fit_gamma_svi", checkpoint=None if ckpt is None else _EpochCheckpoint(ckpt, n_steps),
+                      agree=_agree(layer.kappa, group, timeout) if distributed else None)
     finally:
         if own:
             history.close()
     return history
 
+
+class _EpochCheckpoint:
+    """A :class:`Checkpointer` counted in epochs, seen by the engine as counted in steps."""
+
+    def __init__(self, ckpt: Checkpointer, n_steps: int):
+        self.ckpt, self.n_steps = ckpt, n_steps
+
+    def maybe_save(self, step: int, state) -> bool:
+        if (step + 1) % self.n_steps:
+            return False
+        return self.ckpt.maybe_save((step + 1) // self.n_steps - 1, state)
+
+    def load(self, map_location=None):
+        resumed = self.ckpt.load(map_location=map_location)
+        return None if resumed is None else (resumed[0] * self.n_steps, resumed[1])

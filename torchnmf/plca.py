@@ -8,14 +8,13 @@ Dirichlet priors (``*_alpha``; 1 is flat, > 1 smooths, < 1 sparsifies).
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from . import data
+from . import data, engine
 from .constraints import positive
 from .history import History
 from .metrics import kl_div
@@ -138,7 +137,8 @@ class BaseComponent(nn.Module):
         V : Tensor or array, shape of :meth:`forward`'s output
             Non-negative, not all zero; never modified.
         tol : float, default 1e-4
-            Stop when the KL divergence decreases by less than ``tol`` relative to its start.
+            Stop when the KL divergence changes by at most ``tol`` per iteration relative to
+            its current value (the rule of :mod:`torchnmf.engine`; 0 runs ``max_iter``).
         max_iter : int, default 200
         verbose : bool, default False
             Progress bar.
@@ -173,31 +173,30 @@ class BaseComponent(nn.Module):
             history = History(verbose=verbose, total=max_iter + 1, desc=f"{type(self).__name__}.fit", name="kl")
         # floor of the model where a prior < 1 zeroed it: small, yet 1/floor sums stay finite
         tiny = torch.finfo(V.dtype).tiny ** 0.5
-        records = []
-        n_iter = 0
+        names = list(train)
+        pending = {}
+
+        def step(i, measure):
+            with torch.enable_grad():
+                pending["pred"] = pred = self()
+            with torch.no_grad():
+                return float(kl_div(pred.clamp_min(tiny), Vn))
+
+        def commit():
+            pred = pending.pop("pred")
+            ratio = Vn / pred.detach().clamp_min(tiny)
+            grads = torch.autograd.grad(pred, [train[n] for n in names], ratio)
+            with torch.no_grad():
+                for n, g in zip(names, grads):
+                    p = train[n]
+                    new = p * g + (alphas[n] - 1)
+                    new.clamp_min_(0)
+                    dims = self._other_dims(p) if n != "Z" else (0,)
+                    p.copy_(_normalize(new, dims))
+
         try:
-            while True:
-                with torch.enable_grad():
-                    pred = self()
-                with torch.no_grad():
-                    loss = float(kl_div(pred.clamp_min(tiny), Vn))
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(f"the divergence became {loss} after {n_iter} iterations")
-                    records.append(loss)
-                    go_on = history.append(loss)
-                    if n_iter >= max_iter or not go_on or not train or NMF._converged(records, tol):
-                        break
-                    ratio = Vn / pred.detach().clamp_min(tiny)
-                names = list(train)
-                grads = torch.autograd.grad(pred, [train[n] for n in names], ratio)
-                with torch.no_grad():
-                    for n, g in zip(names, grads):
-                        p = train[n]
-                        new = p * g + (alphas[n] - 1)
-                        new.clamp_min_(0)
-                        dims = self._other_dims(p) if n != "Z" else (0,)
-                        p.copy_(_normalize(new, dims))
-                n_iter += 1
+            n_iter = engine.run(step, commit=commit, max_iter=max_iter if train else 0, tol=tol, history=history,
+                                model=f"{type(self).__name__}.fit", dtype=V.dtype, warn=bool(train)).n_iter
         finally:
             if own:
                 history.close()
