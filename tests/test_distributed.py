@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from torchnmf.distributed import (Checkpointer, DistributedTimeoutError, all_reduce_stats, barrier, broadcast_,
+from torchnmf.distributed import (CheckpointError, Checkpointer, DistributedTimeoutError, all_reduce_stats, barrier, broadcast_,
                                   check_shards, find_free_port, get_rank, get_world_size, init, is_distributed,
                                   shard_range, shard_rows, stats_reducer)
 from torchnmf.history import History
@@ -277,6 +277,11 @@ def test_failed_peer_raises_clear_error_instead_of_hanging(tmp_path, job):
     assert r0["error"] == "DistributedTimeoutError", r0
     assert r0["is_timeout"]
     assert "rank 0 of 2" in r0["message"] and "peer process died" in r0["message"]
+    if job == "_job_peer_dies":  # a reset connection ends the wait at once: say so, not "within 2 s"
+        assert "failed after" in r0["message"] and "before the 2 s timeout" in r0["message"], r0["message"]
+        assert "did not complete within" not in r0["message"]
+    else:
+        assert "did not complete within 2 s" in r0["message"], r0["message"]
     assert r0["seconds"] < 15
     assert r0["records"] == 3  # the peer died after the collective of its 3rd record
 
@@ -376,6 +381,167 @@ def test_checkpointer_keeps_the_last_complete_ones(tmp_path):
         Checkpointer(tmp_path, every=0)
     with pytest.raises(TypeError, match="directory"):
         Checkpointer(3)
+
+
+# -- damaged checkpoint directories (what killed jobs leave) ---------------------------
+def _damage(path, how):
+    """Simulate a save killed mid-write or a disk error."""
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "garbage":
+        path.write_bytes(os.urandom(len(data)))
+    else:  # a readable file holding something else
+        torch.save({"not": "a checkpoint"}, path)
+
+
+def test_killed_saves_leave_nothing_behind_after_the_next_save(tmp_path):
+    ck = Checkpointer(tmp_path, every=1, keep=2)
+    for e in range(3):
+        ck.save(e, {"x": torch.full((4,), float(e))})
+    # what kills at every moment of a save leave: temporaries of the file and the manifest,
+    # a checkpoint written before the manifest was updated, and one of a crashed later run
+    for name in ("epoch00000003-rank00000.pt.tmp4242", "epoch00000009-rank00000.pt.tmp77", "latest.json.tmp4242"):
+        (tmp_path / name).write_bytes(b"\0" * 1000)
+    torch.save({"epoch": 3, "rank": 0, "world_size": 1, "state": {}}, tmp_path / "epoch00000003-rank00000.pt")
+    torch.save({"epoch": 5, "rank": 0, "world_size": 1, "state": {}}, tmp_path / "epoch00000005-rank00000.pt")
+    assert ck.epochs() == [1, 2]
+    assert ck.load()[0] == 3  # the orphans are not listed: never resumed from
+    assert not list(tmp_path.glob("*.tmp*"))  # a (re)start clears the temporaries
+    (tmp_path / "epoch00000003-rank00000.pt.tmp4242").write_bytes(b"x")
+    ck.save(3, {"x": torch.full((4,), 3.0)})
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["epoch00000002-rank00000.pt", "epoch00000003-rank00000.pt", "latest.json"]
+    assert ck.epochs() == [2, 3] and torch.equal(ck.load()[1]["x"], torch.full((4,), 3.0))
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage", "foreign"])
+def test_a_damaged_checkpoint_is_named_and_skipped(tmp_path, how):
+    ck = Checkpointer(tmp_path, every=1, keep=3)
+    for e in range(3):
+        ck.save(e, {"x": torch.full((4,), float(e))})
+    newest = tmp_path / "epoch00000002-rank00000.pt"
+    _damage(newest, how)
+    with pytest.raises(CheckpointError, match=str(newest).replace("/", ".")):
+        ck.load(fallback=False)
+    with pytest.warns(RuntimeWarning, match="epoch00000002-rank00000.pt"):
+        nxt, state = ck.load()
+    assert nxt == 2 and torch.equal(state["x"], torch.full((4,), 1.0))
+    # the resumed run saves over it, and later saves keep working
+    for e in range(2, 5):
+        ck.save(e, {"x": torch.full((4,), float(e))})
+    assert ck.epochs() == [2, 3, 4] and ck.load()[0] == 5
+    assert len(list(tmp_path.glob("*.pt"))) == 3
+
+
+def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
+    ck = Checkpointer(tmp_path, every=1, keep=2)
+    for e in range(2):
+        ck.save(e, {"x": torch.ones(2)})
+    for p in tmp_path.glob("*.pt"):
+        _damage(p, "truncated")
+    with pytest.warns(RuntimeWarning), pytest.raises(CheckpointError) as info:
+        ck.load()
+    msg = str(info.value)
+    assert "epoch00000000-rank00000.pt" in msg and "epoch00000001-rank00000.pt" in msg and "truncated" in msg
+    (tmp_path / "epoch00000001-rank00000.pt").unlink()
+    with pytest.raises(CheckpointError, match="epoch00000001-rank00000.pt' is missing"):
+        ck.load(fallback=False)
+    ck.save(0, {"x": torch.zeros(2)})  # starting afresh in the same directory works
+    assert ck.epochs() == [0] and torch.equal(ck.load()[1]["x"], torch.zeros(2))
+
+
+@pytest.mark.parametrize("content", [b"", b'{"epoch": 2, "world_si', b"\xff\xfe\x00garbage", b"[1, 2]",
+                                     b'{"epoch": 1, "world_size": 1, "complete": "x"}'])
+def test_a_corrupt_manifest_falls_back_to_the_files(tmp_path, content):
+    ck = Checkpointer(tmp_path, every=1, keep=2)
+    for e in range(3):
+        ck.save(e, {"x": torch.full((2,), float(e))})
+    manifest = tmp_path / Checkpointer.MANIFEST
+    manifest.write_bytes(content)
+    with pytest.raises(CheckpointError, match="latest.json"):
+        ck.load(fallback=False)
+    with pytest.warns(RuntimeWarning, match="latest.json"):
+        assert ck.epochs() == [1, 2]
+    with pytest.warns(RuntimeWarning, match="latest.json"):
+        nxt, state = ck.load()
+    assert nxt == 3 and torch.equal(state["x"], torch.full((2,), 2.0))
+    with pytest.warns(RuntimeWarning, match="latest.json"):
+        ck.save(3, {"x": torch.full((2,), 3.0)})
+    assert json.loads(manifest.read_text())["complete"] == [2, 3]  # rewritten: no more warnings
+    assert ck.load()[0] == 4
+
+
+def test_fit_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    V, W0, H0 = _data()
+    ref = NMF(W=W0, H=H0)
+    ref_hist = History()
+    fit_nmf(ref, V, tol=0, max_iter=9, history=ref_hist, check_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        fit_nmf(NMF(W=W0, H=H0), V, tol=0, max_iter=9, checkpoint=tmp_path, checkpoint_every=2,
+                history=_Crash(at=7), check_every=1)
+    _damage(tmp_path / "epoch00000005-rank00000.pt", "truncated")
+    (tmp_path / "epoch00000007-rank00000.pt.tmp999").write_bytes(b"half a file")
+    resumed, hist = NMF(W=W0, H=H0), History()
+    with pytest.warns(RuntimeWarning, match="epoch00000005-rank00000.pt"):
+        n = fit_nmf(resumed, V, tol=0, max_iter=9, checkpoint=tmp_path, checkpoint_every=2, history=hist,
+                    check_every=1)
+    assert n == 9  # resumed after iteration 4 (epoch 3) and redid 5..9
+    assert torch.equal(resumed.W, ref.W) and torch.equal(resumed.H, ref.H)
+    assert hist.values == ref_hist.values
+    assert Checkpointer(tmp_path).epochs() == [5, 7]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "epoch00000005-rank00000.pt", "epoch00000007-rank00000.pt", "latest.json"]
+
+    ref = _gamma()
+    h_ref = fit_gamma_cavi(ref, V, max_iter=7, tol=0)
+    with pytest.raises(KeyboardInterrupt):
+        fit_gamma_cavi(_gamma(), V, max_iter=7, tol=0, checkpoint=tmp_path / "g", checkpoint_every=2,
+                       history=_Crash(at=6))
+    (tmp_path / "g" / Checkpointer.MANIFEST).write_text('{"epoch": 3, "wor')
+    layer = _gamma()
+    with pytest.warns(RuntimeWarning, match="latest.json"):
+        h = fit_gamma_cavi(layer, V, max_iter=7, tol=0, checkpoint=tmp_path / "g", checkpoint_every=2)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(layer.state_dict()[k], v), k
+    assert h.values == h_ref.values
+
+
+def _job_damaged_checkpoint(rank, world, out):
+    ck = Checkpointer(os.path.join(out, "ckpt"), every=1, keep=3, timeout=10)
+    for e in range(3):
+        ck.save(e, {"x": torch.full((2,), 10.0 * rank + e)})
+    barrier(timeout=10)
+    if rank == 1:  # only rank 1's newest file is damaged: rank 0 must not resume from it alone
+        _damage(__import__("pathlib").Path(ck._file(2, 1)), "truncated")
+    barrier(timeout=10)
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nxt, state = ck.load()
+    ck.save(2, {"x": torch.full((2,), 10.0 * rank + 2)})
+    return {"next": nxt, "x": state["x"], "warned": [str(w.message) for w in caught], "after": ck.load()[0]}
+
+
+def test_processes_agree_on_the_newest_checkpoint_all_can_read(tmp_path):
+    res = _launch("_job_damaged_checkpoint", tmp_path)
+    assert set(res) == {0, 1}, res
+    for rank in (0, 1):
+        assert "error" not in res[rank], res[rank]
+        assert res[rank]["next"] == 2 and torch.equal(res[rank]["x"], torch.full((2,), 10.0 * rank + 1))
+        assert res[rank]["after"] == 3
+    assert any("epoch00000002-rank00001.pt" in w for w in res[1]["warned"])
+
+
+def test_distributed_failure_message_says_what_happened():
+    from torchnmf.distributed import _failure_message
+    reset = _failure_message(None, "all_reduce of W", 300.0, 0.61, RuntimeError("Connection reset by peer"))
+    assert "failed after 0.61 s, before the 300 s timeout" in reset and "reset" in reset
+    assert "within 300 s" not in reset
+    late = _failure_message(None, "broadcast", 300.0, 300.2, RuntimeError("Timed out"))
+    assert "did not complete within 300 s" in late and "rank 0 of 1: broadcast" in late
 
 
 # -- one process: helpers ----------------------------------------------------------------

@@ -17,7 +17,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import socket
+import time
+import warnings
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -41,6 +44,7 @@ __all__ = [
     "broadcast_",
     "barrier",
     "Checkpointer",
+    "CheckpointError",
     "rng_state",
     "set_rng_state",
 ]
@@ -274,19 +278,28 @@ def check_shards(
 
 # -- collectives ---------------------------------------------------------------
 def _wait(work, timeout: Optional[float], what: str, group=None) -> None:
+    limit = _timedelta(timeout).total_seconds()
+    start = time.monotonic()
     try:
         ok = work.wait(timeout=_timedelta(timeout))
     except Exception as err:  # gloo raises RuntimeError/DistBackendError for both cases
-        raise DistributedTimeoutError(
-            f"rank {get_rank(group)} of {get_world_size(group)}: {what} did not complete within "
-            f"{_timedelta(timeout).total_seconds():g} s: a peer process died, hung or lost its "
-            f"connection ({err}). Restart the job; with checkpoints it resumes from the last one."
-        ) from err
+        raise DistributedTimeoutError(_failure_message(group, what, limit, time.monotonic() - start, err)) from err
     if ok is False:  # pragma: no cover - backends that report instead of raising
-        raise DistributedTimeoutError(
-            f"rank {get_rank(group)}: {what} did not complete within "
-            f"{_timedelta(timeout).total_seconds():g} s: a peer process died or hung"
-        )
+        raise DistributedTimeoutError(_failure_message(group, what, limit, time.monotonic() - start, None))
+
+
+def _failure_message(group, what: str, limit: float, elapsed: float, err: Optional[BaseException]) -> str:
+    """Say what ended a collective: the full timeout ran out, or the connection broke early."""
+    who = f"rank {get_rank(group)} of {get_world_size(group)}: {what}"
+    detail = f" ({err})" if err is not None else ""
+    # the backend's own deadline fires at ``limit``; anything clearly earlier was a broken connection
+    if elapsed < 0.9 * limit:
+        what_happened = (f"failed after {elapsed:.2g} s, before the {limit:g} s timeout: the connection to a "
+                         f"peer was closed or reset, so a peer process died or lost its connection{detail}")
+    else:
+        what_happened = (f"did not complete within {limit:g} s: a peer process died, hung or lost its "
+                         f"connection{detail}")
+    return f"{who} {what_happened}. Restart the job; with checkpoints it resumes from the last one."
 
 
 def _comm_device(group=None) -> Optional[torch.device]:
@@ -421,6 +434,18 @@ def barrier(*, group=None, timeout: Optional[float] = None) -> None:
 
 
 # -- checkpoints ---------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint file or the ``latest.json`` manifest cannot be read (truncated, empty or garbage).
+
+    The message names the file. :meth:`Checkpointer.load` skips such files with a warning and
+    falls back to the newest checkpoint that every process can read; it raises this error only
+    when none is left (or with ``fallback=False``).
+    """
+
+
+_CKPT_NAME = re.compile(r"^epoch(\d{8})-rank(\d{5})\.pt$")
+
+
 class Checkpointer:
     """Save a fit's state every ``every`` epochs and resume from the last complete one.
 
@@ -428,6 +453,11 @@ class Checkpointer:
     written, rank 0 records the epoch in ``latest.json``. A job killed at any moment
     therefore resumes from an epoch every process saved, and a deterministic fit resumed
     this way ends with exactly the result of an uninterrupted one.
+
+    Nothing a killed job leaves behind stops the next one: temporary files (``*.tmp<pid>``)
+    and checkpoints no manifest lists are deleted by the next :meth:`save`; a truncated,
+    empty or garbage checkpoint file or manifest is skipped by :meth:`load` with a warning
+    naming it, falling back to the newest checkpoint every process can read.
 
     Parameters
     ----------
@@ -461,10 +491,56 @@ class Checkpointer:
         self.keep = check_rank(keep, "keep")
         self.group = group
         self.timeout = timeout
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise ValueError(f"directory {self.directory!r} exists and is not a directory")
         os.makedirs(self.directory, exist_ok=True)
 
     def _file(self, epoch: int, rank: int) -> str:
         return os.path.join(self.directory, f"epoch{epoch:08d}-rank{rank:05d}.pt")
+
+    def _manifest_path(self) -> str:
+        return os.path.join(self.directory, self.MANIFEST)
+
+    def _on_disk(self) -> Dict[int, set]:
+        """Checkpoint files present: epoch -> set of ranks."""
+        found: Dict[int, set] = {}
+        for name in os.listdir(self.directory):
+            m = _CKPT_NAME.match(name)
+            if m:
+                found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+        return found
+
+    def _read_manifest(self) -> Optional[Dict[str, Any]]:
+        """The manifest's content, ``None`` when there is none; :class:`CheckpointError` if unreadable."""
+        path = self._manifest_path()
+        try:
+            with open(path) as f:
+                info = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise CheckpointError(f"checkpoint manifest {path!r} is unreadable ({type(err).__name__}: {err}); "
+                                  "it was probably cut short by a killed job") from err
+        try:
+            complete = [int(e) for e in info["complete"]]
+            world = int(info["world_size"])
+            if any(e < 0 for e in complete) or world < 1:
+                raise ValueError("negative epoch or world size")
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint manifest {path!r} is not a torchnmf manifest "
+                                  f"({type(err).__name__}: {err})") from err
+        return {"complete": sorted(set(complete)), "world_size": world}
+
+    def _manifest_or_scan(self) -> Optional[Dict[str, Any]]:
+        """The manifest, or (when it is corrupt) one rebuilt from the files every rank wrote."""
+        try:
+            return self._read_manifest()
+        except CheckpointError as err:
+            warnings.warn(f"{err}; using the checkpoint files every process wrote instead", RuntimeWarning,
+                          stacklevel=3)
+        world = get_world_size(self.group)
+        complete = [e for e, ranks in self._on_disk().items() if ranks >= set(range(world))]
+        return {"complete": sorted(complete), "world_size": world}
 
     def due(self, epoch: int) -> bool:
         """Whether :meth:`maybe_save` saves after 0-based ``epoch``."""
@@ -477,71 +553,163 @@ class Checkpointer:
             return True
         return False
 
+    def _remove_stale(self, rank: int, keep: Sequence[int], tmp: bool) -> None:
+        """Delete this rank's temporary files and its checkpoints not in ``keep`` (only this rank writes them)."""
+        if tmp:
+            self._remove_tmp(rank)
+        for name in os.listdir(self.directory):
+            m = _CKPT_NAME.match(name)
+            if m is not None and int(m.group(2)) == rank and int(m.group(1)) not in keep:
+                try:
+                    os.remove(os.path.join(self.directory, name))
+                except FileNotFoundError:  # pragma: no cover - removed concurrently
+                    pass
+
+    def _remove_tmp(self, rank: int) -> None:
+        """Delete the temporary files killed saves of this rank (and, on rank 0, of the manifest) left."""
+        mine = f"-rank{rank:05d}.pt.tmp"
+        for name in os.listdir(self.directory):
+            if mine in name or (rank == 0 and name.startswith(self.MANIFEST + ".tmp")):
+                try:
+                    os.remove(os.path.join(self.directory, name))
+                except FileNotFoundError:  # pragma: no cover - removed concurrently
+                    pass
+
     def save(self, epoch: int, state: Mapping[str, Any]) -> None:
         """Write this process's ``state`` after 0-based ``epoch``; collective.
 
         ``state`` holds tensors, numbers, strings and (nested) dicts/lists of them, as
-        :func:`torch.load` with ``weights_only=True`` reads back.
+        :func:`torch.load` with ``weights_only=True`` reads back. Saving epoch ``e`` drops the
+        checkpoints of epochs ``>= e`` a previous run left (the fit went back to before
+        them), temporary files of killed saves and checkpoints no manifest lists.
         """
+        epoch = int(epoch)
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
         rank, world = get_rank(self.group), get_world_size(self.group)
         path = self._file(epoch, rank)
-        payload = {"epoch": int(epoch), "rank": rank, "world_size": world, "state": dict(state)}
-        previous = self.epochs()  # before the barrier: rank 0 rewrites the manifest after it
+        payload = {"epoch": epoch, "rank": rank, "world_size": world, "state": dict(state)}
+        # read before the barrier: rank 0 rewrites the manifest after it
+        info = self._manifest_or_scan()
+        listed = info["complete"] if info is not None else []
+        previous = [e for e in listed if e < epoch] if info is not None and info["world_size"] == world else []
+        kept = (previous + [epoch])[-self.keep:]
+        # leftovers of killed saves go before writing, so they never pile up; listed files stay
+        # until the new manifest no longer names them
+        self._remove_stale(rank, listed, tmp=True)
         tmp = f"{path}.tmp{os.getpid()}"
         torch.save(payload, tmp)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
         barrier(group=self.group, timeout=self.timeout)
         if rank == 0:
-            manifest = os.path.join(self.directory, self.MANIFEST)
+            manifest = self._manifest_path()
             tmp = f"{manifest}.tmp{os.getpid()}"
-            kept = sorted(set(previous + [int(epoch)]))[-self.keep:]
             with open(tmp, "w") as f:
-                json.dump({"epoch": int(epoch), "world_size": world, "complete": kept}, f)
+                json.dump({"epoch": epoch, "world_size": world, "complete": kept}, f)
             os.replace(tmp, manifest)
         barrier(group=self.group, timeout=self.timeout)
-        for old in previous:
-            if old not in self.epochs():
-                try:
-                    os.remove(self._file(old, rank))
-                except FileNotFoundError:
-                    pass
+        self._remove_stale(rank, kept, tmp=False)
 
     def epochs(self) -> list:
-        """The complete checkpoints on disk (0-based epochs), oldest first."""
-        manifest = os.path.join(self.directory, self.MANIFEST)
-        if not os.path.exists(manifest):
-            return []
-        with open(manifest) as f:
-            return [int(e) for e in json.load(f)["complete"]]
+        """The complete checkpoints on disk (0-based epochs), oldest first.
 
-    def load(self, map_location=None) -> Optional[Tuple[int, Dict[str, Any]]]:
-        """This process's last complete checkpoint, or ``None`` when there is none.
+        With a corrupt manifest (warned about), the epochs whose files every process wrote.
+        """
+        info = self._manifest_or_scan()
+        return [] if info is None else list(info["complete"])
+
+    def _read(self, epoch: int, rank: int, map_location) -> Dict[str, Any]:
+        path = self._file(epoch, rank)
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except FileNotFoundError as err:
+            raise CheckpointError(f"checkpoint file {path!r} is missing") from err
+        except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on damaged files
+            size = os.path.getsize(path) if os.path.exists(path) else 0
+            raise CheckpointError(f"checkpoint file {path!r} ({size} bytes) is truncated, empty or not a "
+                                  f"checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                                  ) from err
+        if (not isinstance(payload, dict) or not isinstance(payload.get("state"), dict)
+                or payload.get("epoch") != epoch or payload.get("rank") != rank):
+            raise CheckpointError(f"checkpoint file {path!r} does not hold epoch {epoch} of rank {rank}")
+        return payload
+
+    def load(self, map_location=None, *, fallback: bool = True) -> Optional[Tuple[int, Dict[str, Any]]]:
+        """This process's newest complete checkpoint every process can read, or ``None``.
+
+        Collective in a process group (the processes agree on one epoch).
+
+        Parameters
+        ----------
+        map_location : optional
+            As for :func:`torch.load`.
+        fallback : bool, default True
+            Skip unreadable checkpoint files and a corrupt manifest with a
+            :class:`RuntimeWarning` naming them, and resume from an older checkpoint. With
+            ``False``, the first unreadable file raises :class:`CheckpointError`.
 
         Returns
         -------
-        (next_epoch, state) : tuple
-            The epoch to continue from (one past the saved one) and the saved ``state``.
+        (next_epoch, state) : tuple or None
+            The epoch to continue from (one past the saved one) and the saved ``state``;
+            ``None`` when the directory holds no complete checkpoint.
 
         Raises
         ------
         ValueError
             The checkpoint was written by a job with another number of processes.
+        CheckpointError
+            Checkpoints exist but none can be read by every process (or one cannot, with
+            ``fallback=False``); the message names the files.
         """
-        manifest = os.path.join(self.directory, self.MANIFEST)
-        if not os.path.exists(manifest):
-            return None
-        with open(manifest) as f:
-            info = json.load(f)
+        if fallback:
+            info = self._manifest_or_scan()
+        else:
+            info = self._read_manifest()
         world, rank = get_world_size(self.group), get_rank(self.group)
-        if int(info["world_size"]) != world:
+        self._remove_tmp(rank)
+        if info is not None and info["world_size"] != world:
             raise ValueError(
                 f"the checkpoint in {self.directory!r} was written by {info['world_size']} processes but this "
                 f"job has {world}: rows are sharded by process, so resume with {info['world_size']} processes "
                 "or start afresh in another directory"
             )
-        epoch = int(info["epoch"])
-        payload = torch.load(self._file(epoch, rank), map_location=map_location, weights_only=True)
-        return epoch + 1, payload["state"]
+        candidates = sorted(info["complete"], reverse=True) if info is not None else []
+        failures: list = []
+        bound = None  # the processes agree on the newest epoch all of them could read
+        while True:
+            chosen, payload = -1, None
+            for epoch in candidates:
+                if bound is not None and epoch > bound:
+                    continue
+                try:
+                    payload = self._read(epoch, rank, map_location)
+                except CheckpointError as err:
+                    if not fallback:
+                        raise
+                    warnings.warn(f"{err}; falling back to an older checkpoint", RuntimeWarning, stacklevel=2)
+                    failures.append(str(err))
+                    continue
+                chosen = epoch
+                break
+            if not is_distributed(self.group):
+                break
+            agreed = all_reduce_stats({"lo": torch.tensor([chosen])}, group=self.group, timeout=self.timeout,
+                                      op="min")["lo"]
+            highest = all_reduce_stats({"hi": torch.tensor([chosen])}, group=self.group, timeout=self.timeout,
+                                       op="max")["hi"]
+            if int(agreed) == int(highest):
+                break
+            bound = int(agreed)
+        if chosen < 0:
+            if not candidates:
+                return None
+            raise CheckpointError(
+                f"no checkpoint in {self.directory!r} can be read by every process"
+                + (": " + "; ".join(failures) if failures else " (another process found its files damaged)")
+                + ". Delete the damaged files or the directory to start afresh."
+            )
+        return chosen + 1, payload["state"]
 
 
 def rng_state() -> Dict[str, Tensor]:
