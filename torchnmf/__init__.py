@@ -24,3 +24,4 @@ from . import distributed, parallel, streaming  # noqa: F401
 from .parallel import fit_gamma_cavi, fit_gamma_svi, fit_nmf, fit_nmf_online  # noqa: F401
 from .streaming import SparseRows, row_loader  # noqa: F401
 from .poisson.spfa import SparsePoissonFA  # noqa: F401
+from .poisson.chain import GammaNMF  # noqa: F401

@@ -39,14 +39,28 @@ def unpack_batch(batch) -> Tuple[object, object, Optional[float]]:
     return batch, None, None
 
 
-class _ConjugateTrainer(torch.optim.Optimizer):
-    """Shared plumbing: one parameter group over a layer, a step counter, a data cache."""
+def _is_conjugate(layer) -> bool:
+    return isinstance(layer, nn.Module) and all(callable(getattr(layer, m, None)) for m in CONJUGATE_INTERFACE)
 
-    def __init__(self, layer: nn.Module, defaults: dict, reduce: Optional[Reduce]):
-        check_conjugate(layer)
+
+class _ConjugateTrainer(torch.optim.Optimizer):
+    """Shared plumbing: one parameter group over a layer (or a chain's parameters), a step counter, a data cache."""
+
+    def __init__(self, layer, defaults: dict, reduce: Optional[Reduce]):
         if reduce is not None and not callable(reduce):
             raise TypeError(f"reduce must be callable, got {type(reduce).__name__}")
-        params = list(layer.parameters())
+        self._chain = None
+        if _is_conjugate(layer):
+            params = list(layer.parameters())
+        else:
+            # a chain of GammaNMF/NMF layers: given as a module or as its parameters
+            from ._chain import ChainRunner, chain_parameters
+
+            params = chain_parameters(layer)
+            if reduce is not None:
+                raise ValueError("reduce: data-parallel fitting of chains is not supported; pass a conjugate layer")
+            self._chain = ChainRunner(params)
+            layer = None
         super().__init__(params, defaults)
         self.layer = layer
         self.reduce = reduce
@@ -91,20 +105,41 @@ class _ConjugateTrainer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._source = None
         self._cache = None
+        if self._chain is not None:
+            self._chain.reset()
 
 
 class CAVI(_ConjugateTrainer):
     r"""Coordinate-ascent variational inference: one full sweep per :meth:`step`.
 
-    Each step updates ``q(U)``, then ``q(α)`` (each with the multinomial :math:`\phi` optimal
+    Two kinds of models: a conjugate layer (:class:`~torchnmf.poisson.GammaPoisson`), or a
+    chain of :class:`~torchnmf.poisson.GammaNMF` (and plain :class:`~torchnmf.NMF`) layers given
+    by its parameters, ``CAVI(model.parameters())`` (or the module, ``CAVI(model)``; only the
+    parameters are kept), trained through a closure like :class:`BetaMu`::
+
+        model = nn.Sequential(GammaNMF((N, K1), rank=K0), GammaNMF(W=(K2, K1)), GammaNMF(W=(C, K2)))
+        trainer = CAVI(model.parameters())
+        for _ in range(200):
+            elbo = trainer.step(lambda: (X, model(None)))   # X dense, sparse, numpy or scipy
+
+    For a chain one sweep updates the first factor (``H``), then every other trainable factor
+    in chain order, then the prior rates (see :mod:`torchnmf.trainer._chain` for the schedule
+    and :mod:`torchnmf.poisson.chain` for the statistics); factors whose parameters are not in
+    the trainer or have ``requires_grad=False`` are left alone. ``NMF`` factors (modes
+    ``multiplicative``/``projected``) take the KL multiplicative update, the point-mass case.
+    The step returns the chain's ELBO after the sweep (:func:`~torchnmf.poisson.chain.chain_elbo`).
+    A one-layer chain follows exactly the ``GammaPoisson`` trajectory from the same start.
+
+    For a conjugate layer, each step updates ``q(U)``, then ``q(α)`` (each with the multinomial :math:`\phi` optimal
     for the current posterior), then the empirical-Bayes hyperparameters, so every half-step
     increases the ELBO. The trainer sees only the layer's statistics and update methods
     (:meth:`GammaPoisson.statistics` and friends), never its class.
 
     Parameters
     ----------
-    layer : nn.Module
-        A conjugate layer such as :class:`torchnmf.poisson.GammaPoisson`.
+    layer : nn.Module or iterable of Tensor
+        A conjugate layer such as :class:`torchnmf.poisson.GammaPoisson`, or the parameters
+        (or module) of a chain of ``GammaNMF`` / ``NMF`` layers.
     chunk_size : int, optional
         Bound on the nonzeros processed at once (peak memory).
     update_hyper : bool, default True
@@ -154,7 +189,7 @@ class CAVI(_ConjugateTrainer):
         Parameters
         ----------
         closure : callable
-            Returns ``X`` or, with ``reduce``, ``(X, rows)``.
+            Returns ``X`` or, with ``reduce``, ``(X, rows)``; for a chain ``(X, model(None))``.
 
         Returns
         -------
@@ -162,7 +197,13 @@ class CAVI(_ConjugateTrainer):
             The ELBO after the sweep (summed over shards when ``reduce`` sums the statistics).
         """
         if closure is None:
-            raise ValueError("CAVI.step needs a closure returning the data (X or (X, rows))")
+            raise ValueError("CAVI.step needs a closure returning the data (X or (X, rows); (X, model(None)) "
+                             "for a chain)")
+        group = self.param_groups[0]
+        if self._chain is not None:
+            record = self._chain.cavi(closure, group["chunk_size"], group["update_hyper"])
+            self._count_step()
+            return record
         X, rows, _ = unpack_batch(closure())
         if rows is not None and self.reduce is None:
             raise ValueError("rows: CAVI sweeps the full data; pass (X, rows) shards only together with "

@@ -38,8 +38,9 @@ class NaturalGradient(_ConjugateTrainer):
 
     Parameters
     ----------
-    layer : nn.Module
-        A conjugate layer such as :class:`torchnmf.poisson.GammaPoisson`.
+    layer : nn.Module or iterable of Tensor
+        A conjugate layer such as :class:`torchnmf.poisson.GammaPoisson`, or the parameters
+        (or module) of a chain of :class:`~torchnmf.poisson.GammaNMF` / ``NMF`` layers.
     lr : float, default 1.0
         Scale of the step size (see above).
     tau0 : float, default 1.0
@@ -68,6 +69,13 @@ class NaturalGradient(_ConjugateTrainer):
 
     :meth:`step` returns a noisy estimate of the full-data ELBO from the batch, at the batch's
     local optimum and before the global step.
+
+    For a chain the closure returns ``(X_batch, model(None), rows)`` (or with a 4th ``scale``;
+    ``(X, model(None))`` is the full data): the rows of the first factor (``H``) are the local
+    factors, fitted by ``local_iters`` coordinate steps; every other trainable factor is
+    global and moves by the natural-gradient step above, in chain order (point-mass ``NMF``
+    factors move by ``(1 - rho) * value + rho * estimate``). With ``rho = 1`` on the full data
+    and ``local_iters=1`` a step equals one :class:`CAVI` sweep of the chain.
 
     Examples
     --------
@@ -118,6 +126,10 @@ class NaturalGradient(_ConjugateTrainer):
         """
         if closure is None:
             raise ValueError("NaturalGradient.step needs a closure returning (X_batch, rows)")
+        if self._chain is not None:
+            estimate = self._chain.svi(closure, self.rho, self.param_groups[0])
+            self._count_step()
+            return estimate
         X, rows, scale = unpack_batch(closure())
         rho = self.rho()
         if not (0.0 < rho <= 1.0) or not math.isfinite(rho):
