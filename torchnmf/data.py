@@ -19,6 +19,7 @@ __all__ = [
     "check_finite",
     "check_nonnegative",
     "check_counts",
+    "check_magnitude",
     "check_shape",
     "check_rank",
     "check_positive",
@@ -167,6 +168,44 @@ def check_nonnegative(X: Tensor, name: str = "X") -> Tensor:
     v = _values(X)
     if v.numel() and bool((v < 0).any()):
         raise ValueError(f"{name} must be non-negative, got minimum {float(v.min()):.4g}")
+    return X
+
+
+def check_magnitude(X: Tensor, name: str = "X", dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Raise ``ValueError`` if ``X`` is too large for a factorization's arithmetic in ``dtype``.
+
+    Objectives sum ``x log x`` (or ``x``, ``x²``) over every entry and reconstructions sum
+    products over the rank: a float32 ``X`` whose entries approach 3.4e38 gives infinite
+    objectives and NaN factors. ``X`` is refused, with its size and the dtype's range, when
+    ``Σ |x| (1 + log max(|x|, 1))`` (accumulated in float64) exceeds ``finfo(dtype).max / 1024``.
+
+    Parameters
+    ----------
+    X : Tensor, shape (...)
+        Dense or sparse, finite.
+    name : str
+        Argument name for the message.
+    dtype : torch.dtype, optional
+        Dtype the computation runs in; default ``X.dtype``.
+
+    Returns
+    -------
+    Tensor
+        ``X`` itself.
+    """
+    v = _values(X)
+    dtype = dtype or X.dtype
+    if not v.numel() or not v.is_floating_point() or not dtype.is_floating_point:
+        return X
+    limit = torch.finfo(dtype).max / 1024
+    amax = float(v.abs().max())
+    total = float(v.abs().sum(dtype=torch.float64)) * (1.0 + math.log(max(amax, 1.0)))
+    if total > limit:
+        raise ValueError(
+            f"{name} is too large for {str(dtype).replace('torch.', '')} arithmetic: its largest entry is "
+            f"{amax:.3g} and its objective terms (Σ x log x) reach {total:.3g}, which overflows the dtype "
+            f"(max {torch.finfo(dtype).max:.3g}); divide {name} by a constant or use float64"
+        )
     return X
 
 

@@ -18,6 +18,7 @@ the exact SVD (the default for small inputs, and whenever ``X`` has rank at most
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Tuple, Union
 
@@ -161,8 +162,11 @@ def _nndsvd(U: Tensor, S: Tensor, Vh: Tensor) -> Tuple[Tensor, Tensor]:
         xnn, ynn = xn.norm(dim=0), yn.norm(dim=0)
         mp, mn = xpn * ypn, xnn * ynn
         use_p = mp > mn
-        u = torch.where(use_p, xp / xpn.clamp_min(1e-300), xn / xnn.clamp_min(1e-300))
-        v = torch.where(use_p, yp / ypn.clamp_min(1e-300), yn / ynn.clamp_min(1e-300))
+        # the floor only guards 0/0 (norms that are 0 are of unused halves); it must be a
+        # positive number of the dtype: a literal 1e-300 is 0 in float32 and gave NaN
+        tiny = torch.finfo(U.dtype).tiny
+        u = torch.where(use_p, xp / xpn.clamp_min(tiny), xn / xnn.clamp_min(tiny))
+        v = torch.where(use_p, yp / ypn.clamp_min(tiny), yn / ynn.clamp_min(tiny))
         lbd = (S[1:] * torch.where(use_p, mp, mn)).sqrt()
         left[:, 1:] = lbd * u
         right[1:] = (lbd * v).t()
@@ -174,6 +178,23 @@ def _mean(X: Tensor) -> Tensor:
         vals = X.coalesce().values() if X.layout == torch.sparse_coo else X.values()
         return vals.sum() / (X.shape[0] * X.shape[1])
     return X.mean()
+
+
+def _overflow_scale(X: Tensor) -> float:
+    """A power of 4 to divide ``X`` by so that its sums and SVD cannot overflow (1 if none is needed).
+
+    Sums of ``N * C`` entries near the dtype's maximum (float32: 3.4e38) overflow to inf
+    and the SVD then gives NaN. Powers of 4 scale exactly, and their square roots (the
+    factors' share) are powers of 2, so the scaled computation loses nothing.
+    """
+    vals = X.coalesce().values() if X.layout == torch.sparse_coo else (X.values() if is_sparse(X) else X)
+    if vals.numel() == 0:
+        return 1.0
+    amax = float(vals.max())
+    limit = math.sqrt(torch.finfo(X.dtype).max) / max(X.shape[0], X.shape[1], 1)
+    if amax <= limit:
+        return 1.0
+    return 4.0 ** math.floor(math.log(amax, 4))  # <= amax, so representable in the dtype
 
 
 def _kmeans(X: Tensor, rank: int, generator: torch.Generator, eps: float):
@@ -268,6 +289,8 @@ def initialize(
     X = as_tensor(X, "X", ndim=2, float_only=False)
     check_nonnegative(X, "X")
     N, C = X.shape
+    if N == 0 or C == 0:
+        raise ValueError(f"X is empty (shape {tuple(X.shape)}): there is nothing to initialize factors from")
     rank = check_rank(rank, "rank")
     if method not in (None, "random", "k-means") and rank > min(N, C):
         raise ValueError(f"method={method!r} needs rank <= min(N, C) = {min(N, C)}, got rank={rank}")
@@ -278,16 +301,22 @@ def initialize(
         X = X.coalesce()
     dtype, device = X.dtype, X.device
     like = torch.empty(0, dtype=dtype, device=device)
+    if method == "k-means":  # computed in float64, which does not overflow
+        W, H = _kmeans(X, rank, g, eps)
+        return _finite(W.to(device=device, dtype=dtype), H.to(device=device, dtype=dtype))
+    # data near the dtype's maximum: work on X / s and give each factor sqrt(s) back
+    s = _overflow_scale(X)
+    if s != 1.0:
+        X = X / s
+        eps = eps / s
+    root = math.sqrt(s)
     avg = _mean(X)
 
     if method == "random":
         scale = (avg / rank).sqrt()
         H = scale * _randn((N, rank), g, like).abs()
         W = scale * _randn((C, rank), g, like).abs()
-        return W, H
-    if method == "k-means":
-        W, H = _kmeans(X, rank, g, eps)
-        return W.to(device=device, dtype=dtype), H.to(device=device, dtype=dtype)
+        return _finite(W * root, H * root)
 
     U, S, Vh = _svd(X, rank, svd, g)
     left, right = _nndsvd(U, S, Vh)
@@ -299,4 +328,14 @@ def initialize(
     elif method == "nndsvdar":
         left = torch.where(left == 0, (avg * _randn(left.shape, g, like) / 100).abs(), left)
         right = torch.where(right == 0, (avg * _randn(right.shape, g, like) / 100).abs(), right)
-    return right.t().contiguous(), left.contiguous()
+    return _finite(right.t().contiguous() * root, left.contiguous() * root)
+
+
+def _finite(W: Tensor, H: Tensor) -> Tuple[Tensor, Tensor]:
+    """Return ``(W, H)``, raising instead of handing on non-finite factors."""
+    if not (bool(torch.isfinite(W).all()) and bool(torch.isfinite(H).all())):
+        raise FloatingPointError(
+            f"the initial factors overflowed {W.dtype}: X is too large for this dtype; "
+            "use float64 or divide X by a constant"
+        )
+    return W, H

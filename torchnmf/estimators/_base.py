@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from ..data import as_tensor, check_finite, check_nonnegative, is_sparse
+from ..data import as_tensor, check_finite, check_magnitude, check_nonnegative, is_sparse
 from ..history import History, plot_history
 from ..init import check_random_state
 
@@ -133,6 +133,7 @@ class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
             check_counts(T, "X", allow_noninteger=allow_noninteger)
         else:
             check_nonnegative(T, "X")
+        check_magnitude(T, "X")
         return T
 
     # -- output ----------------------------------------------------------------
