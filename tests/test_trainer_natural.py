@@ -6,26 +6,21 @@ import pytest
 import torch
 from scipy.special import digamma, logsumexp
 
-from torchnmf.poisson import GammaPoisson
+from gamma_helpers import gamma_params, make_gamma, simulate_gamma
 from torchnmf.trainer import CAVI, NaturalGradient
 
 DT = torch.float64
 
 
 def simulate(n=60, m=20, K=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    U = torch._standard_gamma(torch.full((n, K), 0.6, dtype=DT), generator=g)
-    A = torch._standard_gamma(torch.full((m, K), 0.6, dtype=DT), generator=g) * 3
-    return torch.poisson(U @ A.T, generator=g)
+    return simulate_gamma(n, m, K, seed=seed)[0]
 
 
 def make(X, K=3, seed=0, **kw):
-    kw.setdefault("dtype", DT)
-    return GammaPoisson(X.shape[0], X.shape[1], K, generator=torch.Generator().manual_seed(seed), **kw)
+    return make_gamma(X, K, seed, **kw)
 
 
-def params(layer):
-    return [getattr(layer, n).detach().numpy().copy() for n in ("U_shape", "U_rate", "alpha_shape", "alpha_rate")]
+params = gamma_params
 
 
 def batches(n, size, seed):

@@ -11,21 +11,17 @@ from scipy.special import digamma, gammaln, logsumexp
 from torchnmf import History
 from torchnmf.poisson import GammaPoisson
 from torchnmf.poisson.gamma import CountMatrix, expected_counts
+from gamma_helpers import gamma_params, make_gamma, simulate_gamma
 
 DT = torch.float64
 
 
 def simulate(n=40, m=30, K=4, a=0.5, b=0.5, scale=3.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    U = torch._standard_gamma(torch.full((n, K), a, dtype=DT), generator=g)
-    A = torch._standard_gamma(torch.full((m, K), b, dtype=DT), generator=g) * scale
-    X = torch.poisson(U @ A.T, generator=g)
-    return X, U, A
+    return simulate_gamma(n, m, K, a, b, scale, seed)
 
 
 def make(X, K=4, seed=0, **kw):
-    kw.setdefault("dtype", DT)
-    return GammaPoisson(X.shape[0], X.shape[1], K, generator=torch.Generator().manual_seed(seed), **kw)
+    return make_gamma(X, K, seed, **kw)
 
 
 # -- independent slow references (numpy/scipy, dense, explicit phi) -------------------
@@ -53,8 +49,7 @@ def np_elbo(X, sU, rU, sA, rA, a, b, kappa, lam):
     return data, kl_u, kl_a
 
 
-def params(layer):
-    return [getattr(layer, n).detach().numpy().copy() for n in ("U_shape", "U_rate", "alpha_shape", "alpha_rate")]
+params = gamma_params
 
 
 # -- ELBO ------------------------------------------------------------------------------
