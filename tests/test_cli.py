@@ -135,7 +135,7 @@ def test_bad_content(tmp_path, capsys):
     frac = tmp_path / "frac.npy"
     np.save(frac, np.full((3, 3), 0.5))
     assert main(["fit", str(frac), "--rank", "1", "--model", "gamma-poisson", "-o", str(tmp_path / "o")]) == 2
-    assert "integer" in capsys.readouterr().err
+    assert "not counts, first at row 0, column 0: 0.5" in capsys.readouterr().err
     assert not (tmp_path / "o.npz").exists()
 
 
@@ -178,3 +178,146 @@ def test_unwritable_output_is_one_line(tmp_path, data, capsys):
                "-o", str(blocker / "sub" / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "cannot write" in err
+
+
+def labelled_csv(tmp_path, X, name="cells.csv", noise=0.0):
+    import pandas as pd
+
+    df = pd.DataFrame(X + noise, index=[f"Cell_{i}" for i in range(X.shape[0])],
+                      columns=[f"Gene{j}" for j in range(X.shape[1])])
+    df.to_csv(tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("model", ["nmf", "gamma-poisson"])
+def test_labelled_csv_names_reach_the_outputs(tmp_path, data, model, capsys):
+    path = labelled_csv(tmp_path, data)
+    rc, out = fit(tmp_path, path, "--model", model, "--rank", 2)
+    assert rc == 0, capsys.readouterr().err
+    with np.load(f"{out}.npz") as z:
+        W, rows, cols = z["W"], z["row_names"], z["col_names"]
+    assert rows[0] == "Cell_0" and list(cols) == [f"Gene{j}" for j in range(9)]
+    summary = json.loads(open(f"{out}.json").read())
+    assert summary["row_names"] and summary["col_names"] and summary["rounded"] == 0
+    comps = summary["components"]
+    assert len(comps) == 2 and sum(c["share"] for c in comps) == pytest.approx(1, abs=1e-5)
+    for c in comps:  # the top features are the names of the largest loadings
+        k = c["component"]
+        assert c["top_features"] == [f"Gene{j}" for j in np.argsort(-W[:, k], kind="stable")[:9]]
+
+
+def test_transpose_and_ten_x_directory(tmp_path, data, capsys):
+    from test_io import write_10x
+
+    write_10x(tmp_path / "tenx", data, gz=True)
+    rc, out = fit(tmp_path, tmp_path / "tenx", "--model", "gamma-poisson", "--rank", 2)
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads(open(f"{out}.json").read())
+    assert summary["shape"] == [25, 9] and isinstance(summary["components"][0]["top_features"][0], str)
+    rc, out = fit(tmp_path, tmp_path / "tenx", "--rank", 2, "--transpose")
+    assert rc == 0
+    with np.load(f"{out}.npz") as z:
+        assert z["W"].shape == (25, 2) and z["col_names"][0] == "AAAC0000-1"
+
+
+def test_float_noise_counts_are_rounded_and_reported(tmp_path, data, capsys):
+    path = labelled_csv(tmp_path, data, noise=1e-11)
+    rc, out = fit(tmp_path, path, "--model", "gamma-poisson", "--rank", 2)
+    assert rc == 0, capsys.readouterr().err
+    n = data.size
+    assert json.loads(open(f"{out}.json").read())["rounded"] == n
+    assert f"{n} values rounded to counts" in capsys.readouterr().out
+    frac = data.copy()
+    frac[3, 4] += 0.25
+    path = labelled_csv(tmp_path, frac, name="frac.csv")
+    rc, _ = fit(tmp_path, path, "--model", "pnmf", "--rank", 2)
+    err = capsys.readouterr().err
+    assert rc == 2 and "frac.csv" in err and "row 3 (Cell_3), column 4 (Gene4)" in err and "--round" in err
+    rc, out = fit(tmp_path, path, "--model", "pnmf", "--rank", 2, "--round")
+    assert rc == 0 and json.loads(open(f"{out}.json").read())["rounded"] == 1
+
+
+def test_nan_error_names_file_and_entry(tmp_path, data, capsys):
+    X = data.copy()
+    X[2, 1] = np.nan
+    np.save(tmp_path / "holes.npy", X)
+    rc, _ = fit(tmp_path, tmp_path / "holes.npy", "--rank", 2)
+    err = capsys.readouterr().err
+    assert rc == 2 and "holes.npy contains NaN" in err and "row 2, column 1" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("rank", ["10", "1000000000000"])
+def test_rank_above_min_shape_is_one_line(tmp_path, data, capsys, rank):
+    rc, _ = fit(tmp_path, write(tmp_path, data, ".npy"), "--rank", rank)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and f"--rank {rank} is larger than min(n_samples, n_features) = 9" in err
+
+
+def test_output_directory_and_directory_input(tmp_path, data, capsys):
+    path = write(tmp_path, data, ".npy")
+    (tmp_path / "res").mkdir()
+    for out in (str(tmp_path / "res") + "/", str(tmp_path / "res")):
+        assert main(["fit", str(path), "--rank", "2", "--max-iter", "3", "--quiet", "-o", out]) == 0
+        assert sorted(os.listdir(tmp_path / "res")) == ["X.json", "X.npz"]  # no hidden .npz
+    assert main(["plot", str(tmp_path / "res")]) == 0
+    assert (tmp_path / "res" / "X.png").exists()
+    (tmp_path / "x.npy").mkdir()
+    assert main(["fit", str(tmp_path / "x.npy"), "--rank", "2", "-o", str(tmp_path / "o")]) == 2
+    assert "x.npy: it is a directory, not a .npy file" in capsys.readouterr().err
+
+
+def test_outputs_are_atomic_and_json_last(tmp_path, data, monkeypatch, capsys):
+    path = write(tmp_path, data, ".npy")
+    rc, out = fit(tmp_path, path, "--rank", 2)
+    assert rc == 0
+    old_npz, old_json = open(f"{out}.npz", "rb").read(), open(f"{out}.json").read()
+
+    def killed(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", killed)
+    rc, _ = fit(tmp_path, path, "--rank", 3)
+    assert rc == 2 and "cannot write" in capsys.readouterr().err
+    # the previous result is whole and its summary still matches it: the JSON comes last
+    assert open(f"{out}.npz", "rb").read() == old_npz and open(f"{out}.json").read() == old_json
+    monkeypatch.undo()
+    monkeypatch.setattr(json, "dump", killed)
+    rc, _ = fit(tmp_path, path, "--rank", 3)
+    assert rc == 2 and open(f"{out}.json").read() == old_json
+    assert sorted(os.listdir(tmp_path)) == ["X.npy", "res.json", "res.npz"]  # no temporary files left
+
+
+def test_version_device_default_and_singular(tmp_path, data, capsys):
+    from torchnmf import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"torchnmf {__version__}"
+    assert main(["fit", "--help"]) == 0
+    assert "(default: auto)" in capsys.readouterr().out
+    rc = main(["fit", str(write(tmp_path, data, ".npy")), "--rank", "2", "--max-iter", "1", "--quiet",
+               "--device", "cpu", "-o", str(tmp_path / "one")])
+    assert rc == 0 and ", 1 iteration," in capsys.readouterr().out
+
+
+def test_plot_image_shape_and_named_bars(tmp_path, data, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+    rc, out = fit(tmp_path, labelled_csv(tmp_path, data), "--rank", 3)
+    assert rc == 0
+    assert main(["plot", str(out), "--image-shape", "3", "3"]) == 0
+    fig = figures[-1]
+    images = [a for a in fig.axes if a.images]
+    assert len(fig.axes) == 4 and len(images) == 3  # history + one image per component
+    assert all(a.images[0].get_array().shape == (3, 3) for a in images)
+    assert main(["plot", str(out), "--top", "4", "--components", "2"]) == 0
+    fig = figures[-1]
+    bars = fig.axes[1:]
+    assert len(bars) == 2
+    labels = [t.get_text() for t in bars[0].get_yticklabels()]
+    assert len(labels) == 4 and all(t.startswith("Gene") for t in labels)
+    assert bars[0].get_xlabel() == "weight"
+    assert main(["plot", str(out), "--image-shape", "2", "4"]) == 2

@@ -3,20 +3,33 @@
 ::
 
     torchnmf fit [INPUT] --model {nmf,gamma-poisson,pnmf} --rank K [--beta B] [--max-iter N]
-                 [--tol T] [--init METHOD] [--device D] [--seed S] [--quiet] [--debug] -o OUT
-    torchnmf plot OUT [--top N] [--debug]
+                 [--tol T] [--init METHOD] [--transpose] [--layer NAME] [--round]
+                 [--device D] [--seed S] [--quiet] [--debug] -o OUT
+    torchnmf plot OUT [--image-shape H W] [--top N] [--components K] [--debug]
+    torchnmf --version
 
-``INPUT`` is a ``.npy``, ``.npz`` (a dense array, or a matrix saved by
-:func:`scipy.sparse.save_npz`), ``.mtx`` (Matrix Market), ``.csv`` (numbers, an optional
-header line) or ``.h5ad`` (AnnData, if :mod:`anndata` is installed) file of shape
-``(n_samples, n_features)``. Without ``INPUT`` the fit runs on scikit-learn's bundled digits
-(1797 x 64 counts). ``fit`` writes ``OUT.npz`` (factors ``W`` (n_features, K), ``H``
-(n_samples, K) and the objective ``history``) and ``OUT.json`` (a summary); ``plot`` writes
-``OUT.png`` (objective history and the top components).
+``INPUT`` is read by :func:`torchnmf.io.read_matrix`: ``.npy``, ``.npz``, ``.mtx(.gz)``,
+``.csv``/``.tsv`` (optionally gzipped, with a header line of column names and a first column
+of row names, read with pandas), ``.h5ad`` (AnnData: ``X``, ``--layer NAME`` or
+``--layer raw``) or a directory in the 10x layout (``matrix.mtx``, ``features.tsv``,
+``barcodes.tsv``, gzipped or not), of shape ``(n_samples, n_features)`` (``--transpose`` for
+files stored the other way). Without ``INPUT`` the fit runs on scikit-learn's bundled digits
+(1797 x 64 counts).
 
-Bad input (unreadable or unknown files, negative values, wrong flags) prints one line
-``torchnmf: error: ...`` and exits with status 2; ``--debug`` shows the traceback instead.
-The input file is only ever read.
+``fit`` writes ``OUT.npz`` (factors ``W`` (n_features, K), ``H`` (n_samples, K), the objective
+``history`` and, when the input had them, ``row_names`` and ``col_names``) and then
+``OUT.json`` (a summary, with each component's top features by name). Each file is written
+to a temporary file in the same directory and renamed, so a killed run leaves the previous
+result intact. ``-o DIR/`` writes ``DIR/NAME.npz`` with ``NAME`` the input's name.
+``plot`` writes ``OUT.png``: the objective history and the components, as images with
+``--image-shape H W`` (digits: 8 x 8 by default) or as bars of their ``--top`` features.
+
+The count models (``gamma-poisson``, ``pnmf``) accept counts saved as floats: values within
+``1e-6`` of an integer are rounded (the number rounded is reported); ``--round`` rounds every
+value. Bad input (unreadable or unknown files, negative or non-count values, NaN, wrong flags,
+a rank above ``min(n_samples, n_features)``) prints one line ``torchnmf: error: ...`` naming
+the file (and the first offending entry) and exits with status 2; ``--debug`` shows the
+traceback instead. The input file is only ever read.
 """
 from __future__ import annotations
 
@@ -30,10 +43,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from . import __version__
+from . import io as tio
+
 __all__ = ["main", "read_matrix", "MODELS", "FORMATS", "CLIError"]
 
 MODELS = ("nmf", "gamma-poisson", "pnmf")
-FORMATS = (".npy", ".npz", ".mtx", ".csv", ".h5ad")
+FORMATS = tio.FORMATS
+TOP_FEATURES = 10  # top features per component listed in OUT.json
 
 
 class CLIError(Exception):
@@ -47,6 +64,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="torchnmf", description="Non-negative and Poisson matrix factorization.")
+    p.add_argument("--version", action="version", version=f"torchnmf {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     sub.required = True
     f = sub.add_parser("fit", help="factorize a matrix file (default: scikit-learn's digits)",
@@ -54,22 +72,34 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("input", nargs="?", default=None, metavar="INPUT",
                    help=f"matrix file ({', '.join(FORMATS)}); default: scikit-learn's digits, 1797x64")
     f.add_argument("--model", choices=MODELS, default="nmf", help="model (default: nmf)")
-    f.add_argument("--rank", "-k", type=int, required=True, help="number of components K")
+    f.add_argument("--rank", "-k", type=int, required=True,
+                   help="number of components K, at most min(n_samples, n_features)")
     f.add_argument("--beta", type=float, default=1.0, help="beta of the divergence for --model nmf (default: 1, KL)")
     f.add_argument("--max-iter", type=int, default=200, help="maximum iterations (default: 200)")
     f.add_argument("--tol", type=float, default=1e-6, help="relative tolerance for stopping (default: 1e-6)")
     f.add_argument("--init", default=None, choices=("random", "nndsvd", "nndsvda", "nndsvdar", "k-means"),
                    help="initialisation for nmf and pnmf (default: automatic)")
-    f.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1'...")
+    f.add_argument("--transpose", action="store_true",
+                   help="the file is stored features x samples: swap rows and columns after reading")
+    f.add_argument("--layer", default=None, metavar="NAME",
+                   help="for .h5ad: the layer to factorize instead of X, or 'raw' for adata.raw.X")
+    f.add_argument("--round", action="store_true",
+                   help="round every value to the nearest integer (default: only values within 1e-6 of one, "
+                        "for the count models)")
+    f.add_argument("--device", default="auto",
+                   help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1'... (default: auto)")
     f.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     f.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output prefix: writes OUT.npz and OUT.json")
+                   help="output prefix: writes OUT.npz and OUT.json (a directory: DIR/INPUT-NAME.*)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.add_argument("--debug", action="store_true", help="show tracebacks")
-    pl = sub.add_parser("plot", help="plot the objective history and top components of a fit",
+    pl = sub.add_parser("plot", help="plot the objective history and the components of a fit",
                         description="Read OUT.npz/OUT.json written by 'torchnmf fit' and save OUT.png.")
     pl.add_argument("output", metavar="OUT", help="the prefix given to 'torchnmf fit -o'")
-    pl.add_argument("--top", type=int, default=16, help="how many components to draw (default: 16)")
+    pl.add_argument("--image-shape", type=int, nargs=2, default=None, metavar=("H", "W"),
+                    help="draw each component as an H x W image (H * W = n_features; digits: 8 8)")
+    pl.add_argument("--top", type=int, default=10, help="features per bar chart (default: 10)")
+    pl.add_argument("--components", type=int, default=16, help="how many components to draw (default: 16)")
     pl.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -81,75 +111,38 @@ def _prefix(out: str) -> str:
     return out
 
 
+def _fit_prefix(out: str, input_path: Optional[str]) -> str:
+    """``OUT`` without extension; a directory (existing, or ending in a separator) gets the input's name."""
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):
+        if input_path is None:
+            stem = "digits"
+        else:
+            base = os.path.basename(os.path.normpath(input_path))
+            for ext in (".gz", ".npy", ".npz", ".mtx", ".csv", ".tsv", ".h5ad"):
+                if base.lower().endswith(ext):
+                    base = base[: -len(ext)]
+            stem = base or "torchnmf"
+        return os.path.join(out, stem)
+    prefix = _prefix(out)
+    if not os.path.basename(prefix):
+        raise CLIError(f"-o {out}: give a file name prefix such as {out}result")
+    return prefix
+
+
 def read_matrix(path: str):
-    """Read a matrix file by extension; returns a numpy array or a scipy.sparse CSR matrix.
+    """Read a matrix file; returns a numpy array or a scipy.sparse CSR matrix.
+
+    The names are dropped: see :func:`torchnmf.io.read_matrix` for them.
 
     Raises
     ------
     CLIError
         Missing or unreadable file, unknown extension, or content that is not a 2-D numeric matrix.
     """
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in FORMATS:
-        raise CLIError(f"unknown input format {ext or '(none)'!r} of {path}; use one of {', '.join(FORMATS)}")
-    if not os.path.isfile(path):
-        raise CLIError(f"cannot read {path}: no such file")
     try:
-        if ext == ".npy":
-            X = np.load(path, allow_pickle=False)
-        elif ext == ".npz":
-            import scipy.sparse as sp
-
-            with np.load(path, allow_pickle=False) as z:
-                keys = list(z.keys())
-                if {"data", "indices", "indptr", "shape", "format"} <= set(keys) or {"row", "col", "data", "shape", "format"} <= set(keys):
-                    X = sp.load_npz(path).tocsr()
-                elif "X" in keys:
-                    X = z["X"]
-                elif len(keys) == 1:
-                    X = z[keys[0]]
-                else:
-                    raise CLIError(f"{path} holds arrays {keys}; name the matrix 'X' or save a single array")
-        elif ext == ".mtx":
-            import scipy.io
-            import scipy.sparse as sp
-
-            X = scipy.io.mmread(path)
-            X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
-        elif ext == ".csv":
-            X = _read_csv(path)
-        else:  # .h5ad
-            try:
-                import anndata
-            except ImportError:
-                raise CLIError("reading .h5ad needs anndata: pip install anndata") from None
-            X = anndata.read_h5ad(path).X
-            import scipy.sparse as sp
-
-            X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
-    except CLIError:
-        raise
-    except Exception as err:  # any reader failure is a user-facing one-line error
-        raise CLIError(f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
-    if getattr(X, "ndim", 0) != 2:
-        raise CLIError(f"{path} must hold a 2-D matrix, got shape {getattr(X, 'shape', '?')}")
-    if X.dtype.kind not in "iuf":
-        raise CLIError(f"{path} must hold real numbers, got dtype {X.dtype}")
-    if 0 in X.shape:
-        raise CLIError(f"{path} holds an empty matrix of shape {X.shape}")
-    return X
-
-
-def _read_csv(path: str) -> np.ndarray:
-    with open(path, "r", encoding="utf-8") as fh:
-        first = fh.readline()
-    skip = 0
-    try:
-        [float(v) for v in first.strip().split(",") if v.strip()]
-    except ValueError:
-        skip = 1  # a header line
-    X = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2)
-    return X
+        return tio.read_matrix(path).X
+    except ValueError as err:
+        raise CLIError(str(err)) from err
 
 
 def _load_default():
@@ -194,6 +187,61 @@ def _device_of(est, default: str) -> str:
         return str(default)
 
 
+def _memory_bytes() -> Optional[int]:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return None
+
+
+def _check_input(M: "tio.Matrix", args, source: str):
+    """Refuse NaN, negative and (for the count models) non-count values, naming the first one."""
+    import scipy.sparse as sp
+
+    X = M.X.tocsr() if sp.issparse(M.X) else M.X
+    if sp.issparse(X) and not X.has_sorted_indices:
+        X = X.sorted_indices()
+    vals = X.data if sp.issparse(X) else X
+    where = dict(row_names=M.row_names, col_names=M.col_names)
+    if vals.dtype.kind == "f":
+        bad = ~np.isfinite(vals)
+        if bad.any():
+            raise CLIError(f"{source} contains NaN or infinity, first at {tio._describe(X, bad, **where)}")
+    bad = vals < 0
+    if bad.any():
+        raise CLIError(f"{source} has negative values (non-negative data is required), first at "
+                       f"{tio._describe(X, bad, **where)}")
+    n_rounded = 0
+    if args.model != "nmf" or args.round:
+        try:
+            X, n_rounded = tio.round_counts(X, force=args.round, name=source, **where)
+        except ValueError as err:
+            hint = "; use --round to round them or --model nmf for non-count data"
+            counts = [a for a in M.alternatives if a in ("counts", "raw")]
+            if counts:
+                hint += f" (the file also has {' and '.join(repr(a) for a in counts)}: try --layer {counts[0]})"
+            raise CLIError(f"--model {args.model} needs counts: {err}{hint}") from None
+    return X, n_rounded
+
+
+def _top_features(W: np.ndarray, H: np.ndarray, names) -> list:
+    """Per component (by contribution): its share of the total and its top features by name."""
+    from .plotting import component_order
+
+    weight = W.sum(0) * H.sum(0)
+    total = float(weight.sum()) or 1.0
+    out = []
+    for k in component_order(W, H):
+        idx = np.argsort(-W[:, k], kind="stable")[:TOP_FEATURES]
+        out.append({
+            "component": int(k),
+            "share": round(float(weight[k]) / total, 6),
+            "top_features": [str(names[j]) if names is not None else int(j) for j in idx],
+            "weights": [float(f"{W[j, k]:.6g}") for j in idx],
+        })
+    return out
+
+
 def _fit(args) -> int:
     import torch
 
@@ -205,88 +253,138 @@ def _fit(args) -> int:
         raise CLIError(f"--tol must be >= 0, got {args.tol}")
     if args.model != "nmf" and args.beta != 1.0:
         raise CLIError(f"--beta applies to --model nmf only (the {args.model} model has a Poisson likelihood)")
-    prefix = _prefix(args.output)
+    if args.layer is not None and (args.input is None or not args.input.lower().endswith(".h5ad")):
+        raise CLIError("--layer applies to .h5ad input only")
+    prefix = _fit_prefix(args.output, args.input)
+    image_shape = None
     if args.input is not None:
         src = os.path.abspath(args.input)
         for ext in (".npz", ".json", ".png"):
             if os.path.abspath(prefix + ext) == src:
                 raise CLIError(f"output {prefix + ext} would overwrite the input; choose another -o")
-        X, source = read_matrix(args.input), args.input
+        try:
+            M = tio.read_matrix(args.input, layer=args.layer, transpose=args.transpose)
+        except ValueError as err:
+            raise CLIError(str(err)) from err
+        source = M.source
     else:
         X, source = _load_default()
+        M = tio.Matrix(X, None, None, source)
+        image_shape = [8, 8]
+        if args.transpose:
+            M, image_shape = M.transposed(), None
     import scipy.sparse as sp
 
-    if (X.data if sp.issparse(X) else X).min(initial=0) < 0:
-        raise CLIError(f"{source} has negative values; non-negative data is required")
-    if args.model != "nmf":
-        vals = X.data if sp.issparse(X) else X
-        if not np.all(vals == np.round(vals)):
-            raise CLIError(f"--model {args.model} needs integer counts and {source} has non-integer values; use --model nmf")
+    X, n_rounded = _check_input(M, args, source)
+    n_samples, n_features = X.shape
+    if args.rank > min(X.shape):
+        raise CLIError(f"--rank {args.rank} is larger than min(n_samples, n_features) = {min(X.shape)} "
+                       f"of {source} ({n_samples} x {n_features})")
+    need = 8 * 4 * args.rank * (n_samples + n_features)  # float64 factors, their updates and statistics
+    avail = _memory_bytes()
+    if avail is not None and need > avail:
+        raise CLIError(f"--rank {args.rank} needs about {need / 2**30:.1f} GiB for the factors of "
+                       f"{n_samples} x {n_features}; this machine has {avail / 2**30:.1f} GiB")
     try:
         from .estimators._base import resolve_device
 
         resolve_device(args.device)
     except ValueError as err:
         raise CLIError(f"--device: {err}") from None
-    if args.rank > min(X.shape) and args.init not in (None, "random"):
-        raise CLIError(f"--rank {args.rank} is larger than min(n_samples, n_features) = {min(X.shape)} for --init {args.init}")
     est = _estimator(args)
     t0 = time.perf_counter()
     try:
         H = est.fit_transform(X.astype(np.float64))
     except (ValueError, TypeError, FloatingPointError) as err:
-        raise CLIError(str(err).splitlines()[0]) from err
+        raise CLIError(f"{source}: {str(err).splitlines()[0]}") from err
     seconds = time.perf_counter() - t0
     W, H = _factors(est, H)
     history = np.asarray(est.history_.values, dtype=np.float64)
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        np.savez_compressed(prefix + ".npz", W=W, H=H, history=history)
-    except OSError as err:
-        raise CLIError(f"cannot write {prefix}.npz: {err.strerror or err}") from err
+    if not (np.isfinite(W).all() and np.isfinite(H).all()):
+        raise CLIError(f"{source}: the fit produced NaN or infinite factors; try another --init or --model")
+    arrays = dict(W=W, H=H, history=history)
+    if M.row_names is not None:
+        arrays["row_names"] = np.asarray(M.row_names, dtype=str)
+    if M.col_names is not None:
+        arrays["col_names"] = np.asarray(M.col_names, dtype=str)
+    n_iter = int(getattr(est, "n_iter_", len(history)))
     summary = {
         "model": args.model,
         "estimator": type(est).__name__,
         "input": source,
-        "shape": [int(s) for s in X.shape],
+        "shape": [int(n_samples), int(n_features)],
+        "transposed": bool(args.transpose),
         "nnz": int(X.nnz if sp.issparse(X) else np.count_nonzero(X)),
+        "rounded": int(n_rounded),
         "rank": int(args.rank),
         "beta": args.beta if args.model == "nmf" else None,
         "objective": est.history_.name,
         "maximize": bool(est.history_.maximize),
         "final_objective": float(history[-1]) if len(history) else None,
-        "n_iter": int(getattr(est, "n_iter_", len(history))),
+        "n_iter": n_iter,
         "seconds": round(seconds, 4),
         "device": _device_of(est, args.device),
         "torch": torch.__version__,
+        "torchnmf": __version__,
         "files": {"factors": prefix + ".npz", "summary": prefix + ".json"},
         "factor_shapes": {"W": list(W.shape), "H": list(H.shape)},
+        "row_names": M.row_names is not None,
+        "col_names": M.col_names is not None,
+        "image_shape": image_shape,
+        "components": _top_features(W, H, M.col_names),
     }
-    try:
-        with open(prefix + ".json", "w", encoding="utf-8") as fh:
-            json.dump(summary, fh, indent=2)
-    except OSError as err:
-        raise CLIError(f"cannot write {prefix}.json: {err.strerror or err}") from err
+    # Each file goes to a temporary file beside it and is renamed: a killed run leaves the
+    # previous result whole. The summary comes last, so it never describes a missing fit.
+    for ext, write in ((".npz", lambda fh: np.savez_compressed(fh, **arrays)),
+                       (".json", lambda fh: json.dump(summary, fh, indent=2))):
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+            with tio.atomic_write(prefix + ext, "wb" if ext == ".npz" else "w") as fh:
+                write(fh)
+        except OSError as err:
+            raise CLIError(f"cannot write {prefix}{ext}: {err.strerror or err}") from err
     final = summary["final_objective"]
-    print(f"{args.model}: {X.shape[0]}x{X.shape[1]}, rank {args.rank}, {summary['n_iter']} iterations, "
-          f"{summary['objective']} {final:.6g}, {seconds:.2f} s -> {prefix}.npz, {prefix}.json")
+    rounded = f", {n_rounded} value{'s' if n_rounded != 1 else ''} rounded to counts" if n_rounded else ""
+    print(f"{args.model}: {n_samples}x{n_features}, rank {args.rank}, {n_iter} iteration{'s' if n_iter != 1 else ''}, "
+          f"{summary['objective']} {final:.6g}, {seconds:.2f} s{rounded} -> {prefix}.npz, {prefix}.json")
     return 0
 
 
+def _plot_prefix(out: str) -> str:
+    if os.path.isdir(out):
+        fits = sorted(f[:-5] for f in os.listdir(out)
+                      if f.endswith(".json") and os.path.isfile(os.path.join(out, f[:-5] + ".npz")))
+        if len(fits) != 1:
+            found = f"fits {', '.join(fits)}" if fits else "no fit"
+            raise CLIError(f"{out} is a directory with {found}; give the prefix, e.g. {os.path.join(out, 'NAME')}")
+        return os.path.join(out, fits[0])
+    return _prefix(out)
+
+
 def _plot(args) -> int:
-    prefix = _prefix(args.output)
+    prefix = _plot_prefix(args.output)
     if args.top <= 0:
         raise CLIError(f"--top must be a positive integer, got {args.top}")
+    if args.components <= 0:
+        raise CLIError(f"--components must be a positive integer, got {args.components}")
     for ext in (".npz", ".json"):
         if not os.path.isfile(prefix + ext):
             raise CLIError(f"cannot read {prefix + ext}: no such file (run 'torchnmf fit -o {prefix}' first)")
     try:
         with np.load(prefix + ".npz", allow_pickle=False) as z:
             W, H, history = z["W"], z["H"], z["history"]
+            names = z["col_names"] if "col_names" in z.files else None
         with open(prefix + ".json", encoding="utf-8") as fh:
             summary = json.load(fh)
     except Exception as err:
         raise CLIError(f"cannot read the fit at {prefix}: {err}") from err
+    from .plotting import check_image_shape, component_order, plot_components
+
+    shape = args.image_shape if args.image_shape is not None else summary.get("image_shape")
+    try:
+        shape = check_image_shape(shape, W.shape[0])
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"--image-shape: {err}") from None
     try:
         import matplotlib
 
@@ -294,39 +392,28 @@ def _plot(args) -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         raise CLIError("plotting needs matplotlib: pip install matplotlib") from None
-    # The most used components first: by their total contribution sum(H) * sum(W).
-    order = np.argsort(-(H.sum(0) * W.sum(0)))[: args.top]
+    order = component_order(W, H)[: args.components]
     n = len(order)
-    side = int(round(math.sqrt(W.shape[0])))
-    as_images = side * side == W.shape[0]
-    cols = min(n, 8)
+    cols = min(n, 8 if shape else 4)
     rows = int(math.ceil(n / cols))
-    fig = plt.figure(figsize=(2 + 1.6 * cols, 3.2 + 1.7 * rows))
-    grid = fig.add_gridspec(rows + 2, cols)
-    ax = fig.add_subplot(grid[:2, :])
+    cell_h = 1.7 if shape else 0.22 * min(args.top, W.shape[0]) + 0.9
+    cell_w = 1.7 if shape else 3.0
+    fig = plt.figure(figsize=(max(6.0, 0.6 + cell_w * cols), 3.0 + cell_h * rows))
+    grid = fig.add_gridspec(rows + 1, cols, height_ratios=[3.0 / cell_h] + [1.0] * rows)
+    ax = fig.add_subplot(grid[0, :])
     ax.plot(np.arange(1, len(history) + 1), history)
     if len(history) and history.min() > 0 and not summary.get("maximize"):
         ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel(summary.get("objective", "objective"))
-    ax.set_title(f"{summary.get('model')} on {os.path.basename(str(summary.get('input')))} "
+    ax.set_title(f"{summary.get('model')} on {os.path.basename(os.path.normpath(str(summary.get('input'))))} "
                  f"{tuple(summary.get('shape', ()))}, rank {summary.get('rank')}")
-    for i, k in enumerate(order):
-        a = fig.add_subplot(grid[2 + i // cols, i % cols])
-        if as_images:
-            a.imshow(W[:, k].reshape(side, side), cmap="gray_r")
-            a.set_xticks([])
-            a.set_yticks([])
-        else:
-            top = np.argsort(-W[:, k])[:10]
-            a.barh(range(len(top)), W[top, k][::-1])
-            a.set_yticks(range(len(top)))
-            a.set_yticklabels([str(j) for j in top[::-1]], fontsize=6)
-            a.tick_params(axis="x", labelsize=6)
-        a.set_title(f"component {k}", fontsize=8)
+    axes = [fig.add_subplot(grid[1 + i // cols, i % cols]) for i in range(n)]
+    plot_components(W, image_shape=shape, names=names, top=args.top, order=order, max_components=n, axes=axes)
     fig.tight_layout()
     try:
-        fig.savefig(prefix + ".png", dpi=100)
+        with tio.atomic_write(prefix + ".png", "wb") as fh:
+            fig.savefig(fh, format="png", dpi=100)
     except OSError as err:
         raise CLIError(f"cannot write {prefix}.png: {err.strerror or err}") from err
     finally:
