@@ -93,3 +93,53 @@ def test_check_magnitude_accepts_ordinary_data():
     data.check_magnitude(torch.full((4, 4), 1e37, dtype=torch.float64))
     with pytest.raises(ValueError, match="float32"):
         data.check_magnitude(torch.full((4, 4), 1e37, dtype=torch.float64), dtype=torch.float32)
+
+
+# -- log-normal Poisson: zero rates under positive counts (poisson/lognormal.py) ----------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["lower-bound", "expanded", "simple"])
+@pytest.mark.parametrize("control_variates", [True, False])
+def test_lognormal_zero_row_of_W(dtype, mode, control_variates):
+    from torchnmf.poisson.lognormal import LogNormalPoisson
+
+    X = torch.tensor([[4., 1.], [2., 3.]], dtype=dtype)
+    W = torch.tensor([[0., 0.], [1., .5]])
+    values = []
+    for dt in (dtype, torch.float64):
+        torch.manual_seed(0)
+        m = LogNormalPoisson(2, 2, 2, mode=mode, W=W, loadings_mode="projected",
+                             control_variates=control_variates, dtype=dt)
+        total = m.elbo(X.to(dt)).total
+        assert torch.isfinite(total)
+        total.backward()
+        for name, p in m.named_parameters():
+            assert p.grad is None or bool(torch.isfinite(p.grad).all()), name
+        values.append(float(total.detach()))
+    # one floor for every dtype: float32 reports the float64 figure
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lognormal_responsibilities_are_the_gradient_of_the_floored_log_rate(dtype):
+    from torchnmf.poisson.lognormal import _log_rate_nz, _weighted_responsibilities
+
+    W = torch.tensor([[0., 0., 0.], [1., .5, 0.], [2., 1e-30, 3.], [0., 1e-45, 0.]], dtype=dtype)
+    rows, cols = torch.tensor([0, 1, 2, 3, 0, 2]), torch.tensor([0, 0, 1, 1, 2, 2])
+    x = torch.tensor([4., 1., 7., 1e6, 30., 2.], dtype=dtype)
+    mu = torch.randn(3, 3, dtype=dtype).requires_grad_(True)
+    grad, = torch.autograd.grad((x * _log_rate_nz(W, mu, rows, cols)).sum(), mu)
+    A = _weighted_responsibilities(W, mu.detach(), rows, cols, x)
+    assert torch.isfinite(A).all()
+    torch.testing.assert_close(A, grad)
+
+
+def test_lognormal_update_W_with_zero_row_stays_finite():
+    from torchnmf.poisson.lognormal import LogNormalPoisson
+
+    X = torch.tensor([[4., 1.], [2., 3.], [0., 5.]], dtype=torch.float64)
+    W = torch.tensor([[0., 0.], [1., .5], [.2, 0.]])
+    m = LogNormalPoisson(3, 2, 2, mode="expanded", W=W, loadings_mode="multiplicative", dtype=torch.float64)
+    for _ in range(3):
+        new = m.update_W_(X)
+        assert torch.isfinite(new).all()
+    assert torch.isfinite(m.elbo(X).total)

@@ -318,31 +318,45 @@ class _SampledProduct(torch.autograd.Function):
         return gW, gZ, None, None
 
 
+#: Floor of a count's rate relative to its column's largest factor: ``W e^F`` is replaced by
+#: ``max(W e^F, _RATE_FLOOR e^{max_k F_k})``. A rate of exactly zero under a positive count
+#: (a zero row of ``W``, which ``loadings_mode='projected'`` reaches) has log-likelihood
+#: -inf; every mode instead uses the floored rate, whose gradient there is zero (the clamp),
+#: in its value, its gradient and its control variates alike. One constant for every dtype,
+#: so float32 and float64 give the same figure (a dtype's own ``tiny`` differs by 1e270).
+_RATE_FLOOR = torch.finfo(torch.float32).tiny
+
+
 def _log_rate_nz(W: Tensor, F: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """``log sum_k W[rows, k] exp(F[..., k, cols])`` for each nonzero, shape ``(..., nnz)``.
 
-    Shifted by the per-column maximum of ``F`` so large log-factors do not overflow.
+    Shifted by the per-column maximum of ``F`` so large log-factors do not overflow; the
+    shifted rate is floored at :data:`_RATE_FLOOR` (zero rates with positive counts).
     """
     shift = F.detach().amax(dim=-2, keepdim=True)  # (..., 1, B)
     expF = torch.exp(F - shift).transpose(-1, -2).contiguous()  # (..., B, K)
     # O(nnz K) time per draw, O(nnz) memory (see _SampledProduct)
     rate = _SampledProduct.apply(W, expF, rows, cols)
-    tiny = torch.finfo(rate.dtype).tiny
-    return torch.log(rate.clamp_min(tiny)) + shift[..., 0, :].index_select(-1, cols)
+    return torch.log(rate.clamp_min(_RATE_FLOOR)) + shift[..., 0, :].index_select(-1, cols)
 
 
 def _weighted_responsibilities(W: Tensor, F: Tensor, rows: Tensor, cols: Tensor, x: Tensor) -> Tensor:
     """``A[k, b] = sum_{z: cols[z] = b} x_z W[rows_z, k] e^{F[k, b]} / sum_k (...)``, shape ``(K, B)``.
 
-    The gradient of ``sum_z x_z log sum_k W e^F`` w.r.t. ``F``; computed in chunks of nonzeros.
+    The gradient of ``sum_z x_z log sum_k W e^F`` w.r.t. ``F`` as :func:`_log_rate_nz`
+    computes it: a nonzero whose (shifted) rate is below :data:`_RATE_FLOOR` contributes 0,
+    the clamp's gradient. Computed in chunks of nonzeros.
     """
     expF = torch.exp(F - F.amax(0, keepdim=True)).t().contiguous()  # (B, K)
     A = torch.zeros_like(expF)
-    tiny = torch.finfo(expF.dtype).tiny
     for a in range(0, rows.numel(), _CHUNK):
         r, c = rows[a:a + _CHUNK], cols[a:a + _CHUNK]
         num = W.index_select(0, r) * expF.index_select(0, c)
-        A.index_add_(0, c, num * (x[a:a + _CHUNK, None] / num.sum(1, keepdim=True).clamp_min(tiny)))
+        total = num.sum(1, keepdim=True)
+        # num / total <= 1 before the count multiplies it: x / total overflowed to inf for
+        # x >= 4 at a zero rate and then met num = 0 (NaN)
+        share = torch.where(total >= _RATE_FLOOR, num / total.clamp_min(_RATE_FLOOR), torch.zeros_like(num))
+        A.index_add_(0, c, share * x[a:a + _CHUNK, None])
     return A.t()
 
 
