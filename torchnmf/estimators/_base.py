@@ -170,6 +170,36 @@ class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         check_is_fitted(self, "history_")
         return plot_history(self.history_, ax=ax, **kwargs)
 
+    def plot_components(self, image_shape=None, top: int = 10, max_components: int = 16, axes=None,
+                        **kwargs):
+        """Draw ``components_`` as images or as bars of their top features (named when known).
+
+        Parameters
+        ----------
+        image_shape : (int, int), optional
+            ``(height, width)`` with ``height * width == n_features_in_``: each component is
+            drawn as an image (e.g. ``(8, 8)`` for scikit-learn's digits). Default: bars.
+        top : int, default 10
+            Features per bar chart, labelled by ``feature_names_in_`` when the input had
+            column names.
+        max_components : int, default 16
+            Components drawn, the largest (by ``sum(components_[k])``) first.
+        axes : sequence of matplotlib Axes, optional
+            Draw into these instead of a new figure.
+        **kwargs
+            Passed to :func:`torchnmf.plotting.plot_components` (``cols``, ``cmap``, ``order``).
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+        """
+        check_is_fitted(self, "components_")
+        from ..plotting import plot_components
+
+        names = getattr(self, "feature_names_in_", None)
+        return plot_components(np.asarray(self.components_).T, image_shape=image_shape, names=names, top=top,
+                               max_components=max_components, axes=axes, **kwargs)
+
     # -- pickling ----------------------------------------------------------------
     def __getstate__(self):
         # torch refuses to pickle modules with parametrizations (softplus/exp positive
