@@ -43,7 +43,6 @@ in :attr:`GammaPoisson.global_statistics` over processes before each update.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -54,7 +53,8 @@ from torch.distributions import Gamma, kl_divergence
 from torch.nn.utils import parametrize
 
 from .. import constraints
-from ..data import as_tensor, check_counts, check_option, check_positive, check_rank, check_shape, nonzeros
+from ..data import (as_tensor, check_counts, check_option, check_positive, check_positive_vector, check_rank,
+                    check_shape, nonzeros)
 from .elbo import ELBO
 
 __all__ = ["GammaPoisson", "CountMatrix"]
@@ -318,18 +318,6 @@ def _kl_gamma(shape: Tensor, rate: Tensor, digamma_shape: Tensor, log_rate: Tens
             + shape0 * (log_rate - torch.log(rate0)) + shape * (rate0 / rate - 1))
 
 
-def _hyper(value, size: int, name: str, dtype, device) -> Tensor:
-    """A positive hyperparameter as a vector of ``size`` (a scalar is broadcast)."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return torch.full((size,), check_positive(value, name), dtype=dtype, device=device)
-    T = as_tensor(value, name, dtype=dtype, device=device, ndim=(0, 1), sparse="dense", float_only=False)
-    T = T.expand(size).clone() if T.dim() == 0 else T.clone()
-    check_shape(T, (size,), name)
-    if not bool(torch.isfinite(T).all()) or not bool((T > 0).all()):
-        raise ValueError(f"{name} must be > 0 and finite")
-    return T
-
-
 class GammaPoisson(nn.Module):
     r"""Gamma-Poisson matrix factorization with a mean-field variational posterior.
 
@@ -404,8 +392,8 @@ class GammaPoisson(nn.Module):
         self.allow_noninteger = bool(allow_noninteger)
         self.register_buffer("a", torch.tensor(a, dtype=dtype, device=device))
         self.register_buffer("b", torch.tensor(b, dtype=dtype, device=device))
-        self.register_buffer("kappa", _hyper(kappa, n_rows, "kappa", dtype, device))
-        self.register_buffer("lambda_", _hyper(lambda_, n_cols, "lambda_", dtype, device))
+        self.register_buffer("kappa", check_positive_vector(kappa, n_rows, "kappa", dtype=dtype, device=device))
+        self.register_buffer("lambda_", check_positive_vector(lambda_, n_cols, "lambda_", dtype=dtype, device=device))
         kw = dict(dtype=dtype, device=device)
         for name in self._names:
             setattr(self, name, nn.Parameter(torch.ones((n_rows if name.startswith("U") else n_cols, rank), **kw)))

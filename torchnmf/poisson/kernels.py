@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..constraints import positive
-from ..data import check_positive, check_rank
+from ..data import check_positive_vector, check_rank
 
 __all__ = ["Matern32", "MultiGroupKernel", "pairwise_distance"]
 
@@ -25,19 +25,6 @@ def pairwise_distance(x1: Tensor, x2: Tensor) -> Tensor:
     loses all precision for nearby points in float32 and would spoil Cholesky factors.
     """
     return torch.cdist(x1, x2, compute_mode="donot_use_mm_for_euclid_dist")
-
-
-def _init_vector(value, n: int, name: str) -> Tensor:
-    """A length-``n`` vector of positive initial values from a scalar or a sequence."""
-    t = torch.as_tensor(value, dtype=torch.get_default_dtype()).detach().clone()
-    if t.dim() == 0:
-        check_positive(float(t), name)
-        return t.repeat(n)
-    if t.shape != (n,):
-        raise ValueError(f"{name} must be a positive scalar or have shape ({n},), got shape {tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
-        raise ValueError(f"{name} must be positive and finite")
-    return t
 
 
 class Matern32(nn.Module):
@@ -73,8 +60,8 @@ class Matern32(nn.Module):
     def __init__(self, n_components: int, lengthscale=1.0, sigma=1.0, trainable: bool = True):
         super().__init__()
         self.n_components = check_rank(n_components, "n_components")
-        self.lengthscale = nn.Parameter(_init_vector(lengthscale, self.n_components, "lengthscale"))
-        self.sigma = nn.Parameter(_init_vector(sigma, self.n_components, "sigma"))
+        self.lengthscale = nn.Parameter(check_positive_vector(lengthscale, self.n_components, "lengthscale"))
+        self.sigma = nn.Parameter(check_positive_vector(sigma, self.n_components, "sigma"))
         positive(self, "lengthscale", "softplus", requires_grad=trainable)
         positive(self, "sigma", "softplus", requires_grad=trainable)
 
@@ -142,7 +129,7 @@ class MultiGroupKernel(nn.Module):
         super().__init__()
         self.base = base
         self.n_components = base.n_components
-        self.group_diff_param = nn.Parameter(_init_vector(group_diff_param, self.n_components, "group_diff_param"))
+        self.group_diff_param = nn.Parameter(check_positive_vector(group_diff_param, self.n_components, "group_diff_param"))
         positive(self, "group_diff_param", "softplus", requires_grad=trainable)
 
     def attenuation(self, g1: Tensor, g2: Tensor) -> Tensor:
