@@ -23,6 +23,10 @@ __all__ = [
     "check_shape",
     "check_rank",
     "check_positive",
+    "check_int",
+    "check_real",
+    "check_beta",
+    "check_positive_vector",
     "check_option",
     "check_mask",
     "nonzeros",
@@ -232,26 +236,138 @@ def check_shape(X: Tensor, expected: Sequence[Optional[int]], name: str = "X") -
     return X
 
 
-def check_rank(rank, name: str = "rank", max_rank: Optional[int] = None) -> int:
-    """Return ``rank`` as an int, raising if it is not a positive integer (or exceeds ``max_rank``)."""
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
-        raise TypeError(f"{name} must be a positive integer, got {rank!r}")
-    if rank <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {rank}")
-    if max_rank is not None and rank > max_rank:
-        raise ValueError(f"{name}={rank} is larger than the data allows ({max_rank})")
-    return int(rank)
+def check_int(value, name: str, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """Return ``value`` as an int: ``TypeError`` unless it is an integer, ``ValueError`` outside ``[low, high]``.
+
+    Parameters
+    ----------
+    value : object
+        The argument; python and numpy integers pass, booleans and floats (even 2.0) do not.
+    name : str
+        Argument name for the messages.
+    low, high : int, optional
+        Inclusive bounds.
+
+    Returns
+    -------
+    int
+    """
+    what = "a positive integer" if low == 1 and high is None else (
+        "a non-negative integer" if low == 0 and high is None else "an integer")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        if what == "an integer":
+            what += f" in [{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ValueError(f"{name} must be {what}, got {value}")
+    return value
 
 
-def check_positive(value, name: str, allow_zero: bool = False) -> float:
-    """Return ``value`` as a float, raising ``ValueError`` unless it is finite and > 0 (>= 0)."""
+def check_real(value, name: str, low: Optional[float] = None, high: Optional[float] = None,
+               closed: str = "both") -> float:
+    """Return ``value`` as a finite float: ``TypeError`` for a non-number, ``ValueError`` for NaN,
+    infinity or a value outside the interval.
+
+    Parameters
+    ----------
+    value : object
+        The argument; python and numpy reals pass, booleans, strings and tensors do not.
+    name : str
+        Argument name for the messages.
+    low, high : float, optional
+        Bounds of the interval (``None``: unbounded on that side).
+    closed : {'both', 'left', 'right', 'neither'}, default 'both'
+        Which bounds belong to the interval.
+
+    Returns
+    -------
+    float
+    """
+    check_option(closed, ("both", "left", "right", "neither"), "closed")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
-    bad = value < 0 if allow_zero else value <= 0
-    if bad or not math.isfinite(value):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
+    lo_in, hi_in = closed in ("both", "left"), closed in ("both", "right")
+    bad_lo = low is not None and (value < low if lo_in else value <= low)
+    bad_hi = high is not None and (value > high if hi_in else value >= high)
+    if bad_lo or bad_hi or not math.isfinite(value):
+        if low is not None and high is not None:
+            what = f"in {'[' if lo_in else '('}{low:g}, {high:g}{']' if hi_in else ')'}"
+        elif low is not None:
+            what = f"{'>=' if lo_in else '>'} {low:g} and finite"
+        elif high is not None:
+            what = f"{'<=' if hi_in else '<'} {high:g} and finite"
+        else:
+            what = "a finite real number"
+        raise ValueError(f"{name} must be {what}, got {value}")
     return value
+
+
+def check_beta(beta, name: str = "beta") -> float:
+    """Return the beta-divergence parameter as a float: any finite real (NaN and ±inf refused).
+
+    ``TypeError`` for a non-number (e.g. a loss name, see
+    :func:`torchnmf.estimators.nmf.beta_from_loss`), ``ValueError`` for NaN or infinity, which
+    would make every multiplicative update a no-op or a division by zero.
+    """
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise TypeError(f"{name} must be a finite real number, got {beta!r}")
+    if not math.isfinite(float(beta)):
+        raise ValueError(f"{name} must be a finite real number, got {float(beta)}")
+    return float(beta)
+
+
+def check_rank(rank, name: str = "rank", max_rank: Optional[int] = None) -> int:
+    """Return ``rank`` as an int, raising if it is not a positive integer (or exceeds ``max_rank``)."""
+    rank = check_int(rank, name, low=1)
+    if max_rank is not None and rank > max_rank:
+        raise ValueError(f"{name}={rank} is larger than the data allows ({max_rank})")
+    return rank
+
+
+def check_positive(value, name: str, allow_zero: bool = False) -> float:
+    """Return ``value`` as a float, raising ``ValueError`` unless it is finite and > 0 (>= 0).
+
+    Shorthand for :func:`check_real` with ``low=0``.
+    """
+    return check_real(value, name, low=0.0, closed="left" if allow_zero else "neither")
+
+
+def check_positive_vector(value, size: int, name: str, *, dtype: Optional[torch.dtype] = None,
+                          device=None) -> Tensor:
+    """A positive finite scalar broadcast to, or a vector of, length ``size``, as a new tensor.
+
+    Parameters
+    ----------
+    value : float or array-like of shape (size,)
+        The hyperparameter (e.g. one Gamma shape per component).
+    size : int
+        Length of the vector.
+    name : str
+        Argument name for the messages.
+    dtype, device : optional
+        Of the result (default dtype; cpu).
+
+    Returns
+    -------
+    Tensor, shape (size,)
+        A fresh tensor (never shares memory with ``value``).
+    """
+    dtype = dtype or torch.get_default_dtype()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.full((size,), check_positive(value, name), dtype=dtype, device=device)
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive number or a vector of {size}, got {value!r}")
+    v = as_tensor(value, name, dtype=dtype, device=device, float_only=False, sparse="dense")
+    if v.dim() == 0:
+        return torch.full((size,), check_positive(float(v), name), dtype=dtype, device=device)
+    if tuple(v.shape) != (size,):
+        raise ValueError(f"{name} must be a positive number or a vector of {size}, got shape {tuple(v.shape)}")
+    check_finite(v, name)
+    if bool((v <= 0).any()):
+        raise ValueError(f"{name} must be positive, got minimum {float(v.min()):.4g}")
+    return v.detach().clone()
 
 
 def check_option(value, valid: Sequence, name: str):
