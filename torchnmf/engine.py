@@ -44,7 +44,7 @@ import torch
 from .history import History, Record
 
 __all__ = ["ConvergenceWarning", "FitResult", "STOP_RULES", "relative_change", "has_converged", "noise_floor",
-           "run", "resume"]
+           "run", "resume", "run_stateful"]
 
 try:  # scikit-learn's class, so `warnings.filterwarnings(..., ConvergenceWarning)` users already have works
     from sklearn.exceptions import ConvergenceWarning
@@ -237,6 +237,7 @@ def run(step: Step, *, max_iter: int, tol: float, history: History, model: str, 
             go_on = history.append(record)
             if callback is not None and callback(i, record) is False:
                 go_on = False
+            go_on = go_on and not history.stop_requested  # a callback may have asked through the history
             prev, prev_step = value, i
             converged = _agree_flag(has_converged(change, tol, dtype, rule), agree)
             stopped = _agree_flag(not go_on, agree)
@@ -278,3 +279,33 @@ def resume(checkpoint, history: History, restore: Callable[[Dict[str, Any]], Non
     restore(state)
     history.load_records(state.get("records", []), state.get("meta"))
     return start
+
+
+def run_stateful(layer, trainer, step: Step, *, max_iter: int, tol: float, history: History, model: str,
+                 checkpoint=None, agree: Optional[Callable[[bool], bool]] = None,
+                 callback: Optional[Callable[[int, Record], Any]] = None, warn: bool = True) -> FitResult:
+    """:func:`run` for a layer and its trainer (CAVI sweeps, SVI steps, gradient epochs).
+
+    Resumes ``layer`` and ``trainer`` (their ``state_dict``) from ``checkpoint`` when it holds
+    one, and saves them with the records every ``checkpoint.every`` steps.
+
+    Parameters
+    ----------
+    layer : nn.Module
+        Must have ``dtype`` and ``device`` attributes.
+    trainer : torch.optim.Optimizer
+    step, max_iter, tol, history, model, checkpoint, agree, callback, warn
+        As :func:`run` (immediate steps).
+
+    Returns
+    -------
+    FitResult
+    """
+    def restore(state):
+        layer.load_state_dict(state["layer"])
+        trainer.load_state_dict(state["trainer"])
+
+    start = resume(checkpoint, history, restore, map_location=layer.device)
+    return run(step, max_iter=max_iter, start=start, tol=tol, history=history, model=model, dtype=layer.dtype,
+               checkpoint=checkpoint, agree=agree, callback=callback, warn=warn,
+               state=lambda: {"layer": layer.state_dict(), "trainer": trainer.state_dict()})

@@ -33,7 +33,7 @@ from . import data
 from .constraints import assign_, value_of
 from .distributed import (Checkpointer, all_reduce_stats, broadcast_, check_shards, get_rank, get_world_size,
                           is_distributed, stats_reducer)
-from .engine import STOP_RULES, resume, run
+from .engine import STOP_RULES, resume, run, run_stateful
 from .history import History
 from .streaming import SparseRows, row_loader
 from .trainer.online import OnlineMU
@@ -393,34 +393,13 @@ def fit_gamma_cavi(layer, X, rows=None, *, max_iter: int = 200, tol: float = 1e-
     ckpt = _checkpointer(checkpoint, checkpoint_every, group, timeout)
     history, own = _history(history, verbose, max_iter, "fit_gamma_cavi", "elbo", True, group)
     try:
-        run_layer_fit(layer, trainer, lambda i, measure: trainer.step(closure), max_iter=max_iter, tol=tol,
+        run_stateful(layer, trainer, lambda i, measure: trainer.step(closure), max_iter=max_iter, tol=tol,
                       history=history, model="fit_gamma_cavi", checkpoint=ckpt,
                       agree=_agree(layer.kappa, group, timeout) if distributed else None)
     finally:
         if own:
             history.close()
     return history
-
-
-def run_layer_fit(layer, trainer, step, *, max_iter: int, tol: float, history: History, model: str,
-                  checkpoint: Optional[Checkpointer] = None, agree=None, callback=None, warn: bool = True):
-    """The engine's loop for a conjugate layer and its trainer (CAVI sweeps, SVI steps).
-
-    Resumes ``layer`` and ``trainer`` from ``checkpoint`` when it holds a checkpoint and saves
-    their state every ``checkpoint.every`` steps; see :func:`torchnmf.engine.run`.
-
-    Returns
-    -------
-    torchnmf.engine.FitResult
-    """
-    def restore(state):
-        layer.load_state_dict(state["layer"])
-        trainer.load_state_dict(state["trainer"])
-
-    start = resume(checkpoint, history, restore, map_location=layer.device)
-    return run(step, max_iter=max_iter, start=start, tol=tol, history=history, model=model, dtype=layer.dtype,
-               checkpoint=checkpoint, agree=agree, callback=callback, warn=warn,
-               state=lambda: {"layer": layer.state_dict(), "trainer": trainer.state_dict()})
 
 
 def fit_gamma_svi(layer, source, *, batch_size: int = 1024, epochs: int = 10, lr: float = 1.0, tau0: float = 1.0,
@@ -507,7 +486,7 @@ def fit_gamma_svi(layer, source, *, batch_size: int = 1024, epochs: int = 10, lr
 
     try:
         # one record per step (a noisy ELBO estimate, so no tolerance); checkpoints at epoch ends
-        run_layer_fit(layer, trainer, batch_step, max_iter=epochs * n_steps, tol=0.0, history=history,
+        run_stateful(layer, trainer, batch_step, max_iter=epochs * n_steps, tol=0.0, history=history,
                       model="fit_gamma_svi", checkpoint=None if ckpt is None else _EpochCheckpoint(ckpt, n_steps),
                       agree=_agree(layer.kappa, group, timeout) if distributed else None)
     finally:

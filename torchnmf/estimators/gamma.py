@@ -24,7 +24,7 @@ class GammaPoissonFactorization(TorchFactorization):
     Parameters
     ----------
     n_components : int, default 10
-        Number of factors ``K``.
+        Number of factors ``K``, at most ``min(n_samples, n_features)``.
     a, b : float, default 0.3
         Prior shapes of the row and column factors (below 1: sparse factors).
     learn_kappa, learn_lambda : bool, default True
@@ -32,7 +32,9 @@ class GammaPoissonFactorization(TorchFactorization):
     max_iter : int, default 200
         Maximum CAVI sweeps in :meth:`fit`.
     tol : float, default 1e-6
-        Stop :meth:`fit` when the relative ELBO change of a sweep is below ``tol``.
+        Stop :meth:`fit` when the ELBO changes by at most ``tol`` relative to ``|ELBO|`` over a
+        sweep (the rule of :mod:`torchnmf.engine`); reaching ``max_iter`` first warns with
+        :class:`~torchnmf.engine.ConvergenceWarning`.
     transform_max_iter : int, default 100
         Coordinate-ascent iterations of the new rows' ``q(U)`` in :meth:`transform`, always
         run in full so a row's result does not depend on the other rows.
@@ -124,6 +126,9 @@ class GammaPoissonFactorization(TorchFactorization):
 
         rank = self._check_params()
         V = self._check_X(X, reset=True, counts=True, allow_noninteger=bool(self.allow_noninteger))
+        if rank > min(V.shape):
+            raise ValueError(f"n_components={rank} is larger than min(n_samples, n_features) = {min(V.shape)} "
+                             f"(n_samples={V.shape[0]}, n_features={V.shape[1]})")
         layer = GammaPoisson(V.shape[0], V.shape[1], rank, a=self.a, b=self.b, learn_kappa=self.learn_kappa,
                              learn_lambda=self.learn_lambda, allow_noninteger=bool(self.allow_noninteger),
                              generator=self._generator(), dtype=V.dtype, device=V.device)

@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..data import check_positive, is_sparse
+from ..data import check_beta, check_positive, is_sparse
+from ..engine import STOP_RULES
 from ..init import initialize
 from ..metrics import beta_div
 from ._base import TorchFactorization, check_is_fitted
@@ -26,7 +27,7 @@ def beta_from_loss(beta_loss) -> float:
         return _LOSSES[beta_loss]
     if isinstance(beta_loss, bool) or not isinstance(beta_loss, numbers.Real):
         raise TypeError(f"beta_loss must be a real number or a loss name, got {beta_loss!r}")
-    return float(beta_loss)
+    return check_beta(beta_loss, "beta_loss")
 
 
 def _dense(X: Tensor) -> Tensor:
@@ -47,7 +48,7 @@ class BetaNMF(TorchFactorization):
     Parameters
     ----------
     n_components : int, optional
-        Rank. Default: ``n_features``.
+        Rank, at most ``min(n_samples, n_features)``. Default: ``min(n_samples, n_features)``.
     beta_loss : float or {'frobenius', 'kullback-leibler', 'itakura-saito'}, default 'kullback-leibler'
         The beta of the divergence (2, 1 and 0 for the names). ``beta <= 0`` needs a
         strictly positive ``X``.
@@ -57,8 +58,15 @@ class BetaNMF(TorchFactorization):
         Maximum number of updates (of both factors) in :meth:`fit`; the number of updates
         of ``H`` in :meth:`transform`.
     tol : float, default 1e-4
-        Stop :meth:`fit` when the decrease of the divergence over one iteration, relative
-        to the initial divergence, is below ``tol``; 0 runs ``max_iter`` updates.
+        Stop :meth:`fit` when the divergence changes by at most ``tol`` per iteration,
+        relative to its current value (see ``stop_rule``); 0 runs ``max_iter`` updates.
+        Reaching ``max_iter`` first warns with :class:`~torchnmf.engine.ConvergenceWarning`
+        (on real data the default 200 updates of the multiplicative rule often do).
+    stop_rule : {'relative', 'sklearn'}, default 'relative'
+        ``'relative'``: the rule of :mod:`torchnmf.engine`, the change per iteration relative
+        to the *current* divergence. ``'sklearn'``: scikit-learn's semantics of ``tol``
+        for :class:`sklearn.decomposition.NMF`, the decrease between two checks relative
+        to the *initial* divergence (which stops early when the initial error is large).
     alpha : float, default 0
         Regularization strength of both factors, ``l1 = alpha * l1_ratio`` and
         ``l2 = alpha * (1 - l1_ratio)`` (not rescaled by the data size, unlike scikit-learn).
@@ -94,7 +102,9 @@ class BetaNMF(TorchFactorization):
     reconstruction_err_ : float
         Final beta-divergence (``sqrt(2 * divergence)`` for ``beta = 2``, as scikit-learn).
     history_ : torchnmf.history.History
-        Divergence at the initial point, after every ``check_every``-th iteration and at the end.
+        Divergence at the initial point, after every ``check_every``-th iteration and at the end
+        (with steps, wall times and relative changes; ``history_.converged_`` tells whether
+        ``tol`` was met).
     n_features_in_ : int
     feature_names_in_ : ndarray of str
         Only for input with string column names.
@@ -113,7 +123,7 @@ class BetaNMF(TorchFactorization):
     def __init__(self, n_components: Optional[int] = None, *, beta_loss="kullback-leibler", init: Optional[str] = None,
                  max_iter: int = 200, tol: float = 1e-4, alpha: float = 0.0, l1_ratio: float = 0.0,
                  layer: str = "nmf", T: int = 1, random_state=None, device="auto", dtype=None,
-                 check_every: Optional[int] = None, verbose: bool = False):
+                 check_every: Optional[int] = None, verbose: bool = False, stop_rule: str = "relative"):
         self.n_components = n_components
         self.beta_loss = beta_loss
         self.init = init
@@ -128,22 +138,25 @@ class BetaNMF(TorchFactorization):
         self.dtype = dtype
         self.check_every = check_every
         self.verbose = verbose
+        self.stop_rule = stop_rule
 
     # -- parameter checks ------------------------------------------------------
     def _check_params(self, X: Tensor):
-        from ..data import check_option, check_rank
+        from ..data import check_int, check_option, check_rank, check_real
 
         beta = beta_from_loss(self.beta_loss)
         check_option(self.layer, ("nmf", "nmfd"), "layer")
-        n_features = X.shape[1]
-        rank = n_features if self.n_components is None else check_rank(self.n_components, "n_components")
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
-            raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
+        check_option(self.stop_rule, STOP_RULES, "stop_rule")
+        n_samples, n_features = X.shape
+        top = min(n_samples, n_features)
+        rank = top if self.n_components is None else check_rank(self.n_components, "n_components")
+        if rank > top:  # the factors' columns could not be independent; nndsvd has no such start
+            raise ValueError(f"n_components={rank} is larger than min(n_samples, n_features) = {top} "
+                             f"(n_samples={n_samples}, n_features={n_features})")
+        check_int(self.max_iter, "max_iter", low=1)
         check_positive(self.tol, "tol", allow_zero=True)
         check_positive(self.alpha, "alpha", allow_zero=True)
-        l1 = check_positive(self.l1_ratio, "l1_ratio", allow_zero=True)
-        if l1 > 1:
-            raise ValueError(f"l1_ratio must be in [0, 1], got {l1}")
+        check_real(self.l1_ratio, "l1_ratio", 0, 1)
         T = check_rank(self.T, "T")
         if self.check_every is not None:
             check_rank(self.check_every, "check_every")
@@ -213,7 +226,7 @@ class BetaNMF(TorchFactorization):
         try:
             self.n_iter_ = module.fit(target, beta=beta, tol=self.tol, max_iter=self.max_iter,
                                       alpha=self.alpha, l1_ratio=self.l1_ratio, history=self.history_,
-                                      check_every=self.check_every)
+                                      check_every=self.check_every, stop_rule=self.stop_rule)
         finally:
             self.history_.close()
         with torch.no_grad():

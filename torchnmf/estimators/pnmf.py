@@ -9,8 +9,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import constraints
-from ..data import as_tensor, check_option, check_positive, check_rank, nonzeros
+from .. import constraints, engine
+from ..data import as_tensor, check_option, check_positive, check_rank
 from ..history import History
 from ..init import METHODS as INIT_METHODS
 from ..init import initialize
@@ -37,12 +37,6 @@ def _seeded(g: torch.Generator, device: torch.device):
         yield
 
 
-def _counts_of(X: Tensor) -> Counts:
-    """Counts of ``X.T`` (features x samples) from samples x features ``X``."""
-    r, c, v = nonzeros(X)
-    return Counts(None, _parts=(c, r, v, (int(X.shape[1]), int(X.shape[0]))))
-
-
 class PNMF(TorchFactorization):
     r"""Log-normal Poisson factorization with the scikit-learn API.
 
@@ -53,6 +47,7 @@ class PNMF(TorchFactorization):
     Parameters
     ----------
     n_components : int, default 2
+        At most ``min(n_samples, n_features)``.
     loadings_mode : {'softplus', 'exp', 'projected', 'multiplicative'}, default 'softplus'
         Positivity of ``W``; ``'multiplicative'`` updates ``W`` by the layer's
         multiplicative update instead of the gradient optimizer.
@@ -68,7 +63,9 @@ class PNMF(TorchFactorization):
     max_iter : int, default 500
         Epochs (passes over all batches).
     tol : float, default 1e-5
-        Stop when the relative change of the epoch ELBO falls below ``tol`` (0: never).
+        Stop when the epoch ELBO changes by at most ``tol`` relative to ``|ELBO|`` (the rule
+        of :mod:`torchnmf.engine`; 0: never); reaching ``max_iter`` first warns with
+        :class:`~torchnmf.engine.ConvergenceWarning`.
     learning_rate : float, optional
         Default 0.05 for gradient optimizers; for natural steps 0.5 (``lower-bound``) or
         0.1 (Monte Carlo modes).
@@ -95,9 +92,12 @@ class PNMF(TorchFactorization):
     prior_scale : float, default 1
     init_scale : float, default 0.1
         Initial posterior standard deviation of ``F``.
-    transform_max_iter : int, default 200
-        Steps of the variational fit of :meth:`transform` / :meth:`transform_F` and of the
-        multiplicative updates of :meth:`transform_W`.
+    transform_max_iter : int, optional
+        Steps of the variational fit of :meth:`transform` / :meth:`transform_F` (and of
+        :meth:`fit_transform` after the fit) and of the multiplicative updates of
+        :meth:`transform_W`. Default: as many as the fit took (``n_iter_``), at most 200,
+        so a transform never takes longer than its fit by default. ``verbose`` shows their
+        progress bar.
 
     Attributes
     ----------
@@ -119,8 +119,8 @@ class PNMF(TorchFactorization):
 
     :func:`sklearn.utils.estimator_checks.check_estimator` passes (tested with the default
     ``mode='lower-bound'``; the Monte Carlo modes are reproducible per ``random_state`` too).
-    Pickling stores the fitted layer through its ``state_dict`` (parametrized modules do
-    not pickle directly).
+    Fitted or not, it pickles and :func:`sklearn.base.clone`\ s (the positive parametrizations
+    of ``W`` and of spatial priors are stored as raw values and put back on loading).
 
     Examples
     --------
@@ -136,7 +136,7 @@ class PNMF(TorchFactorization):
                  learning_rate: Optional[float] = None, optimizer="adam", random_state=None, verbose: bool = False,
                  device=None, dtype=None, init: Optional[str] = None, scheduler: Optional[str] = None,
                  batch_size: Optional[int] = None, y_batch_size: Optional[int] = None, shuffle: bool = True,
-                 prior_scale: float = 1.0, init_scale: float = 0.1, transform_max_iter: int = 200):
+                 prior_scale: float = 1.0, init_scale: float = 0.1, transform_max_iter: Optional[int] = None):
         self.n_components = n_components
         self.loadings_mode = loadings_mode
         self.mode = mode
@@ -161,13 +161,17 @@ class PNMF(TorchFactorization):
 
     # -- parameter checks ------------------------------------------------------------
     def _check_params(self, N: int, D: int):
-        check_rank(self.n_components, "n_components")
+        rank = check_rank(self.n_components, "n_components")
+        if rank > min(N, D):
+            raise ValueError(f"n_components={rank} is larger than min(n_samples, n_features) = {min(N, D)} "
+                             f"(n_samples={N}, n_features={D})")
         check_option(self.loadings_mode, constraints.MODES, "loadings_mode")
         check_option(self.mode, ELBO_MODES, "mode")
         check_option(self.training_mode, TRAINING_MODES, "training_mode")
         check_rank(self.E, "E")
         check_rank(self.max_iter, "max_iter")
-        check_rank(self.transform_max_iter, "transform_max_iter")
+        if self.transform_max_iter is not None:
+            check_rank(self.transform_max_iter, "transform_max_iter")
         check_positive(self.tol, "tol", allow_zero=True)
         check_positive(self.prior_scale, "prior_scale")
         check_positive(self.init_scale, "init_scale")
@@ -263,7 +267,7 @@ class PNMF(TorchFactorization):
     def _fit(self, T: Tensor, g: torch.Generator, callback, callback_interval: int):
         N, D = T.shape
         layer = self._init_layer(T, g)
-        counts = _counts_of(T)
+        counts = Counts.from_samples(T)
         natural = self.training_mode == "natural"
         lr = self._lr(natural)
         multiplicative_W = self.loadings_mode == "multiplicative"
@@ -289,54 +293,56 @@ class PNMF(TorchFactorization):
         history = self._new_history("elbo", maximize=True, total=self.max_iter)
         self.history_ = history
         norm = float(N * D)
-        n_iter = 0
+
+        def epoch_step(epoch, measure):
+            parts = []
+            for idx in self._batches(N, self.batch_size, g, T.device):
+                for fidx in self._batches(D, self.y_batch_size, g, T.device):
+                    batch = counts.select(idx, fidx)
+                    for opt in (nat, grad_opt):
+                        if opt is not None:
+                            opt.zero_grad()
+                    elbo = layer.elbo(batch, idx, fidx, check=False)
+                    loss = -elbo.total
+                    (loss if natural else loss / norm).backward()
+                    if nat is not None:
+                        # the ELBO is scaled by N / B, so a local step of lr * B / N is
+                        # lr times the full local update (see GaussianNatural)
+                        frac = 1.0 if idx is None else idx.numel() / N
+                        saved = [group["lr"] for group in nat.param_groups]
+                        for group in nat.param_groups:
+                            group["lr"] = group["lr"] * frac
+                        nat.step()
+                        for group, lr_ in zip(nat.param_groups, saved):
+                            group["lr"] = lr_
+                    if grad_opt is not None:
+                        grad_opt.step()
+                    for kind, sch in schedulers:
+                        if kind == "batch":
+                            sch.step()
+                    if multiplicative_W:
+                        layer.update_W_(batch, idx, fidx, check=False)
+                    parts.append(elbo.detach())
+            record = ELBO(torch.stack([p.data for p in parts]).mean(),
+                          {k: torch.stack([p.kls[k] for p in parts]).mean() for k in parts[0].kls})
+            if not math.isfinite(float(record)):
+                raise FloatingPointError(
+                    f"{type(self).__name__}: the ELBO became {float(record)} at epoch {epoch + 1}; lower "
+                    f"learning_rate (now {lr}) or use mode='lower-bound'")
+            for kind, sch in schedulers:
+                if kind == "epoch":
+                    sch.step(float(record))
+            return record
+
+        def on_record(epoch, record):
+            if callback is not None and (epoch + 1) % callback_interval == 0:
+                self.layer_, self.n_iter_ = layer, epoch + 1
+                return callback(self, epoch + 1, record)
+            return None
+
         try:
-            for epoch in range(self.max_iter):
-                parts = []
-                for idx in self._batches(N, self.batch_size, g, T.device):
-                    for fidx in self._batches(D, self.y_batch_size, g, T.device):
-                        batch = counts.select(idx, fidx)
-                        for opt in (nat, grad_opt):
-                            if opt is not None:
-                                opt.zero_grad()
-                        elbo = layer.elbo(batch, idx, fidx, check=False)
-                        loss = -elbo.total
-                        (loss if natural else loss / norm).backward()
-                        if nat is not None:
-                            # the ELBO is scaled by N / B, so a local step of lr * B / N is
-                            # lr times the full local update (see GaussianNatural)
-                            frac = 1.0 if idx is None else idx.numel() / N
-                            saved = [group["lr"] for group in nat.param_groups]
-                            for group in nat.param_groups:
-                                group["lr"] = group["lr"] * frac
-                            nat.step()
-                            for group, lr_ in zip(nat.param_groups, saved):
-                                group["lr"] = lr_
-                        if grad_opt is not None:
-                            grad_opt.step()
-                        for kind, sch in schedulers:
-                            if kind == "batch":
-                                sch.step()
-                        if multiplicative_W:
-                            layer.update_W_(batch, idx, fidx, check=False)
-                        parts.append(elbo.detach())
-                record = ELBO(torch.stack([p.data for p in parts]).mean(),
-                              {k: torch.stack([p.kls[k] for p in parts]).mean() for k in parts[0].kls})
-                if not math.isfinite(float(record)):
-                    raise FloatingPointError(
-                        f"the ELBO became {float(record)} at epoch {epoch + 1}; lower learning_rate "
-                        f"(now {lr}) or use mode='lower-bound'")
-                n_iter = epoch + 1
-                go_on = history.append(record)
-                for kind, sch in schedulers:
-                    if kind == "epoch":
-                        sch.step(float(record))
-                if callback is not None and n_iter % callback_interval == 0:
-                    self.layer_, self.n_iter_ = layer, n_iter
-                    if callback(self, n_iter, record) is False:
-                        go_on = False
-                if not go_on or history.converged(self.tol):
-                    break
+            n_iter = engine.run(epoch_step, max_iter=self.max_iter, tol=self.tol, history=history,
+                                model=type(self).__name__, dtype=T.dtype, callback=on_record).n_iter
         finally:
             history.close()
         self.layer_ = layer
@@ -356,32 +362,8 @@ class PNMF(TorchFactorization):
         if isinstance(out, History):
             raise ValueError("fit_transform does not take return_history; call fit instead")
         T = self._check_X(X, reset=False)
-        factors = self._fit_factors(T, self.transform_max_iter)
+        factors = self._fit_factors(T, self._transform_steps())
         return self._output(self._expected_factors(factors), X, "fit_transform")
-
-    # -- pickling: parametrized modules pickle only through their state_dict ----------
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        layer = state.pop("layer_", None)
-        if layer is not None:
-            # only W is parametrized: the factor posterior (of any class) pickles as itself
-            state["_layer_spec_"] = dict(
-                n_features=layer.n_features, n_samples=layer.n_samples, n_components=layer.n_components,
-                mode=layer.mode, E=layer.E, loadings_mode=layer.loadings_mode, factors=layer.factors,
-                control_variates=layer.control_variates, dtype=layer.W.dtype,
-                state_dict={k: v.detach().cpu() for k, v in layer.state_dict().items() if not k.startswith("factors.")},
-                device=str(layer.W.device))
-        return state
-
-    def __setstate__(self, state):
-        spec = state.pop("_layer_spec_", None)
-        self.__dict__.update(state)
-        if spec is not None:
-            sd = spec.pop("state_dict")
-            device = spec.pop("device")
-            layer = LogNormalPoisson(**spec, device=device)
-            layer.load_state_dict(sd, strict=False)
-            self.layer_ = layer
 
     # -- helpers over the fitted posterior -------------------------------------------
     @staticmethod
@@ -438,10 +420,28 @@ class PNMF(TorchFactorization):
         """
         check_is_fitted(self, "layer_")
         T = self._check_X(X, reset=False)
-        max_iter = check_rank(self.transform_max_iter if max_iter is None else max_iter, "max_iter")
+        max_iter = self._transform_steps(max_iter)
         factors = self._fit_factors(T, max_iter)
         mu, var = factors.marginals()
         return self._output(mu.t(), X), self._output(var.sqrt().t(), X)
+
+    def _transform_steps(self, max_iter: Optional[int] = None) -> int:
+        """Steps of a transform: ``max_iter``, else ``transform_max_iter``, else the fit's ``n_iter_`` (<= 200)."""
+        if max_iter is not None:
+            return check_rank(max_iter, "max_iter")
+        if self.transform_max_iter is not None:
+            return check_rank(self.transform_max_iter, "transform_max_iter")
+        return max(1, min(200, int(getattr(self, "n_iter_", 200))))
+
+    def _progress(self, total: int, what: str):
+        """A tqdm bar over ``total`` steps when ``verbose``, else ``None``."""
+        if not self.verbose:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            raise ImportError("verbose progress bars need tqdm: pip install tqdm") from None
+        return tqdm(total=total, desc=f"{type(self).__name__}.{what}", leave=False)
 
     def _fit_factors(self, T: Tensor, max_iter: int) -> IndependentNormal:
         N, D = T.shape
@@ -456,7 +456,7 @@ class PNMF(TorchFactorization):
             totals = torch.as_tensor(_row_sums(T), dtype=W.dtype, device=W.device)
             guess = totals[:, None] / W.sum(0).clamp_min(1e-12)[None, :] / self.n_components_
             layer.factors.loc.copy_(torch.log(guess.clamp_min(1e-8)).t())
-        return self._refit_factors(layer, _counts_of(T.to(W.dtype)), max_iter)
+        return self._refit_factors(layer, Counts.from_samples(T.to(W.dtype)), max_iter)
 
     def _refit_factors(self, layer: LogNormalPoisson, counts: Counts, max_iter: int):
         """``max_iter`` steps of ``layer.factors`` (``q(F)``) on ``counts`` with ``W`` fixed; return them."""
@@ -468,17 +468,27 @@ class PNMF(TorchFactorization):
             else:
                 opt = torch.optim.Adam(factors.parameters(), lr=self._lr(False))
                 scale = float(layer.n_features * layer.n_samples)
-            for _ in range(max_iter):
-                opt.zero_grad()
-                (-layer.elbo(counts, check=False).total / scale).backward()
-                opt.step()
+            bar = self._progress(max_iter, "transform")
+            try:
+                for step in range(max_iter):
+                    opt.zero_grad()
+                    elbo = layer.elbo(counts, check=False).total
+                    (-elbo / scale).backward()
+                    opt.step()
+                    if bar is not None:
+                        bar.update(1)
+                        if step % 10 == 0 or step == max_iter - 1:  # reading the value syncs a GPU
+                            bar.set_postfix(elbo=f"{float(elbo.detach()):.6g}")
+            finally:
+                if bar is not None:
+                    bar.close()
         return factors
 
     def transform(self, X):
         """``E_q[exp F]`` for new samples (``q(F)`` refitted with ``W`` fixed), shape (n_new, n_components)."""
         check_is_fitted(self, "layer_")
         T = self._check_X(X, reset=False)
-        factors = self._fit_factors(T, self.transform_max_iter)
+        factors = self._fit_factors(T, self._transform_steps())
         return self._output(self._expected_factors(factors), X)
 
     def inverse_transform(self, X):
@@ -514,7 +524,7 @@ class PNMF(TorchFactorization):
         N = self.layer_.n_samples
         if T.shape[0] != N:
             raise ValueError(f"X has {T.shape[0]} samples, expected the {N} training samples")
-        max_iter = check_rank(self.transform_max_iter if max_iter is None else max_iter, "max_iter")
+        max_iter = self._transform_steps(max_iter)
         W = self.layer_.W.detach()
         T = T.to(device=W.device, dtype=W.dtype)
         factors = copy.deepcopy(self.layer_.factors).requires_grad_(False)
@@ -523,10 +533,15 @@ class PNMF(TorchFactorization):
                                  loadings_mode="multiplicative", factors=factors,
                                  W=torch.ones(D_new, self.n_components_, dtype=W.dtype, device=W.device)
                                  / self.n_components_, dtype=W.dtype, device=W.device)
-        counts = _counts_of(T)
+        counts = Counts.from_samples(T)
         with _seeded(self._generator(), W.device):
+            bar = self._progress(max_iter, "transform_W")
             for _ in range(max_iter):
                 layer.update_W_(counts, check=False)
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
         return self._output(layer.W.detach().t(), X)
 
 

@@ -55,19 +55,18 @@ from torch.nn.utils import parametrize
 from .. import constraints
 from ..data import (as_tensor, check_counts, check_option, check_positive, check_positive_vector, check_rank,
                     check_shape, nonzeros)
+from ..kernels.sparse import csr_tensor
 from .elbo import ELBO
 
 __all__ = ["GammaPoisson", "CountMatrix"]
-
-# torch warns once per process that sparse CSR support is in beta; the kernels used here
-# (CSR @ dense, sampled_addmm) are stable.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 Rows = Union[None, Tensor, np.ndarray, Sequence[int]]
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: Tuple[int, int]) -> Tensor:
-    return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+    # torch's one-time "CSR support is in beta" notice is filtered around this call only: the
+    # kernels used here (CSR @ dense, sampled_addmm) are stable
+    return csr_tensor(crow, col, values, shape)
 
 
 class CountMatrix:
@@ -711,7 +710,9 @@ class GammaPoisson(nn.Module):
         max_iter : int, default 200
             Maximum number of sweeps.
         tol : float, default 1e-6
-            Stop when the relative ELBO change of a sweep is below ``tol`` (0 runs ``max_iter``).
+            Stop when the ELBO changes by at most ``tol`` relative to ``|ELBO|`` over a sweep
+            (the rule of :mod:`torchnmf.engine`; 0 runs ``max_iter``); reaching ``max_iter``
+            first warns with :class:`~torchnmf.engine.ConvergenceWarning`.
         verbose : bool, default False
             Show a tqdm progress bar (ignored when ``history`` is given).
         history : torchnmf.History, optional
@@ -734,6 +735,7 @@ class GammaPoisson(nn.Module):
         FloatingPointError
             If the ELBO becomes NaN or infinite.
         """
+        from ..engine import run_stateful
         from ..history import History
         from ..trainer.cavi import CAVI
 
@@ -744,15 +746,9 @@ class GammaPoisson(nn.Module):
             history = History(verbose=verbose, total=max_iter, desc="GammaPoisson", name="elbo", maximize=True)
         trainer = trainer if trainer is not None else CAVI(self, chunk_size=chunk_size)
         try:
-            for _ in range(max_iter):
-                record = trainer.step(lambda: data)
-                if not bool(torch.isfinite(record.total)):
-                    raise FloatingPointError(f"the ELBO became {float(record.total)}: {record}")
-                keep_going = history.append(record)
-                if callback is not None:
-                    callback(self, record)
-                if not keep_going or history.stop_requested or history.converged(tol):
-                    break
+            run_stateful(self, trainer, lambda i, measure: trainer.step(lambda: data), max_iter=max_iter, tol=tol,
+                         history=history, model=f"{type(self).__name__}.fit",
+                         callback=None if callback is None else (lambda i, record: callback(self, record)))
         finally:
             history.close()
         return history
