@@ -76,6 +76,34 @@ def resolve_dtype(dtype, default: torch.dtype) -> torch.dtype:
     return out
 
 
+def _unparametrized_copy(module: torch.nn.Module):
+    """A deep copy of ``module`` whose parametrized tensors are plain again (their raw values).
+
+    Returns the copy and ``[(submodule path, tensor name, parametrizations), ...]``. Not
+    :func:`torch.nn.utils.parametrize.remove_parametrizations`: the copy shares its dynamic
+    class with ``module``, and removing deletes the property from that class, breaking ``module``.
+    """
+    copied = copy.deepcopy(module)
+    found = []
+    for path, sub in list(copied.named_modules()):
+        if not parametrize.is_parametrized(sub):
+            continue
+        plain = {}
+        for name, plist in sub.parametrizations.items():
+            if not hasattr(plist, "original"):  # pragma: no cover - multi-tensor right_inverse: not used here
+                raise TypeError(f"cannot pickle the parametrization of {name!r} in {type(module).__name__}")
+            found.append((path, name, list(plist)))
+            plain[name] = plist.original
+        del sub._modules["parametrizations"]
+        sub.__class__ = sub.__class__.__bases__[0]  # this copy only: the shared class stays as it is
+        for name, raw in plain.items():
+            if isinstance(raw, torch.nn.Parameter):
+                sub._parameters[name] = raw
+            else:
+                sub._buffers[name] = raw
+    return copied, found
+
+
 class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Base class of torchnmf's estimators (not used directly).
 
@@ -204,20 +232,11 @@ class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     def __getstate__(self):
         # torch refuses to pickle modules with parametrizations (softplus/exp positive
         # parameters): pickle a copy without them, with what is needed to put them back.
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # object.__getstate__ returns __dict__ itself: never edit it
         records = {}
         for key, value in list(state.items()):
             if isinstance(value, torch.nn.Module) and any(parametrize.is_parametrized(m) for m in value.modules()):
-                module = copy.deepcopy(value)
-                found = []
-                for path, sub in list(module.named_modules()):
-                    if parametrize.is_parametrized(sub):
-                        for name in list(sub.parametrizations.keys()):
-                            chain = list(getattr(sub.parametrizations, name))
-                            parametrize.remove_parametrizations(sub, name, leave_parametrized=False)
-                            found.append((path, name, chain))
-                state[key] = module
-                records[key] = found
+                state[key], records[key] = _unparametrized_copy(value)
         if records:
             state["_torchnmf_parametrizations"] = records
         return state
@@ -229,10 +248,11 @@ class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
             module = getattr(self, key)
             for path, name, chain in found:
                 sub = module.get_submodule(path)
-                raw = getattr(sub, name)
+                raw = getattr(sub, name).detach().clone()
                 for p in chain:
                     parametrize.register_parametrization(sub, name, p, unsafe=True)
-                getattr(sub.parametrizations, name).original = raw  # exact raw value and its mode
+                with torch.no_grad():  # registering ran right_inverse on it: put the exact raw value back
+                    getattr(sub.parametrizations, name).original.copy_(raw)
 
     # -- scikit-learn metadata -------------------------------------------------
     @property

@@ -9,9 +9,9 @@ from torch import Tensor
 from torch.distributions import Normal, kl_divergence
 
 from ..data import check_option, check_positive, check_rank
-from ..poisson.lognormal import IndependentNormal, LogNormalPoisson
+from ..poisson.lognormal import Counts, IndependentNormal, LogNormalPoisson
 from ..poisson.spatial import CHOLESKY_MODES, INDUCING_ALLOCATIONS, LCGP, SVGP, check_coordinates
-from .pnmf import PNMF, _counts_of
+from .pnmf import PNMF
 
 __all__ = ["SpatialPNMF"]
 
@@ -27,7 +27,7 @@ class _NormalUnderPredictive(IndependentNormal):
         self.register_buffer("predictive_std", prior_var.detach().clamp_min(1e-12).sqrt())
 
     def kl(self, idx: Optional[Tensor] = None, **covariates) -> Tensor:
-        loc, scale = self._select(idx)
+        loc, scale = self.loc_scale(idx)
         pm = self.predictive_mean if idx is None else self.predictive_mean[:, idx]
         ps = self.predictive_std if idx is None else self.predictive_std[:, idx]
         return kl_divergence(Normal(loc, scale), Normal(pm, ps)).sum() * (self.n_samples / loc.shape[1])
@@ -257,7 +257,7 @@ class SpatialPNMF(PNMF):
         for cols in torch.arange(prior.n_samples, device=L.device).split(4096):  # O(K M chunk) memory
             g = None if prior.groups is None else prior.groups[cols]
             A = torch.linalg.solve_triangular(
-                L, prior._cov(prior.inducing_points, prior.inducing_groups, prior.coordinates[cols], g), upper=False)
+                L, prior.covariance(prior.inducing_points, prior.inducing_groups, prior.coordinates[cols], g), upper=False)
             gram += A @ A.transpose(-1, -2)
             rhs += (A @ resid[:, cols].unsqueeze(-1)).squeeze(-1)
         prior.q_loc.copy_(torch.linalg.solve(gram, rhs))
@@ -328,5 +328,5 @@ class SpatialPNMF(PNMF):
                                  factors=factors, W=W, dtype=W.dtype, device=W.device)
         layer.W.requires_grad_(False)
         # training_mode is 'standard' with spatial=True, so this is natural steps for 'lower-bound' only
-        return self._refit_factors(layer, _counts_of(T.to(W.dtype)), max_iter)
+        return self._refit_factors(layer, Counts.from_samples(T.to(W.dtype)), max_iter)
 

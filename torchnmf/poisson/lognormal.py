@@ -185,21 +185,27 @@ class IndependentNormal(FactorPosterior):
         """Posterior standard deviations, shape ``(K, N)``."""
         return Fn.softplus(self.raw_scale)
 
-    def _select(self, idx: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def loc_scale(self, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Posterior means and standard deviations of the samples ``idx`` (default all).
+
+        Returns
+        -------
+        loc, scale : Tensor, shape (K, len(idx)) or (K, N)
+        """
         if idx is None:
             return self.loc, self.scale
         return self.loc[:, idx], Fn.softplus(self.raw_scale[:, idx])
 
     def marginals(self, idx: Optional[Tensor] = None, **covariates) -> Tuple[Tensor, Tensor]:
-        loc, scale = self._select(idx)
+        loc, scale = self.loc_scale(idx)
         return loc, scale.square()
 
     def rsample(self, idx: Optional[Tensor] = None, n_samples: int = 1, **covariates) -> Tensor:
-        loc, scale = self._select(idx)
+        loc, scale = self.loc_scale(idx)
         return Normal(loc, scale).rsample((int(n_samples),))
 
     def kl(self, idx: Optional[Tensor] = None, **covariates) -> Tensor:
-        loc, scale = self._select(idx)
+        loc, scale = self.loc_scale(idx)
         prior = Normal(self.prior_loc.expand_as(loc), self.prior_scale.expand_as(loc))
         total = kl_divergence(Normal(loc, scale), prior).sum()
         return total * (self.n_samples / loc.shape[1])
@@ -241,6 +247,23 @@ class Counts:
             self.rows, self.cols, self.values = nonzeros(X)
             self.shape = tuple(X.shape)
         self.lgamma = torch.lgamma(self.values + 1).sum()
+
+    @classmethod
+    def from_samples(cls, X: Tensor) -> "Counts":
+        """Counts of ``X.T`` (features x samples) from a samples x features ``X``, unchecked.
+
+        Parameters
+        ----------
+        X : Tensor, shape (N, D)
+            Dense or sparse data already checked to be finite and non-negative.
+
+        Returns
+        -------
+        Counts
+            With ``shape == (D, N)``.
+        """
+        r, c, v = nonzeros(X)
+        return cls(None, _parts=(c, r, v, (int(X.shape[1]), int(X.shape[0]))))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -351,8 +351,21 @@ class _SpatialPrior(FactorPosterior):
         # constant prior mean of each component's GP (learned with the kernel)
         self.mean = nn.Parameter(torch.zeros(self.n_components, dtype=C.dtype, device=C.device))
 
-    # kernel evaluations, with batch dimensions: x (..., P, D), g (..., P)
-    def _cov(self, xa: Tensor, ga: Optional[Tensor], xb: Tensor, gb: Optional[Tensor]) -> Tensor:
+    def covariance(self, xa: Tensor, ga: Optional[Tensor], xb: Tensor, gb: Optional[Tensor]) -> Tensor:
+        """Prior covariances of every component between points ``xa`` and ``xb``.
+
+        Parameters
+        ----------
+        xa : Tensor, shape (..., P, D)
+        ga : LongTensor, shape (..., P), or None
+            Group codes of ``xa`` (used with the multi-group kernel only).
+        xb : Tensor, shape (..., Q, D)
+        gb : LongTensor, shape (..., Q), or None
+
+        Returns
+        -------
+        Tensor, shape (K, ..., P, Q)
+        """
         r = pairwise_distance(xa, xb)
         if self.multigroup:
             return self.kernel.from_distance(r, ga, gb)
@@ -518,7 +531,7 @@ class SVGP(_SpatialPrior):
     def prior_cholesky(self) -> Tensor:
         """``L = chol(K_uu + jitter I)``, shape ``(K, M, M)``."""
         Z, Zg = self.inducing_points, self.inducing_groups
-        Kuu = self._cov(Z, Zg, Z, Zg)
+        Kuu = self.covariance(Z, Zg, Z, Zg)
         eye = torch.eye(self.num_inducing, dtype=Kuu.dtype, device=Kuu.device)
         return _cholesky(Kuu + self.jitter * eye, "inducing-point")
 
@@ -555,7 +568,7 @@ class SVGP(_SpatialPrior):
     _chunk = 4096
 
     def _marginals_at(self, L: Tensor, x: Tensor, g: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        Kux = self._cov(self.inducing_points, self.inducing_groups, x, g)  # (K, M, B)
+        Kux = self.covariance(self.inducing_points, self.inducing_groups, x, g)  # (K, M, B)
         A = torch.linalg.solve_triangular(L, Kux, upper=False)  # L^{-1} K_ux
         mean = self.mean[:, None] + torch.einsum("km,kmb->kb", self.q_loc, A)
         d = self._diag_transform(self.q_diag_raw)
@@ -707,10 +720,10 @@ class LCGP(_SpatialPrior):
         xn = self.coordinates[nb]  # (B, n, D)
         gn = self.groups[nb] if self.multigroup else None
         vm = valid.to(x.dtype)
-        Knn = self._cov(xn, gn, xn, gn) * (vm[:, :, None] * vm[:, None, :])  # (K, B, n, n)
+        Knn = self.covariance(xn, gn, xn, gn) * (vm[:, :, None] * vm[:, None, :])  # (K, B, n, n)
         # invalid slots become independent unit variables with zero covariance to x: weight 0
         Knn = Knn + torch.diag_embed(self.jitter * vm + (1.0 - vm))
-        kxn = self._cov(x[:, None, :], g[:, None] if g is not None else None, xn, gn)[:, :, 0, :] * vm
+        kxn = self.covariance(x[:, None, :], g[:, None] if g is not None else None, xn, gn)[:, :, 0, :] * vm
         L = _cholesky(Knn, "neighbourhood")
         c = torch.linalg.solve_triangular(L, kxn.unsqueeze(-1), upper=False)
         b = torch.linalg.solve_triangular(L.transpose(-1, -2), c, upper=True).squeeze(-1)
