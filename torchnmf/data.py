@@ -45,7 +45,8 @@ def _from_scipy(X, dtype) -> Tensor:
     coo = X.tocoo()
     idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
     vals = torch.from_numpy(np.asarray(coo.data))
-    out = torch.sparse_coo_tensor(idx, vals, coo.shape)
+    # scipy's indices are in range: skip torch's check (and its "checks implicitly disabled" warning)
+    out = torch.sparse_coo_tensor(idx, vals, coo.shape, check_invariants=False)
     if dtype is not None:
         out = out.to(dtype)
     return out.coalesce()

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data import check_option, check_rank
 from .distributed import get_rank, get_world_size, shard_range
+from .kernels.sparse import csr_tensor, to_csr
 
 __all__ = ["RowBatch", "SparseRows", "EpochSampler", "row_loader", "collate_rows", "save_csr", "mtx_to_csr"]
 
@@ -65,7 +66,7 @@ def collate_rows(batch) -> RowBatch:
     X = torch.cat([b.X.to_dense() if b.X.layout != torch.strided else b.X for b in batch])
     layout = batch[0].X.layout
     if layout == torch.sparse_csr:
-        X = X.to_sparse_csr()
+        X = to_csr(X)
     elif layout == torch.sparse_coo:
         X = X.to_sparse_coo()
     return RowBatch(rows, X)
@@ -93,7 +94,7 @@ def save_csr(X, directory: Union[str, os.PathLike]) -> str:
         if X.layout == torch.strided:
             X = sp.csr_matrix(X.numpy())
         else:
-            X = X.to_sparse_csr()
+            X = to_csr(X)
             X = sp.csr_matrix((X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy()),
                               shape=tuple(X.shape))
     elif not sp.issparse(X):
@@ -404,7 +405,7 @@ class SparseRows(Dataset):
                 return {"dense": X.numpy(), "shape": tuple(X.shape)}
             if X.dim() != 2:
                 raise ValueError(f"source must be a 2-D matrix, got shape {tuple(X.shape)}")
-            C = X.to_sparse_csr() if X.layout != torch.sparse_csr else X
+            C = to_csr(X) if X.layout != torch.sparse_csr else X
             canonical = X.layout == torch.sparse_coo and X.is_coalesced()
             return {"data": C.values().numpy(), "indices": C.col_indices().numpy(),
                     "indptr": C.crow_indices().numpy(), "shape": tuple(C.shape), "canonical": canonical}
@@ -487,7 +488,7 @@ class SparseRows(Dataset):
         if self._dense:
             dense = torch.from_numpy(np.array(a["dense"][rows], dtype=np.float64 if self.dtype == torch.float64
                                               else np.float32)).to(self.dtype)
-            X = dense if self.layout == "dense" else (dense.to_sparse_csr() if self.layout == "csr"
+            X = dense if self.layout == "dense" else (to_csr(dense) if self.layout == "csr"
                                                         else dense.to_sparse_coo())
             return RowBatch(torch.from_numpy(rows), X)
         indptr = a["indptr"]
@@ -509,9 +510,9 @@ class SparseRows(Dataset):
                                         check_invariants=False).coalesce()
             if self.layout == "coo":
                 return RowBatch(torch.from_numpy(rows), X)
-            return RowBatch(torch.from_numpy(rows), X.to_dense() if self.layout == "dense" else X.to_sparse_csr())
+            return RowBatch(torch.from_numpy(rows), X.to_dense() if self.layout == "dense" else to_csr(X))
         if self.layout == "csr":
-            X = torch.sparse_csr_tensor(torch.from_numpy(crow), cols, vals, (B, n_cols), check_invariants=False)
+            X = csr_tensor(torch.from_numpy(crow), cols, vals, (B, n_cols))
         elif self.layout == "coo":
             X = torch.sparse_coo_tensor(torch.stack([row_of, cols]), vals, (B, n_cols), is_coalesced=True,
                                         check_invariants=False)
