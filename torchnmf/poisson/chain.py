@@ -657,17 +657,6 @@ def _plan(shapes: Tuple[Tuple[int, int], ...], nnz: int):
     return best[1], best[2], best[3]
 
 
-@lru_cache(maxsize=256)
-def _total(shapes: Tuple[Tuple[int, int], ...]):
-    """opt_einsum expression of the rank-one sum ``1ᵀ F_0 F_1ᵀ ... F_Lᵀ 1``."""
-    L = len(shapes) - 1
-    n, c = _sym(0), _sym(1)
-    k = [_sym(2 + i) for i in range(L)]
-    subs = [n + k[0]] + [k[l] + k[l - 1] for l in range(1, L)] + [c + k[L - 1]]
-    return opt_einsum.contract_expression(",".join([n] + subs + [c]) + "->", (shapes[0][0],), *shapes,
-                                          (shapes[-1][0],))
-
-
 def _side(expr, logs: List[Tensor], outer: int) -> Tensor:
     """log of the planned product of ``exp(logs)``, computed stably.
 
@@ -745,24 +734,43 @@ class ChainStatistics:
             self.counts[i] = torch.zeros_like(logs[i]) if g is None else g.detach()
 
 
+def _sum_vectors(means: List[Tensor]):
+    """Vectors of the rank-one sum ``1ᵀ M_0 M_1ᵀ ... M_Lᵀ 1``, every product a matrix-vector one.
+
+    ``left[l]`` (size ``K_{l-1}``, for l >= 1) is what sits left of ``M_l``
+    (``M_{l-1} ... M_1 M_0ᵀ 1``); ``right[l]`` (the rows of ``M_l``) what sits right of it
+    (``1`` for the last factor, ``M_{l+1}ᵀ right[l+1]`` before).
+    """
+    L = len(means) - 1
+    left: List[Optional[Tensor]] = [None] * (L + 1)
+    left[1] = means[0].sum(0)
+    for l in range(2, L + 1):
+        left[l] = means[l - 1] @ left[l - 1]
+    right: List[Optional[Tensor]] = [None] * (L + 1)
+    for l in range(L - 1, -1, -1):
+        # a column sum when the right vector is the ones of the data's columns (as GammaPoisson)
+        right[l] = means[l + 1].sum(0) if l + 1 == L else right[l + 1] @ means[l + 1]
+    return left, right
+
+
 def rate_statistics(chain: FactorChain, index: int, rows: Optional[Tensor] = None, scale: float = 1.0) -> Tensor:
     """``∂/∂M_index Σ (chain at the posterior means)``, over the batch ``rows`` of the first factor.
 
-    Rank one (a product of two vectors), computed by autograd through the opt_einsum plan of
-    the sum ``1ᵀ M_0 M_1ᵀ ... M_Lᵀ 1``; shape of factor ``index`` (``(len(rows), K_0)`` for the
-    first factor of a batch).
+    Rank one: the outer product of the vectors on both sides of ``M_index`` in
+    ``1ᵀ M_0 M_1ᵀ ... M_Lᵀ 1`` (matrix-vector products only, the cheapest order); shape of
+    factor ``index`` (``(len(rows), K_0)`` for the first factor of a batch).
     """
     factors = chain.factors
     with torch.no_grad():
-        means = [f.mean(rows if i == 0 else None).detach() for i, f in enumerate(factors)]
-    total = _total(tuple(tuple(m.shape) for m in means))
-    leaf = means[index].requires_grad_(True)
-    ones_n = means[0].new_ones(means[0].shape[0])
-    ones_c = means[-1].new_ones(means[-1].shape[0])
-    with torch.enable_grad():
-        value = total(ones_n, *means, ones_c, backend="torch")
-        g, = torch.autograd.grad(value, leaf)
-    return g * scale if scale != 1.0 else g
+        means = [f.mean(rows if i == 0 else None) for i, f in enumerate(factors)]
+        left, right = _sum_vectors(means)
+        if index == 0:
+            g = right[0].expand(means[0].shape).clone()
+        elif index == len(means) - 1:
+            g = left[index].expand(means[index].shape).clone()
+        else:
+            g = torch.outer(right[index], left[index])
+        return g * scale if scale != 1.0 else g
 
 
 def total_mean(chain: FactorChain, rows: Optional[Tensor] = None) -> Tensor:
@@ -770,9 +778,8 @@ def total_mean(chain: FactorChain, rows: Optional[Tensor] = None) -> Tensor:
     factors = chain.factors
     with torch.no_grad():
         means = [f.mean(rows if i == 0 else None) for i, f in enumerate(factors)]
-        total = _total(tuple(tuple(m.shape) for m in means))
-        return total(means[0].new_ones(means[0].shape[0]), *means, means[-1].new_ones(means[-1].shape[0]),
-                     backend="torch")
+        left, right = _sum_vectors(means)
+        return (left[1] * right[0]).sum()
 
 
 def chain_data(X, chain: FactorChain, rows: Optional[Tensor] = None) -> CountMatrix:

@@ -78,7 +78,9 @@ class ChainRunner:
 
     def _data(self, X, rows, chain):
         src = self.source
-        if src is not None and src[0] is X and src[1] is rows and src[2].shape[1] == chain.shape[1]:
+        f0 = chain.factors[0]
+        if (src is not None and src[0] is X and src[1] is rows and src[2].shape[1] == chain.shape[1]
+                and src[2].dtype == f0.dtype and src[2].device == f0.device):
             return src[2], src[3]
         r = chain_rows(chain, rows)
         data = chain_data(X, chain, r)
