@@ -143,3 +143,145 @@ def test_lognormal_update_W_with_zero_row_stays_finite():
         new = m.update_W_(X)
         assert torch.isfinite(new).all()
     assert torch.isfinite(m.elbo(X).total)
+
+
+# -- argument checks: BetaMu / OnlineMU / mu_update / randomized_svd and data's declarative checks --
+def _beta_mu_model():
+    from torchnmf.nmf import NMF
+
+    return NMF((6, 5), 2)
+
+
+@pytest.mark.parametrize("bad,err,word", [
+    (torch.full((6, 5), float("nan")), ValueError, "target contains NaN or infinity"),
+    (torch.full((6, 5), float("inf")), ValueError, "target contains NaN or infinity"),
+    (-torch.ones(6, 5), ValueError, "target must be non-negative"),
+    (torch.ones(6, 5, dtype=torch.bool), TypeError, "target must hold real numbers"),
+    (torch.ones(6, 5, dtype=torch.complex64), TypeError, "target must hold real numbers"),
+])
+def test_beta_mu_checks_the_closure_target(bad, err, word):
+    from torchnmf.trainer import BetaMu
+
+    m = _beta_mu_model()
+    W0, H0 = m.W.detach().clone(), m.H.detach().clone()
+    opt = BetaMu(m.parameters(), beta=1)
+    with pytest.raises(err, match=word):
+        opt.step(lambda: (bad, m()))
+    assert torch.equal(m.W, W0) and torch.equal(m.H, H0)  # nothing updated
+
+
+def test_beta_mu_rechecks_a_modified_target():
+    from torchnmf.trainer import BetaMu
+
+    m = _beta_mu_model()
+    V = torch.rand(6, 5)
+    opt = BetaMu(m.parameters(), beta=1)
+    opt.step(lambda: (V, m()))
+    V[0, 0] = float("nan")  # in place: a new version of the same tensor
+    with pytest.raises(ValueError, match="target contains NaN"):
+        opt.step(lambda: (V, m()))
+
+
+@pytest.mark.parametrize("beta,err", [(float("nan"), ValueError), (float("inf"), ValueError),
+                                      (-float("inf"), ValueError), ("kl", TypeError), (True, TypeError)])
+def test_beta_refused_everywhere(beta, err):
+    from torchnmf.trainer import BetaMu, OnlineMU
+    from torchnmf.updates import mu_statistics, mu_update
+
+    m = _beta_mu_model()
+    V = torch.rand(6, 5)
+    W, H = torch.rand(5, 2), torch.rand(6, 2)
+    with pytest.raises(err, match="beta"):
+        BetaMu(m.parameters(), beta=beta)
+    with pytest.raises(err, match="beta"):
+        OnlineMU([torch.rand(5, 2)], beta=beta)
+    with pytest.raises(err, match="beta"):
+        mu_update(V, W, H, beta=beta)
+    with pytest.raises(err, match="beta"):
+        mu_statistics(V, W, H, beta=beta)
+    with pytest.raises(err, match="beta"):
+        m.fit(V, beta=beta)
+    if not isinstance(beta, str):
+        pytest.importorskip("sklearn")
+        from torchnmf.estimators import BetaNMF
+
+        with pytest.raises(err, match="beta_loss"):
+            BetaNMF(n_components=2, beta_loss=beta, device="cpu").fit(V.numpy())
+
+
+def test_randomized_svd_checks_and_converts():
+    sp = pytest.importorskip("scipy.sparse")
+    from torchnmf.init import randomized_svd
+
+    A = np.random.RandomState(0).rand(12, 7)
+    for rank, err in ((-1, ValueError), (0, ValueError), (8, ValueError), (2.5, TypeError), ("3", TypeError)):
+        with pytest.raises(err, match="rank"):
+            randomized_svd(torch.as_tensor(A), rank)
+    with pytest.raises(ValueError, match="n_iter"):
+        randomized_svd(A, 2, n_iter="many")
+    with pytest.raises(ValueError, match="X must have 2 dimensions"):
+        randomized_svd(A[0], 1)
+    with pytest.raises(ValueError, match="X contains NaN"):
+        randomized_svd(np.full((3, 3), np.nan), 1)
+    ref = randomized_svd(torch.as_tensor(A), 3, generator=torch.Generator().manual_seed(0))
+    for X in (A, sp.csr_matrix(A), sp.coo_matrix(A)):
+        U, S, Vh = randomized_svd(X, 3, generator=torch.Generator().manual_seed(0))
+        assert U.shape == (12, 3) and S.shape == (3,) and Vh.shape == (3, 7)
+        torch.testing.assert_close(S, ref[1])
+    exact = torch.linalg.svdvals(torch.as_tensor(A))[:3]
+    torch.testing.assert_close(ref[1], exact, rtol=1e-8, atol=1e-10)
+
+
+def test_declarative_checks():
+    assert data.check_int(np.int64(3), "n", low=1) == 3
+    for bad in (2.0, True, "3", None):
+        with pytest.raises(TypeError, match="n must be a positive integer"):
+            data.check_int(bad, "n", low=1)
+    with pytest.raises(ValueError, match="n must be a positive integer, got 0"):
+        data.check_int(0, "n", low=1)
+    with pytest.raises(ValueError, match=r"k must be an integer in \[2, 5\], got 6"):
+        data.check_int(6, "k", low=2, high=5)
+    assert data.check_real(np.float32(0.5), "r", 0, 1) == 0.5
+    with pytest.raises(ValueError, match=r"r must be in \[0, 1\], got 1.5"):
+        data.check_real(1.5, "r", 0, 1)
+    with pytest.raises(ValueError, match=r"r must be in \(0, 1\], got 0"):
+        data.check_real(0, "r", 0, 1, closed="right")
+    with pytest.raises(ValueError, match="r must be > 0 and finite, got inf"):
+        data.check_real(float("inf"), "r", 0, closed="neither")
+    with pytest.raises(ValueError, match="r must be a finite real number, got nan"):
+        data.check_real(float("nan"), "r")
+    with pytest.raises(TypeError, match="r must be a real number"):
+        data.check_real(torch.tensor(1.0), "r")
+    # the positive vector of the Gamma and kernel hyperparameters
+    v = [1.0, 2.0]
+    out = data.check_positive_vector(v, 2, "kappa", dtype=torch.float64)
+    assert out.dtype == torch.float64 and out.tolist() == v
+    t = torch.ones(2, requires_grad=True)
+    out = data.check_positive_vector(t, 2, "kappa")
+    assert not out.requires_grad and out.data_ptr() != t.data_ptr()
+    assert data.check_positive_vector(0.5, 3, "a").tolist() == [0.5] * 3
+    with pytest.raises(ValueError, match="kappa must be a positive number or a vector of 2"):
+        data.check_positive_vector([1.0, 2.0, 3.0], 2, "kappa")
+    with pytest.raises(ValueError, match="kappa must be positive"):
+        data.check_positive_vector([1.0, 0.0], 2, "kappa")
+    with pytest.raises(ValueError, match="kappa contains NaN"):
+        data.check_positive_vector([1.0, float("nan")], 2, "kappa")
+    with pytest.raises(TypeError, match="kappa"):
+        data.check_positive_vector(True, 2, "kappa")
+
+
+@pytest.mark.parametrize("call,err,word", [
+    (lambda: __import__("torchnmf.trainer", fromlist=["OnlineMU"]).OnlineMU([torch.rand(3, 2)], forget_factor=1.5),
+     ValueError, r"forget_factor must be in \[0, 1\]"),
+    (lambda: __import__("torchnmf.trainer", fromlist=["SparsityProj"]).SparsityProj([torch.rand(3, 2)], sparsity=-0.1),
+     ValueError, r"sparsity must be in \[0, 1\]"),
+    (lambda: __import__("torchnmf.trainer", fromlist=["SparsityProj"]).SparsityProj([torch.rand(3, 2)], 0.5,
+                                                                                     max_iter=2.0),
+     TypeError, "max_iter must be a positive integer"),
+    (lambda: _beta_mu_model().fit(torch.rand(6, 5), l1_ratio=1.5), ValueError, r"l1_ratio must be in \[0, 1\]"),
+    (lambda: _beta_mu_model().fit(torch.rand(6, 5), max_iter=2.5), TypeError, "max_iter must be a positive integer"),
+    (lambda: _beta_mu_model().sparse_fit(torch.rand(6, 5), sW=2), ValueError, r"sW must be in \[0, 1\]"),
+])
+def test_interval_and_integer_checks(call, err, word):
+    with pytest.raises(err, match=word):
+        call()

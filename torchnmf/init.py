@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import as_tensor, check_nonnegative, check_option, check_positive, check_rank, is_sparse
+from .data import (as_tensor, check_finite, check_int, check_nonnegative, check_option, check_positive, check_rank,
+                   is_sparse)
 
 __all__ = ["METHODS", "initialize", "check_random_state", "randomized_svd"]
 
@@ -90,23 +91,23 @@ def _mm(X: Tensor, Y: Tensor) -> Tensor:
 
 
 def randomized_svd(
-    X: Tensor, rank: int, n_oversamples: int = 10, n_iter: Union[int, str] = "auto",
-    generator: Optional[torch.Generator] = None,
+    X, rank: int, n_oversamples: int = 10, n_iter: Union[int, str] = "auto",
+    generator: RandomState = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Truncated SVD by a randomized range finder (Halko et al. 2011), dense or sparse ``X``.
 
     Parameters
     ----------
-    X : Tensor, shape (N, C)
-        Dense or sparse (COO/CSR); never densified.
+    X : Tensor, numpy array or scipy.sparse matrix, shape (N, C)
+        Dense or sparse (COO/CSR); never densified. Integer input becomes floating.
     rank : int
-        Number of singular triplets.
+        Number of singular triplets, ``1 <= rank <= min(N, C)``.
     n_oversamples : int, default 10
-        Extra random directions.
+        Extra random directions (>= 0).
     n_iter : int or 'auto', default 'auto'
-        Power iterations: 7 if ``rank < 0.1 * min(N, C)`` else 4, as scikit-learn.
-    generator : torch.Generator, optional
-        Source of the random test matrix.
+        Power iterations (>= 0): 7 if ``rank < 0.1 * min(N, C)`` else 4, as scikit-learn.
+    generator : torch.Generator, int or numpy generator, optional
+        Source of the random test matrix (anything :func:`check_random_state` takes).
 
     Returns
     -------
@@ -114,17 +115,24 @@ def randomized_svd(
     S : Tensor, shape (rank,)
     Vh : Tensor, shape (rank, C)
     """
+    X = as_tensor(X, "X", ndim=2, float_only=False)
+    check_finite(X, "X")
     N, C = X.shape
+    rank = check_int(rank, "rank", low=1)
+    if rank > min(N, C):
+        raise ValueError(f"rank must be at most min(N, C) = {min(N, C)} for X of shape {(N, C)}, got {rank}")
+    n_oversamples = check_int(n_oversamples, "n_oversamples", low=0)
     q = min(rank + n_oversamples, N, C)
-    if n_iter == "auto":
+    if isinstance(n_iter, str):
+        check_option(n_iter, ("auto",), "n_iter")
         n_iter = 7 if rank < 0.1 * min(N, C) else 4
+    n_iter = check_int(n_iter, "n_iter", low=0)
     if is_sparse(X):
         X = X.to_sparse_coo().coalesce() if X.layout != torch.sparse_coo else X.coalesce()
         like, Xt = X.values(), X.t().coalesce()
     else:
         like, Xt = X, X.t()
-    if generator is None:
-        generator = check_random_state(None)
+    generator = check_random_state(generator)
     Q = _mm(X, _randn((C, q), generator, like))
     for _ in range(n_iter):
         Q = torch.linalg.qr(Q).Q

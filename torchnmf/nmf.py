@@ -186,15 +186,11 @@ class BaseComponent(nn.Module):
 
     @staticmethod
     def _check_fit_args(beta, tol, max_iter, alpha, l1_ratio):
-        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta):
-            raise TypeError(f"beta must be a finite real number, got {beta!r}")
+        data.check_beta(beta)
         data.check_positive(tol, "tol", allow_zero=True)
-        if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
-            raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+        data.check_int(max_iter, "max_iter", low=1)
         data.check_positive(alpha, "alpha", allow_zero=True)
-        data.check_positive(l1_ratio, "l1_ratio", allow_zero=True)
-        if l1_ratio > 1:
-            raise ValueError(f"l1_ratio must be in [0, 1], got {l1_ratio}")
+        data.check_real(l1_ratio, "l1_ratio", 0, 1)
 
     def fit(self, V, beta: float = 1, tol: float = 1e-4, max_iter: int = 200, verbose: bool = False,
             alpha: float = 0, l1_ratio: float = 0, *, mask=None, history: Optional[History] = None,
@@ -409,9 +405,7 @@ class BaseComponent(nn.Module):
         self._check_fit_args(beta, 0, max_iter, 0, 0)
         for name, s in (("sW", sW), ("sH", sH)):
             if s is not None:
-                data.check_positive(s, name, allow_zero=True)
-                if s > 1:
-                    raise ValueError(f"{name} must be in [0, 1], got {s}")
+                data.check_real(s, name, 0, 1)
         V = self._check_V(V)
         beta = float(beta)
         own = history is None

@@ -154,8 +154,7 @@ class BaseComponent(nn.Module):
             ``ΣV``; ``norm * self()`` approximates V.
         """
         data.check_positive(tol, "tol", allow_zero=True)
-        if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
-            raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+        data.check_int(max_iter, "max_iter", low=1)
         alphas = {n: data.check_positive(a, f"{n}_alpha") for n, a in (("W", W_alpha), ("H", H_alpha), ("Z", Z_alpha))}
         shape = self._vshape()
         V = data.as_tensor(V, "V", ndim=len(shape), sparse="dense")

@@ -20,6 +20,8 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .data import check_beta
+
 __all__ = ["mu_update", "mu_gamma", "mu_statistics", "mu_apply", "EPSILON"]
 
 #: Floor for reconstructions and zero denominators (scikit-learn's choice: float32 eps).
@@ -324,7 +326,7 @@ def mu_update(
             f"shapes do not match V (N, C) ≈ H (N, R) Wᵀ (R, C): V {tuple(V.shape)}, "
             f"W {tuple(W.shape)}, H {tuple(H.shape)}"
         )
-    beta = float(beta)
+    beta = check_beta(beta)
     g = mu_gamma(beta) if gamma is None else float(gamma)
     with torch.no_grad():
         num, den, loss = _statistics(V, W, H, beta, mask, eps, with_loss, cache)
@@ -363,7 +365,7 @@ def mu_statistics(
         The divergence at the input point with ``with_loss``.
     """
     with torch.no_grad():
-        num, den, loss = _statistics(V, W, H, float(beta), mask, eps, with_loss, cache)
+        num, den, loss = _statistics(V, W, H, check_beta(beta), mask, eps, with_loss, cache)
         # _big_mm gives transposed views; collectives (all_reduce) want contiguous tensors
         return num.contiguous(), den.contiguous(), loss
 

@@ -1,6 +1,7 @@
 """Beta-divergence multiplicative updates for any chain of non-negative modules."""
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Iterable, Optional, Tuple, Union
 
 import torch
@@ -80,23 +81,34 @@ class BetaMu(Optimizer):
 
     def __init__(self, params: Iterable, beta: float = 1, l1_reg: float = 0, l2_reg: float = 0,
                  orthogonal: float = 0, lr: float = 1.0, eps: float = EPSILON):
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-            raise TypeError(f"beta must be a real number, got {beta!r}")
+        beta = data.check_beta(beta)
         data.check_positive(l1_reg, "l1_reg", allow_zero=True)
         data.check_positive(l2_reg, "l2_reg", allow_zero=True)
         data.check_positive(orthogonal, "orthogonal", allow_zero=True)
         data.check_positive(eps, "eps")
         defaults = dict(beta=float(beta), l1_reg=l1_reg, l2_reg=l2_reg, orthogonal=orthogonal, lr=lr, eps=eps)
         super().__init__(params, defaults)
+        # (weak reference, version) of the last target checked: a fixed V is checked once,
+        # a new or modified one again
+        self._checked = (None, -1)
 
-    @staticmethod
-    def _unpack(out) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    def _check_target(self, target: Tensor) -> None:
+        """The layers' checks of ``V`` on the closure's target, once per distinct target tensor."""
+        ref, version = getattr(self, "_checked", (None, -1))  # absent after unpickling
+        if ref is not None and ref() is target and version == target._version:
+            return
+        data.as_tensor(target, "target", float_only=False)  # bool and complex: TypeError
+        data.check_nonnegative(target, "target")  # NaN, inf, negative: ValueError
+        self._checked = (weakref.ref(target), target._version)
+
+    def _unpack(self, out) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
             raise TypeError("the closure must return (target, prediction) or (target, prediction, mask)")
         target, pred = out[0], out[1]
         mask = out[2] if len(out) == 3 else None
         if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
             raise TypeError("the closure's target and prediction must be tensors")
+        self._check_target(target)
         if target.layout != torch.strided:
             target = target.to_dense()
         if target.shape != pred.shape:

@@ -71,11 +71,8 @@ class OnlineMU(torch.optim.Optimizer):
     def __init__(self, params, beta: float = 1, forget_factor: float = 0.7, n_samples: Optional[int] = None,
                  inner_iter: int = 1, l1: float = 0.0, l2: float = 0.0, eps: float = EPSILON, *,
                  distributed: bool = False, group=None, timeout: Optional[float] = None):
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-            raise TypeError(f"beta must be a real number, got {beta!r}")
-        forget_factor = data.check_positive(forget_factor, "forget_factor", allow_zero=True)
-        if forget_factor > 1:
-            raise ValueError(f"forget_factor must be in [0, 1], got {forget_factor}")
+        beta = data.check_beta(beta)
+        forget_factor = data.check_real(forget_factor, "forget_factor", 0, 1)
         if n_samples is not None:
             n_samples = data.check_rank(n_samples, "n_samples")
         inner_iter = data.check_rank(inner_iter, "inner_iter")

@@ -100,11 +100,8 @@ class SparsityProj(Optimizer):
     """
 
     def __init__(self, params: Iterable, sparsity: float, dim: int = 1, max_iter: int = 10, lr=None):
-        data.check_positive(sparsity, "sparsity", allow_zero=True)
-        if sparsity > 1:
-            raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+        sparsity = data.check_real(sparsity, "sparsity", 0, 1)
+        max_iter = data.check_int(max_iter, "max_iter", low=1)
         if lr is not None:
             data.check_positive(lr, "lr")
         super().__init__(params, dict(sparsity=float(sparsity), dim=int(dim), max_iter=max_iter, lr=lr))
