@@ -233,7 +233,8 @@ def run(step: Step, *, max_iter: int, tol: float, history: History, model: str, 
                                          maximize=history.maximize)
             elif first is None:
                 first = value
-            history.annotate_next(step=i, change=change, time=time.perf_counter() - t0)
+            history.annotate_next(step=i, change=change, time=time.perf_counter() - t0,
+                                  done=i if deferred else i + 1)
             go_on = history.append(record)
             if callback is not None and callback(i, record) is False:
                 go_on = False

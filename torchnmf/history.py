@@ -63,7 +63,7 @@ class History:
 
     # -- records ---------------------------------------------------------------
     def annotate_next(self, step: Optional[int] = None, change: float = math.nan,
-                      time: Optional[float] = None) -> None:
+                      time: Optional[float] = None, done: Optional[int] = None) -> None:
         """Describe the record the next :meth:`append` adds (the fit engine calls this).
 
         Parameters
@@ -74,8 +74,10 @@ class History:
             The relative change the stop rule read (see :mod:`torchnmf.engine`).
         time : float, optional
             Seconds since the fit started (default: since the history was made).
+        done : int, optional
+            Steps done so far, shown by the progress bar (default: one more per record).
         """
-        self._next = (step, float(change), time)
+        self._next = (step, float(change), time, done)
 
     def append(self, record: Record) -> bool:
         """Add one record (an ELBO is detached first); return ``False`` once a stop was requested.
@@ -84,13 +86,13 @@ class History:
         """
         if isinstance(record, ELBO):
             record = record.detach()
-        step, change, elapsed = self.__dict__.pop("_next", None) or (None, math.nan, None)
+        step, change, elapsed, done = self.__dict__.pop("_next", None) or (None, math.nan, None, None)
         elapsed = _time.perf_counter() - self._t0 if elapsed is None else float(elapsed)
         with self._lock:
             self._meta.append((len(self._records) if step is None else int(step), elapsed, change))
             self._records.append(record)
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(1 if done is None else max(0, int(done) - self._bar.n))
             self._bar.set_postfix({self.name: f"{float(record):.6g}"}, refresh=False)
         return not self._stop.is_set()
 

@@ -169,7 +169,7 @@ class BaseComponent(nn.Module):
         train = {n: p for n, p in params.items() if p is not None and p.requires_grad}
         own = history is None
         if own:
-            history = History(verbose=verbose, total=max_iter + 1, desc=f"{type(self).__name__}.fit", name="kl")
+            history = History(verbose=verbose, total=max_iter, desc=f"{type(self).__name__}.fit", name="kl")
         # floor of the model where a prior < 1 zeroed it: small, yet 1/floor sums stay finite
         tiny = torch.finfo(V.dtype).tiny ** 0.5
         names = list(train)

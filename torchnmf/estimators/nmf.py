@@ -221,7 +221,7 @@ class BetaNMF(TorchFactorization):
             W0 = check_shape(check_nonnegative(as_tensor(W, "W", ndim=2, float_only=False), "W"), (n_features, rank), "W")
             H0 = check_shape(check_nonnegative(as_tensor(H, "H", ndim=2, float_only=False), "H"), (n_samples, rank), "H")
         module = self._layer(W0.to(device=V.device, dtype=V.dtype), H0.to(device=V.device, dtype=V.dtype), T)
-        self.history_ = self._new_history("beta-divergence", total=self.max_iter + 1)
+        self.history_ = self._new_history("beta-divergence", total=self.max_iter)
         target = self._target(V)
         try:
             self.n_iter_ = module.fit(target, beta=beta, tol=self.tol, max_iter=self.max_iter,
