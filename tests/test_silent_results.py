@@ -285,3 +285,47 @@ def test_declarative_checks():
 def test_interval_and_integer_checks(call, err, word):
     with pytest.raises(err, match=word):
         call()
+
+
+# -- uncoalesced torch COO counts (data.py) -------------------------------------------------
+def _uncoalesced():
+    idx = torch.tensor([[0, 0, 1, 2, 3, 3], [0, 0, 1, 2, 0, 2]])
+    vals = torch.tensor([1.5, 1.5, 2., 1., 4., 1.], dtype=torch.float64)
+    X = torch.sparse_coo_tensor(idx, vals, (4, 3))
+    assert not X.is_coalesced()
+    return X
+
+
+def test_uncoalesced_coo_counts_accepted():
+    from torchnmf.poisson.gamma import GammaPoisson
+    from torchnmf.poisson.lognormal import Counts
+
+    X = _uncoalesced()
+    assert data.check_counts(X) is X
+    assert not X.is_coalesced()  # not modified
+    # duplicates that sum to a non-negative entry are non-negative
+    Y = torch.sparse_coo_tensor(torch.tensor([[0, 0], [1, 1]]), torch.tensor([-1.0, 2.0]), (2, 2))
+    data.check_nonnegative(Y)
+    with pytest.raises(ValueError, match="non-negative"):
+        data.check_nonnegative(torch.sparse_coo_tensor(torch.tensor([[0, 0], [1, 1]]), torch.tensor([-3.0, 2.0]),
+                                                       (2, 2)))
+    dense = X.to_dense()
+    torch.testing.assert_close(Counts(X).lgamma, Counts(dense).lgamma)
+    out = []
+    for T in (X, dense):
+        torch.manual_seed(0)
+        layer = GammaPoisson(4, 3, 2, dtype=torch.float64)
+        layer.fit(T, max_iter=3, tol=0)
+        out.append((float(layer.elbo(T).total), layer.transform(T, max_iter=3)))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-12)
+    torch.testing.assert_close(out[0][1], out[1][1])
+
+
+def test_uncoalesced_coo_counts_estimators():
+    pytest.importorskip("sklearn")
+    from torchnmf.estimators import GammaPoissonFactorization
+
+    X = _uncoalesced()
+    a = GammaPoissonFactorization(2, max_iter=3, tol=0, random_state=0, device="cpu").fit(X)
+    b = GammaPoissonFactorization(2, max_iter=3, tol=0, random_state=0, device="cpu").fit(X.to_dense())
+    np.testing.assert_allclose(a.components_, b.components_, rtol=1e-10)

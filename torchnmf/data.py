@@ -150,8 +150,10 @@ def as_tensor(
 
 
 def _values(X: Tensor) -> Tensor:
+    """The stored values of ``X`` as the matrix holds them (an uncoalesced COO is summed first:
+    its duplicates 1.5 + 1.5 are one count of 3, and -1 + 2 one non-negative entry)."""
     if X.layout == torch.sparse_coo:
-        return X._values() if not X.is_coalesced() else X.values()
+        return X.coalesce().values()
     if X.layout in (torch.sparse_csr, torch.sparse_bsr):
         return X.values()
     if X.layout in (torch.sparse_csc, torch.sparse_bsc):
