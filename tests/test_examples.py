@@ -40,3 +40,11 @@ def test_audio_nmfd(tmp_path):
     out = run("audio_nmfd.py", "--out", str(tmp_path))
     assert "house_lo.wav" in out and "pattern 3" in out
     assert (tmp_path / "audio_nmfd.png").stat().st_size > 1000
+
+
+def test_deep_topics():
+    pytest.importorskip("lda")
+    out = run("deep_topics.py")
+    supers = [line for line in out.splitlines() if line.startswith("super-topic")]
+    assert len(supers) == 3 and all(len(t.split(":", 1)[1].split()) == 8 for t in supers)
+    assert len([line for line in out.splitlines() if line.strip().startswith("topic")]) == 6
