@@ -311,11 +311,13 @@ def test_plot_image_shape_and_named_bars(tmp_path, data, monkeypatch):
     assert main(["plot", str(out), "--image-shape", "3", "3"]) == 0
     fig = figures[-1]
     images = [a for a in fig.axes if a.images]
-    assert len(fig.axes) == 4 and len(images) == 3  # history + one image per component
+    # history, its twin axis (relative change against the tolerance), one image per component
+    assert len(fig.axes) == 5 and len(images) == 3
+    assert any(ln.get_label().startswith("tol = ") for a in fig.axes for ln in a.get_lines())
     assert all(a.images[0].get_array().shape == (3, 3) for a in images)
     assert main(["plot", str(out), "--top", "4", "--components", "2"]) == 0
     fig = figures[-1]
-    bars = fig.axes[1:]
+    bars = [a for a in fig.axes if a.patches]
     assert len(bars) == 2
     labels = [t.get_text() for t in bars[0].get_yticklabels()]
     assert len(labels) == 4 and all(t.startswith("Gene") for t in labels)

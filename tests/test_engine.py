@@ -311,3 +311,49 @@ def test_sklearn_rule_stops_where_scikit_learn_would():
     v = ours.history_.values
     assert ours.n_iter_ < 500 and ours.history_.converged_
     assert (v[-2] - v[-1]) / v[0] < 1e-4 <= (v[-3] - v[-2]) / v[0]
+
+
+# -- the command line says it too -------------------------------------------------------------
+@pytest.mark.parametrize("model", ["nmf", "gamma-poisson", "pnmf"])
+def test_cli_reports_convergence_in_one_line_and_the_summary(tmp_path, capsys, model):
+    import json
+
+    from torchnmf.cli import main
+
+    path = tmp_path / "X.npy"
+    np.save(path, _counts(25, 9).numpy())
+    out = tmp_path / "res"
+    base = ["fit", str(path), "--model", model, "--rank", "2", "--quiet", "--device", "cpu", "-o", str(out)]
+    assert main(base + ["--max-iter", "3", "--tol", "1e-12"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("torchnmf fit: warning: ") and "max_iter=3" in err[0], err
+    summary = json.loads((tmp_path / "res.json").read_text())
+    assert summary["converged"] is False and summary["n_iter"] == 3 and summary["tol"] == 1e-12
+    assert summary["last_relative_change"] > 1e-12
+    with np.load(tmp_path / "res.npz") as z:
+        assert len(z["history_steps"]) == len(z["history"]) == len(z["history_changes"])
+    # a loose tolerance is met: no warning, converged recorded
+    assert main(base + ["--max-iter", "50", "--tol", "0.5"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    summary = json.loads((tmp_path / "res.json").read_text())
+    assert summary["converged"] is True and summary["n_iter"] < 50
+    # the default tolerance is the model's own
+    assert main(base + ["--max-iter", "2"]) == 0
+    capsys.readouterr()
+    from torchnmf.estimators import PNMF, BetaNMF, GammaPoissonFactorization
+
+    default = {"nmf": BetaNMF, "gamma-poisson": GammaPoissonFactorization, "pnmf": PNMF}[model]().tol
+    assert json.loads((tmp_path / "res.json").read_text())["tol"] == default
+
+
+def test_plot_history_marks_the_tolerance():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    h = History()
+    run(_geometric(0.9), max_iter=20, tol=1e-3, history=h, model="toy", warn=False)
+    ax = h.plot()
+    lines = [ln for other in ax.figure.axes for ln in other.get_lines()]
+    tol_lines = [ln for ln in lines if ln.get_label().startswith("tol = ")]
+    assert len(tol_lines) == 1 and list(tol_lines[0].get_ydata()) == [1e-3, 1e-3]
+    assert "max_iter reached" in ax.get_title()

@@ -39,12 +39,14 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
 
 from . import __version__
 from . import io as tio
+from .engine import ConvergenceWarning
 
 __all__ = ["main", "read_matrix", "MODELS", "FORMATS", "CLIError"]
 
@@ -76,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="number of components K, at most min(n_samples, n_features)")
     f.add_argument("--beta", type=float, default=1.0, help="beta of the divergence for --model nmf (default: 1, KL)")
     f.add_argument("--max-iter", type=int, default=200, help="maximum iterations (default: 200)")
-    f.add_argument("--tol", type=float, default=1e-6, help="relative tolerance for stopping (default: 1e-6)")
+    f.add_argument("--tol", type=float, default=None,
+                   help="stop when the objective changes by at most this, relative to its value, per iteration "
+                        "(default: the model's, 1e-4 nmf, 1e-6 gamma-poisson, 1e-5 pnmf; 0 runs --max-iter)")
     f.add_argument("--init", default=None, choices=("random", "nndsvd", "nndsvda", "nndsvdar", "k-means"),
                    help="initialisation for nmf and pnmf (default: automatic)")
     f.add_argument("--transpose", action="store_true",
@@ -153,9 +157,16 @@ def _load_default():
     return load_digits().data, "sklearn.datasets.load_digits"
 
 
+def _finite_or_none(x: float):
+    """JSON has no NaN: ``None`` for a value that was never measured."""
+    return float(x) if math.isfinite(x) else None
+
+
 def _estimator(args):
-    common = dict(n_components=args.rank, max_iter=args.max_iter, tol=args.tol, random_state=args.seed,
+    common = dict(n_components=args.rank, max_iter=args.max_iter, random_state=args.seed,
                   device=args.device, verbose=not args.quiet)
+    if args.tol is not None:  # otherwise the estimator's own default
+        common["tol"] = args.tol
     if args.model == "nmf":
         from .estimators.nmf import BetaNMF
 
@@ -249,7 +260,7 @@ def _fit(args) -> int:
         raise CLIError(f"--rank must be a positive integer, got {args.rank}")
     if args.max_iter <= 0:
         raise CLIError(f"--max-iter must be a positive integer, got {args.max_iter}")
-    if not math.isfinite(args.tol) or args.tol < 0:
+    if args.tol is not None and (not math.isfinite(args.tol) or args.tol < 0):
         raise CLIError(f"--tol must be >= 0, got {args.tol}")
     if args.model != "nmf" and args.beta != 1.0:
         raise CLIError(f"--beta applies to --model nmf only (the {args.model} model has a Poisson likelihood)")
@@ -294,15 +305,23 @@ def _fit(args) -> int:
     est = _estimator(args)
     t0 = time.perf_counter()
     try:
-        H = est.fit_transform(X.astype(np.float64))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            H = est.fit_transform(X.astype(np.float64))
     except (ValueError, TypeError, FloatingPointError) as err:
         raise CLIError(f"{source}: {str(err).splitlines()[0]}") from err
+    # one line for a fit that did not converge, printed once the outputs are written; other warnings as they were
+    unconverged = [str(w.message).splitlines()[0] for w in caught if issubclass(w.category, ConvergenceWarning)]
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     seconds = time.perf_counter() - t0
     W, H = _factors(est, H)
     history = np.asarray(est.history_.values, dtype=np.float64)
     if not (np.isfinite(W).all() and np.isfinite(H).all()):
         raise CLIError(f"{source}: the fit produced NaN or infinite factors; try another --init or --model")
-    arrays = dict(W=W, H=H, history=history)
+    arrays = dict(W=W, H=H, history=history, history_steps=np.asarray(est.history_.steps, dtype=np.int64),
+                  history_changes=np.asarray(est.history_.changes, dtype=np.float64))
     if M.row_names is not None:
         arrays["row_names"] = np.asarray(M.row_names, dtype=str)
     if M.col_names is not None:
@@ -322,6 +341,10 @@ def _fit(args) -> int:
         "maximize": bool(est.history_.maximize),
         "final_objective": float(history[-1]) if len(history) else None,
         "n_iter": n_iter,
+        "max_iter": int(args.max_iter),
+        "tol": float(est.tol),
+        "converged": bool(est.history_.converged_),
+        "last_relative_change": _finite_or_none(est.history_.changes[-1] if len(history) else float("nan")),
         "seconds": round(seconds, 4),
         "device": _device_of(est, args.device),
         "torch": torch.__version__,
@@ -347,6 +370,8 @@ def _fit(args) -> int:
     rounded = f", {n_rounded} value{'s' if n_rounded != 1 else ''} rounded to counts" if n_rounded else ""
     print(f"{args.model}: {n_samples}x{n_features}, rank {args.rank}, {n_iter} iteration{'s' if n_iter != 1 else ''}, "
           f"{summary['objective']} {final:.6g}, {seconds:.2f} s{rounded} -> {prefix}.npz, {prefix}.json")
+    for message in unconverged[:1]:
+        print(f"torchnmf fit: warning: {message}", file=sys.stderr)
     return 0
 
 
@@ -373,6 +398,8 @@ def _plot(args) -> int:
     try:
         with np.load(prefix + ".npz", allow_pickle=False) as z:
             W, H, history = z["W"], z["H"], z["history"]
+            z_steps = z["history_steps"] if "history_steps" in z.files else None
+            z_changes = z["history_changes"] if "history_changes" in z.files else None
             names = z["col_names"] if "col_names" in z.files else None
         with open(prefix + ".json", encoding="utf-8") as fh:
             summary = json.load(fh)
@@ -401,13 +428,25 @@ def _plot(args) -> int:
     fig = plt.figure(figsize=(max(6.0, 0.6 + cell_w * cols), 3.0 + cell_h * rows))
     grid = fig.add_gridspec(rows + 1, cols, height_ratios=[3.0 / cell_h] + [1.0] * rows)
     ax = fig.add_subplot(grid[0, :])
-    ax.plot(np.arange(1, len(history) + 1), history)
+    steps = z_steps if z_steps is not None and len(z_steps) == len(history) else np.arange(len(history))
+    ax.plot(steps, history, label=summary.get("objective", "objective"))
     if len(history) and history.min() > 0 and not summary.get("maximize"):
         ax.set_yscale("log")
     ax.set_xlabel("iteration")
+    tol = summary.get("tol")
+    if tol and z_changes is not None and np.isfinite(z_changes).any():
+        # the stop rule's view: relative change per iteration against the tolerance
+        twin = ax.twinx()
+        ok = np.isfinite(z_changes) & (z_changes > 0)
+        twin.plot(steps[ok], z_changes[ok], color="tab:gray", lw=1, alpha=0.8, label="relative change")
+        twin.axhline(tol, color="tab:red", ls="--", lw=1, label=f"tol = {tol:g}")
+        twin.set_yscale("log")
+        twin.set_ylabel("relative change")
+        twin.legend(loc="upper right", fontsize="small")
     ax.set_ylabel(summary.get("objective", "objective"))
     ax.set_title(f"{summary.get('model')} on {os.path.basename(os.path.normpath(str(summary.get('input'))))} "
-                 f"{tuple(summary.get('shape', ()))}, rank {summary.get('rank')}")
+                 f"{tuple(summary.get('shape', ()))}, rank {summary.get('rank')}"
+                 + ("" if summary.get("converged", True) else " (max_iter reached before tol)"))
     axes = [fig.add_subplot(grid[1 + i // cols, i % cols]) for i in range(n)]
     plot_components(W, image_shape=shape, names=names, top=args.top, order=order, max_components=n, axes=axes)
     fig.tight_layout()
