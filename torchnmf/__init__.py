@@ -25,3 +25,5 @@ from .parallel import fit_gamma_cavi, fit_gamma_svi, fit_nmf, fit_nmf_online  # 
 from .streaming import SparseRows, row_loader  # noqa: F401
 from .poisson.spfa import SparsePoissonFA  # noqa: F401
 from .poisson.chain import GammaNMF  # noqa: F401
+# every trainer at top level (pytorch-NMF 0.3.5's BetaMu and SparsityProj too), as well as in torchnmf.trainer
+from .trainer import BetaMu, GaussianNatural, SparsityProj  # noqa: F401

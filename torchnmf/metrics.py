@@ -87,18 +87,37 @@ def beta_div(input: Tensor, target: Tensor, beta: float = 2) -> Tensor:
     Returns
     -------
     Tensor, shape ()
+
+    Notes
+    -----
+    As in pytorch-NMF 0.3.5, zeros are floored where the divergence would be infinite:
+    the prediction under a positive target for ``0 < beta < 1``, prediction and target for
+    ``beta <= 0``, at the machine
+    epsilon of their dtype (0.3.5 adds float32's eps). The result is then finite and
+    non-negative for finite input (each entry's divergence is clamped at 0 against
+    rounding); NaN or infinite input still gives NaN or inf.
     """
     if beta == 2:
         return euclidean(input, target)
     if beta == 1:
         return kl_div(input, target)
+    if beta < 1:
+        eps = torch.finfo(input.dtype).eps if input.is_floating_point() else torch.finfo().eps
+        if beta <= 0:
+            input, target = input.clamp_min(eps), target.clamp_min(eps)
+        else:  # 0 < beta < 1: only input^(beta-1) under a positive target is infinite
+            input = torch.where(target > 0, input.clamp_min(eps), input)
     if beta == 0:
-        return is_div(input, target)
+        ratio = target / input
+        return (ratio - torch.log(ratio) - 1).clamp_min(0).sum()
     bminus = beta - 1
+    if beta < 0:  # both positive here: the ratio form is exact at target == input
+        ratio = target / input
+        return (input.pow(beta) * (ratio.pow(beta) + bminus - beta * ratio) / (beta * bminus)).clamp_min(0).sum()
     # a zero target contributes nothing to the cross term, even where input^(beta-1) is infinite
     cross = torch.where(target == 0, torch.zeros_like(input), target * input.pow(bminus))
     term = target.pow(beta) + bminus * input.pow(beta) - beta * cross
-    return term.sum() / (beta * bminus)
+    return (term / (beta * bminus)).clamp_min(0).sum()
 
 
 def sparseness(x: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import data
+from . import _matchain, data
 from .constraints import MODES, assign_, positive, value_of
 from .history import History
 from .metrics import beta_div
@@ -124,6 +124,8 @@ class BaseComponent(nn.Module):
             inferred = r
             setattr(self, name, init)
             positive(self, name, fmode, requires_grad=bool(trainable))
+        if inferred is None:  # refused by pytorch-NMF 0.3.5 too
+            raise ValueError("a rank is needed when neither W nor H is given: pass rank=, W= or H=")
         self.rank = inferred
 
     # -- reconstruction ----------------------------------------------------------
@@ -455,7 +457,7 @@ class NMF(BaseComponent):
     Vshape : (int, int), optional
         ``(N, C)``: random W of shape (C, R) and H of shape (N, R).
     rank : int, optional
-        R; needed with ``Vshape``.
+        R; with ``Vshape`` and no W/H tensor it defaults to C, as in pytorch-NMF 0.3.5.
     **kwargs
         :class:`BaseComponent` arguments; ``W=``/``H=`` override the random factors.
 
@@ -473,15 +475,20 @@ class NMF(BaseComponent):
     def __init__(self, Vshape: Optional[Sequence[int]] = None, rank: Optional[int] = None, **kwargs):
         if Vshape is not None:
             N, C = _check_vshape(Vshape, 2)
-            rank = data.check_rank(rank if rank is not None else _rank_from(kwargs))
+            rank = _default_rank(rank, kwargs, C)
             kwargs.setdefault("W", (C, rank))
             kwargs.setdefault("H", (N, rank))
         super().__init__(rank, **kwargs)
 
     @staticmethod
     def reconstruct(H: Tensor, W: Tensor) -> Tensor:
-        """``H Wᵀ``: (…, R) × (C, R) → (…, C)."""
-        return F.linear(H, W)
+        """``H Wᵀ``: (…, R) × (C, R) → (…, C).
+
+        When ``H`` is the output of other NMF layers (a chain ``H₁ W₁ᵀ … Wₖᵀ``), the product
+        is contracted from all the chain's factors in the order opt_einsum plans, when that
+        is cheaper than multiplying ``H`` itself (see :mod:`torchnmf._matchain`).
+        """
+        return _matchain.linear(H, W)
 
     @staticmethod
     def _vshape(Hs, Ws):
@@ -521,9 +528,19 @@ class NMF(BaseComponent):
 def _rank_from(kwargs) -> Optional[int]:
     for name in ("W", "H"):
         v = kwargs.get(name)
-        if isinstance(v, Tensor):
+        if isinstance(v, Tensor) and v.dim() > 1:
             return v.shape[1]
+    Z = kwargs.get("Z")  # PLCA's component weights
+    if isinstance(Z, Tensor) and Z.dim() == 1:
+        return Z.shape[0]
     return None
+
+
+def _default_rank(rank, kwargs, default: int) -> int:
+    """``rank``, else the rank of a W/H tensor in ``kwargs``, else ``default`` (pytorch-NMF 0.3.5's choice)."""
+    if rank is None:
+        rank = _rank_from(kwargs)
+    return data.check_rank(default if rank is None else rank)
 
 
 class NMFD(BaseComponent):
@@ -535,6 +552,7 @@ class NMFD(BaseComponent):
         ``(N, C, L)``: random W (C, R, T) and H (N, R, L - T + 1) (or (N, R, L) with
         ``same_length``).
     rank : int, optional
+        Default (with ``Vshape`` and no W/H tensor): C, as in pytorch-NMF 0.3.5.
     T : int, default 1
         Template length.
     same_length : bool, default False
@@ -553,7 +571,7 @@ class NMFD(BaseComponent):
             N, C, L = _check_vshape(Vshape, 3)
             if T > L and not same_length:
                 raise ValueError(f"T={T} is longer than V (L={L})")
-            rank = data.check_rank(rank if rank is not None else _rank_from(kwargs))
+            rank = _default_rank(rank, kwargs, C)
             kwargs.setdefault("W", (C, rank, T))
             kwargs.setdefault("H", (N, rank, L if same_length else L - T + 1))
         super().__init__(rank, **kwargs)
@@ -586,7 +604,8 @@ def _conv_defaults(Vshape, rank, ks: Tuple[int, ...], kwargs: dict) -> Optional[
     N, C, *L = _check_vshape(Vshape, len(ks) + 2)
     if any(k > l for k, l in zip(ks, L)):
         raise ValueError(f"kernel_size {ks} is larger than V's {tuple(L)}")
-    rank = data.check_rank(rank if rank is not None else _rank_from(kwargs))
+    # pytorch-NMF 0.3.5 defaulted the rank of NMF2D/NMF3D to V's third-to-last size
+    rank = _default_rank(rank, kwargs, L[-2])
     kwargs.setdefault("W", (C, rank) + ks)
     kwargs.setdefault("H", (N, rank) + tuple(l - k + 1 for l, k in zip(L, ks)))
     return rank
@@ -599,6 +618,7 @@ class NMF2D(BaseComponent):
     ----------
     Vshape : tuple of 4 ints, optional
     rank : int, optional
+        Default (with ``Vshape`` and no W/H tensor): L1, as in pytorch-NMF 0.3.5.
     kernel_size : int or (int, int), default 1
     **kwargs
         :class:`BaseComponent` arguments.
@@ -623,6 +643,7 @@ class NMF3D(BaseComponent):
     ----------
     Vshape : tuple of 5 ints, optional
     rank : int, optional
+        Default (with ``Vshape`` and no W/H tensor): L2, as in pytorch-NMF 0.3.5.
     kernel_size : int or (int, int, int), default 1
     **kwargs
         :class:`BaseComponent` arguments.

@@ -18,7 +18,7 @@ from . import data, engine
 from .constraints import positive
 from .history import History
 from .metrics import kl_div
-from .nmf import NMF, NMF2D, NMF3D, NMFD, _check_vshape, _tuple
+from .nmf import NMF, NMF2D, NMF3D, NMFD, _check_vshape, _default_rank, _tuple
 
 __all__ = ["BaseComponent", "PLCA", "SIPLCA", "SIPLCA2", "SIPLCA3"]
 
@@ -95,24 +95,36 @@ class BaseComponent(nn.Module):
     def _other_dims(x: Tensor) -> Tuple[int, ...]:
         return tuple(d for d in range(x.dim()) if d != 1)
 
-    def forward(self, H: Optional[Tensor] = None, W: Optional[Tensor] = None, Z: Optional[Tensor] = None) -> Tensor:
-        """The normalised reconstruction ``Σ_z Z[z] W[:, z] ⊛ H[:, z]`` (sums to one).
+    def forward(self, H: Optional[Tensor] = None, W: Optional[Tensor] = None, Z: Optional[Tensor] = None,
+                norm=None) -> Tensor:
+        """The normalised reconstruction ``Σ_z Z[z] W[:, z] ⊛ H[:, z]`` (sums to one), times ``norm``.
 
         Parameters
         ----------
         H, W, Z : Tensor, optional
             Default to the module's own.
+        norm : float or Tensor, optional
+            Scale of the output, e.g. the ``norm`` :meth:`fit` returns (``ΣV``), so that
+            ``self(norm=norm)`` approximates V (pytorch-NMF 0.3.5's argument). Default 1.
 
         Returns
         -------
         Tensor
+            Shape of V (``(N, C)`` for :class:`PLCA`).
         """
         H = self.H if H is None else H
         W = self.W if W is None else W
         Z = self.Z if Z is None else Z
         if H is None or W is None:
             raise ValueError(f"{'H' if H is None else 'W'} was not given and the module has none")
-        return self.reconstruct(H, W, Z)
+        out = self.reconstruct(H, W, Z)
+        if norm is None:
+            return out
+        if isinstance(norm, Tensor):
+            if norm.numel() != 1 or not bool(torch.isfinite(norm).all()) or not bool((norm >= 0).all()):
+                raise ValueError(f"norm must be a finite non-negative scalar, got {norm!r}")
+            return out * norm.to(device=out.device, dtype=out.dtype).reshape(())
+        return out * data.check_positive(norm, "norm", allow_zero=True)
 
     def reconstruct(self, H: Tensor, W: Tensor, Z: Tensor) -> Tensor:
         """The matching NMF layer's reconstruction with H scaled by Z along the rank dim."""
@@ -130,7 +142,11 @@ class BaseComponent(nn.Module):
         r"""Fit by EM, maximising the (penalised) likelihood of ``V / ΣV`` under the model.
 
         The E- and M-steps combine into, for every trainable factor X in {W, H, Z},
-        ``X ← normalise(X ∘ ∂/∂X Σ V log V̂ + α_X - 1)`` (clamped at 0 when α < 1).
+        ``X ← normalise(max(X ∘ ∂/∂X Σ V log V̂ + α_X - 1, ε))``: the prior acts on the
+        expected counts of ``V / ΣV`` as in pytorch-NMF 0.3.5, and entries a prior with
+        α < 1 pushes below 0 are floored at ε (float32's machine epsilon, 0.3.5's floor)
+        rather than zeroed, so no factor or component is lost for good. The arguments keep
+        0.3.5's positional order.
 
         Parameters
         ----------
@@ -142,10 +158,13 @@ class BaseComponent(nn.Module):
         max_iter : int, default 200
         verbose : bool, default False
             Progress bar.
-        W_alpha, H_alpha, Z_alpha : float, default 1
-            Dirichlet prior concentrations (1: none).
+        W_alpha, H_alpha, Z_alpha : float or Tensor, default 1
+            Dirichlet prior concentrations (1: none); a tensor (positive entries) is
+            broadcast to its factor.
         history : History, optional
-            Receives ``KL(V/ΣV ‖ V̂)`` before the first and after every iteration.
+            Receives the objective minimised, before the first and after every iteration:
+            ``KL(V/ΣV ‖ V̂)`` without priors, else the negative log posterior up to a
+            constant, ``KL(V/ΣV ‖ V̂) - Σ_X Σ (α_X - 1) log X``.
 
         Returns
         -------
@@ -155,7 +174,8 @@ class BaseComponent(nn.Module):
         """
         data.check_positive(tol, "tol", allow_zero=True)
         data.check_int(max_iter, "max_iter", low=1)
-        alphas = {n: data.check_positive(a, f"{n}_alpha") for n, a in (("W", W_alpha), ("H", H_alpha), ("Z", Z_alpha))}
+        alphas = {n: _check_alpha(a, getattr(self, n), f"{n}_alpha")
+                  for n, a in (("W", W_alpha), ("H", H_alpha), ("Z", Z_alpha))}
         shape = self._vshape()
         V = data.as_tensor(V, "V", ndim=len(shape), sparse="dense")
         data.check_nonnegative(V, "V")
@@ -167,19 +187,24 @@ class BaseComponent(nn.Module):
         Vn = V / norm
         params = {n: getattr(self, n) for n in ("W", "H", "Z")}
         train = {n: p for n, p in params.items() if p is not None and p.requires_grad}
+        names = list(train)
+        priors = [n for n in names if not _flat(alphas[n])]
         own = history is None
         if own:
-            history = History(verbose=verbose, total=max_iter, desc=f"{type(self).__name__}.fit", name="kl")
-        # floor of the model where a prior < 1 zeroed it: small, yet 1/floor sums stay finite
+            history = History(verbose=verbose, total=max_iter, desc=f"{type(self).__name__}.fit",
+                              name="kl" if not priors else "neg_log_posterior")
+        # floor of the prediction where it underflows: small, yet 1/floor sums stay finite
         tiny = torch.finfo(V.dtype).tiny ** 0.5
-        names = list(train)
         pending = {}
 
         def step(i, measure):
             with torch.enable_grad():
                 pending["pred"] = pred = self()
             with torch.no_grad():
-                return float(kl_div(pred.clamp_min(tiny), Vn))
+                value = kl_div(pred.clamp_min(tiny), Vn)
+                for n in priors:  # the Dirichlet log densities the updates maximise too
+                    value = value - ((alphas[n] - 1) * torch.log(train[n].clamp_min(PRIOR_FLOOR))).sum()
+                return float(value)
 
         def commit():
             pred = pending.pop("pred")
@@ -188,8 +213,9 @@ class BaseComponent(nn.Module):
             with torch.no_grad():
                 for n, g in zip(names, grads):
                     p = train[n]
-                    new = p * g + (alphas[n] - 1)
-                    new.clamp_min_(0)
+                    new = p * g
+                    if n in priors:
+                        new = (new + (alphas[n] - 1)).clamp_min_(PRIOR_FLOOR)
                     dims = self._other_dims(p) if n != "Z" else (0,)
                     p.copy_(_normalize(new, dims))
 
@@ -202,6 +228,32 @@ class BaseComponent(nn.Module):
         return n_iter, norm
 
 
+#: floor of factor entries under a Dirichlet prior with alpha < 1 (pytorch-NMF 0.3.5's eps)
+PRIOR_FLOOR = float(torch.finfo(torch.float32).eps)
+
+
+def _check_alpha(alpha, factor: Optional[Tensor], name: str):
+    """A positive float, or a positive tensor broadcastable to ``factor`` (copied)."""
+    if not isinstance(alpha, Tensor):
+        return data.check_positive(alpha, name)
+    a = data.as_tensor(alpha, name, float_only=False, sparse="dense")
+    if not bool(torch.isfinite(a).all()) or not bool((a > 0).all()):
+        raise ValueError(f"{name} must have finite positive entries")
+    if factor is not None:
+        try:
+            torch.broadcast_shapes(a.shape, factor.shape)
+        except RuntimeError:
+            raise ValueError(f"{name} of shape {tuple(a.shape)} does not broadcast to the factor's "
+                             f"{tuple(factor.shape)}") from None
+        a = a.to(device=factor.device, dtype=factor.dtype)
+    return a.detach().clone()
+
+
+def _flat(alpha) -> bool:
+    """Whether a prior concentration is 1 everywhere (no prior)."""
+    return bool((alpha == 1).all()) if isinstance(alpha, Tensor) else alpha == 1
+
+
 class PLCA(BaseComponent):
     """PLCA, ``V (N, C) / ΣV ≈ H diag(Z) Wᵀ`` with W (C, R), H (N, R) columns summing to one.
 
@@ -209,6 +261,7 @@ class PLCA(BaseComponent):
     ----------
     Vshape : (int, int), optional
     rank : int, optional
+        Default (with ``Vshape`` and no W/H/Z tensor): C, as in pytorch-NMF 0.3.5.
     **kwargs
         :class:`BaseComponent` arguments.
     """
@@ -216,7 +269,7 @@ class PLCA(BaseComponent):
     def __init__(self, Vshape: Optional[Sequence[int]] = None, rank: Optional[int] = None, **kwargs):
         if Vshape is not None:
             N, C = _check_vshape(Vshape, 2)
-            rank = data.check_rank(rank)
+            rank = _default_rank(rank, kwargs, C)
             kwargs.setdefault("W", (C, rank))
             kwargs.setdefault("H", (N, rank))
         super().__init__(rank, **kwargs)
@@ -229,6 +282,7 @@ class SIPLCA(BaseComponent):
     ----------
     Vshape : (int, int, int), optional
     rank : int, optional
+        Default (with ``Vshape`` and no W/H/Z tensor): C, as in pytorch-NMF 0.3.5.
     T : int, default 1
     **kwargs
     """
@@ -240,7 +294,9 @@ class SIPLCA(BaseComponent):
         (T,) = _tuple(T, 1, "T")
         if Vshape is not None:
             N, C, L = _check_vshape(Vshape, 3)
-            rank = data.check_rank(rank)
+            if T > L:
+                raise ValueError(f"T={T} is longer than V (L={L})")
+            rank = _default_rank(rank, kwargs, C)
             kwargs.setdefault("W", (C, rank, T))
             kwargs.setdefault("H", (N, rank, L - T + 1))
         super().__init__(rank, **kwargs)
@@ -253,6 +309,7 @@ class SIPLCA2(BaseComponent):
     ----------
     Vshape : tuple of 4 ints, optional
     rank : int, optional
+        Default (with ``Vshape`` and no W/H/Z tensor): V's size in dim 2, as in pytorch-NMF 0.3.5.
     kernel_size : int or (int, int), default 1
     **kwargs
     """
@@ -264,7 +321,9 @@ class SIPLCA2(BaseComponent):
         ks = _tuple(kernel_size, 2, "kernel_size")
         if Vshape is not None:
             N, C, *L = _check_vshape(Vshape, 4)
-            rank = data.check_rank(rank)
+            if any(k > l for k, l in zip(ks, L)):
+                raise ValueError(f"kernel_size {ks} is larger than V's {tuple(L)}")
+            rank = _default_rank(rank, kwargs, L[-2])
             kwargs.setdefault("W", (C, rank) + ks)
             kwargs.setdefault("H", (N, rank) + tuple(l - k + 1 for l, k in zip(L, ks)))
         super().__init__(rank, **kwargs)
@@ -277,6 +336,7 @@ class SIPLCA3(BaseComponent):
     ----------
     Vshape : tuple of 5 ints, optional
     rank : int, optional
+        Default (with ``Vshape`` and no W/H/Z tensor): V's size in dim 3, as in pytorch-NMF 0.3.5.
     kernel_size : int or (int, int, int), default 1
     **kwargs
     """
@@ -288,7 +348,9 @@ class SIPLCA3(BaseComponent):
         ks = _tuple(kernel_size, 3, "kernel_size")
         if Vshape is not None:
             N, C, *L = _check_vshape(Vshape, 5)
-            rank = data.check_rank(rank)
+            if any(k > l for k, l in zip(ks, L)):
+                raise ValueError(f"kernel_size {ks} is larger than V's {tuple(L)}")
+            rank = _default_rank(rank, kwargs, L[-2])
             kwargs.setdefault("W", (C, rank) + ks)
             kwargs.setdefault("H", (N, rank) + tuple(l - k + 1 for l, k in zip(L, ks)))
         super().__init__(rank, **kwargs)
