@@ -329,3 +329,36 @@ def test_uncoalesced_coo_counts_estimators():
     a = GammaPoissonFactorization(2, max_iter=3, tol=0, random_state=0, device="cpu").fit(X)
     b = GammaPoissonFactorization(2, max_iter=3, tol=0, random_state=0, device="cpu").fit(X.to_dense())
     np.testing.assert_allclose(a.components_, b.components_, rtol=1e-10)
+
+
+# -- Gamma-Poisson ELBO in float32 for large counts (poisson/gamma.py) ----------------------
+def _gamma_as_float64(l32):
+    from torchnmf import constraints
+    from torchnmf.poisson.gamma import GammaPoisson
+
+    l64 = GammaPoisson(l32.n_rows, l32.n_cols, l32.rank, dtype=torch.float64)
+    with torch.no_grad():
+        for n in ("U_shape", "U_rate", "alpha_shape", "alpha_rate"):
+            constraints.assign_(l64._raw(n), getattr(l32, n).double())
+        for n in ("a", "b", "kappa", "lambda_"):
+            getattr(l64, n).copy_(getattr(l32, n).double())
+    return l64
+
+
+@pytest.mark.parametrize("kind", ["2^24", "poisson-1e7", "small"])
+def test_gamma_poisson_float32_elbo_is_the_float64_figure(kind):
+    from torchnmf.poisson.gamma import GammaPoisson
+    from torchnmf.trainer.cavi import CAVI
+
+    X = {"2^24": torch.full((3, 3), 2.0 ** 24), "poisson-1e7": torch.poisson(torch.full((6, 5), 1e7)),
+         "small": torch.poisson(torch.full((8, 7), 2.0))}[kind]
+    l32 = GammaPoisson(X.shape[0], X.shape[1], 2, dtype=torch.float32)
+    l32.fit(X, max_iter=10, tol=0)
+    e32 = float(l32.elbo(X).total)
+    e64 = float(_gamma_as_float64(l32).elbo(X.double()).total)
+    assert e32 < 0
+    assert e32 == pytest.approx(e64, rel=1e-6)
+    # a fit's record (statistics of a CAVI sweep) is the float64 ELBO of the swept state
+    record = float(CAVI(l32).step(lambda: X).total)
+    assert record == pytest.approx(float(_gamma_as_float64(l32).elbo(X.double()).total), rel=1e-6)
+    assert l32.U_shape.dtype == torch.float32  # the layer itself stays float32

@@ -97,7 +97,10 @@ class CountMatrix:
     rows_by_col : LongTensor, shape (nnz,)
         ``rows[col_order]``.
     log_factorial : Tensor, shape ()
-        :math:`\\sum \\log X_{ct}!` (``lgamma(X + 1)`` for non-integer counts).
+        :math:`\\sum \\log X_{ct}!` (``lgamma(X + 1)`` for non-integer counts), summed in
+        float64 and stored in the values' dtype.
+    log_factorial64 : Tensor, shape ()
+        The same in float64 (float32's rounding of it exceeds the ELBO for large counts).
     row_totals, col_totals : Tensor, shape (n_rows,) and (n_cols,)
         Row and column sums of the counts.
     """
@@ -116,7 +119,8 @@ class CountMatrix:
         self.col_order = torch.argsort(cols, stable=True)
         self.ccol = torch.cat([zero, torch.bincount(cols, minlength=n_cols).cumsum(0)])
         self.rows_by_col = rows[self.col_order]
-        self.log_factorial = torch.lgamma(values + 1).sum()
+        self.log_factorial64 = torch.lgamma(values.double() + 1).sum()
+        self.log_factorial = self.log_factorial64.to(values.dtype)
         self.row_totals = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add_(0, rows, values)
         self.col_totals = torch.zeros(n_cols, dtype=values.dtype, device=values.device).index_add_(0, cols, values)
 
@@ -144,8 +148,13 @@ class CountMatrix:
         for name in ("rows", "cols", "crow", "col_order", "ccol", "rows_by_col"):
             setattr(out, name, getattr(self, name).to(device))
         out.values = self.values.to(device=device, dtype=dtype)
-        for name in ("log_factorial", "row_totals", "col_totals"):
-            setattr(out, name, getattr(self, name).to(device=device, dtype=dtype))
+        out.log_factorial64 = self.log_factorial64.to(device)
+        out.log_factorial = out.log_factorial64.to(dtype)
+        # summed again in the new dtype: float32 totals of large counts are rounded, and the
+        # float64 ELBO (GammaPoisson.statistics) reads them
+        n_rows, n_cols = self.shape
+        out.row_totals = out.values.new_zeros(n_rows).index_add_(0, out.rows, out.values)
+        out.col_totals = out.values.new_zeros(n_cols).index_add_(0, out.cols, out.values)
         return out
 
     @classmethod
@@ -586,23 +595,31 @@ class GammaPoisson(nn.Module):
         with torch.no_grad():
             # the rows were checked once above: read their parameters without re-checking
             shape_u, rate_u = self._u("U_shape", r), self._u("U_rate", r)
-            digamma_u, log_rate_u = torch.digamma(shape_u), torch.log(rate_u)
             shape_a, rate_a = self.alpha_shape, self.alpha_rate
+            dtype = shape_u.dtype
+            if "elbo" in which and dtype != torch.float64:
+                # the ELBO is a small difference of huge count terms (Σ x log rate, Σ log x!,
+                # Σ E[U] E[α], the KLs' lgamma): a float32 layer computes this pass in float64 so
+                # that it reports the float64 figure; the counts for the updates are cast back
+                shape_u, rate_u, shape_a, rate_a = (t.double() for t in (shape_u, rate_u, shape_a, rate_a))
+                data = data.to(dtype=torch.float64)
+            digamma_u, log_rate_u = torch.digamma(shape_u), torch.log(rate_u)
             digamma_a, log_rate_a = torch.digamma(shape_a), torch.log(rate_a)
             row_counts, col_counts, log_norm = expected_counts(
                 data, digamma_u - log_rate_u, digamma_a - log_rate_a, "U" in which, "alpha" in which, chunk_size)
             stats: Dict[str, object] = {"rows": r, "scale": scale}
             if row_counts is not None:
-                stats["U_counts"] = row_counts
+                stats["U_counts"] = row_counts.to(dtype)
             if col_counts is not None:
-                stats["alpha_counts"] = col_counts * scale
+                stats["alpha_counts"] = (col_counts * scale).to(dtype)
             stats["U_mean_sum"] = (shape_u / rate_u).sum(0) * scale
             stats["log_likelihood"] = (log_norm - data.log_factorial) * scale
             if "elbo" in which:
                 kappa = self.kappa if r is None else self.kappa[r]
-                stats["U_kl"] = _kl_gamma(shape_u, rate_u, digamma_u, log_rate_u, self.a, kappa[:, None]).sum() * scale
-                stats["alpha_kl"] = _kl_gamma(shape_a, rate_a, digamma_a, log_rate_a, self.b,
-                                              self.lambda_[:, None]).sum()
+                stats["U_kl"] = _kl_gamma(shape_u, rate_u, digamma_u, log_rate_u, self.a.to(shape_u.dtype),
+                                          kappa[:, None].to(shape_u.dtype)).sum() * scale
+                stats["alpha_kl"] = _kl_gamma(shape_a, rate_a, digamma_a, log_rate_a, self.b.to(shape_a.dtype),
+                                              self.lambda_[:, None].to(shape_a.dtype)).sum()
         return stats
 
     def elbo_from_statistics(self, stats: Dict[str, object]) -> ELBO:
@@ -615,9 +632,13 @@ class GammaPoisson(nn.Module):
         if "U_kl" not in stats:
             raise ValueError("stats: compute the statistics with 'elbo' in which= to get an ELBO")
         with torch.no_grad():
-            data = stats["log_likelihood"] - (stats["U_mean_sum"] * self.mean_alpha().sum(0)).sum()
+            mean_sum = stats["U_mean_sum"]  # float64 for the ELBO of a float32 layer (statistics)
+            alpha_sum = (self.alpha_shape.to(mean_sum.dtype) / self.alpha_rate.to(mean_sum.dtype)).sum(0)
+            data = stats["log_likelihood"] - (mean_sum * alpha_sum).sum()
             alpha_kl = stats["alpha_kl"] if "alpha_kl" in stats else self._kl_alpha()
-            return ELBO(data, {"U_kls": stats["U_kl"], "alpha_kls": alpha_kl})
+            # the figure in float64, reported in the layer's dtype
+            dtype = self.alpha_shape.dtype
+            return ELBO(data.to(dtype), {"U_kls": stats["U_kl"].to(dtype), "alpha_kls": alpha_kl.to(dtype)})
 
     @torch.no_grad()
     def update_U(self, stats: Dict[str, object]) -> None:
@@ -642,7 +663,7 @@ class GammaPoisson(nn.Module):
         if not self._trainable("alpha_shape", "alpha_rate"):
             return
         shape_hat = self.b + stats["alpha_counts"]
-        rate_hat = self.lambda_[:, None] + stats["U_mean_sum"]
+        rate_hat = self.lambda_[:, None] + stats["U_mean_sum"].to(self.lambda_.dtype)
         if rho != 1.0:
             shape_hat = torch.lerp(self.alpha_shape.detach(), shape_hat, rho)
             rate_hat = torch.lerp(self.alpha_rate.detach(), rate_hat, rho)
@@ -694,9 +715,18 @@ class GammaPoisson(nn.Module):
         data = self.prepare(X)
         grad = torch.is_grad_enabled() and any(True for _ in constraints.gradient_parameters(self))
         with torch.set_grad_enabled(grad):
-            _, _, log_norm = expected_counts(data, self.log_mean_U(), self.log_mean_alpha(), False, False, chunk_size)
-            z = log_norm - data.log_factorial - (self.mean_U().sum(0) * self.mean_alpha().sum(0)).sum()
-            return ELBO(z, {"U_kls": self._kl_U(None), "alpha_kls": self._kl_alpha()})
+            # in float64 whatever the layer's dtype (see statistics): the float32 terms' rounding
+            # exceeds the ELBO itself for large counts; the parameters are upcast exactly
+            f64 = torch.float64
+            s_u, r_u = self.U_shape.to(f64), self.U_rate.to(f64)
+            s_a, r_a = self.alpha_shape.to(f64), self.alpha_rate.to(f64)
+            dg_u, lr_u, dg_a, lr_a = torch.digamma(s_u), torch.log(r_u), torch.digamma(s_a), torch.log(r_a)
+            _, _, log_norm = expected_counts(data.to(dtype=f64), dg_u - lr_u, dg_a - lr_a, False, False, chunk_size)
+            z = log_norm - data.log_factorial64 - ((s_u / r_u).sum(0) * (s_a / r_a).sum(0)).sum()
+            kl_u = _kl_gamma(s_u, r_u, dg_u, lr_u, self.a.to(f64), self.kappa[:, None].to(f64)).sum()
+            kl_a = _kl_gamma(s_a, r_a, dg_a, lr_a, self.b.to(f64), self.lambda_[:, None].to(f64)).sum()
+            dtype = self.alpha_shape.dtype  # the float64 figure, reported in the layer's dtype
+            return ELBO(z.to(dtype), {"U_kls": kl_u.to(dtype), "alpha_kls": kl_a.to(dtype)})
 
     # -- fitting -----------------------------------------------------------------
     def fit(self, X, max_iter: int = 200, tol: float = 1e-6, verbose: bool = False, history=None,
