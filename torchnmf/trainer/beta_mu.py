@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import data
+from .. import _matchain, data
 from ..constraints import assign_, mode_of, value_of
 from ..updates import EPSILON, mu_gamma
 
@@ -65,12 +65,22 @@ class BetaMu(Optimizer):
         Ignored: present so :mod:`torch.optim.lr_scheduler` schedulers can be attached.
     eps : float, default float32 eps
         Floor of the prediction where beta < 2 needs its negative powers.
+    closed_form : bool, default True
+        When the prediction is the output of a plain :class:`~torchnmf.NMF` layer or of a chain
+        of them (``H W1ᵀ W2ᵀ …``, recorded by the layers) and a parameter is one of its
+        factors, compute the gradient parts directly, as matrix products contracted in the
+        order opt_einsum plans, instead of by backward passes. Same quantities (equal to
+        rounding); ``False`` always takes the generic autograd path.
 
     Notes
     -----
     The closure returns ``(target, prediction)`` or ``(target, prediction, mask)`` where
     ``mask`` (same shape, 1/True observed, 0 missing) removes entries from the divergence.
-    It is called once per updated parameter, with grad enabled::
+    It is called with grad enabled at the start of each step, and again before the update
+    of each parameter whose gradient parts need a graph of the current point (parameters
+    that are factors of a recorded NMF chain, with every factor a leaf tensor, are served
+    without calling it again: the current prediction is recomputed from the factors when
+    the divergence needs it)::
 
         trainer = BetaMu(model.parameters(), beta=1)
         def closure():
@@ -80,7 +90,7 @@ class BetaMu(Optimizer):
     """
 
     def __init__(self, params: Iterable, beta: float = 1, l1_reg: float = 0, l2_reg: float = 0,
-                 orthogonal: float = 0, lr: float = 1.0, eps: float = EPSILON):
+                 orthogonal: float = 0, lr: float = 1.0, eps: float = EPSILON, closed_form: bool = True):
         beta = data.check_beta(beta)
         data.check_positive(l1_reg, "l1_reg", allow_zero=True)
         data.check_positive(l2_reg, "l2_reg", allow_zero=True)
@@ -88,6 +98,9 @@ class BetaMu(Optimizer):
         data.check_positive(eps, "eps")
         defaults = dict(beta=float(beta), l1_reg=l1_reg, l2_reg=l2_reg, orthogonal=orthogonal, lr=lr, eps=eps)
         super().__init__(params, defaults)
+        if not isinstance(closed_form, bool):
+            raise TypeError(f"closed_form must be a bool, got {closed_form!r}")
+        self.closed_form = closed_form
         # (weak reference, version) of the last target checked: a fixed V is checked once,
         # a new or modified one again
         self._checked = (None, -1)
@@ -124,7 +137,11 @@ class BetaMu(Optimizer):
             raise ValueError("BetaMu.step needs a closure returning (target, prediction[, mask])")
         params = [p for g in self.param_groups for p in g["params"]]
         flags = {id(p): p.requires_grad for p in params}
+        closed = getattr(self, "closed_form", True)  # absent after unpickling an old trainer
         grads = {}
+        cur = None  # (target, pred, mask, chain) of the current point while no update has happened since
+        kept = None  # (target, mask, chain) for the whole step when the chain's factors are all leaves
+        called = False
         try:
             for group in self.param_groups:
                 beta, eps = group["beta"], group["eps"]
@@ -132,39 +149,65 @@ class BetaMu(Optimizer):
                 for p in group["params"]:
                     if not flags[id(p)]:
                         continue
-                    # only p builds a graph: other parameters are constants for this update
-                    for q in params:
-                        q.requires_grad_(q is p)
-                    with torch.enable_grad():
-                        target, pred, mask = self._unpack(closure())
-                    if not pred.requires_grad:
-                        continue
-                    with torch.no_grad():
-                        P = pred.detach()
-                        if beta < 2:
-                            P = P.clamp_min(eps)
-                        if beta == 2:
-                            g_pos, g_neg = P, target
-                        elif beta == 1:
-                            g_pos, g_neg = torch.ones_like(P), target / P
+                    parts = None
+                    if cur is None and kept is not None and _position(kept[2], p) is not None:
+                        # the factors are the parameters themselves, updated in place: the
+                        # recorded chain still describes the prediction, no closure call needed
+                        target, mask, chain = kept
+                        parts = _closed_parts(chain, _position(kept[2], p), target, None, mask, beta, eps,
+                                              self._scratch())
+                    if parts is None:
+                        if cur is None:
+                            # the first call builds a graph for every trainable parameter (which
+                            # shows whether the chain's factors are leaves); later ones only for p
+                            for q in params:
+                                q.requires_grad_(flags[id(q)] if not called else q is p)
+                            with torch.enable_grad():
+                                target, pred, mask = self._unpack(closure())
+                            chain = _matchain.record_of(pred) if closed else None
+                            if not called and chain is not None and all(t.grad_fn is None for t, _ in chain.factors):
+                                kept = (target, mask, chain)
+                            called = True
+                            cur = (target, pred, mask, chain)
+                        target, pred, mask, chain = cur
+                        k = _position(chain, p)
+                        if k is not None:
+                            parts = _closed_parts(chain, k, target, pred.detach(), mask, beta, eps,
+                                                  self._scratch())
                         else:
-                            Pw = P.pow(beta - 2)
-                            g_pos, g_neg = P * Pw, target * Pw
-                        if mask is not None:
-                            g_pos, g_neg = g_pos * mask, g_neg * mask
-                    pos, = torch.autograd.grad(pred, p, g_pos, retain_graph=True, allow_unused=True)
-                    if pos is None:  # the prediction does not depend on p
+                            parts = self._autograd_parts(p, target, pred, mask, beta, eps)
+                    if parts is None:  # the prediction does not depend on p
                         continue
-                    neg, = torch.autograd.grad(pred, p, g_neg, allow_unused=True)
-                    if neg is None:
-                        neg = torch.zeros_like(pos)
+                    pos, neg = parts
                     self._update(p, pos, neg, group, gamma)
+                    cur = None  # the prediction is stale now
                     grads[id(p)] = (p, pos - neg)
         finally:
             for p in params:
                 p.requires_grad_(flags[id(p)])
         for p, g in grads.values():
             p.grad = g
+
+    def _scratch(self) -> dict:
+        """Buffers of the closed form kept across steps (large temporaries are costly to allocate)."""
+        if not hasattr(self, "_buffers"):  # absent after unpickling
+            self._buffers = {}
+        return self._buffers
+
+    @staticmethod
+    def _autograd_parts(p: Tensor, target: Tensor, pred: Tensor, mask: Optional[Tensor], beta: float,
+                        eps: float) -> Optional[Tuple[Tensor, Tensor]]:
+        """Both gradient parts of p by two backward passes (None when pred does not depend on p)."""
+        if not pred.requires_grad:
+            return None
+        g_pos, g_neg = _output_grads(pred.detach(), target, mask, beta, eps)
+        pos, = torch.autograd.grad(pred, p, g_pos, retain_graph=True, allow_unused=True)
+        if pos is None:  # the prediction does not depend on p
+            return None
+        neg, = torch.autograd.grad(pred, p, g_neg, allow_unused=True)
+        if neg is None:
+            neg = torch.zeros_like(pos)
+        return pos, neg
 
     @staticmethod
     def _update(p: Tensor, pos: Tensor, neg: Tensor, group: dict, gamma: float) -> None:
@@ -188,3 +231,91 @@ class BetaMu(Optimizer):
             p.mul_(ratio)
         else:
             assign_(p, value * ratio)
+
+
+def _output_grads(P: Tensor, target: Tensor, mask: Optional[Tensor], beta: float, eps: float) -> Tuple[Tensor, Tensor]:
+    """Output gradients of the two parts: ``M ∘ P^(β-1)`` and ``M ∘ V ∘ P^(β-2)`` (P floored for β < 2)."""
+    if beta < 2:
+        P = P.clamp_min(eps)
+    if beta == 2:
+        g_pos, g_neg = P, target
+    elif beta == 1:
+        g_pos, g_neg = torch.ones_like(P), target / P
+    else:
+        Pw = P.pow(beta - 2)
+        g_pos, g_neg = P * Pw, target * Pw
+    if mask is not None:
+        g_pos, g_neg = g_pos * mask, g_neg * mask
+    return g_pos, g_neg
+
+
+def _position(chain: Optional[_matchain.Chain], p: Tensor) -> Optional[int]:
+    """Index of ``p`` among the chain's factors when it occurs exactly once, else None."""
+    if chain is None:
+        return None
+    hits = [i for i, (t, _) in enumerate(chain.factors) if t is p]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _buffer(scratch: dict, name: str, like: Tensor) -> Tensor:
+    """A row-major scratch tensor shaped like ``like``, reused across calls."""
+    buf = scratch.get(name)
+    if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = scratch[name] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return buf
+
+
+def _closed_parts(chain: _matchain.Chain, k: int, target: Tensor, P: Optional[Tensor], mask: Optional[Tensor],
+                  beta: float, eps: float, scratch: dict) -> Tuple[Tensor, Tensor]:
+    """Gradient parts of the chain's ``k``-th factor without autograd.
+
+    For ``pred = A_1 … A_n`` the gradient of ``<G, pred>`` in ``A_k`` is ``Lᵀ G Rᵀ`` with
+    ``L = A_1 … A_{k-1}`` and ``R = A_{k+1} … A_n``: a chain product, contracted in the
+    planned order. beta = 2 (no mask) takes the Gram form ``LᵀL A_k RRᵀ`` and never forms
+    the prediction; beta = 1 (no mask) has ``G = 1``, so its positive part is the outer
+    product ``(Lᵀ1)(R1)ᵀ``. ``P`` is the current prediction if known (else recomputed);
+    it is never modified: the elementwise work runs in the ``scratch`` buffers.
+    """
+    mats = chain.matrices()
+    left = [m.t() for m in reversed(mats[:k])]  # Lᵀ = A_{k-1}ᵀ … A_1ᵀ
+    right = [m.t() for m in reversed(mats[k + 1:])]  # Rᵀ = A_nᵀ … A_{k+1}ᵀ
+    target = target.to(mats[k].dtype)
+
+    def part(G: Tensor) -> Tensor:
+        return _matchain.chain_product(left + [G] + right)
+
+    if beta == 2 and mask is None:
+        pos = _matchain.chain_product(left + mats + right)
+        neg = part(target)
+    else:
+        a = _buffer(scratch, "a", target)
+        if P is None:
+            P = _matchain.chain_product(mats, out=a)
+        # a = the prediction floored (beta < 2)
+        if beta < 2:
+            torch.clamp_min(P, eps, out=a)
+        elif P is not a:
+            a.copy_(P)
+        if beta == 1 and mask is None:
+            N, C = a.shape
+            u = _matchain.chain_product(left + [a.new_ones(N, 1)])  # Lᵀ1
+            v = _matchain.chain_product([a.new_ones(1, C)] + right)  # (R1)ᵀ
+            pos = u @ v
+            neg = part(torch.div(target, a, out=a))
+        elif beta == 1:
+            pos = part(mask)
+            neg = part(torch.div(target, a, out=a).mul_(mask))
+        elif beta == 2:  # with a mask
+            pos = part(a.mul_(mask))
+            neg = part(torch.mul(target, mask, out=_buffer(scratch, "b", target)))
+        else:
+            b = torch.pow(a, beta - 2, out=_buffer(scratch, "b", target))  # P^(β-2)
+            a.mul_(b)  # P^(β-1)
+            b.mul_(target)  # V P^(β-2)
+            if mask is not None:
+                a.mul_(mask)
+                b.mul_(mask)
+            pos, neg = part(a), part(b)
+    if chain.factors[k][1]:  # the factor enters transposed (a layer's W)
+        pos, neg = pos.t(), neg.t()
+    return pos.contiguous(), neg.contiguous()
