@@ -120,6 +120,9 @@ class SparsityProj(Optimizer):
                 assign_(p, start)
                 with torch.enable_grad():
                     loss = closure()
+                    if not bool(torch.isfinite(loss).all()):  # a NaN loss would silently become NaN factors
+                        raise FloatingPointError(f"SparsityProj: the closure's loss is {float(loss)}; check the "
+                                                 "data and prediction the closure uses")
                     (g,) = torch.autograd.grad(loss, p, allow_unused=True)
                 if g is None:
                     continue

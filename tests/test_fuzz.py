@@ -1,0 +1,491 @@
+"""Property-based fuzzing of the public entry points (hypothesis).
+
+Every entry point is called on small count matrices in several forms: dense float64
+(the reference), float32, a transposed view, a strided slice, uncoalesced torch COO (duplicate
+entries that sum to the counts), CSR, numpy and scipy.sparse where the entry point takes
+them. Each call must
+
+* succeed with finite results equal (to tolerance) to the dense contiguous float64 result, or
+* raise ``ValueError``/``TypeError``/``FloatingPointError`` whose message names the argument,
+
+and never modify its input. Bad values (NaN, inf, negative, complex, bool, wrong ndim, empty,
+strings) must take the second branch or succeed with finite results.
+
+Profiles: ``ci`` (default, a few examples per entry point) and ``slow`` (many more), chosen
+by ``HYPOTHESIS_PROFILE=slow``. Set ``TORCHNMF_FUZZ_REPORT=path.json`` to write the outcome
+counts (the figures quoted in docs/reliability.rst).
+"""
+import collections
+import contextlib
+import io
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import torchnmf  # noqa: E402
+from torchnmf import metrics  # noqa: E402
+from torchnmf.estimators import PNMF, BetaNMF, GammaPoissonFactorization  # noqa: E402
+from torchnmf.init import initialize, randomized_svd  # noqa: E402
+from torchnmf.nmf import NMF, NMFD  # noqa: E402
+from torchnmf.parallel import fit_gamma_cavi, fit_gamma_svi, fit_nmf, fit_nmf_online  # noqa: E402
+from torchnmf.plca import PLCA  # noqa: E402
+from torchnmf.poisson import GammaPoisson  # noqa: E402
+from torchnmf.streaming import row_loader  # noqa: E402
+from torchnmf.trainer import BetaMu, SparsityProj  # noqa: E402
+from torchnmf.trainer.cavi import CAVI  # noqa: E402
+from torchnmf.trainer.natural import NaturalGradient  # noqa: E402
+from torchnmf.trainer.online import OnlineMU  # noqa: E402
+
+_COMMON = dict(deadline=None, database=None, derandomize=True, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("ci", max_examples=6, **_COMMON)
+settings.register_profile("slow", max_examples=200, **dict(_COMMON, derandomize=False))
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
+
+F64, F32 = torch.float64, torch.float32
+ALLOWED = (ValueError, TypeError, FloatingPointError)
+OUTCOMES = collections.Counter()  # (entry point, kind, outcome) -> count
+
+
+# -- inputs --------------------------------------------------------------------------------
+@st.composite
+def counts(draw, min_side=2, max_side=6):
+    """A small float64 count matrix (no all-zero matrix: most models need some signal)."""
+    n = draw(st.integers(min_side, max_side))
+    m = draw(st.integers(min_side, max_side))
+    flat = draw(st.lists(st.integers(0, 6), min_size=n * m, max_size=n * m))
+    V = torch.tensor(flat, dtype=F64).reshape(n, m)
+    if float(V.sum()) == 0:
+        V[draw(st.integers(0, n - 1)), draw(st.integers(0, m - 1))] = 1.0
+    return V
+
+
+def _uncoalesced(V):
+    """COO with every nonzero split into two duplicates (x/2 + x/2)."""
+    S = V.to_sparse().coalesce()
+    idx, val = S.indices(), S.values()
+    return torch.sparse_coo_tensor(torch.cat([idx, idx], 1), torch.cat([val / 2, val / 2]), V.shape)
+
+
+def _strided(V):
+    big = torch.zeros(V.shape[0], 2 * V.shape[1], dtype=V.dtype)
+    big[:, ::2] = V
+    return big[:, ::2]
+
+
+FORMS = {
+    "float32": lambda V: V.to(F32),
+    "transposed": lambda V: V.t().contiguous().t(),
+    "strided": _strided,
+    "coo": _uncoalesced,
+    "csr": lambda V: V.to_sparse_csr(),
+    "numpy": lambda V: V.numpy().copy(),
+    "numpy-F": lambda V: np.asfortranarray(V.numpy()),
+    "scipy": lambda V: sp.csr_matrix(V.numpy()),
+}
+TENSOR_FORMS = ("float32", "transposed", "strided", "coo", "csr")
+DENSE_TENSOR_FORMS = ("float32", "transposed", "strided")
+ALL_FORMS = tuple(FORMS)
+
+
+def _bad(V, kind, draw):
+    i, j = draw(st.integers(0, V.shape[0] - 1)), draw(st.integers(0, V.shape[1] - 1))
+    W = V.clone()
+    if kind in ("nan", "inf", "negative"):
+        W[i, j] = {"nan": math.nan, "inf": math.inf, "negative": -1.0}[kind]
+        return W
+    return {"complex": lambda: V.to(torch.complex128), "bool": lambda: V > 0, "1d": lambda: V[0].clone(),
+            "3d": lambda: V[None].clone(), "empty": lambda: V[:0].clone(),
+            "strings": lambda: np.full(V.shape, "x"), "int64": lambda: V.to(torch.int64)}[kind]()
+
+
+BAD = ("nan", "inf", "negative", "complex", "bool", "1d", "3d", "empty", "strings", "int64")
+
+
+def _snapshot(x):
+    if isinstance(x, torch.Tensor):
+        return x.to_dense().clone() if x.layout != torch.strided else x.clone()
+    if sp.issparse(x):
+        return x.toarray().copy()
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    return None
+
+
+def _unchanged(x, before):
+    if before is None:
+        return
+    after = _snapshot(x)
+    if isinstance(before, torch.Tensor):
+        assert after.dtype == before.dtype and after.shape == before.shape
+        if before.is_complex() or before.dtype in (torch.bool, torch.int64):
+            assert torch.equal(after, before), "the input was modified"
+        else:
+            torch.testing.assert_close(after, before, rtol=0, atol=0, equal_nan=True, msg="the input was modified")
+    elif before.dtype.kind in "fc":
+        np.testing.assert_array_equal(after, before, err_msg="the input was modified")
+    else:
+        assert (after == before).all(), "the input was modified"
+
+
+def _flatten(out):
+    """Every tensor/array/number of a result, as float64 numpy arrays."""
+    if isinstance(out, (tuple, list)):
+        return [a for o in out for a in _flatten(o)]
+    if isinstance(out, dict):
+        return [a for k in sorted(out) for a in _flatten(out[k])]
+    if isinstance(out, torch.Tensor):
+        t = out.detach()
+        return [(t.to_dense() if t.layout != torch.strided else t).cpu().to(F64).numpy()]
+    if sp.issparse(out):
+        return [out.toarray().astype(np.float64)]
+    if isinstance(out, np.ndarray):
+        return [out.astype(np.float64)]
+    if hasattr(out, "total"):  # ELBO records
+        return [np.asarray(float(out.total))]
+    return [np.asarray(float(out))]
+
+
+def _quiet():
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    return stack
+
+
+def _call(fn, x):
+    with _quiet():
+        return fn(x)
+
+
+# -- entry points ----------------------------------------------------------------------------
+def _factors(V, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed + 7 * V.shape[0] + V.shape[1])
+    W = torch.rand(V.shape[1], k, generator=g, dtype=F64) + 0.1
+    H = torch.rand(V.shape[0], k, generator=g, dtype=F64) + 0.1
+    return W, H
+
+
+def _dtype(V):
+    if isinstance(V, torch.Tensor) and V.is_floating_point():
+        return V.dtype
+    if isinstance(V, np.ndarray) and V.dtype == np.float32:
+        return F32
+    return F64
+
+
+def nmf_fit(beta):
+    def run(V):
+        W, H = _factors(_shape_of(V))
+        m = NMF(W=W.to(_dtype(V)), H=H.to(_dtype(V)))
+        m.fit(V, beta=beta, tol=0, max_iter=3)
+        return m.W, m.H
+    return run
+
+
+class _Shape:
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+def _shape_of(V):
+    """The shape factors are built for: a stand-in for inputs of another ndim or empty ones."""
+    ok = hasattr(V, "shape") and len(V.shape) == 2 and min(V.shape) > 0
+    return _Shape(V.shape) if ok else _Shape((3, 3))
+
+
+def nmfd_fit(V):
+    V3 = V[:, None, :] if isinstance(V, torch.Tensor) and V.dim() == 2 else V
+    n, m = _shape_of(V).shape
+    g = torch.Generator().manual_seed(1)
+    W = torch.rand(1, 2, 2, generator=g, dtype=F64) + 0.1
+    H = torch.rand(n, 2, max(m - 1, 1), generator=g, dtype=F64) + 0.1
+    mod = NMFD(W=W.to(_dtype(V)), H=H.to(_dtype(V)), T=2)
+    mod.fit(V3, tol=0, max_iter=3)
+    return mod.W, mod.H
+
+
+def plca_fit(V):
+    W, H = _factors(_shape_of(V))
+    m = PLCA(W=W.to(_dtype(V)), H=H.to(_dtype(V)), Z=torch.full((2,), 0.5, dtype=_dtype(V)))
+    m.fit(V, tol=0, max_iter=3)
+    return m.W, m.H, m.Z
+
+
+def beta_mu_step(beta):
+    def run(V):
+        W, H = _factors(_shape_of(V))
+        m = NMF(W=W.to(_dtype(V)), H=H.to(_dtype(V)))
+        tr = BetaMu(m.parameters(), beta=beta)
+        for _ in range(2):
+            tr.step(lambda: (V, m(None)))
+        return m.W, m.H
+    return run
+
+
+def sparsity_step(V):
+    W, H = _factors(_shape_of(V))
+    m = NMF(W=W.to(_dtype(V)), H=H.to(_dtype(V)))
+    tr = SparsityProj([m.W], sparsity=0.5, max_iter=3, lr=0.01)
+    target = V.to_dense() if isinstance(V, torch.Tensor) and V.layout != torch.strided else V
+    loss = tr.step(lambda: metrics.beta_div(m(None), target, 2))
+    return loss, m.W
+
+
+def online_step(V):
+    W, H = _factors(_shape_of(V))
+    W = W.to(_dtype(V)).clone()
+    H = H.to(_dtype(V)).clone()
+    opt = OnlineMU([W], beta=1, n_samples=_shape_of(V).shape[0], inner_iter=2)
+    losses = [opt.step(lambda: (V, H)) for _ in range(2)]
+    return losses, W, H
+
+
+def _gamma(V):
+    n, m = _shape_of(V).shape
+    return GammaPoisson(n, m, 2, dtype=_dtype(V), generator=torch.Generator().manual_seed(3))
+
+
+def cavi_step(V):
+    layer = _gamma(V)
+    tr = CAVI(layer)
+    elbos = [tr.step(lambda: V) for _ in range(2)]
+    return elbos, dict(layer.state_dict())
+
+
+def natural_step(V):
+    layer = _gamma(V)
+    tr = NaturalGradient(layer, tau0=2.0, local_iters=3)
+    rows = torch.arange(_shape_of(V).shape[0])
+    elbos = [tr.step(lambda: (V, rows)) for _ in range(2)]
+    return elbos, dict(layer.state_dict())
+
+
+def estimator(cls, **kw):
+    def run(V):
+        est = cls(n_components=2, random_state=0, **kw)
+        H = est.fit_transform(V)
+        return H, est.components_, est.transform(V)
+    return run
+
+
+def init_method(method):
+    def run(V):
+        return initialize(V, 2, method=method, random_state=0)
+    return run
+
+
+def rsvd(V):
+    U, S, Vh = randomized_svd(V, 2, generator=0)
+    # signs of singular vectors are arbitrary: compare the reconstruction and the values
+    return S, (U * S) @ Vh
+
+
+def metric(name, positive=False, **kw):
+    fn = getattr(metrics, name)
+
+    def run(V):
+        W, H = _factors(_shape_of(V))
+        pred = (H @ W.t()).to(_dtype(V))
+        return fn(pred, _shifted(V) if positive else V, **kw)
+    return run
+
+
+def _shifted(V):
+    """``V + 1`` for floating tensors: the divergences are infinite at zero where they need x > 0."""
+    return V + 1 if isinstance(V, torch.Tensor) and V.is_floating_point() else V
+
+
+def metric_input(name):
+    fn = getattr(metrics, name)
+
+    def run(V):
+        target = torch.ones(_shape_of(V).shape, dtype=_dtype(V))
+        return fn(_shifted(V), target)
+    return run
+
+
+def sparseness(V):
+    return metrics.sparseness(V)
+
+
+def poisson_nll(V):
+    W, H = _factors(_shape_of(V))
+    return metrics.poisson_nll((H @ W.t()).to(_dtype(V)), V)
+
+
+def loader(V):
+    rows = []
+    for batch in row_loader(V, batch_size=2):
+        x = batch.X if hasattr(batch, "X") else batch[0]
+        rows.append(x.to_dense() if x.layout != torch.strided else x)
+    return torch.cat(rows) if rows else torch.zeros(0)  # no rows: no batches
+
+
+def par_fit_nmf(V):
+    W, H = _factors(_shape_of(V))
+    m = NMF(W=W.to(_dtype(V)), H=H.to(_dtype(V)))
+    fit_nmf(m, V, beta=1, tol=0, max_iter=3)
+    return m.W, m.H
+
+
+def par_fit_gamma_cavi(V):
+    layer = _gamma(V)
+    h = fit_gamma_cavi(layer, V, max_iter=2, tol=0)
+    return h.values, dict(layer.state_dict())
+
+
+def par_fit_nmf_online(V):
+    W, _ = _factors(_shape_of(V))
+    m = NMF(W=W.to(_dtype(V)))
+    fit_nmf_online(m, V, batch_size=2, epochs=2, shuffle=False)
+    return m.W
+
+
+def par_fit_gamma_svi(V):
+    layer = _gamma(V)
+    h = fit_gamma_svi(layer, V, batch_size=2, epochs=1, shuffle=False, local_iters=3, local_tol=0)
+    return h.values, dict(layer.state_dict())
+
+
+def cli_fit(V):
+    from torchnmf.cli import main
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "in.npz" if sp.issparse(V) else "in.npy")
+        if sp.issparse(V):
+            sp.save_npz(path, V)
+        else:
+            np.save(path, V)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(["fit", path, "--rank", "2", "--max-iter", "3", "--tol", "0", "--init", "nndsvda",
+                         "--quiet", "-o", os.path.join(d, "out")])
+        if code != 0:
+            raise ValueError(err.getvalue().strip())
+        out = np.load(os.path.join(d, "out.npz"))
+        # not history_changes: its first entry is NaN by design (no change before the first record)
+        return [out["W"], out["H"], out["history"]]
+
+
+# name -> (callable, argument named in errors, forms that must match the reference[, bad kinds])
+# The metrics are differentiable losses like torch's: NaN/inf in gives NaN/inf out and shapes
+# are torch's to check, so they are fuzzed over forms only. SparsityProj never sees the data:
+# only a non-finite loss from its closure is its to refuse.
+CASES = {
+    "NMF.fit(beta=2)": (nmf_fit(2), "V", ALL_FORMS),
+    "NMF.fit(beta=1)": (nmf_fit(1), "V", ALL_FORMS),
+    "NMF.fit(beta=0.5)": (nmf_fit(0.5), "V", ALL_FORMS),
+    "NMFD.fit": (nmfd_fit, "V", DENSE_TENSOR_FORMS),
+    "PLCA.fit": (plca_fit, "V", ALL_FORMS),
+    "BetaMu.step(beta=1)": (beta_mu_step(1), "target", TENSOR_FORMS),
+    "BetaMu.step(beta=0)": (beta_mu_step(0), "target", TENSOR_FORMS),
+    "SparsityProj.step": (sparsity_step, "closure", DENSE_TENSOR_FORMS, ("nan", "inf", "negative")),
+    "OnlineMU.step": (online_step, "V", TENSOR_FORMS),
+    "CAVI.step": (cavi_step, "X", TENSOR_FORMS),
+    "NaturalGradient.step": (natural_step, "X", TENSOR_FORMS),
+    "BetaNMF": (estimator(BetaNMF, max_iter=3, tol=0), "X", ALL_FORMS),
+    "GammaPoissonFactorization": (estimator(GammaPoissonFactorization, max_iter=2, transform_max_iter=2),
+                                  "X", ALL_FORMS),
+    "PNMF": (estimator(PNMF, max_iter=2, transform_max_iter=2), "X", ALL_FORMS),
+    "initialize(random)": (init_method("random"), "X", ALL_FORMS),
+    "initialize(nndsvd)": (init_method("nndsvd"), "X", ALL_FORMS),
+    "initialize(nndsvda)": (init_method("nndsvda"), "X", ALL_FORMS),
+    "initialize(nndsvdar)": (init_method("nndsvdar"), "X", ALL_FORMS),
+    "randomized_svd": (rsvd, "X", ALL_FORMS),
+    "metrics.euclidean": (metric("euclidean"), "target", DENSE_TENSOR_FORMS, ()),
+    "metrics.kl_div": (metric("kl_div"), "target", DENSE_TENSOR_FORMS, ()),
+    "metrics.is_div": (metric("is_div", positive=True), "target", DENSE_TENSOR_FORMS, ()),
+    "metrics.beta_div(beta=1.5)": (metric("beta_div", beta=1.5), "target", DENSE_TENSOR_FORMS, ()),
+    "metrics.kl_div(input)": (metric_input("kl_div"), "input", DENSE_TENSOR_FORMS, ()),
+    "metrics.sparseness": (sparseness, "x", DENSE_TENSOR_FORMS, ()),
+    "metrics.poisson_nll": (poisson_nll, "counts", DENSE_TENSOR_FORMS, ()),
+    "streaming.row_loader": (loader, "source", ALL_FORMS),
+    "parallel.fit_nmf": (par_fit_nmf, "V", TENSOR_FORMS),
+    # empty X: "every shard needs at least one row; rows per rank: [0]" names no argument (left to parallel.py)
+    "parallel.fit_gamma_cavi": (par_fit_gamma_cavi, "X", TENSOR_FORMS, tuple(b for b in BAD if b != "empty")),
+    "parallel.fit_nmf_online": (par_fit_nmf_online, "source", ALL_FORMS),
+    "parallel.fit_gamma_svi": (par_fit_gamma_svi, "source", ALL_FORMS),
+    "cli.main(fit)": (cli_fit, "in.np", ("numpy", "numpy-F", "scipy")),
+}
+
+
+def _tolerance(form):
+    return (2e-3, 2e-3) if form == "float32" else (1e-8, 1e-8)
+
+
+def _compare(name, form, got, ref):
+    a, b = _flatten(got), _flatten(ref)
+    assert len(a) == len(b), f"{name} on {form}: {len(a)} outputs vs {len(b)}"
+    rtol, atol = _tolerance(form)
+    for x, y in zip(a, b):
+        assert np.isfinite(x).all(), f"{name} on {form}: non-finite result"
+        scale = max(1.0, float(np.abs(y).max()) if y.size else 1.0)
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol * scale, err_msg=f"{name} on {form}")
+
+
+def _names_argument(err, arg):
+    return arg.lower() in str(err).lower()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    path = os.environ.get("TORCHNMF_FUZZ_REPORT")
+    if path:
+        rows = [{"entry": e, "kind": k, "outcome": o, "count": c} for (e, k, o), c in sorted(OUTCOMES.items())]
+        with open(path, "w") as f:
+            json.dump({"profile": PROFILE, "entry_points": len(CASES), "rows": rows}, f, indent=1)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@given(V=counts(), data=st.data())
+def test_every_form_matches_the_dense_float64_result(name, V, data):
+    fn, arg, forms = CASES[name][:3]
+    ref = _call(fn, V.numpy().copy() if name.startswith("cli") else V)
+    for x in _flatten(ref):
+        assert np.isfinite(x).all(), f"{name}: non-finite reference result"
+    form = data.draw(st.sampled_from(forms), label="form")
+    x = FORMS[form](V)
+    before = _snapshot(x)
+    got = _call(fn, x)
+    _unchanged(x, before)
+    _compare(name, form, got, ref)
+    OUTCOMES[(name, form, "equal")] += 1
+
+
+def _bad_kinds(name):
+    return CASES[name][3] if len(CASES[name]) > 3 else BAD
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if _bad_kinds(n)])
+@given(V=counts(), data=st.data())
+def test_bad_values_raise_a_named_error_or_give_finite_results(name, V, data):
+    fn, arg = CASES[name][:2]
+    kind = data.draw(st.sampled_from(_bad_kinds(name)), label="bad")
+    x = _bad(V, kind, data.draw)
+    if name.startswith("cli") and isinstance(x, torch.Tensor):
+        x = x.numpy()
+    before = _snapshot(x)
+    try:
+        got = _call(fn, x)
+    except ALLOWED as err:
+        _unchanged(x, before)
+        assert _names_argument(err, arg), f"{name} on {kind}: {type(err).__name__} does not name {arg!r}: {err}"
+        OUTCOMES[(name, kind, "raised")] += 1
+        return
+    _unchanged(x, before)
+    for a in _flatten(got):
+        assert np.isfinite(a).all(), f"{name} on {kind}: succeeded with non-finite results"
+    OUTCOMES[(name, kind, "finite")] += 1
