@@ -362,3 +362,39 @@ def test_gamma_poisson_float32_elbo_is_the_float64_figure(kind):
     record = float(CAVI(l32).step(lambda: X).total)
     assert record == pytest.approx(float(_gamma_as_float64(l32).elbo(X.double()).total), rel=1e-6)
     assert l32.U_shape.dtype == torch.float32  # the layer itself stays float32
+
+
+# -- spatial priors (poisson/spatial.py) ----------------------------------------------------
+def test_spatial_cholesky_message_fits_the_dtype():
+    from torchnmf.poisson.spatial import _cholesky
+
+    bad = -torch.eye(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="not positive definite") as info:
+        _cholesky(bad, "inducing-point")
+    assert "use float64" not in str(info.value) and "jitter" in str(info.value)
+    with pytest.raises(RuntimeError, match="use float64"):
+        _cholesky(bad.float(), "inducing-point")
+
+
+def test_svgp_marginals_float64_failure_does_not_advise_float64():
+    from torchnmf.poisson.spatial import SVGP
+
+    model = SVGP(torch.rand(30, 2, dtype=torch.float64), 2, num_inducing=10, sigma=1e8, dtype=torch.float64)
+    with torch.no_grad():  # two coincident inducing points: K_uu singular far beyond the jitter
+        model.inducing_points[1] = model.inducing_points[0]
+    with pytest.raises(RuntimeError, match="not positive definite") as info:
+        model.marginals()
+    assert "use float64" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float64, 1e300), (torch.float32, 1e30)])
+def test_spatial_priors_refuse_overflowing_coordinates(dtype, scale):
+    from torchnmf.poisson.spatial import LCGP, SVGP
+
+    C = torch.rand(30, 2, dtype=torch.float64) * scale
+    for make in (lambda: LCGP(C, 2, dtype=dtype), lambda: SVGP(C, 2, num_inducing=10, dtype=dtype)):
+        with pytest.raises(ValueError, match="coordinates are too large"):
+            make()
+    # large but representable coordinates still give a finite KL
+    m = LCGP(torch.rand(30, 2, dtype=torch.float64) * 1e10, 2, dtype=torch.float64)
+    assert torch.isfinite(m.kl())

@@ -26,6 +26,8 @@ samples (the Poisson likelihood of a log-normal layer does).
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Tuple
 
 import numpy as np
@@ -88,7 +90,15 @@ def check_coordinates(coordinates, n: Optional[int] = None, dim: Optional[int] =
         raise ValueError(f"{name} has {C.shape[0]} rows, expected {n} (one per sample)")
     if dim is not None and C.shape[1] != dim:
         raise ValueError(f"{name} has {C.shape[1]} columns, expected {dim} (the dimension used in fitting)")
-    return check_finite(C, name)
+    check_finite(C, name)
+    # squared differences of such coordinates overflow (inf distances, NaN covariances)
+    limit = math.sqrt(torch.finfo(C.dtype).max) / (4 * math.sqrt(C.shape[1]))
+    amax = float(C.abs().max())
+    if amax > limit:
+        raise ValueError(f"{name} are too large for {str(C.dtype).replace('torch.', '')}: the largest is "
+                         f"{amax:.3g} and distances would overflow (limit {limit:.3g}); rescale them "
+                         "(lengthscales are in the coordinates' units)")
+    return C
 
 
 def check_groups(groups, n: int, n_groups: Optional[int] = None, name: str = "groups", device=None) -> Tensor:
@@ -425,8 +435,10 @@ class _SpatialPrior(FactorPosterior):
 def _cholesky(A: Tensor, what: str) -> Tensor:
     L, info = torch.linalg.cholesky_ex(A)
     if bool((info > 0).any()):
-        raise RuntimeError(f"the {what} covariance is not positive definite in {A.dtype}; "
-                           "increase jitter or use float64")
+        # float64 is advice only for lower precisions; in float64 the cause is the points
+        advice = ("increase jitter or use float64" if A.dtype != torch.float64 else
+                  "increase jitter, or remove duplicate or nearly coincident points (inducing points)")
+        raise RuntimeError(f"the {what} covariance is not positive definite in {A.dtype}; {advice}")
     return L
 
 
