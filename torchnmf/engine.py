@@ -167,8 +167,8 @@ def run(step: Step, *, max_iter: int, tol: float, history: History, model: str, 
       returned factors. Used by the multiplicative NMF updates, whose objective comes
       free with the first half-update.
     * *immediate* (no ``commit``): ``step(i, measure)`` applies the update and returns the
-      objective of the point it started from (CAVI and SVI sweeps return the ELBO before
-      the sweep).
+      objective it measured on the way (a CAVI sweep returns the ELBO it reached, an SVI
+      step its estimate on the batch, a gradient epoch the mean over its batches).
 
     Parameters
     ----------
