@@ -16,6 +16,7 @@ in place since (tensor version counters), so a stale record is never trusted.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import List, Optional, Sequence, Tuple
 
@@ -25,10 +26,23 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ["Chain", "record_of", "linear", "chain_product", "plan"]
+__all__ = ["Chain", "record_of", "linear", "chain_product", "plan", "disabled"]
 
 # output tensor -> (Chain, output version); entries vanish with their output
 _records = WeakTensorKeyDictionary()
+# switched off by :func:`disabled` (benchmarks of the plain left-to-right path)
+_enabled = True
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within the block, layers multiply left to right and record nothing (for comparisons)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
 
 
 class Chain:
@@ -145,7 +159,7 @@ def linear(H: Tensor, W: Tensor) -> Tensor:
     itself a recorded product ``A_1 ... A_m``, the result ``A_1 ... A_m Wᵀ`` is contracted
     from the factors whenever the plan costs less than multiplying the existing ``H``.
     """
-    if not isinstance(H, Tensor) or not isinstance(W, Tensor) or H.dim() != 2 or W.dim() != 2:
+    if not _enabled or not isinstance(H, Tensor) or not isinstance(W, Tensor) or H.dim() != 2 or W.dim() != 2:
         return F.linear(H, W)  # non-tensors: e.g. the FactorChain a CAVI closure builds (poisson/chain.py)
     rec = record_of(H)
     factors = ((H, False),) if rec is None else rec.factors
