@@ -398,3 +398,54 @@ def test_spatial_priors_refuse_overflowing_coordinates(dtype, scale):
     # large but representable coordinates still give a finite KL
     m = LCGP(torch.rand(30, 2, dtype=torch.float64) * 1e10, 2, dtype=torch.float64)
     assert torch.isfinite(m.kl())
+
+
+# -- meta tensors: refused up front (data.py) -----------------------------------------------
+def _meta_cases():
+    from torchnmf.init import initialize, randomized_svd
+    from torchnmf.nmf import NMF
+    from torchnmf.plca import PLCA
+    from torchnmf.poisson.gamma import GammaPoisson
+    from torchnmf.poisson.lognormal import LogNormalPoisson
+    from torchnmf.trainer import BetaMu, OnlineMU
+    from torchnmf.updates import mu_update
+
+    M = torch.rand(6, 5, device="meta")
+
+    def beta_mu():
+        m = NMF((6, 5), 2)
+        BetaMu(m.parameters()).step(lambda: (M, m()))
+
+    return {
+        "NMF.fit": (lambda: NMF((6, 5), 2).fit(M), "V"),
+        "NMF(W=meta)": (lambda: NMF(W=torch.rand(5, 2, device="meta")), "W"),
+        "NMF on meta": (lambda: NMF((6, 5), 2).to("meta").fit(torch.rand(6, 5)), "V"),
+        "initialize": (lambda: initialize(M, 2), "X"),
+        "randomized_svd": (lambda: randomized_svd(M, 2), "X"),
+        "mu_update": (lambda: mu_update(M, torch.rand(5, 2), torch.rand(6, 2)), "V"),
+        "GammaPoisson.fit": (lambda: GammaPoisson(6, 5, 2).fit(M), "X"),
+        "LogNormalPoisson.elbo": (lambda: LogNormalPoisson(6, 5, 2).elbo(M), "X"),
+        "PLCA.fit": (lambda: PLCA((6, 5), 2).fit(M), "V"),
+        "BetaMu.step": (beta_mu, "target"),
+        "OnlineMU.step": (lambda: OnlineMU([torch.rand(5, 2)]).step(lambda: (M, torch.rand(6, 2))), "V_b"),
+        "check_counts": (lambda: data.check_counts(data.as_tensor(M)), "X"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_meta_cases()))
+def test_meta_tensors_refused(case):
+    call, name = _meta_cases()[case]
+    with pytest.raises(TypeError, match=f"{name} is on the meta device"):
+        call()
+
+
+def test_meta_refused_by_estimators():
+    pytest.importorskip("sklearn")
+    from torchnmf.estimators import BetaNMF, GammaPoissonFactorization, PNMF
+
+    M = torch.rand(6, 5, device="meta")
+    for est in (BetaNMF(2, device="cpu"), PNMF(2), GammaPoissonFactorization(2, device="cpu")):
+        with pytest.raises(TypeError, match="X is on the meta device"):
+            est.fit(M)
+    with pytest.raises(ValueError, match="device='meta'"):
+        BetaNMF(2, device="meta").fit(torch.rand(6, 5))

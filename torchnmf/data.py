@@ -19,6 +19,7 @@ __all__ = [
     "check_finite",
     "check_nonnegative",
     "check_counts",
+    "check_not_meta",
     "check_magnitude",
     "check_shape",
     "check_rank",
@@ -107,7 +108,7 @@ def as_tensor(
         target = dtype or (torch.float64 if X.dtype == np.float64 else torch.get_default_dtype())
         T = _from_scipy(X, target)
     elif isinstance(X, Tensor):
-        T = X
+        T = check_not_meta(X, name)  # before any conversion, which would fail obscurely
         if T.dtype == torch.bool or T.is_complex():
             raise TypeError(f"{name} must hold real numbers, got dtype {T.dtype}")
         if not T.is_floating_point():
@@ -134,6 +135,7 @@ def as_tensor(
         T = T.to(dtype)
     if device is not None:
         T = T.to(device)
+    check_not_meta(T, name)
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if T.dim() not in allowed:
@@ -147,6 +149,19 @@ def as_tensor(
         T = T.to_sparse_coo() if T.layout != torch.sparse_coo else T
         T = T.coalesce()
     return T
+
+
+def check_not_meta(X, name: str = "X"):
+    """Raise ``TypeError`` if ``X`` is a tensor on the ``meta`` device; return ``X``.
+
+    Meta tensors have shapes but no values: every fit, initialisation and check reads values,
+    so they are refused up front with this message instead of failing deep inside (e.g.
+    "Tensor.item() cannot be called on meta tensors"). Shape-only dry runs are not supported.
+    """
+    if isinstance(X, Tensor) and X.is_meta:
+        raise TypeError(f"{name} is on the meta device, which holds shapes but no values; torchnmf needs "
+                        f"data with values: create {name} on 'cpu' or 'cuda'")
+    return X
 
 
 def _values(X: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .data import check_beta
+from .data import check_beta, check_not_meta
 
 __all__ = ["mu_update", "mu_gamma", "mu_statistics", "mu_apply", "EPSILON"]
 
@@ -319,6 +319,8 @@ def mu_update(
             return fused.mu_update(V, W, H, beta=beta, mask=mask, l1=l1, l2=l2, gamma=gamma,
                                    eps=eps, out=out, with_loss=with_loss)
     # ---------------------------------------------------------------------------
+    for t, n in ((V, "V"), (W, "W"), (H, "H")):
+        check_not_meta(t, n)
     if V.dim() != 2 or W.dim() != 2 or H.dim() != 2:
         raise ValueError(f"V, W and H must be 2-D, got shapes {tuple(V.shape)}, {tuple(W.shape)}, {tuple(H.shape)}")
     if W.shape[1] != H.shape[1] or V.shape[0] != H.shape[0] or V.shape[1] != W.shape[0]:

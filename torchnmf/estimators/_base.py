@@ -55,6 +55,9 @@ def resolve_device(device: Union[str, torch.device, None]) -> Optional[torch.dev
         raise ValueError(f"device must be 'auto', None or a torch device such as 'cpu' or 'cuda'; got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} asked for cuda, which is not available here; use device='auto'")
+    if dev.type == "meta":
+        raise ValueError("device='meta' holds shapes but no values; an estimator needs data with values "
+                         "('cpu', 'cuda' or 'auto')")
     return dev
 
 
