@@ -204,6 +204,16 @@ class PNMF(TorchFactorization):
         constraints.attach_projection(opt)
         return opt
 
+    def _make_scheduler(self, opt, total_steps: int, **options):
+        """``('batch', OneCycleLR)`` or ``('epoch', ReduceLROnPlateau)`` for ``opt`` per ``scheduler``.
+
+        ``options`` go to the scheduler (the knobs of :class:`torchnmf.compat.pnmf.PNMF`).
+        """
+        if self.scheduler == "one_cycle":
+            return "batch", torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=[g_["lr"] for g_ in opt.param_groups], total_steps=total_steps, **options)
+        return "epoch", torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", **options)
+
     # -- fitting ---------------------------------------------------------------------
     def _init_layer(self, T: Tensor, g: torch.Generator) -> LogNormalPoisson:
         N, D = T.shape
@@ -281,15 +291,8 @@ class PNMF(TorchFactorization):
             grad_opt = self._make_optimizer(constraints.gradient_parameters(layer), lr)
         n_sb = 1 if self.batch_size is None else math.ceil(N / self.batch_size)
         n_fb = 1 if self.y_batch_size is None else math.ceil(D / self.y_batch_size)
-        schedulers = []
-        for opt in (nat, grad_opt):
-            if opt is None or self.scheduler is None:
-                continue
-            if self.scheduler == "one_cycle":
-                schedulers.append(("batch", torch.optim.lr_scheduler.OneCycleLR(
-                    opt, max_lr=[g_["lr"] for g_ in opt.param_groups], total_steps=self.max_iter * n_sb * n_fb)))
-            else:
-                schedulers.append(("epoch", torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max")))
+        schedulers = [self._make_scheduler(opt, self.max_iter * n_sb * n_fb) for opt in (nat, grad_opt)
+                      if opt is not None and self.scheduler is not None]
         history = self._new_history("elbo", maximize=True, total=self.max_iter)
         self.history_ = history
         norm = float(N * D)

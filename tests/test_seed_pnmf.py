@@ -1,0 +1,236 @@
+"""PNMF's API (../shared/seeds/PNMF-api-reference.txt) on torchnmf.compat.pnmf.
+
+The signatures are read from the seed document (an embedded copy of its signature lines is
+used where the document is not beside the checkout) and compared keyword by keyword; the
+document's examples run with sizes/epochs reduced.
+"""
+import ast
+import inspect
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from torchnmf.compat import pnmf as compat
+from torchnmf.compat.pnmf import (PNMF, GaussianPrior, factor_samples, factor_uncertainty, factors_from_prior,
+                                  get_factors, get_loadings, get_prior, initialize_factors, log_factors,
+                                  log_factors_from_prior, transform_F, transform_W, uncertainty_from_prior)
+
+SEED = Path(__file__).resolve().parents[1].parent / "shared" / "seeds" / "PNMF-api-reference.txt"
+EMBEDDED = """\
+PNMF.initialization.initialize_factors(X, n_components, init=None, random_state=None, scale_log_mu=True, target_std=1.0)
+PNMF.transforms.factor_samples(model, n_samples=100, return_exp=False, coordinates=None, groups=None, return_tensor=False)
+PNMF.transforms.factor_uncertainty(model, return_variance=False, coordinates=None, groups=None, return_tensor=False)
+PNMF.transforms.factors_from_prior(prior, use_mgf=True, return_tensor=False)
+PNMF.transforms.get_loadings(model, return_tensor=False)
+PNMF.transforms.get_prior(model)
+PNMF.transforms.log_factors(model, coordinates=None, groups=None, return_tensor=False)
+PNMF.transforms.log_factors_from_prior(prior, return_tensor=False)
+PNMF.transforms.transform_F(X, W, n_components=None, mode='expanded', E=3, max_iter=200, tol=0.0001, learning_rate=0.01, verbose=False, device='auto', return_prior=False)
+PNMF.transforms.transform_W(X, F, W_init=None, n_components=None, max_iter=100, tol=0.0001, verbose=False, device='auto')
+PNMF.transforms.uncertainty_from_prior(prior, return_variance=False, return_tensor=False)
+class PNMF.PNMF(n_components=10, loadings_mode='projected', mode='expanded', training_mode='standard', E=3, max_iter=200, tol=0.0001, learning_rate=0.01, optimizer='Adam', random_state=None, verbose=False, device='auto', init='random', scheduler='one_cycle', scheduler_patience=200, scheduler_factor=0.8, scheduler_pct_start=0.3, scheduler_div_factor=25.0, scheduler_final_div_factor=10000.0, min_lr=1e-05, batch_size=None, y_batch_size=None, shuffle=True, spatial=False, local=False, kernel='Matern32', multigroup=False, num_inducing=3000, lengthscale=1.0, sigma=1.0, group_diff_param=10.0, jitter=1e-05, train_lengthscale=False, cholesky_mode='exp', diagonal_only=False, inducing_allocation='proportional', K=50, precompute_knn=True, neighbors='knn', scale_ll_D=True, scale_kl_NM=True)
+class PNMF.custom_modules.ConstrainedParameter(shape, mode)
+class PNMF.custom_modules.PositiveParameter(shape, mode='softplus', elbo_mode='expanded')
+class PNMF.models.PoissonFactorization(prior, y, L=10, loadings_mode='softplus', mode='expanded')
+class PNMF.priors.GaussianPrior(y, L=10, scale_pf=1.0, use_natural_gradients=False)
+fit(X, y=None, coordinates=None, groups=None, return_history=False, callback=None, callback_interval=100)
+fit_transform(X, coordinates=None, groups=None, **kwargs)
+inverse_transform(transformed)
+transform(X, coordinates=None, groups=None)
+"""
+PATTERN = re.compile(r"^(?:class )?(PNMF\.[\w.]+|fit|transform|fit_transform|inverse_transform)\(([^)]*)\)", re.M)
+
+
+def _documented():
+    text = SEED.read_text() if SEED.exists() else EMBEDDED
+    out = {}
+    for name, args in PATTERN.findall(text):
+        fn = ast.parse(f"def f({args}): pass").body[0].args
+        defaults = [None] * (len(fn.args) - len(fn.defaults)) + [ast.literal_eval(d) for d in fn.defaults]
+        out[name] = ([a.arg for a in fn.args], defaults, fn.kwarg is not None)
+    return out
+
+
+DOC = _documented()
+OURS = {
+    "PNMF.PNMF": compat.PNMF.__init__,
+    "fit": compat.PNMF.fit,
+    "transform": compat.PNMF.transform,
+    "fit_transform": compat.PNMF.fit_transform,
+    "inverse_transform": compat.PNMF.inverse_transform,
+    "PNMF.initialization.initialize_factors": compat.initialize_factors,
+    "PNMF.priors.GaussianPrior": compat.GaussianPrior.__init__,
+}
+for _name in ("log_factors", "factor_uncertainty", "factor_samples", "get_loadings", "get_prior", "transform_F",
+              "transform_W", "log_factors_from_prior", "factors_from_prior", "uncertainty_from_prior"):
+    OURS[f"PNMF.transforms.{_name}"] = getattr(compat, _name)
+
+
+def test_document_signatures_were_found():
+    assert "PNMF.PNMF" in DOC and len(DOC["PNMF.PNMF"][0]) == 41
+    assert set(OURS) <= set(DOC)
+
+
+@pytest.mark.parametrize("name", sorted(OURS))
+def test_signature_keyword_by_keyword(name):
+    names, defaults, var_kw = DOC[name]
+    params = inspect.signature(OURS[name]).parameters
+    ours = [p for p in params if p != "self" and params[p].kind not in (inspect.Parameter.VAR_KEYWORD,
+                                                                      inspect.Parameter.KEYWORD_ONLY)]
+    assert ours[:len(names)] == names, f"{name}: documented {names}, ours {ours}"
+    for arg, default in zip(names, defaults):
+        p = params[arg]
+        if default is not None or p.default is not inspect.Parameter.empty:
+            assert p.default == default, f"{name}({arg}=...): documented {default!r}, ours {p.default!r}"
+    if var_kw:
+        assert any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        yield
+
+
+def _counts(n=60, d=20, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.poisson(rng.gamma(2.0, 1.0, (n, k)) @ rng.gamma(1.0, 1.0, (k, d))).astype(np.float64)
+
+
+def test_main_interface_example():
+    X = np.random.default_rng(0).random((100, 50))
+    X0 = X.copy()
+    model = PNMF(n_components=5, random_state=42, max_iter=10, device="cpu")
+    transformed = model.fit_transform(X)
+    components = model.components_
+    X_reconstructed = model.inverse_transform(transformed)
+    assert transformed.shape == (100, 5) and components.shape == (5, 50) and X_reconstructed.shape == X.shape
+    assert np.array_equal(X, X0)
+    assert bool((transformed > 0).all()) and bool((components >= 0).all())
+    assert model.n_components_ == 5 and model.n_features_in_ == 50 and model.n_iter_ <= 10
+    assert np.isfinite(model.elbo_)
+
+
+def test_minibatch_example_and_return_history():
+    X_large = np.random.default_rng(1).random((400, 30))
+    model = PNMF(n_components=4, batch_size=100, shuffle=True, max_iter=4, random_state=0)
+    assert model.fit(X_large) is model
+    history, same = PNMF(n_components=3, max_iter=15, random_state=0, optimizer="NAdam",
+                         scheduler="plateau").fit(_counts(), return_history=True)
+    assert isinstance(history, list) and len(history) == same.n_iter_ and all(isinstance(v, float) for v in history)
+    assert history[-1] > history[0]  # the ELBO rises
+
+
+@pytest.mark.parametrize("optimizer", ["Adam", "AdamW", "NAdam", "SGD", "RMSprop"])
+def test_documented_optimizer_names(optimizer):
+    m = PNMF(n_components=2, optimizer=optimizer, max_iter=3, random_state=0, mode="lower-bound").fit(_counts())
+    assert m.components_.shape == (2, 20)
+
+
+def test_scheduler_knobs_reach_the_scheduler():
+    X = _counts()
+    m = PNMF(n_components=2, max_iter=6, random_state=0, learning_rate=0.1, scheduler="one_cycle",
+             scheduler_div_factor=10.0, scheduler_final_div_factor=100.0, scheduler_pct_start=0.5)
+    core = m._core(60, 20)
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    kind, sch = core._make_scheduler(opt, 10)
+    assert kind == "batch" and opt.param_groups[0]["lr"] == pytest.approx(0.1 / 10)
+    for _ in range(9):
+        opt.step()
+        sch.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 10 / 100, rel=1e-3)
+    m = PNMF(scheduler="plateau", scheduler_patience=7, scheduler_factor=0.5, min_lr=1e-3)
+    kind, sch = m._core(60, 20)._make_scheduler(opt, 10)
+    assert kind == "epoch" and sch.patience == 7 and sch.factor == 0.5 and sch.min_lrs == [1e-3]
+    m.set_params(max_iter=3).fit(X)
+
+
+def test_bad_values_are_refused():
+    X = _counts()
+    for kw, err in ((dict(optimizer="adam"), ValueError), (dict(kernel="RBF"), ValueError),
+                    (dict(neighbors="radius"), ValueError), (dict(scheduler_factor=1.5), ValueError),
+                    (dict(scheduler_pct_start=0), ValueError), (dict(min_lr=-1.0), ValueError),
+                    (dict(train_lengthscale="yes"), TypeError), (dict(n_components=0), ValueError)):
+        with pytest.raises(err):
+            PNMF(max_iter=2, **kw).fit(X)
+    with pytest.raises(ValueError, match="coordinates"):
+        PNMF(max_iter=2).fit(X, coordinates=np.zeros((60, 2)))
+
+
+def test_spatial_true_builds_on_spatial_pnmf_with_fixed_kernel():
+    X = _counts()
+    xy = np.random.default_rng(2).random((60, 2))
+    m = PNMF(n_components=2, spatial=True, max_iter=5, random_state=0).fit(X, coordinates=xy)
+    kernel = m.estimator_.layer_.factors.kernel
+    assert not any(p.requires_grad for p in kernel.parameters())
+    assert float(kernel.lengthscale[0]) == pytest.approx(1.0) and float(kernel.sigma[0]) == pytest.approx(1.0)
+    assert m.estimator_.layer_.factors.num_inducing == 60  # 3000 capped at the number of spots
+    assert m.transform(X[:5], coordinates=xy[:5]).shape == (5, 2)
+    assert log_factors(m, coordinates=xy[:4]).shape == (4, 2)
+    m2 = PNMF(n_components=2, spatial=True, local=True, K=5, train_lengthscale=True, max_iter=5,
+              random_state=0).fit(X, coordinates=xy)
+    assert all(p.requires_grad for p in m2.estimator_.layer_.factors.kernel.parameters())
+
+
+def test_transforms_and_initialization_examples():
+    X = np.random.default_rng(0).poisson(5, size=(100, 50)).astype(np.float32)
+    X0 = X.copy()
+    W, exp_F = initialize_factors(X, n_components=5, init='nndsvda', random_state=42)
+    assert W.shape == (50, 5) and exp_F.shape == (100, 5)
+    logF = np.log(exp_F)
+    assert abs(logF.mean()) < 1e-6 and logF.std(ddof=1) == pytest.approx(1.0, rel=1e-6)
+    _, e2 = initialize_factors(X, 5, init="random", random_state=0, target_std=0.5)
+    assert np.log(e2).std(ddof=1) == pytest.approx(0.5, rel=1e-6)
+    model = PNMF(n_components=5, max_iter=10, random_state=0, mode="lower-bound").fit(X)
+    F_log = log_factors(model)
+    F_std = factor_uncertainty(model)
+    F_var = factor_uncertainty(model, return_variance=True)
+    assert F_log.shape == F_std.shape == (100, 5) and np.allclose(F_var, F_std ** 2)
+    samples = factor_samples(model, n_samples=100)
+    assert samples.shape == (100, 100, 5)
+    assert np.abs(samples.mean(0) - F_log).max() < 5 * F_std.max() / np.sqrt(100) + 1e-6
+    assert bool((factor_samples(model, n_samples=3, return_exp=True) > 0).all())
+    assert isinstance(log_factors(model, return_tensor=True), torch.Tensor)
+    Wl = get_loadings(model)
+    assert Wl.shape == (50, 5) and np.allclose(Wl, model.components_.T)
+    prior = get_prior(model)
+    qF, pF = prior()
+    assert tuple(qF.mean.shape) == (5, 100) and float(pF.stddev.mean()) == pytest.approx(1.0)
+    np.testing.assert_allclose(log_factors_from_prior(prior), F_log, rtol=1e-6)
+    np.testing.assert_allclose(uncertainty_from_prior(prior), F_std, rtol=1e-6)
+    np.testing.assert_allclose(factors_from_prior(prior), np.exp(F_log + F_std ** 2 / 2), rtol=1e-5)
+    np.testing.assert_allclose(factors_from_prior(prior, use_mgf=False), np.exp(F_log), rtol=1e-5)
+    X_new = X[:20]
+    F_new = transform_F(X_new, Wl, max_iter=20)
+    assert F_new.shape == (20, 5) and bool((F_new > 0).all())
+    prior_new = transform_F(X_new, Wl, return_prior=True, max_iter=5)
+    assert isinstance(prior_new, GaussianPrior)
+    F_exp = get_factors(model)
+    W_new = transform_W(X, F_exp, max_iter=50)
+    assert W_new.shape == (50, 5) and bool((W_new >= 0).all())
+    # the refitted loadings explain X at least as well as a flat guess
+    flat = np.full_like(W_new, X.mean() / F_exp.sum(1).mean())
+    def kl(Wm):
+        R = F_exp @ Wm.T
+        return float((X * np.log(np.maximum(X, 1e-12) / R) - X + R).sum())
+    assert kl(W_new) < kl(flat)
+    assert np.array_equal(X, X0)
+
+
+def test_gaussian_prior_example():
+    y = torch.randn(100, 50)
+    prior = GaussianPrior(y, L=10)
+    qF, pF = prior()
+    F = qF.rsample((5,))
+    assert F.shape == (5, 10, 50)
+    prior_nat = GaussianPrior(y, L=10, use_natural_gradients=True)
+    t1, t2 = prior_nat.natural_parameters()
+    torch.testing.assert_close(t1, prior_nat.mean / prior_nat.scale ** 2)
+    assert bool((t2 < 0).all())
+    qB, _ = prior.forward_batched([0, 3, 4])
+    assert tuple(qB.mean.shape) == (10, 3)

@@ -1,0 +1,158 @@
+"""The sparse Poisson factor analysis notes (../shared/seeds/sparse-poisson-factor-analysis.txt).
+
+The notes' two simulations run with their class definitions replaced by the import of
+torchnmf.compat.spfa and fewer epochs; the fits recover the simulated non-zero pattern of l and f
+better than chance (area under the ROC curve of the posterior inclusion probabilities > 0.5).
+"""
+import builtins
+
+import numpy as np
+import pytest
+import torch
+
+from torchnmf.compat.spfa import SFA, SPFA, NonFiniteLossError, SpikeSlab
+
+
+def _simulate(poisson: bool):
+    """The notes' simulation code, verbatim but for the sizes."""
+    rng = np.random.default_rng(1)
+    n = 100
+    p = 200  # 500 in the notes
+    k = 3
+    pi0 = [0.1, 0.9, 0.99]
+    sa = np.array([[.5, 1, 2]])
+    l = np.zeros((n, k))
+    zl = rng.uniform(size=(n, k)) > pi0
+    l[zl] = rng.normal(size=(n, k), scale=sa)[zl]
+    f = np.zeros((p, k))
+    zf = rng.uniform(size=(p, k)) > pi0
+    f[zf] = rng.normal(size=(p, k), scale=sa)[zf]
+    if poisson:
+        lam = np.log1p(np.exp(l @ f.T))
+        x = rng.poisson(lam)
+    else:
+        x = rng.normal(loc=l @ f.T)
+    return n, p, k, l, f, x, zl, zf
+
+
+def _auc(score, truth):
+    """Mann-Whitney AUC of ``score`` for the positives of ``truth`` (0.5 is chance)."""
+    score, truth = np.asarray(score).ravel(), np.asarray(truth).ravel().astype(bool)
+    pos, neg = score[truth], score[~truth]
+    greater = (pos[:, None] > neg[None, :]).mean()
+    ties = (pos[:, None] == neg[None, :]).mean()
+    return greater + 0.5 * ties
+
+
+def _pattern_auc(fit, zl, zf):
+    pip_l = torch.sigmoid(fit.l.logits).detach().numpy()
+    pip_f = torch.sigmoid(fit.f.logits).detach().numpy()
+    # column 0 of the simulation is 90% non-zero, column 2 1%: score the pooled entries
+    return _auc(np.concatenate([pip_l.ravel(), pip_f.ravel()]), np.concatenate([zl.ravel(), zf.ravel()]))
+
+
+def test_sanity_check_gaussian(tmp_path):
+    torch.manual_seed(0)
+    n, p, k, l, f, x, zl, zf = _simulate(poisson=False)
+    x0 = x.copy()
+    l_init, f_init = torch.tensor(l), torch.tensor(f)
+    l_copy = l_init.clone()
+    fit = (SFA(n=n, p=p, k=k)
+           .fit(torch.tensor(x, dtype=torch.float), init=(l_init, f_init), n_epochs=300,
+                log_dir=str(tmp_path / 'runs/spfa/norm-1/')))
+    assert isinstance(fit, SFA) and isinstance(fit.l, SpikeSlab)
+    assert np.array_equal(x, x0) and torch.equal(l_init, l_copy)
+    assert fit.l.mean.dtype == torch.float32  # init copied in the parameters' dtype
+    elbo = np.array([float(r) for r in fit.history_])
+    assert len(elbo) == 300 and np.isfinite(elbo).all()
+    assert elbo[-50:].mean() > elbo[:50].mean()
+    auc = _pattern_auc(fit, zl, zf)
+    print(f"SFA non-zero pattern AUC: {auc:.3f}")
+    assert auc > 0.55
+    # the means started at the truth and stay close where the truth is non-zero
+    pm = (torch.sigmoid(fit.l.logits) * fit.l.mean).detach().numpy()
+    assert np.corrcoef(pm[:, 0], l[:, 0])[0, 1] > 0.8
+    # TensorBoard scalars: the ELBO and its parts, one per epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / 'runs/spfa/norm-1/'))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert tags == {"loss/elbo", "loss/err", "loss/kl_l", "loss/kl_f"}
+    scalars = acc.Scalars("loss/elbo")
+    assert len(scalars) == 300 and scalars[-1].step == 299
+    assert scalars[-1].value == pytest.approx(float(fit.history_[-1]), rel=1e-5)
+
+
+def test_simulated_example_poisson_softplus():
+    torch.manual_seed(0)
+    n, p, k, l, f, x, zl, zf = _simulate(poisson=True)
+    fit = (SPFA(n=n, p=p, k=k)
+           .fit(torch.tensor(x, dtype=torch.float), s=torch.ones([x.shape[0], 1]),
+                init=(torch.tensor(l), torch.tensor(f)), n_epochs=300))
+    assert isinstance(fit, SPFA)
+    elbo = np.array([float(r) for r in fit.history_])
+    assert np.isfinite(elbo).all() and elbo[-50:].mean() > elbo[:50].mean()
+    auc = _pattern_auc(fit, zl, zf)
+    print(f"SPFA non-zero pattern AUC: {auc:.3f}")
+    assert auc > 0.55
+
+
+def test_log_dir_without_tensorboard_says_so(monkeypatch, tmp_path):
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard") or name.startswith("tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    x = torch.randn(5, 4)
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        SFA(n=5, p=4, k=2).fit(x, n_epochs=2, log_dir=str(tmp_path / "tb"))
+    SFA(n=5, p=4, k=2).fit(x, n_epochs=2)  # no log_dir: no tensorboard needed
+
+
+def test_nonfinite_loss_names_the_epoch_and_keeps_last_finite_state():
+    torch.manual_seed(0)
+    x = torch.randn(6, 5)
+    m = SFA(n=6, p=5, k=2)
+    m.fit(x, n_epochs=3)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    calls = {"n": 0}
+    forward = m.forward
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = forward(*args, **kwargs)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    m.forward = poisoned
+    with pytest.raises(NonFiniteLossError, match="epoch 2") as info:
+        m.fit(x, n_epochs=10)
+    assert isinstance(info.value, RuntimeError)  # what the notes raise
+    assert all(bool(torch.isfinite(v).all()) for v in m.state_dict().values())
+    assert any(not torch.equal(state[k], v) for k, v in m.state_dict().items())  # two epochs were applied
+    assert len(m.history_) == 2  # the records of the finite epochs
+
+
+def test_bad_input_is_refused():
+    x = torch.poisson(torch.full((6, 5), 2.0))
+    x0 = x.clone()
+    with pytest.raises(ValueError, match="shape"):
+        SPFA(n=6, p=5, k=2).fit(x[:, :4], s=torch.ones(6, 1), n_epochs=1)
+    with pytest.raises(ValueError, match="s must have shape"):
+        SPFA(n=6, p=5, k=2).fit(x, s=torch.ones(6), n_epochs=1)
+    with pytest.raises(ValueError, match="positive"):
+        SPFA(n=6, p=5, k=2).fit(x, s=torch.zeros(6, 1), n_epochs=1)
+    with pytest.raises(ValueError, match="non-negative"):
+        SPFA(n=6, p=5, k=2).fit(-x, s=torch.ones(6, 1), n_epochs=1)
+    with pytest.raises(ValueError, match="init l"):
+        SFA(n=6, p=5, k=2).fit(x, init=(torch.zeros(5, 2), torch.zeros(5, 2)), n_epochs=1)
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        SFA(n=6, p=5, k=2).fit(x.numpy(), n_epochs=1)
+    with pytest.raises(ValueError, match="n_epochs"):
+        SFA(n=6, p=5, k=2).fit(x, n_epochs=0)
+    with pytest.raises(ValueError, match="k"):
+        SFA(n=6, p=5, k=0)
+    assert torch.equal(x, x0)

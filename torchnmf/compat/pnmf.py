@@ -1,0 +1,582 @@
+"""The PNMF package's API (``from PNMF import PNMF``, ``PNMF.transforms``, ``PNMF.initialization``,
+``PNMF.priors``) over torchnmf's estimators.
+
+Code written for PNMF runs with its import lines changed to this module::
+
+    from torchnmf.compat.pnmf import PNMF, initialize_factors, log_factors, transform_W
+
+:class:`PNMF` has PNMF's signature and defaults and translates them to
+:class:`torchnmf.estimators.PNMF` (``spatial=False``) or
+:class:`torchnmf.estimators.SpatialPNMF` (``spatial=True``), which do the work; the functions
+read the fitted estimator. torchnmf's own estimators keep their own defaults.
+
+Recovery of the factors: the default training (``training_mode='standard'`` with Adam and the
+one-cycle schedule) recovers simulated factors less well than natural-gradient steps for
+``q(F)`` with multiplicative loadings; for the best recovery use
+``training_mode='natural', loadings_mode='multiplicative'`` (``spatial=False``).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+from torch import Tensor, nn
+from torch.distributions import Normal
+
+from ..data import as_tensor, check_int, check_nonnegative, check_option, check_positive, check_rank, check_real
+from ..estimators.pnmf import PNMF as _CorePNMF
+from ..estimators.spatial import SpatialPNMF as _CoreSpatialPNMF
+from ..init import initialize
+from ..nmf import NMF
+from ..poisson.lognormal import IndependentNormal, LogNormalPoisson
+
+__all__ = ["PNMF", "OPTIMIZERS", "GaussianPrior", "initialize_factors", "log_factors", "factor_uncertainty",
+           "factor_samples", "get_loadings", "get_factors", "get_prior", "transform_F", "transform_W",
+           "log_factors_from_prior", "factors_from_prior", "uncertainty_from_prior"]
+
+#: PNMF's optimizer names
+OPTIMIZERS = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "NAdam": torch.optim.NAdam,
+              "SGD": torch.optim.SGD, "RMSprop": torch.optim.RMSprop}
+KERNELS = ("Matern32",)
+NEIGHBORS = ("knn",)
+
+
+class _Knobs:
+    """Scheduler knobs and fixed kernel hyperparameters for the core estimators."""
+
+    def _make_scheduler(self, opt, total_steps, **options):
+        k = self._compat_knobs
+        if self.scheduler == "one_cycle":
+            options.update(pct_start=k["scheduler_pct_start"], div_factor=k["scheduler_div_factor"],
+                           final_div_factor=k["scheduler_final_div_factor"])
+        else:
+            options.update(patience=k["scheduler_patience"], factor=k["scheduler_factor"], min_lr=k["min_lr"])
+        return super()._make_scheduler(opt, total_steps, **options)
+
+    def _init_layer(self, T, g):
+        layer = super()._init_layer(T, g)
+        kernel = getattr(layer.factors, "kernel", None)
+        if kernel is not None and not self._compat_knobs["train_lengthscale"]:
+            kernel.requires_grad_(False)  # PNMF keeps the kernel hyperparameters fixed
+        return layer
+
+
+class _Plain(_Knobs, _CorePNMF):
+    pass
+
+
+class _Spatial(_Knobs, _CoreSpatialPNMF):
+    pass
+
+
+def _bool(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+class PNMF(TransformerMixin, BaseEstimator):
+    r"""PNMF's estimator: ``X ≈ exp(F) @ W.T`` by variational inference, PNMF's signature and defaults.
+
+    Parameters
+    ----------
+    n_components : int, default 10
+    loadings_mode : {'softplus', 'exp', 'projected', 'multiplicative'}, default 'projected'
+    mode : {'simple', 'expanded', 'lower-bound'}, default 'expanded'
+    training_mode : {'standard', 'natural'}, default 'standard'
+        ``'natural'`` is for ``spatial=False`` (the GP priors are trained by gradients).
+    E : int, default 3
+        Monte Carlo samples per ELBO estimate.
+    max_iter : int, default 200
+    tol : float, default 1e-4
+    learning_rate : float, default 0.01
+    optimizer : {'Adam', 'AdamW', 'NAdam', 'SGD', 'RMSprop'}, default 'Adam'
+        Applies to W (and to every parameter with ``training_mode='standard'``).
+    random_state : int, optional
+    verbose : bool, default False
+    device : {'cpu', 'cuda', 'mps', 'auto'}, default 'auto'
+    init : {'random', 'nndsvd', 'nndsvda', 'nndsvdar', 'k-means', None}, default 'random'
+    scheduler : {'one_cycle', 'plateau', None}, default 'one_cycle'
+    scheduler_patience : int, default 200
+        Epochs without improvement before the LR is reduced (``'plateau'``).
+    scheduler_factor : float, default 0.8
+        ``new_lr = old_lr * factor`` (``'plateau'``).
+    scheduler_pct_start : float, default 0.3
+        Fraction of the steps spent warming up (``'one_cycle'``).
+    scheduler_div_factor : float, default 25
+        Initial LR is ``learning_rate / div_factor`` (``'one_cycle'``).
+    scheduler_final_div_factor : float, default 1e4
+        Final LR is ``initial_lr / final_div_factor`` (``'one_cycle'``).
+    min_lr : float, default 1e-5
+        Floor of the LR (``'plateau'``).
+    batch_size, y_batch_size : int, optional
+        Mini-batches of samples / features (capped at their number).
+    shuffle : bool, default True
+    spatial : bool, default False
+        GP prior over ``coordinates`` given to :meth:`fit`.
+    local : bool, default False
+        LCGP instead of SVGP.
+    kernel : {'Matern32'}, default 'Matern32'
+    multigroup : bool, default False
+        Multi-group GP; :meth:`fit` then needs ``groups``.
+    num_inducing : int, default 3000
+        SVGP inducing points (at most the number of samples).
+    lengthscale, sigma : float, default 1
+        Kernel lengthscale and output scale.
+    group_diff_param : float, default 10
+    jitter : float, default 1e-5
+    train_lengthscale : bool, default False
+        Kernel hyperparameters are fixed unless True.
+    cholesky_mode : {'exp', 'softplus'}, default 'exp'
+    diagonal_only : bool, default False
+    inducing_allocation : {'proportional', 'equal', 'derived'}, default 'proportional'
+        ``'derived'``: k-means on all spots, centroids assigned to groups by their nearest spots.
+    K : int, default 50
+        Neighbours of the LCGP (capped at the number of samples).
+    precompute_knn : bool, default True
+    neighbors : {'knn'}, default 'knn'
+        How LCGP neighbours are found.
+    scale_ll_D, scale_kl_NM : bool, default True
+        PNMF's per-entry scaling of the loss for the optimizer; torchnmf always divides the
+        negative ELBO by ``n_samples * n_features`` for gradient steps (the optimum is the
+        same), so these are accepted and checked for PNMF code's sake.
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features)
+        ``W.T``.
+    n_components_, n_features_in_, elbo_, n_iter_
+    estimator_ : torchnmf.estimators.PNMF or SpatialPNMF
+        The fitted torchnmf estimator doing the work.
+    """
+
+    def __init__(self, n_components=10, loadings_mode='projected', mode='expanded', training_mode='standard', E=3,
+                 max_iter=200, tol=0.0001, learning_rate=0.01, optimizer='Adam', random_state=None, verbose=False,
+                 device='auto', init='random', scheduler='one_cycle', scheduler_patience=200, scheduler_factor=0.8,
+                 scheduler_pct_start=0.3, scheduler_div_factor=25.0, scheduler_final_div_factor=10000.0,
+                 min_lr=1e-05, batch_size=None, y_batch_size=None, shuffle=True, spatial=False, local=False,
+                 kernel='Matern32', multigroup=False, num_inducing=3000, lengthscale=1.0, sigma=1.0,
+                 group_diff_param=10.0, jitter=1e-05, train_lengthscale=False, cholesky_mode='exp',
+                 diagonal_only=False, inducing_allocation='proportional', K=50, precompute_knn=True, neighbors='knn',
+                 scale_ll_D=True, scale_kl_NM=True):
+        self.n_components = n_components
+        self.loadings_mode = loadings_mode
+        self.mode = mode
+        self.training_mode = training_mode
+        self.E = E
+        self.max_iter = max_iter
+        self.tol = tol
+        self.learning_rate = learning_rate
+        self.optimizer = optimizer
+        self.random_state = random_state
+        self.verbose = verbose
+        self.device = device
+        self.init = init
+        self.scheduler = scheduler
+        self.scheduler_patience = scheduler_patience
+        self.scheduler_factor = scheduler_factor
+        self.scheduler_pct_start = scheduler_pct_start
+        self.scheduler_div_factor = scheduler_div_factor
+        self.scheduler_final_div_factor = scheduler_final_div_factor
+        self.min_lr = min_lr
+        self.batch_size = batch_size
+        self.y_batch_size = y_batch_size
+        self.shuffle = shuffle
+        self.spatial = spatial
+        self.local = local
+        self.kernel = kernel
+        self.multigroup = multigroup
+        self.num_inducing = num_inducing
+        self.lengthscale = lengthscale
+        self.sigma = sigma
+        self.group_diff_param = group_diff_param
+        self.jitter = jitter
+        self.train_lengthscale = train_lengthscale
+        self.cholesky_mode = cholesky_mode
+        self.diagonal_only = diagonal_only
+        self.inducing_allocation = inducing_allocation
+        self.K = K
+        self.precompute_knn = precompute_knn
+        self.neighbors = neighbors
+        self.scale_ll_D = scale_ll_D
+        self.scale_kl_NM = scale_kl_NM
+
+    # -- translation -------------------------------------------------------------------
+    def _core(self, n_samples: int, n_features: int):
+        """The torchnmf estimator with these settings (PNMF names and defaults translated)."""
+        if isinstance(self.optimizer, str):
+            opt = OPTIMIZERS.get(self.optimizer)
+            if opt is None:
+                raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}")
+        elif isinstance(self.optimizer, type) and issubclass(self.optimizer, torch.optim.Optimizer):
+            opt = self.optimizer
+        else:
+            raise TypeError(f"optimizer must be one of {tuple(OPTIMIZERS)} or an Optimizer class, "
+                            f"got {self.optimizer!r}")
+        check_option(self.kernel, KERNELS, "kernel")
+        check_option(self.neighbors, NEIGHBORS, "neighbors")
+        for name in ("verbose", "shuffle", "spatial", "local", "multigroup", "train_lengthscale", "diagonal_only",
+                     "precompute_knn", "scale_ll_D", "scale_kl_NM"):
+            _bool(getattr(self, name), name)
+        knobs = dict(scheduler_patience=check_int(self.scheduler_patience, "scheduler_patience", low=0),
+                     scheduler_factor=check_real(self.scheduler_factor, "scheduler_factor", 0, 1, closed="neither"),
+                     scheduler_pct_start=check_real(self.scheduler_pct_start, "scheduler_pct_start", 0, 1,
+                                                    closed="neither"),
+                     scheduler_div_factor=check_positive(self.scheduler_div_factor, "scheduler_div_factor"),
+                     scheduler_final_div_factor=check_positive(self.scheduler_final_div_factor,
+                                                               "scheduler_final_div_factor"),
+                     min_lr=check_positive(self.min_lr, "min_lr", allow_zero=True),
+                     train_lengthscale=bool(self.train_lengthscale))
+        common = dict(n_components=self.n_components, loadings_mode=self.loadings_mode, mode=self.mode,
+                      training_mode=self.training_mode, E=self.E, max_iter=self.max_iter, tol=self.tol,
+                      learning_rate=self.learning_rate, optimizer=opt, random_state=self.random_state,
+                      verbose=self.verbose, device=self.device, init=self.init, scheduler=self.scheduler,
+                      batch_size=None if self.batch_size is None else min(check_rank(self.batch_size, "batch_size"),
+                                                                          n_samples),
+                      y_batch_size=None if self.y_batch_size is None else min(
+                          check_rank(self.y_batch_size, "y_batch_size"), n_features),
+                      shuffle=self.shuffle)
+        if self.spatial:
+            core = _Spatial(spatial=True, local=self.local, multigroup=self.multigroup,
+                            num_inducing=min(check_rank(self.num_inducing, "num_inducing"), n_samples),
+                            lengthscale=self.lengthscale, sigma=self.sigma, group_diff_param=self.group_diff_param,
+                            jitter=self.jitter, cholesky_mode=self.cholesky_mode, diagonal_only=self.diagonal_only,
+                            inducing_allocation=self.inducing_allocation,
+                            K=min(check_rank(self.K, "K"), max(n_samples - 1, 1)),
+                            precompute_knn=self.precompute_knn, **common)
+        else:
+            core = _Plain(**common)
+        core._compat_knobs = knobs
+        return core
+
+    # -- scikit-learn API ----------------------------------------------------------------
+    def fit(self, X, y=None, coordinates=None, groups=None, return_history=False, callback=None,
+            callback_interval=100):
+        """Fit the model to ``X`` (n_samples, n_features).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Non-negative; never modified.
+        y : ignored
+        coordinates : array-like of shape (n_samples, 2), optional
+            Needed with ``spatial=True``.
+        groups : array-like of shape (n_samples,), optional
+            Needed with ``spatial=True, multigroup=True``.
+        return_history : bool, default False
+            Return ``(history, self)`` with ``history`` the list of ELBO values (one per epoch).
+        callback : callable, optional
+            ``callback(estimator, iteration, elbo)`` every ``callback_interval`` epochs (with the
+            torchnmf estimator doing the fit); returning ``False`` stops the fit.
+        callback_interval : int, default 100
+
+        Returns
+        -------
+        self, or ``(history, self)``
+        """
+        shape = getattr(X, "shape", None)
+        if shape is None or len(shape) != 2:
+            shape = as_tensor(X, "X", ndim=2, float_only=False).shape
+        core = self._core(int(shape[0]), int(shape[1]))
+        kwargs = dict(callback=callback, callback_interval=callback_interval)
+        if self.spatial:
+            core.fit(X, coordinates=coordinates, groups=groups, **kwargs)
+        else:
+            if coordinates is not None or groups is not None:
+                raise ValueError("coordinates/groups are for spatial=True")
+            core.fit(X, **kwargs)
+        self.estimator_ = core
+        self.components_ = core.components_
+        self.n_components_ = core.n_components_
+        self.n_features_in_ = core.n_features_in_
+        self.elbo_ = core.elbo_
+        self.n_iter_ = core.n_iter_
+        if hasattr(core, "feature_names_in_"):
+            self.feature_names_in_ = core.feature_names_in_
+        if return_history:
+            return [float(r) for r in core.history_], self
+        return self
+
+    def _spatial_args(self, coordinates, groups) -> dict:
+        if self.spatial:
+            return dict(coordinates=coordinates, groups=groups)
+        if coordinates is not None or groups is not None:
+            raise ValueError("coordinates/groups are for spatial=True")
+        return {}
+
+    def transform(self, X, coordinates=None, groups=None):
+        """``E[exp F]`` for ``X`` with ``W`` fixed, shape (n_samples, n_components)."""
+        check_is_fitted(self, "estimator_")
+        return self.estimator_.transform(X, **self._spatial_args(coordinates, groups))
+
+    def fit_transform(self, X, coordinates=None, groups=None, **kwargs):
+        """Fit, then :meth:`transform` ``X``; shape (n_samples, n_components).
+
+        ``**kwargs`` go to :meth:`fit` (``y`` is accepted there and ignored).
+        """
+        kwargs.pop("return_history", None)
+        self.fit(X, coordinates=coordinates, groups=groups, **kwargs)
+        return self.transform(X, coordinates=coordinates, groups=groups)
+
+    def inverse_transform(self, transformed):
+        """``transformed @ W.T``, shape (n_samples, n_features)."""
+        check_is_fitted(self, "estimator_")
+        return self.estimator_.inverse_transform(transformed)
+
+
+# -- PNMF.initialization ----------------------------------------------------------------
+def initialize_factors(X, n_components, init=None, random_state=None, scale_log_mu=True,
+                       target_std=1.0) -> Tuple[np.ndarray, np.ndarray]:
+    """Initial ``W`` (n_features, n_components) and ``exp(F)`` (n_samples, n_components).
+
+    Parameters
+    ----------
+    X : ndarray or Tensor of shape (n_samples, n_features)
+        Non-negative; never modified.
+    n_components : int
+    init : {None, 'random', 'nndsvd', 'nndsvda', 'nndsvdar', 'k-means'}, default None
+        ``None``: ``'nndsvda'`` if ``n_components <= min(n_samples, n_features)``, else ``'random'``.
+    random_state : int, optional
+    scale_log_mu : bool, default True
+        Rescale ``exp_F`` so that ``log(exp_F)`` has mean 0 and standard deviation
+        ``target_std`` (zeros floored first).
+    target_std : float, default 1
+
+    Returns
+    -------
+    W : ndarray of shape (n_features, n_components)
+    exp_F : ndarray of shape (n_samples, n_components)
+    """
+    T = as_tensor(X, "X", ndim=2, sparse="dense", float_only=False).to(torch.float64)
+    check_nonnegative(T, "X")
+    K = check_rank(n_components, "n_components")
+    target_std = check_positive(target_std, "target_std")
+    _bool(scale_log_mu, "scale_log_mu")
+    if init is None:
+        init = "nndsvda" if K <= min(T.shape) else "random"
+    W, H = initialize(T, K, init, random_state=random_state)
+    if scale_log_mu:
+        pos = H[H > 0]
+        logH = torch.log(H.clamp_min(float(pos.min()) if pos.numel() else 1e-12))
+        sd = float(logH.std()) if logH.numel() > 1 else 0.0
+        logH = (logH - logH.mean()) * (target_std / sd if sd > 0 else 1.0)
+        H = torch.exp(logH)
+    return W.numpy(), H.numpy()
+
+
+# -- PNMF.transforms ----------------------------------------------------------------------
+def _fitted(model):
+    """The torchnmf estimator behind ``model`` (a compat PNMF or a torchnmf PNMF)."""
+    core = getattr(model, "estimator_", model)
+    if not isinstance(core, _CorePNMF):
+        raise TypeError(f"model must be a PNMF estimator, got {type(model).__name__}")
+    check_is_fitted(core, "layer_")
+    return core
+
+
+def _out(t: Tensor, return_tensor: bool):
+    t = t.detach()
+    return t if return_tensor else t.cpu().numpy()
+
+
+def _marginals(model, coordinates=None, groups=None) -> Tuple[Tensor, Tensor]:
+    """Mean and variance of ``q(F)``, each (n_samples, n_components)."""
+    core = _fitted(model)
+    if coordinates is not None:
+        if not isinstance(core, _CoreSpatialPNMF) or not core.spatial:
+            raise ValueError("coordinates are for spatial models")
+        C, codes = core._covariates(coordinates, coordinates, groups, fitting=False)
+        mean, var = core._predictive(C, codes)
+        return mean.t(), var.t()
+    mu, var = core.layer_.factors.marginals()
+    return mu.t(), var.t()
+
+
+def log_factors(model, coordinates=None, groups=None, return_tensor=False):
+    """Means ``mu`` of ``q(F)`` (log-space factors), shape (n_samples, n_components)."""
+    return _out(_marginals(model, coordinates, groups)[0], return_tensor)
+
+
+def factor_uncertainty(model, return_variance=False, coordinates=None, groups=None, return_tensor=False):
+    """Standard deviations (or variances) of ``q(F)``, shape (n_samples, n_components)."""
+    var = _marginals(model, coordinates, groups)[1]
+    return _out(var if return_variance else var.sqrt(), return_tensor)
+
+
+def factor_samples(model, n_samples=100, return_exp=False, coordinates=None, groups=None, return_tensor=False):
+    """Draws of ``F`` (or ``exp(F)``) from ``q(F)``, shape (n_samples, n_data_samples, n_components)."""
+    n = check_rank(n_samples, "n_samples")
+    mu, var = _marginals(model, coordinates, groups)
+    F = mu + var.sqrt() * torch.randn((n, *mu.shape), dtype=mu.dtype, device=mu.device)
+    return _out(torch.exp(F) if return_exp else F, return_tensor)
+
+
+def get_loadings(model, return_tensor=False):
+    """The loadings ``W``, shape (n_features, n_components)."""
+    return _out(_fitted(model).layer_.W, return_tensor)
+
+
+def get_factors(model, return_tensor=False):
+    """``E[exp F] = exp(mu + sigma^2 / 2)`` of the training samples, shape (n_samples, n_components)."""
+    mu, var = _marginals(model)
+    return _out(torch.exp(mu + var / 2), return_tensor)
+
+
+class GaussianPrior(nn.Module):
+    """PNMF's ``GaussianPrior``: ``q(F) = Normal(mean, scale)`` (L, N) and ``p(F) = Normal(0, scale_pf)``.
+
+    Parameters
+    ----------
+    y : Tensor of shape (D, N)
+        Data (features x samples); only its shape, dtype and device are used.
+    L : int, default 10
+    scale_pf : float, default 1
+    use_natural_gradients : bool, default False
+        Expose ``theta1 = mu / s^2`` and ``theta2 = -1 / (2 s^2)``.
+
+    Attributes
+    ----------
+    factors : torchnmf.IndependentNormal
+        The posterior (``loc``, ``scale``), shape (L, N).
+    """
+
+    def __init__(self, y, L=10, scale_pf=1.0, use_natural_gradients=False, *, factors: Optional[IndependentNormal] = None):
+        super().__init__()
+        if factors is None:
+            Y = as_tensor(y, "y", ndim=2, sparse="dense", float_only=False)
+            dtype = Y.dtype if Y.is_floating_point() else torch.get_default_dtype()
+            factors = IndependentNormal(check_rank(L, "L"), int(Y.shape[1]), prior_scale=scale_pf, dtype=dtype,
+                                        device=Y.device)
+        self.factors = factors
+        self.use_natural_gradients = _bool(use_natural_gradients, "use_natural_gradients")
+
+    @property
+    def scale_pf(self) -> float:
+        return float(self.factors.prior_scale)
+
+    @property
+    def mean(self) -> Tensor:
+        """Variational means, (L, N)."""
+        return self.factors.loc
+
+    @property
+    def scale(self) -> Tensor:
+        """Variational standard deviations, (L, N)."""
+        return self.factors.scale
+
+    @property
+    def theta1(self) -> Tensor:
+        return self.mean / self.scale ** 2
+
+    @property
+    def theta2(self) -> Tensor:
+        return -0.5 / self.scale ** 2
+
+    def forward(self) -> Tuple[Normal, Normal]:
+        """``(qF, pF)``: ``Normal(mean, scale)`` and ``Normal(0, scale_pf)``, each (L, N)."""
+        loc, scale = self.factors.loc_scale()
+        return Normal(loc, scale), Normal(torch.zeros_like(loc), torch.full_like(loc, self.scale_pf))
+
+    def forward_batched(self, idx) -> Tuple[Normal, Normal]:
+        """``(qF, pF)`` for the samples ``idx``, each (L, B)."""
+        loc, scale = self.factors.loc_scale(torch.as_tensor(idx, device=self.factors.loc.device))
+        return Normal(loc, scale), Normal(torch.zeros_like(loc), torch.full_like(loc, self.scale_pf))
+
+    def natural_parameters(self) -> Tuple[Tensor, Tensor]:
+        """``(theta1, theta2)``, each (L, N)."""
+        return self.theta1, self.theta2
+
+
+def get_prior(model) -> GaussianPrior:
+    """The posterior of a fitted non-spatial model as a :class:`GaussianPrior` (shares its parameters)."""
+    core = _fitted(model)
+    factors = core.layer_.factors
+    if not isinstance(factors, IndependentNormal):
+        raise ValueError("get_prior is for non-spatial models (a spatial model's q(F) is a GP)")
+    return GaussianPrior(None, factors=factors)
+
+
+def transform_F(X, W, n_components=None, mode='expanded', E=3, max_iter=200, tol=0.0001, learning_rate=0.01,
+                verbose=False, device='auto', return_prior=False):
+    """Fit ``q(F)`` of new samples ``X`` (n_samples, n_features) with loadings ``W`` (n_features, K) fixed.
+
+    Runs ``max_iter`` steps (``tol`` is accepted for PNMF code; the refit does not stop early).
+
+    Returns
+    -------
+    ndarray of shape (n_samples, K)
+        ``E[exp F]``, or the fitted :class:`GaussianPrior` if ``return_prior``.
+    """
+    Wt = as_tensor(W, "W", ndim=2, sparse="dense", float_only=False)
+    check_nonnegative(Wt, "W")
+    K = int(Wt.shape[1]) if n_components is None else check_rank(n_components, "n_components")
+    if K != Wt.shape[1]:
+        raise ValueError(f"W has {Wt.shape[1]} components, n_components={K}")
+    check_positive(tol, "tol", allow_zero=True)
+    core = _CorePNMF(n_components=K, mode=mode, E=E, learning_rate=learning_rate, verbose=verbose, device=device,
+                     transform_max_iter=max_iter)
+    T = core._check_X(X, reset=True)
+    if T.shape[1] != Wt.shape[0]:
+        raise ValueError(f"X has {T.shape[1]} features, W has {Wt.shape[0]} rows")
+    dtype = T.dtype if T.is_floating_point() else torch.get_default_dtype()
+    Wd = Wt.to(device=T.device, dtype=dtype)
+    core.layer_ = LogNormalPoisson(T.shape[1], 1, K, mode=mode, E=E, loadings_mode="projected", W=Wd,
+                                   dtype=dtype, device=T.device)
+    core.n_components_ = K
+    factors = core._fit_factors(T.to(dtype), core._transform_steps())
+    prior = GaussianPrior(None, factors=factors)
+    return prior if return_prior else factors_from_prior(prior)
+
+
+def transform_W(X, F, W_init=None, n_components=None, max_iter=100, tol=0.0001, verbose=False, device='auto'):
+    """Loadings ``W`` (n_features, K) for ``X`` (n_samples, n_features) with factors ``F = exp(F)`` fixed.
+
+    Multiplicative updates of the Poisson (KL) objective: :class:`torchnmf.NMF` with ``H = F``
+    fixed, fitted by :meth:`~torchnmf.nmf.BaseComponent.fit` with ``beta=1``.
+    """
+    Ft = as_tensor(F, "F", ndim=2, sparse="dense", float_only=False).to(torch.float64)
+    check_nonnegative(Ft, "F")
+    Xt = as_tensor(X, "X", ndim=2, sparse="dense", float_only=False).to(torch.float64)
+    check_nonnegative(Xt, "X")
+    if Xt.shape[0] != Ft.shape[0]:
+        raise ValueError(f"X has {Xt.shape[0]} samples, F has {Ft.shape[0]}")
+    K = int(Ft.shape[1]) if n_components is None else check_rank(n_components, "n_components")
+    if K != Ft.shape[1]:
+        raise ValueError(f"F has {Ft.shape[1]} components, n_components={K}")
+    if W_init is None:
+        g = torch.Generator().manual_seed(0)
+        W0 = torch.rand(Xt.shape[1], K, dtype=torch.float64, generator=g) + 0.1
+    else:
+        W0 = as_tensor(W_init, "W_init", ndim=2, sparse="dense", float_only=False).to(torch.float64)
+        if tuple(W0.shape) != (Xt.shape[1], K):
+            raise ValueError(f"W_init must have shape {(Xt.shape[1], K)}, got {tuple(W0.shape)}")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    m = NMF(W=W0, H=Ft, trainable_H=False).to(dev)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # ConvergenceWarning of a short refit
+        m.fit(Xt.to(dev), beta=1, tol=tol, max_iter=check_rank(max_iter, "max_iter"), verbose=verbose)
+    return m.W.detach().cpu().numpy()
+
+
+def log_factors_from_prior(prior: GaussianPrior, return_tensor=False):
+    """Means of ``q(F)``, shape (n_samples, n_components)."""
+    return _out(prior.mean.t(), return_tensor)
+
+
+def factors_from_prior(prior: GaussianPrior, use_mgf=True, return_tensor=False):
+    """``exp(mu + sigma^2 / 2)`` (``use_mgf``) or ``exp(mu)``, shape (n_samples, n_components)."""
+    mu = prior.mean
+    out = torch.exp(mu + prior.scale ** 2 / 2) if use_mgf else torch.exp(mu)
+    return _out(out.t(), return_tensor)
+
+
+def uncertainty_from_prior(prior: GaussianPrior, return_variance=False, return_tensor=False):
+    """Standard deviations (or variances) of ``q(F)``, shape (n_samples, n_components)."""
+    s = prior.scale
+    return _out((s ** 2 if return_variance else s).t(), return_tensor)
