@@ -198,3 +198,25 @@ def test_softplus_layers_fall_back_to_autograd_and_agree():
 def test_closed_form_flag_is_checked():
     with pytest.raises(TypeError, match="closed_form"):
         BetaMu(NMF((4, 3), 2).parameters(), closed_form=1)
+
+
+def test_transposed_target_view_of_the_introduction():
+    """The introduction's closure returns ``V.t()``, a fresh view at every call: same result as
+    a contiguous target and the generic path; a change of V in place is checked again."""
+    torch.manual_seed(5)
+    V = torch.rand(64, 200, dtype=torch.float64) + 0.05
+    a, b, c = intro_chain(), intro_chain(), intro_chain()
+    ta = BetaMu(a.parameters(), beta=2)
+    tb = BetaMu(b.parameters(), beta=2, closed_form=False)
+    tc = BetaMu(c.parameters(), beta=2)
+    Vc = V.t().contiguous()
+    for _ in range(4):
+        ta.step(lambda: (V.t(), a(None)))
+        tb.step(lambda: (V.t(), b(None)))
+        tc.step(lambda: (Vc, c(None)))
+    for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters()):
+        assert rel(pa, pb) < 1e-10 and torch.equal(pa, pc)
+    with torch.no_grad():
+        V[0, 0] = -1.0
+    with pytest.raises(ValueError, match="target"):
+        ta.step(lambda: (V.t(), a(None)))

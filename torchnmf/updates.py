@@ -129,6 +129,14 @@ def _dense_blocks(H: Tensor, W: Tensor, beta: float, eps: float, M: Optional[Ten
     return den, total
 
 
+def _buffer_like(V: Tensor, cache: dict, name: str) -> Tensor:
+    """A scratch tensor of ``V``'s shape, dtype and strides, kept in ``cache`` across calls."""
+    buf = cache.get(name)
+    if buf is None or buf.shape != V.shape or buf.dtype != V.dtype or buf.stride() != V.stride():
+        buf = cache[name] = torch.empty_like(V)
+    return buf
+
+
 def _dense_update(V, W, H, beta, M, eps, with_loss, cache):
     """Numerator, denominator and (optionally) the divergence for a dense ``V``."""
     loss = None
@@ -143,10 +151,7 @@ def _dense_update(V, W, H, beta, M, eps, with_loss, cache):
         return num, den, loss
 
     # the reconstruction, in a buffer laid out like V (so V ∘ WH runs in memory order)
-    buf = cache.get("WH")
-    if buf is None or buf.shape != V.shape or buf.dtype != V.dtype or buf.stride() != V.stride():
-        buf = torch.empty_like(V)
-        cache["WH"] = buf
+    buf = _buffer_like(V, cache, "WH")
     if buf.is_contiguous() or not buf.t().is_contiguous():
         WH = torch.matmul(H, W.t(), out=buf)
     else:  # V is a transposed view (the W update): write the product in memory order
@@ -180,8 +185,9 @@ def _dense_update(V, W, H, beta, M, eps, with_loss, cache):
         num = _big_mm(MV, W)
         den = _big_mm(WH * M, W)
         return num, den, loss
-    P = WH.pow(beta - 2)
-    D = WH * P  # WH^(beta-1)
+    # kept buffers: a fresh (N, C) temporary costs page faults, more than the arithmetic
+    P = torch.pow(WH, beta - 2, out=_buffer_like(V, cache, "P"))
+    D = torch.mul(WH, P, out=_buffer_like(V, cache, "D"))  # WH^(beta-1)
     Nm = P.mul_(V)  # V WH^(beta-2)
     if M is not None:
         D.mul_(M)

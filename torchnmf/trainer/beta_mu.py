@@ -101,18 +101,17 @@ class BetaMu(Optimizer):
         if not isinstance(closed_form, bool):
             raise TypeError(f"closed_form must be a bool, got {closed_form!r}")
         self.closed_form = closed_form
-        # (weak reference, version) of the last target checked: a fixed V is checked once,
-        # a new or modified one again
-        self._checked = (None, -1)
+        # data key (see _data_key) of the last target checked: a fixed V (or a fresh view of
+        # it, such as the ``V.t()`` of a closure) is checked once, a new or modified one again
+        self._checked = None
 
     def _check_target(self, target: Tensor) -> None:
-        """The layers' checks of ``V`` on the closure's target, once per distinct target tensor."""
-        ref, version = getattr(self, "_checked", (None, -1))  # absent after unpickling
-        if ref is not None and ref() is target and version == target._version:
+        """The layers' checks of ``V`` on the closure's target, once per distinct target data."""
+        if _same_data(getattr(self, "_checked", None), target):  # absent after unpickling
             return
         data.as_tensor(target, "target", float_only=False)  # bool and complex: TypeError
         data.check_nonnegative(target, "target")  # NaN, inf, negative: ValueError
-        self._checked = (weakref.ref(target), target._version)
+        self._checked = _data_key(target)
 
     def _unpack(self, out) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
@@ -265,6 +264,35 @@ def _buffer(scratch: dict, name: str, like: Tensor) -> Tensor:
     return buf
 
 
+def _data_key(t: Tensor) -> Tuple[weakref.ref, tuple]:
+    """(weak reference to the base tensor, view geometry and version): equal for two views
+    showing the same unchanged data, e.g. two calls of ``V.t()``."""
+    if t.layout != torch.strided:
+        return weakref.ref(t), (t._version,)
+    base = t._base if t._base is not None else t
+    return weakref.ref(base), (t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+
+
+def _same_data(key: Optional[tuple], t: Tensor) -> bool:
+    if key is None or key[0]() is None:
+        return False
+    now = _data_key(t)
+    return key[0]() is now[0]() and key[1] == now[1]
+
+
+def _contiguous(target: Tensor, scratch: dict) -> Tensor:
+    """``target`` in row-major order (the products' rounding must not depend on its strides),
+    copied once per distinct target data."""
+    if target.is_contiguous():
+        return target
+    kept = scratch.get("target")
+    if kept is not None and _same_data(kept[0], target):
+        return kept[1]
+    copy = target.contiguous()
+    scratch["target"] = (_data_key(target), copy)
+    return copy
+
+
 def _closed_parts(chain: _matchain.Chain, k: int, target: Tensor, P: Optional[Tensor], mask: Optional[Tensor],
                   beta: float, eps: float, scratch: dict) -> Tuple[Tensor, Tensor]:
     """Gradient parts of the chain's ``k``-th factor without autograd.
@@ -286,7 +314,7 @@ def _closed_parts(chain: _matchain.Chain, k: int, target: Tensor, P: Optional[Te
 
     if beta == 2 and mask is None:
         pos = _matchain.chain_product(left + mats + right)
-        neg = part(target)
+        neg = part(_contiguous(target, scratch))
     else:
         a = _buffer(scratch, "a", target)
         if P is None:
