@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +31,34 @@ def test_topics_gamma_poisson():
     out = run("topics_gamma_poisson.py", "--device", "cpu")
     topics = [line for line in out.splitlines() if line.startswith("topic")]
     assert len(topics) == 6 and all(len(t.split(":", 1)[1].split()) == 8 for t in topics)
+
+
+def test_topics_compare():
+    pytest.importorskip("lda")
+    out = run("topics_compare.py")
+    rows = [line for line in out.splitlines() if line.startswith("| sklearn") or line.startswith("| torchnmf")]
+    assert len(rows) == 2
+    for row in rows:
+        umass, npmi, distinct = (float(v) for v in row.split("|")[2:5])
+        assert umass < 0 and -1 <= npmi <= 1 and 0 < distinct <= 1
+
+
+def test_coherence_scores_on_a_toy_corpus():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("topics_compare", os.path.join(EXAMPLES, "topics_compare.py"))
+    tc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tc)
+    # words 0, 1 always together; word 2 never with them
+    X = np.array([[1, 2, 0], [3, 1, 0], [0, 0, 5], [0, 0, 1]])
+    df, co = tc.cooccurrence(X)
+    assert df.tolist() == [2, 2, 2] and co[0, 1] == 2 and co[0, 2] == 0
+    assert tc.npmi([[0, 1]], df, co, 4) == pytest.approx(1.0)  # log(.5 / .25) / -log(.5)
+    assert tc.npmi([[0, 2]], df, co, 4) == -1.0
+    assert tc.umass([[0, 1]], df, co) == pytest.approx(np.log(3 / 2))
+    assert tc.umass([[0, 2]], df, co) == pytest.approx(np.log(1 / 2))
+    assert tc.distinct([[0, 1], [1, 2]]) == 0.75
+    assert [t.tolist() for t in tc.top_words([[0.1, 0.5, 0.2]], 2)] == [[1, 2]]
 
 
 def test_audio_nmfd(tmp_path):
