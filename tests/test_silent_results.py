@@ -449,3 +449,22 @@ def test_meta_refused_by_estimators():
             est.fit(M)
     with pytest.raises(ValueError, match="device='meta'"):
         BetaNMF(2, device="meta").fit(torch.rand(6, 5))
+
+
+# -- seams (issue 12): one-way dependency between updates and the fused kernels ---------------
+def test_updates_does_not_import_kernels():
+    import ast
+    import inspect
+
+    import torchnmf.updates as updates
+
+    tree = ast.parse(inspect.getsource(updates))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert "kernels" not in (node.module or "") and all("kernels" not in a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            assert all("kernels" not in a.name for a in node.names)
+    import torchnmf.kernels as kernels
+
+    # the package registers the fused path on import: mu_update reaches it without importing it
+    assert updates._fast_path == (kernels.supports, kernels.mu_update)

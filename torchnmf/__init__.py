@@ -12,6 +12,7 @@ from .history import History  # noqa: F401
 # -- public layers, trainers and estimators (each line added by the module's owner) --
 from .poisson.lognormal import FactorPosterior, IndependentNormal, LogNormalPoisson  # noqa: F401
 from . import init  # noqa: F401
+from . import kernels  # noqa: F401 - registers the optional fused GPU path with torchnmf.updates
 from .nmf import BaseComponent, NMF, NMFD, NMF2D, NMF3D  # noqa: F401
 from .plca import PLCA, SIPLCA, SIPLCA2, SIPLCA3  # noqa: F401
 from . import trainer  # noqa: F401

@@ -15,7 +15,7 @@ The epsilon handling follows scikit-learn's ``solver='mu'`` so iterates match it
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -30,21 +30,16 @@ EPSILON = float(torch.finfo(torch.float32).eps)
 # rows of a dense reconstruction block built at once (keeps temporaries near 32 MB)
 _BLOCK_ELEMS = 1 << 22
 
-_fused = None
-_fused_checked = False
+# The optional fused GPU path (torchnmf.kernels) registers itself here when it is imported
+# (torchnmf/__init__.py imports it): kernels depends on this module, never the reverse.
+_fast_path: Optional[Tuple[Callable, Callable]] = None
 
 
-def _fused_module():
-    """``torchnmf.kernels`` if it is installed and importable (optional cuda fast path)."""
-    global _fused, _fused_checked
-    if not _fused_checked:
-        _fused_checked = True
-        try:
-            from . import kernels as mod  # noqa: WPS433 - optional, imported lazily
-        except Exception:  # the package works without it
-            mod = None
-        _fused = mod if (mod is not None and hasattr(mod, "supports") and hasattr(mod, "mu_update")) else None
-    return _fused
+def _register_fast_path(supports: Optional[Callable], update: Optional[Callable]) -> None:
+    """Install ``(supports(V, beta, mask) -> bool, update(V, W, H, ...))`` as :func:`mu_update`'s
+    cuda fast path (``None`` removes it). Called by :mod:`torchnmf.kernels` on import."""
+    global _fast_path
+    _fast_path = None if supports is None or update is None else (supports, update)
 
 
 def mu_gamma(beta: float) -> float:
@@ -319,11 +314,11 @@ def mu_update(
         The updated ``H``; with ``with_loss``, a tuple ``(H_new, loss)``.
     """
     # ---- fused-kernel dispatch point (issue 8, torchnmf.kernels; optional) ----
-    if V.is_cuda:
-        fused = _fused_module()
-        if fused is not None and fused.supports(V, beta, mask):
-            return fused.mu_update(V, W, H, beta=beta, mask=mask, l1=l1, l2=l2, gamma=gamma,
-                                   eps=eps, out=out, with_loss=with_loss)
+    if V.is_cuda and _fast_path is not None:
+        supports, fused_update = _fast_path
+        if supports(V, beta, mask):
+            return fused_update(V, W, H, beta=beta, mask=mask, l1=l1, l2=l2, gamma=gamma,
+                                eps=eps, out=out, with_loss=with_loss)
     # ---------------------------------------------------------------------------
     for t, n in ((V, "V"), (W, "W"), (H, "H")):
         check_not_meta(t, n)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..data import check_option, is_sparse
-from ..updates import EPSILON, _multiply, mu_gamma
+from ..updates import EPSILON, _multiply, _register_fast_path, mu_gamma
 from ..updates import mu_update as _generic_mu_update
 
 __all__ = ["available", "supports", "mu_update", "default_gamma", "set_enabled", "disabled",
@@ -330,3 +330,8 @@ def mu_update(
         # num is a fresh buffer of the kernels: the ratio may overwrite it
         result = _multiply(H, num, den, gamma, l1, l2, eps, out=out, num_is_scratch=True)
     return (result, loss) if with_loss else result
+
+
+# torchnmf.updates.mu_update hands cuda input to this module through the hook (no import of
+# kernels from updates: the dependency runs one way)
+_register_fast_path(supports, mu_update)
