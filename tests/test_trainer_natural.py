@@ -1,4 +1,5 @@
 """Tests of the stochastic variational inference trainer (torchnmf.trainer.natural)."""
+import contextlib
 import copy
 
 import numpy as np
@@ -166,3 +167,32 @@ def test_bad_use():
         np.testing.assert_array_equal(p, q)
     with pytest.raises(TypeError, match="conjugate"):
         NaturalGradient(torch.nn.Linear(2, 2))
+
+
+def test_alpha_logs_cached_within_a_step_only(monkeypatch):
+    """The SVI step computes digamma/log of q(α) once per batch (issue 16); same trajectory as
+    recomputing them at every local iteration, and nothing is reused outside the step."""
+    X = simulate()
+    a, b = make(X), make(X)
+    ta = NaturalGradient(a, local_iters=5, local_tol=0)
+    tb = NaturalGradient(b, local_iters=5, local_tol=0)
+    calls = []
+    real = torch.digamma
+    monkeypatch.setattr(torch, "digamma", lambda t: calls.append(tuple(t.shape)) or real(t))
+    rows = torch.arange(5, 20)
+    ta.step(lambda: (X[rows], rows))
+    n_alpha = sum(1 for s in calls if s == tuple(a.alpha_shape.shape))
+    monkeypatch.setattr(type(b), "alpha_fixed", lambda self: contextlib.nullcontext())
+    tb.step(lambda: (X[rows], rows))
+    for p, q in zip(params(a), params(b)):
+        np.testing.assert_allclose(p, q, rtol=1e-12)
+    # one for the local iterations (layer dtype), one for the ELBO pass, one for its KL:
+    # at most 3 digammas of q(α) instead of one per local iteration
+    assert n_alpha <= 3
+    # after the step q(α) may change again: statistics see the new values
+    before = a.statistics(X[rows], rows=rows, which=("U",))["U_counts"]
+    a._write("alpha_shape", a.alpha_shape.detach() * 2)
+    after = a.statistics(X[rows], rows=rows, which=("U",))["U_counts"]
+    assert not torch.allclose(before, after)
+    with a.alpha_fixed():
+        np.testing.assert_allclose(a.statistics(X[rows], rows=rows, which=("U",))["U_counts"], after, rtol=1e-14)

@@ -1,6 +1,7 @@
 """Stochastic variational inference (natural-gradient steps) for conjugate layers."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Optional
 
@@ -142,18 +143,21 @@ class NaturalGradient(_ConjugateTrainer):
             scale = 1.0 if r is None else self.layer.n_rows / data.shape[0]
         scale = check_positive(scale, "scale")
         layer, group = self.layer, self.param_groups[0]
-        before = layer.mean_U(r) if group["local_tol"] > 0 else None
-        for _ in range(group["local_iters"]):
-            layer.update_U(layer.statistics(data, rows=r, chunk_size=group["chunk_size"], which=("U",)))
-            if group["update_hyper"]:
-                layer.update_kappa(r)
-            if before is not None and before.numel():
-                after = layer.mean_U(r)
-                change = ((after - before).abs() / before.clamp_min(torch.finfo(before.dtype).tiny)).max()
-                if float(change) < group["local_tol"]:
-                    break
-                before = after
-        stats = self._statistics(data, r, ("alpha", "elbo"), scale=scale)
+        # q(α) is fixed until update_alpha: its digamma/log are computed once for the batch
+        fixed = layer.alpha_fixed() if hasattr(layer, "alpha_fixed") else contextlib.nullcontext()
+        with fixed:
+            before = layer.mean_U(r) if group["local_tol"] > 0 else None
+            for _ in range(group["local_iters"]):
+                layer.update_U(layer.statistics(data, rows=r, chunk_size=group["chunk_size"], which=("U",)))
+                if group["update_hyper"]:
+                    layer.update_kappa(r)
+                if before is not None and before.numel():
+                    after = layer.mean_U(r)
+                    change = ((after - before).abs() / before.clamp_min(torch.finfo(before.dtype).tiny)).max()
+                    if float(change) < group["local_tol"]:
+                        break
+                    before = after
+            stats = self._statistics(data, r, ("alpha", "elbo"), scale=scale)
         estimate = layer.elbo_from_statistics(stats)
         layer.update_alpha(stats, rho=rho)
         if group["update_hyper"]:
