@@ -201,6 +201,10 @@ def test_beta_refused_everywhere(beta, err):
         mu_statistics(V, W, H, beta=beta)
     with pytest.raises(err, match="beta"):
         m.fit(V, beta=beta)
+    from torchnmf.metrics import beta_div
+
+    with pytest.raises(err, match="beta"):
+        beta_div(V, V, beta)
     if not isinstance(beta, str):
         pytest.importorskip("sklearn")
         from torchnmf.estimators import BetaNMF

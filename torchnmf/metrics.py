@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor
 
+from .data import check_beta
+
 __all__ = ["beta_div", "kl_div", "is_div", "euclidean", "sparseness", "poisson_nll"]
 
 
@@ -97,6 +99,7 @@ def beta_div(input: Tensor, target: Tensor, beta: float = 2) -> Tensor:
     non-negative for finite input (each entry's divergence is clamped at 0 against
     rounding); NaN or infinite input still gives NaN or inf.
     """
+    beta = check_beta(beta)  # NaN/inf would give NaN silently
     if beta == 2:
         return euclidean(input, target)
     if beta == 1:

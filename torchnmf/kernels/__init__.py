@@ -34,7 +34,7 @@ from typing import Iterator, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..data import check_option, is_sparse
+from ..data import check_beta, check_option, is_sparse
 from ..updates import EPSILON, _multiply, _register_fast_path, mu_gamma
 from ..updates import mu_update as _generic_mu_update
 
@@ -284,9 +284,7 @@ def mu_update(
     if not _TRITON:
         raise RuntimeError("torchnmf.kernels.mu_update needs the triton package (pip install triton)")
     _check(V, W, H, mask)
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta):
-        raise ValueError(f"beta must be a finite real number, got {beta!r}")
-    beta = float(beta)
+    beta = check_beta(beta)
     if precision is None:
         precision = _default_precision(V.device)
     check_option(precision, ("ieee", "tf32", "tf32x3"), "precision")

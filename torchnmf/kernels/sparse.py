@@ -33,7 +33,7 @@ from typing import Tuple, Union
 import torch
 from torch import Tensor
 
-from ..data import check_option, is_sparse
+from ..data import check_int, check_option, is_sparse
 
 __all__ = ["csr_parts", "to_csr", "csr_tensor", "quiet_csr", "nonzero_mu_numerator", "nonzero_softmax_stats"]
 
@@ -259,9 +259,7 @@ def nonzero_mu_numerator(
         Only with ``with_loss``.
     """
     _check(V, H, W, "H", "W")
-    chunk_size = int(chunk_size)
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    chunk_size = check_int(chunk_size, "chunk_size", low=1)
     backend = _pick(backend, V)
     crow, col, val = csr_parts(V)
     N, R = H.shape
@@ -323,9 +321,7 @@ def nonzero_softmax_stats(
     All three in fp32 (fp64 when ``A`` or ``B`` is fp64).
     """
     _check(V, A, B, "A", "B")
-    chunk_size = int(chunk_size)
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    chunk_size = check_int(chunk_size, "chunk_size", low=1)
     backend = _pick(backend, V)
     crow, col, val = csr_parts(V)
     (N, K), C = A.shape, B.shape[0]

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..data import check_positive, check_rank
+from ..data import check_positive, check_rank, check_real
 from .cavi import Reduce, _ConjugateTrainer, unpack_batch
 
 __all__ = ["NaturalGradient"]
@@ -95,9 +95,7 @@ class NaturalGradient(_ConjugateTrainer):
                  update_hyper: bool = True, reduce: Optional[Reduce] = None):
         lr = check_positive(lr, "lr")
         tau0 = check_positive(tau0, "tau0")
-        forgetting_rate = check_positive(forgetting_rate, "forgetting_rate", allow_zero=True)
-        if forgetting_rate > 1:
-            raise ValueError(f"forgetting_rate must be in [0, 1], got {forgetting_rate}")
+        forgetting_rate = check_real(forgetting_rate, "forgetting_rate", 0, 1)
         local_iters = check_rank(local_iters, "local_iters")
         local_tol = check_positive(local_tol, "local_tol", allow_zero=True)
         if chunk_size is not None:
