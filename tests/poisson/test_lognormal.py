@@ -214,6 +214,27 @@ def test_control_variates_keep_value_and_gradient_unbiased_and_cut_scale_noise(m
     assert float(g1.var(0).sum()) < 0.5 * float(g0.var(0).sum())
 
 
+@pytest.mark.parametrize("mode", ["simple", "expanded"])
+def test_variance_gradients_have_the_exact_sign_termwise(mode):
+    # d E[x log(W e^F)] / d var = E[x share (1 - share)] / 2 >= 0 and d E[sum W e^F] / d var > 0:
+    # with control variates every draw's estimate has these signs (Price's theorem), so
+    # natural steps never read a noisy "the rate falls as the variance grows"; the
+    # reparameterised estimate of the same draws has entries of the wrong sign
+    X = make_counts(D=6, N=40)
+    wrong = {}
+    for cv in (True, False):
+        layer = make_layer(mode, D=6, N=40, K=3, E=2, control_variates=cv)
+        with torch.no_grad():
+            layer.factors.raw_scale.fill_(1.0)  # std 1.3: noisy draws
+        torch.manual_seed(5)
+        log_term, rate_term, _ = layer.data_terms(X)
+        g_log, = torch.autograd.grad(log_term, layer.factors.raw_scale, retain_graph=True)
+        g_rate, = torch.autograd.grad(rate_term, layer.factors.raw_scale)
+        wrong[cv] = int((g_log < 0).sum()) + int((g_rate < 0).sum())
+    assert wrong[True] == 0
+    assert wrong[False] > 0
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_multiplicative_update_never_decreases_the_bound(mode):
     X = make_counts(D=10, N=12)
