@@ -220,8 +220,10 @@ def check_magnitude(X: Tensor, name: str = "X", dtype: Optional[torch.dtype] = N
     if not v.numel() or not v.is_floating_point() or not dtype.is_floating_point:
         return X
     limit = torch.finfo(dtype).max / 1024
-    amax = float(v.abs().max())
-    total = float(v.abs().sum(dtype=torch.float64)) * (1.0 + math.log(max(amax, 1.0)))
+    lo, hi = (float(t) for t in torch.aminmax(v))
+    amax = max(abs(lo), abs(hi))
+    # no |v| temporary for the usual non-negative data (V may be large)
+    total = float((v if lo >= 0 else v.abs()).sum(dtype=torch.float64)) * (1.0 + math.log(max(amax, 1.0)))
     if total > limit:
         raise ValueError(
             f"{name} is too large for {str(dtype).replace('torch.', '')} arithmetic: its largest entry is "
