@@ -20,8 +20,7 @@ only parameters can still read and write the constrained value (:func:`value_of`
 """
 from __future__ import annotations
 
-import copy
-from typing import Iterable, Iterator, Optional, Tuple
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F

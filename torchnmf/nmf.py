@@ -21,7 +21,6 @@ W and H are positive parameters (:mod:`torchnmf.constraints`) in any mode; layer
 """
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Iterable
 from typing import Callable, Optional, Sequence, Tuple, Union

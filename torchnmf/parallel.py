@@ -37,7 +37,6 @@ from .engine import STOP_RULES, resume, run, run_stateful
 from .history import History
 from .streaming import SparseRows, row_loader
 from .trainer.online import OnlineMU
-from .updates import mu_apply, mu_statistics
 
 __all__ = ["fit_nmf", "fit_nmf_online", "fit_gamma_cavi", "fit_gamma_svi"]
 

@@ -18,7 +18,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from .. import engine
 from ..data import check_positive, check_rank
+from ..history import History
 from ..poisson.chain import GammaNMF
 from ..poisson.elbo import ELBO
 from ..poisson.gamma import CountMatrix
@@ -122,10 +124,14 @@ class Trainer:
         def closure():
             return model.countmatrix, model.layer(None)
 
-        for _ in range(n):
-            if not self.KEEPGOING:
-                break
+        def sweep(i, measure):
             record = self.cavi.step(closure)
-            if not bool(torch.isfinite(record.total)):
-                raise FloatingPointError(f"the ELBO became {float(record.total)}: {record}")
-            self.elbos.append(ELBO(record.data, {"U_kls": record.H_kls, "alpha_kls": record.W1_kls}))
+            return ELBO(record.data, {"U_kls": record.H_kls, "alpha_kls": record.W1_kls})
+
+        def keep(i, record):
+            self.elbos.append(record)
+            return self.KEEPGOING  # False (set from another thread) ends go() after this sweep
+
+        # fireyfish runs exactly n sweeps (no tolerance); the engine checks each ELBO is finite
+        engine.run(sweep, max_iter=n, tol=0.0, history=History(name="elbo", maximize=True), model="fireyfish.Trainer.go",
+                   dtype=model.countmatrix.dtype if hasattr(model.countmatrix, "dtype") else None, callback=keep)

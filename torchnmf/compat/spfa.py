@@ -18,7 +18,6 @@ layer for this model (log or softplus link, several draws, mini-batches).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as Fn

@@ -38,7 +38,6 @@ gradients into deeper factors flow back through the small dense products by auto
 """
 from __future__ import annotations
 
-import math
 import numbers
 import threading
 from collections.abc import Iterable

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
