@@ -69,6 +69,39 @@ def test_recovers_smooth_factors_and_beats_nonspatial(simulated, pnmf_baseline, 
     assert np.isfinite(model.elbo_) and len(model.history_) == 150
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("loadings_mode", ["softplus", "multiplicative"])
+def test_natural_training_recovers_smooth_factors(simulated, pnmf_baseline, loadings_mode):
+    # natural steps for the whitened inducing values (diagonal SVGP: mean-field, exact steps),
+    # Adam for the kernel and prior means, W by Adam or multiplicative updates
+    model = SpatialPNMF(2, max_iter=150, tol=0, random_state=0, training_mode="natural", diagonal_only=True,
+                        num_inducing=100, loadings_mode=loadings_mode)
+    model.fit(simulated["train"], coordinates=simulated["xy"])
+    F_fit = model.log_factors()
+    corr = _best_correlations(F_fit, simulated["F"])
+    assert (corr > 0.9).all(), corr
+    assert _heldout_loglik(model, F_fit, simulated["test"]) > pnmf_baseline + 50
+    h = model.history_.values
+    assert np.isfinite(h).all() and h[-1] > h[0]
+
+
+def test_natural_training_groups_of_spatial_priors(small):
+    xy, X = small
+    svgp = SVGP(xy, 2, num_inducing=10, diagonal_only=True, cholesky_mode="softplus")
+    (group,) = svgp.natural_groups()
+    assert group["params"][0] is svgp.q_loc and group["params"][1] is svgp.q_diag_raw
+    assert group["scale"] == "softplus"
+    with pytest.raises(NotImplementedError, match="diagonal_only=True"):
+        SVGP(xy, 2, num_inducing=10).natural_groups()
+    # not mean-field (full SVGP, LCGP): the GP's variational parameters take gradient steps
+    for kw in (dict(), dict(local=True, K=4)):
+        model = SpatialPNMF(2, training_mode="natural", num_inducing=10, max_iter=15, tol=0, random_state=0, **kw)
+        model.fit(X, coordinates=xy)
+        h = model.history_.values
+        assert np.isfinite(h).all() and h[-1] > h[0], kw
+        assert model.transform(X[:5], coordinates=xy[:5]).shape == (5, 2)
+
+
 @pytest.fixture(scope="module")
 def small():
     g = torch.Generator().manual_seed(1)
@@ -179,7 +212,7 @@ def test_bad_input_names_the_argument(small):
     with pytest.raises(ValueError, match="groups must have shape"):
         SpatialPNMF(2, multigroup=True).fit(X, coordinates=xy, groups=np.zeros(3))
     with pytest.raises(ValueError, match="training_mode"):
-        SpatialPNMF(2, training_mode="natural").fit(X, coordinates=xy)
+        SpatialPNMF(2, training_mode="ngd").fit(X, coordinates=xy)
     with pytest.raises(ValueError, match="multigroup=True needs spatial=True"):
         SpatialPNMF(2, spatial=False, multigroup=True).fit(X)
     with pytest.raises(ValueError, match="inducing_allocation"):

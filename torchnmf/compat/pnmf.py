@@ -88,7 +88,9 @@ class PNMF(TransformerMixin, BaseEstimator):
     loadings_mode : {'softplus', 'exp', 'projected', 'multiplicative'}, default 'projected'
     mode : {'simple', 'expanded', 'lower-bound'}, default 'expanded'
     training_mode : {'standard', 'natural'}, default 'standard'
-        ``'natural'`` is for ``spatial=False`` (the GP priors are trained by gradients).
+        ``'natural'``: natural-gradient steps for ``q(F)`` (with ``spatial=True``, for the
+        inducing values of an SVGP with ``diagonal_only=True``; other GP parameters take
+        ``optimizer`` steps), ``optimizer`` or multiplicative updates for ``W``.
     E : int, default 3
         Monte Carlo samples per ELBO estimate.
     max_iter : int, default 200

@@ -57,7 +57,9 @@ class PNMF(TorchFactorization):
         ``'standard'``: ``optimizer`` on the negative ELBO for all parameters.
         ``'natural'``: :class:`torchnmf.trainer.GaussianNatural` for ``q(F)`` (step
         ``learning_rate`` times ``batch_size / n_samples``), ``optimizer`` (or the
-        multiplicative update) for ``W``.
+        multiplicative update) for ``W``. (:class:`SpatialPNMF`: natural steps for the
+        inducing values of a ``diagonal_only`` SVGP, gradient steps for the other GP
+        parameters.)
     E : int, default 3
         Monte Carlo draws per step.
     max_iter : int, default 500
@@ -282,10 +284,20 @@ class PNMF(TorchFactorization):
         lr = self._lr(natural)
         multiplicative_W = self.loadings_mode == "multiplicative"
         if natural:
-            nat = GaussianNatural(layer.factors.natural_groups(), lr=lr, max_step=1.0)
-            grad_params = [p for p in constraints.gradient_parameters(layer)
-                           if all(p is not q for q in (layer.factors.loc, layer.factors.raw_scale))]
+            # natural steps for the mean-field Gaussian parts of q(F) (all of it for independent
+            # priors, the inducing values of a diagonal SVGP); gradient steps for the rest (W,
+            # kernel and prior mean, and GP posteriors that are not mean-field)
+            try:
+                groups = layer.factors.natural_groups()
+            except NotImplementedError:
+                groups = []
+            nat = GaussianNatural(groups, lr=lr, max_step=1.0) if groups else None
+            in_nat = [p for g_ in groups for p in g_["params"]]
+            grad_params = [p for p in constraints.gradient_parameters(layer) if all(p is not q for q in in_nat)]
             grad_opt = self._make_optimizer(grad_params, 0.05 if self.learning_rate is None else lr)
+            # per-sample posteriors take B / N of a full step per batch; a global one (GP
+            # inducing values) sees an unbiased estimate of the full ELBO, so a full step
+            local_nat = isinstance(layer.factors, IndependentNormal)
         else:
             nat = None
             grad_opt = self._make_optimizer(constraints.gradient_parameters(layer), lr)
@@ -311,7 +323,7 @@ class PNMF(TorchFactorization):
                     if nat is not None:
                         # the ELBO is scaled by N / B, so a local step of lr * B / N is
                         # lr times the full local update (see GaussianNatural)
-                        frac = 1.0 if idx is None else idx.numel() / N
+                        frac = 1.0 if idx is None or not local_nat else idx.numel() / N
                         saved = [group["lr"] for group in nat.param_groups]
                         for group in nat.param_groups:
                             group["lr"] = group["lr"] * frac

@@ -45,8 +45,14 @@ class SpatialPNMF(PNMF):
     Parameters
     ----------
     n_components, loadings_mode, mode, E, max_iter, tol, learning_rate, optimizer, random_state, verbose, device, dtype, init, scheduler, batch_size, y_batch_size, shuffle, init_scale, transform_max_iter
-        As in :class:`PNMF`. ``training_mode`` must be ``'standard'`` for spatial priors.
+        As in :class:`PNMF`.
     training_mode : {'standard', 'natural'}, default 'standard'
+        ``'natural'`` with ``spatial=True``: natural-gradient steps
+        (:class:`~torchnmf.trainer.GaussianNatural`) for the whitened inducing values of an
+        SVGP with ``diagonal_only=True`` (mean-field, so the steps are exact), the
+        ``optimizer`` for the kernel, the GP prior means and, for a full-covariance SVGP or
+        the LCGP (not mean-field), for the variational parameters too; ``W`` as in
+        :class:`PNMF`. New samples' ``q(F)`` (:meth:`transform`) takes natural steps.
     prior_scale : float, default 1
         Prior standard deviation of ``F`` with ``spatial=False`` (unused otherwise).
     spatial : bool, default True
@@ -145,9 +151,6 @@ class SpatialPNMF(PNMF):
         check_option(self.cholesky_mode, CHOLESKY_MODES, "cholesky_mode")
         check_option(self.inducing_allocation, INDUCING_ALLOCATIONS, "inducing_allocation")
         check_rank(self.K, "K")
-        if self.training_mode != "standard":
-            raise ValueError("training_mode must be 'standard' with spatial=True: the GP priors are trained by "
-                             f"the gradient optimizer (got training_mode={self.training_mode!r})")
 
     def _check_params(self, N: int, D: int):
         super()._check_params(N, D)
@@ -327,6 +330,6 @@ class SpatialPNMF(PNMF):
         layer = LogNormalPoisson(D, N, self.n_components_, mode=self.mode, E=self.E, loadings_mode="projected",
                                  factors=factors, W=W, dtype=W.dtype, device=W.device)
         layer.W.requires_grad_(False)
-        # training_mode is 'standard' with spatial=True, so this is natural steps for 'lower-bound' only
+        # mean-field under the predictive: natural steps for 'lower-bound' or training_mode='natural'
         return self._refit_factors(layer, Counts.from_samples(T.to(W.dtype)), max_iter)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -604,6 +604,19 @@ class SVGP(_SpatialPrior):
             trace = trace + torch.tril(self.q_tril, -1).square().sum()
         logdet = 2.0 * torch.log(d).sum()
         return 0.5 * (trace + self.q_loc.square().sum() - self.n_components * self.num_inducing - logdet)
+
+    def natural_groups(self) -> List[dict]:
+        """``[{'params': [q_loc, q_diag_raw], 'scale': cholesky_mode}]`` with ``diagonal_only``.
+
+        With a diagonal ``S`` the whitened ``q(v) = N(m, diag(d^2))`` is mean-field Gaussian
+        under the ``N(0, I)`` prior, so :class:`torchnmf.trainer.GaussianNatural` takes exact
+        natural-gradient steps on it (the kernel and ``mean`` stay with a gradient optimizer).
+        A full Cholesky factor is not mean-field: ``NotImplementedError``.
+        """
+        if not self.diagonal_only:
+            raise NotImplementedError("SVGP natural steps need diagonal_only=True (a mean-field q(v)); the full "
+                                      "Cholesky factor is trained by gradient steps")
+        return [{"params": [self.q_loc, self.q_diag_raw], "scale": self.cholesky_mode}]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_inducing={self.num_inducing}, diagonal_only={self.diagonal_only}"
