@@ -220,3 +220,11 @@ def test_transposed_target_view_of_the_introduction():
         V[0, 0] = -1.0
     with pytest.raises(ValueError, match="target"):
         ta.step(lambda: (V.t(), a(None)))
+
+
+@pytest.mark.parametrize("beta", [0.5, 1, 2])
+def test_closed_form_chain_with_mask_and_penalties_equals_generic(beta):
+    torch.manual_seed(6)
+    V = torch.rand(200, 64, dtype=torch.float64) + 0.05
+    M = torch.rand(200, 64) > 0.25
+    _same_as_generic(intro_chain(), V, mask=M, beta=beta, l1_reg=0.05, l2_reg=0.1)
