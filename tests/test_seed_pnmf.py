@@ -64,6 +64,9 @@ OURS = {
     "inverse_transform": compat.PNMF.inverse_transform,
     "PNMF.initialization.initialize_factors": compat.initialize_factors,
     "PNMF.priors.GaussianPrior": compat.GaussianPrior.__init__,
+    "PNMF.models.PoissonFactorization": compat.PoissonFactorization.__init__,
+    "PNMF.custom_modules.ConstrainedParameter": compat.ConstrainedParameter.__init__,
+    "PNMF.custom_modules.PositiveParameter": compat.PositiveParameter.__init__,
 }
 for _name in ("log_factors", "factor_uncertainty", "factor_samples", "get_loadings", "get_prior", "transform_F",
               "transform_W", "log_factors_from_prior", "factors_from_prior", "uncertainty_from_prior"):
@@ -234,3 +237,138 @@ def test_gaussian_prior_example():
     assert bool((t2 < 0).all())
     qB, _ = prior.forward_batched([0, 3, 4])
     assert tuple(qB.mean.shape) == (10, 3)
+
+
+def test_poisson_factorization_example_and_documented_members():
+    y = torch.randn(100, 50)
+    y0 = y.clone()
+    prior = GaussianPrior(y, L=10)
+    model = compat.PoissonFactorization(prior, y, L=10)
+    rate, qF, pF = model(E=10)
+    assert torch.equal(y, y0)
+    assert tuple(rate["rate"].shape) == (100, 50) and tuple(qF.mean.shape) == (10, 50)
+    assert tuple(rate["exp_F_samples"].shape) == (10, 10, 50)
+    assert "elbo" not in rate  # y is not count data: shapes only, as in the document's example
+    assert (model.D, model.N, model.L, model.loadings_mode) == (100, 50, 10, "softplus")
+    assert model.prior is prior and isinstance(model.W, compat.PositiveParameter)
+    assert model.W.shape == (100, 10) and bool((model.W.data > 0).all())
+    Z = model.get_rate(qF.rsample((4,)), idy=torch.tensor([0, 5]))
+    assert tuple(Z.shape) == (4, 2, 50) and bool((Z > 0).all())
+    with pytest.raises(ValueError, match="L=3"):
+        compat.PoissonFactorization(prior, y, L=3)
+    with pytest.raises(ValueError, match="spatial"):
+        model(spatial=True)
+
+
+@pytest.mark.parametrize("mode", ["lower-bound", "expanded", "simple"])
+def test_poisson_factorization_trains_by_gradients_and_multiplicative_updates(mode):
+    g = torch.Generator().manual_seed(0)
+    Y = torch.poisson(torch.rand(30, 3, generator=g, dtype=torch.float64)
+                      @ torch.rand(3, 40, generator=g, dtype=torch.float64) * 5, generator=g)
+    torch.manual_seed(0)
+    model = compat.PoissonFactorization(GaussianPrior(Y, L=3), Y, L=3, mode=mode)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    first = None
+    for _ in range(60):
+        opt.zero_grad()
+        terms, _, _ = model(E=3)
+        (-terms["elbo"]).backward()
+        opt.step()
+        first = float(terms["elbo"]) if first is None else first
+    assert float(terms["elbo"]) > first + 0.2 * abs(first)
+    # the terms are the layer's: log_likelihood - kl == elbo, batches scale to the full data
+    t, _, _ = model(idx=torch.arange(20), idy=torch.arange(15), E=2)
+    assert float(t["elbo"]) == pytest.approx(float(t["log_likelihood"] - t["kl"]))
+    assert tuple(t["rate"].shape) == (15, 20)
+    # multiplicative updates of W from the terms: the Jensen bound never decreases
+    mult = compat.PoissonFactorization(GaussianPrior(Y, L=3), Y, L=3, loadings_mode="multiplicative", mode=mode)
+    values = []
+    for _ in range(15):
+        torch.manual_seed(1)
+        terms, _, _ = mult(E=4)
+        values.append(float(terms["elbo"]))
+        mult.W.multiplicative_update(Y, terms)
+    assert values[-1] > values[0]
+    if mode == "lower-bound":
+        assert all(b >= a - 1e-9 * abs(a) for a, b in zip(values, values[1:]))
+    rows = torch.tensor([2, 7])
+    W0 = mult.W.detach().clone()
+    new = mult.W.multiplicative_update(Y[rows], mult(idy=rows)[0], idy=rows)
+    assert tuple(new.shape) == (2, 3)
+    keep = torch.ones(30, dtype=torch.bool)
+    keep[rows] = False
+    assert torch.equal(mult.W.detach()[keep], W0[keep])
+
+
+def test_positive_and_constrained_parameters():
+    for mode in ("softplus", "exp", "projected", "multiplicative"):
+        p = compat.PositiveParameter((3, 2), mode=mode, value=torch.full((3, 2), 0.7, dtype=torch.float64))
+        torch.testing.assert_close(p.data, torch.full((3, 2), 0.7, dtype=torch.float64))
+        assert p.shape == (3, 2) and p.size() == (3, 2) and p.size(1) == 2 and p.dim() == 2 and p.numel() == 6
+        assert p.dtype == torch.float64 and p.device.type == "cpu" and not p.is_cuda and p.is_leaf
+        assert isinstance(p.numpy(), np.ndarray) and float(p[1, 1]) == pytest.approx(0.7)
+        assert not p.detach().requires_grad and p.clone().shape == (3, 2)
+        p.freeze()
+        assert not p.requires_grad
+        p.unfreeze()
+        assert p.requires_grad and p.raw is p._raw and p.grad is None
+    p = compat.PositiveParameter(4, mode="projected")
+    with torch.no_grad():
+        p.raw.sub_(10.0)
+    p.project()
+    assert bool((p.data >= 0).all())
+    p = compat.PositiveParameter((2, 2), mode="softplus")
+    p.data.sum().backward()
+    assert p.grad is not None and bool((p.grad > 0).all())
+    with pytest.raises(ValueError, match="mode"):
+        compat.PositiveParameter((2, 2), mode="relu")
+    with pytest.raises(ValueError, match="elbo_mode"):
+        compat.PositiveParameter((2, 2), elbo_mode="exact")
+    with pytest.raises(ValueError, match="value"):
+        compat.PositiveParameter((2, 2), value=-torch.ones(2, 2))
+    with pytest.raises(TypeError, match="shape"):
+        compat.PositiveParameter("2x2")
+
+    class Interval(compat.ConstrainedParameter):  # the document's subclassing contract
+        def __init__(self, shape):
+            super().__init__(shape, "sigmoid")
+            self._raw = torch.nn.Parameter(torch.zeros(self._shape))
+
+        def _to_constrained(self, raw):
+            return torch.sigmoid(raw)
+
+        def _to_unconstrained(self, value):
+            return torch.logit(value)
+
+    q = Interval((2, 3))
+    assert q.shape == (2, 3) and torch.equal(q.data, torch.full((2, 3), 0.5))
+    assert [n for n, _ in q.named_parameters()] == ["_raw"]
+    with pytest.raises(NotImplementedError):  # the base class leaves the bijection to subclasses
+        compat.ConstrainedParameter(2, "none")._to_constrained(q.raw)
+
+
+def test_transform_F_tol_stops_the_refit(monkeypatch):
+    from torchnmf import engine
+
+    X = _counts()
+    model = PNMF(n_components=3, max_iter=10, random_state=0, mode="lower-bound").fit(X)
+    W = compat.get_loadings(model)
+    steps = []
+    run = engine.run
+
+    def spy(*args, **kwargs):
+        res = run(*args, **kwargs)
+        steps.append(res.n_iter)
+        return res
+
+    monkeypatch.setattr(engine, "run", spy)
+    transform_F(X, W, mode="lower-bound", max_iter=300, tol=1e-3)
+    transform_F(X, W, mode="lower-bound", max_iter=300, tol=0)
+    assert steps[0] < 300 and steps[1] == 300
+
+
+def test_natural_training_under_the_documented_one_cycle_schedule():
+    # OneCycleLR cycles momentum by default, which natural steps have not: it raised
+    m = PNMF(n_components=2, training_mode="natural", loadings_mode="multiplicative", max_iter=8,
+             random_state=0).fit(_counts())
+    assert m.n_iter_ <= 8 and np.isfinite(m.elbo_)

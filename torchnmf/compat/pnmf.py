@@ -36,7 +36,8 @@ from ..poisson.lognormal import IndependentNormal, LogNormalPoisson
 
 __all__ = ["PNMF", "OPTIMIZERS", "GaussianPrior", "initialize_factors", "log_factors", "factor_uncertainty",
            "factor_samples", "get_loadings", "get_factors", "get_prior", "transform_F", "transform_W",
-           "log_factors_from_prior", "factors_from_prior", "uncertainty_from_prior"]
+           "log_factors_from_prior", "factors_from_prior", "uncertainty_from_prior", "ConstrainedParameter",
+           "PositiveParameter", "PoissonFactorization"]
 
 #: PNMF's optimizer names
 OPTIMIZERS = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "NAdam": torch.optim.NAdam,
@@ -143,9 +144,11 @@ class PNMF(TransformerMixin, BaseEstimator):
     neighbors : {'knn'}, default 'knn'
         How LCGP neighbours are found.
     scale_ll_D, scale_kl_NM : bool, default True
-        PNMF's per-entry scaling of the loss for the optimizer; torchnmf always divides the
-        negative ELBO by ``n_samples * n_features`` for gradient steps (the optimum is the
-        same), so these are accepted and checked for PNMF code's sake.
+        The reference document names these in the signature only and states no meaning.
+        By their names, scalings of the log-likelihood (by ``D``) and of the KL (by
+        ``N M``) in the loss; torchnmf always divides the negative ELBO by
+        ``n_samples * n_features`` for gradient steps (the optimum is the same), so these
+        are accepted and checked (True/False) for PNMF code's sake and change nothing.
 
     Attributes
     ----------
@@ -506,7 +509,25 @@ def transform_F(X, W, n_components=None, mode='expanded', E=3, max_iter=200, tol
                 verbose=False, device='auto', return_prior=False):
     """Fit ``q(F)`` of new samples ``X`` (n_samples, n_features) with loadings ``W`` (n_features, K) fixed.
 
-    Runs ``max_iter`` steps (``tol`` is accepted for PNMF code; the refit does not stop early).
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        Non-negative; never modified.
+    W : array-like of shape (n_features, K)
+        Non-negative loadings (e.g. :func:`get_loadings`).
+    n_components : int, optional
+        ``K``; inferred from ``W``.
+    mode : {'simple', 'expanded', 'lower-bound'}, default 'expanded'
+    E : int, default 3
+    max_iter : int, default 200
+        Steps at most.
+    tol : float, default 1e-4
+        Tolerance for convergence: the refit stops once the ELBO's relative change per step
+        is at most ``tol`` (the rule of :mod:`torchnmf.engine`; 0 runs ``max_iter`` steps).
+    learning_rate : float, default 0.01
+    verbose : bool, default False
+    device : {'cpu', 'cuda', 'mps', 'auto'}, default 'auto'
+    return_prior : bool, default False
 
     Returns
     -------
@@ -529,7 +550,7 @@ def transform_F(X, W, n_components=None, mode='expanded', E=3, max_iter=200, tol
     core.layer_ = LogNormalPoisson(T.shape[1], 1, K, mode=mode, E=E, loadings_mode="projected", W=Wd,
                                    dtype=dtype, device=T.device)
     core.n_components_ = K
-    factors = core._fit_factors(T.to(dtype), core._transform_steps())
+    factors = core._fit_factors(T.to(dtype), core._transform_steps(), tol=float(tol))
     prior = GaussianPrior(None, factors=factors)
     return prior if return_prior else factors_from_prior(prior)
 
@@ -582,3 +603,383 @@ def uncertainty_from_prior(prior: GaussianPrior, return_variance=False, return_t
     """Standard deviations (or variances) of ``q(F)``, shape (n_samples, n_components)."""
     s = prior.scale
     return _out((s ** 2 if return_variance else s).t(), return_tensor)
+
+
+# -- PNMF.custom_modules ------------------------------------------------------------------
+def _shape(shape) -> Tuple[int, ...]:
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (int(shape),)
+    if not isinstance(shape, (tuple, list, torch.Size)) or not shape:
+        raise TypeError(f"shape must be an int or a non-empty tuple of ints, got {shape!r}")
+    return tuple(check_rank(s, "shape") for s in shape)
+
+
+class ConstrainedParameter(nn.Module):
+    """PNMF's ``ConstrainedParameter``: a constrained value over an unconstrained raw parameter.
+
+    Subclasses implement ``_to_constrained`` and ``_to_unconstrained``; the raw
+    ``nn.Parameter`` is :attr:`raw` (``._raw``) and :attr:`data` is the constrained value.
+    Tensor-like helpers (``shape``, a tuple; ``size``, ``numpy``...) act on the constrained
+    value; ``to``, ``cpu``, ``cuda``, ``float``, ``double``, ``half`` are the module's and
+    move or cast the raw parameter.
+
+    Parameters
+    ----------
+    shape : int or tuple of int
+        Shape of the constrained parameter.
+    mode : str
+        Constraint mode (subclass-specific).
+    """
+
+    def __init__(self, shape, mode: str):
+        super().__init__()
+        self._shape = _shape(shape)
+        self.mode = mode
+
+    # the bijection (subclasses)
+    def _to_constrained(self, raw: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _to_unconstrained(self, value: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        # shape of the constrained parameter (no docstring: a documented `shape` would make
+        # Sphinx's cross-references to io.Matrix.shape ambiguous)
+        return tuple(self._raw.shape)
+
+    @property
+    def data(self) -> Tensor:
+        """The constrained value (differentiable w.r.t. :attr:`raw`)."""
+        return self._to_constrained(self._raw)
+
+    @property
+    def raw(self) -> nn.Parameter:
+        """The underlying unconstrained parameter."""
+        return self._raw
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._raw.requires_grad
+
+    @property
+    def device(self) -> torch.device:
+        return self._raw.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._raw.dtype
+
+    @property
+    def grad(self):
+        """Gradient of the raw parameter."""
+        return self._raw.grad
+
+    @property
+    def is_cuda(self) -> bool:
+        return self._raw.is_cuda
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._raw.is_leaf
+
+    def freeze(self):
+        """Stop gradients to the raw parameter."""
+        self._raw.requires_grad_(False)
+        return self
+
+    def unfreeze(self):
+        """Resume gradients to the raw parameter."""
+        self._raw.requires_grad_(True)
+        return self
+
+    def project(self):
+        """Project onto the constraint set (no-op unless a subclass's mode needs it)."""
+
+    def __getitem__(self, idx) -> Tensor:
+        return self.data[idx]
+
+    def dim(self) -> int:
+        return self._raw.dim()
+
+    def size(self, dim=None):
+        return self._raw.size() if dim is None else self._raw.size(dim)
+
+    def numel(self) -> int:
+        return self._raw.numel()
+
+    def detach(self) -> Tensor:
+        return self.data.detach()
+
+    def clone(self) -> Tensor:
+        return self.data.clone()
+
+    def contiguous(self) -> Tensor:
+        return self.data.contiguous()
+
+    def numpy(self) -> np.ndarray:
+        return self.data.detach().cpu().numpy()
+
+
+class PositiveParameter(ConstrainedParameter):
+    """PNMF's ``PositiveParameter``: a positive tensor parameter in one of torchnmf's positivity modes.
+
+    A thin adapter over :mod:`torchnmf.constraints`: :attr:`raw` is a
+    :class:`torchnmf.constraints.PositiveParameter` and the modes are the same.
+
+    Parameters
+    ----------
+    shape : int or tuple of int
+        Any shape.
+    mode : {'softplus', 'exp', 'projected', 'multiplicative'}, default 'softplus'
+        ``softplus(raw)``, ``exp(raw)``, or the raw value itself kept >= 0 by :meth:`project`
+        (``'projected'``) or by :meth:`multiplicative_update` (``'multiplicative'``, no
+        gradient optimizer).
+    elbo_mode : {'lower-bound', 'expanded', 'simple'}, default 'expanded'
+        ELBO mode of the terms :meth:`multiplicative_update` reads.
+    value : Tensor, optional (keyword only)
+        Initial non-negative value; default uniform in ``[0.5, 1.5)``.
+    raw : torchnmf.constraints.PositiveParameter, optional (keyword only)
+        Wrap this existing raw parameter (shared, e.g. a layer's ``W``) instead of a new one.
+
+    Examples
+    --------
+    >>> W = PositiveParameter((4, 2), mode="softplus")
+    >>> bool((W.data > 0).all()), W.shape
+    (True, (4, 2))
+    """
+
+    def __init__(self, shape, mode: str = "softplus", elbo_mode: str = "expanded", *, value=None, raw=None):
+        from .. import constraints
+        from ..poisson.lognormal import ELBO_MODES
+
+        check_option(mode, constraints.MODES, "mode")
+        check_option(elbo_mode, ELBO_MODES, "elbo_mode")
+        super().__init__(shape, mode)
+        self.elbo_mode = elbo_mode
+        if raw is not None:
+            if constraints.mode_of(raw) is None:
+                raise TypeError("raw must be a torchnmf.constraints.PositiveParameter")
+            if tuple(raw.shape) != self._shape:
+                raise ValueError(f"raw has shape {tuple(raw.shape)}, expected {self._shape}")
+            if constraints.mode_of(raw) != mode:
+                raise ValueError(f"raw is in mode {constraints.mode_of(raw)!r}, expected {mode!r}")
+            self._raw = raw
+            return
+        if value is None:
+            value = torch.rand(self._shape) + 0.5
+        else:
+            value = as_tensor(value, "value", sparse="dense").detach().clone()
+            if tuple(value.shape) != self._shape:
+                raise ValueError(f"value has shape {tuple(value.shape)}, expected {self._shape}")
+            check_nonnegative(value, "value")
+        self._raw = constraints.PositiveParameter(self._to_unconstrained(value), mode)
+
+    def _to_constrained(self, raw: Tensor) -> Tensor:
+        from .. import constraints
+
+        return constraints.value_of(raw)
+
+    def _to_unconstrained(self, value: Tensor) -> Tensor:
+        from .. import constraints
+
+        tr = {"softplus": constraints.Softplus, "exp": constraints.Exp}.get(self.mode)
+        return tr().right_inverse(value) if tr is not None else value
+
+    def project(self):
+        """Clamp to >= 0 in place (``'projected'`` mode; other modes are positive already)."""
+        from .. import constraints
+
+        constraints.project_([self._raw])
+        return self
+
+    @torch.no_grad()
+    def multiplicative_update(self, X, terms: dict, idy=None, eps: float = 1e-08) -> Tensor:
+        r"""``W <- W * numerator / denominator`` from the terms of :meth:`PoissonFactorization.forward`.
+
+        With ``W`` of shape (D, L), ``X`` (D_b, N_b) and factors (L, N_b):
+        numerator ``= sum_n X_dn e^{F_ln} / (W e^F)_dn`` averaged over the draws
+        (``'expanded'``/``'simple'``: ``terms['exp_F_samples']``, (E, L, N_b)) or with
+        ``e^F = exp(mu)`` (``'lower-bound'``: ``terms['exp_mu']``, ``terms['rate_mean']``);
+        denominator ``= sum_n E[e^{F_ln}]`` (``terms['exp_mu_sigma']``; the draws' mean for
+        ``'simple'``). The minorize-maximize update of each mode's bound.
+
+        Parameters
+        ----------
+        X : Tensor of shape (D_b, N_b)
+        terms : dict
+        idy : LongTensor of shape (D_b,), optional
+            Rows of ``W`` to update (default all).
+        eps : float, default 1e-8
+
+        Returns
+        -------
+        Tensor of shape (D_b, L)
+            The updated rows.
+        """
+        from .. import constraints
+
+        W_all = self.data.detach()
+        W = W_all if idy is None else W_all[torch.as_tensor(idy, device=W_all.device)]
+        Xt = as_tensor(X, "X", ndim=2, sparse="dense", dtype=W.dtype, device=W.device)
+        check_nonnegative(Xt, "X")
+        if self.elbo_mode == "lower-bound":
+            expF = terms["exp_mu"][None]
+        else:
+            expF = terms["exp_F_samples"]
+        num = torch.zeros_like(W)
+        for e in expF:  # (L, N_b) per draw: no (E, D, N) tensor
+            num += (Xt / (W @ e).clamp_min(eps)) @ e.t()
+        num /= expF.shape[0]
+        den = (expF.mean(0) if self.elbo_mode == "simple" else terms["exp_mu_sigma"]).sum(1)
+        new = W * num / den.clamp_min(eps)[None, :]
+        if idy is None:
+            full = new
+        else:
+            full = W_all.clone()
+            full[torch.as_tensor(idy, device=W_all.device)] = new
+        constraints.assign_(self._raw, full)
+        return new
+
+
+# -- PNMF.models --------------------------------------------------------------------------
+class PoissonFactorization(nn.Module):
+    """PNMF's ``PoissonFactorization``: ``y ~ Poisson(W exp(F))`` over a :class:`GaussianPrior`.
+
+    A thin adapter over :class:`torchnmf.poisson.LogNormalPoisson`, which shares the
+    prior's ``q(F)`` and whose loadings are :attr:`W`.
+
+    Parameters
+    ----------
+    prior : GaussianPrior
+        ``q(F)`` and ``p(F)``, (L, N).
+    y : Tensor of shape (D, N)
+        Data (features x samples). Non-negative counts for the likelihood terms of
+        :meth:`forward`; other data only fixes the shapes (as in PNMF's example).
+    L : int, default 10
+        Must equal the prior's ``L``.
+    loadings_mode : {'softplus', 'exp', 'projected', 'multiplicative'}, default 'softplus'
+    mode : {'simple', 'expanded', 'lower-bound'}, default 'expanded'
+
+    Attributes
+    ----------
+    prior : GaussianPrior
+    W : PositiveParameter
+        Loadings, shape (D, L).
+    layer : torchnmf.poisson.LogNormalPoisson
+    loadings_mode : str
+    D, N, L : int
+
+    Examples
+    --------
+    >>> import torch
+    >>> y = torch.randn(100, 50)
+    >>> prior = GaussianPrior(y, L=10)
+    >>> model = PoissonFactorization(prior, y, L=10)
+    >>> rate, qF, pF = model(E=10)
+    >>> tuple(rate["rate"].shape), tuple(qF.mean.shape)
+    ((100, 50), (10, 50))
+    """
+
+    def __init__(self, prior, y, L=10, loadings_mode='softplus', mode='expanded'):
+        super().__init__()
+        from .. import constraints
+        from ..poisson.lognormal import ELBO_MODES
+
+        if not isinstance(prior, GaussianPrior):
+            raise TypeError(f"prior must be a GaussianPrior, got {type(prior).__name__}")
+        Y = as_tensor(y, "y", ndim=2, sparse="dense", float_only=False)
+        L = check_rank(L, "L")
+        factors = prior.factors
+        if L != factors.n_components:
+            raise ValueError(f"L={L} but the prior has L={factors.n_components}")
+        if int(Y.shape[1]) != factors.n_samples:
+            raise ValueError(f"y has {Y.shape[1]} samples (columns), the prior has N={factors.n_samples}")
+        check_option(loadings_mode, constraints.MODES, "loadings_mode")
+        check_option(mode, ELBO_MODES, "mode")
+        dtype = factors.loc.dtype
+        self.prior = prior
+        self.D, self.N, self.L = int(Y.shape[0]), factors.n_samples, L
+        self.mode = mode
+        Yf = Y.detach().to(dtype=dtype, device=factors.loc.device)
+        self.register_buffer("y", Yf.clone())
+        self._counts = bool(torch.isfinite(Yf).all()) and bool((Yf >= 0).all())
+        W0 = (torch.rand(self.D, L, dtype=dtype, device=factors.loc.device) + 0.5) / L
+        self.layer = LogNormalPoisson(self.D, self.N, L, mode=mode, loadings_mode=loadings_mode, factors=factors,
+                                      W=W0, dtype=dtype, device=factors.loc.device)
+        self.W = PositiveParameter((self.D, L), loadings_mode, mode, raw=self.layer._raw_W())
+
+    @property
+    def loadings_mode(self) -> str:
+        return self.W.mode
+
+    def get_rate(self, prior_samples, idy=None) -> Tensor:
+        """``Z = W[idy] exp(F)`` per draw: ``prior_samples`` (E, L, N) -> (E, D or D_batch, N)."""
+        F = as_tensor(prior_samples, "prior_samples", ndim=3, sparse="dense", dtype=self.W.dtype,
+                      device=self.W.device)
+        if F.shape[1] != self.L:
+            raise ValueError(f"prior_samples must have shape (E, {self.L}, N), got {tuple(F.shape)}")
+        W = self.W.data if idy is None else self.W.data[torch.as_tensor(idy, device=self.W.device)]
+        return torch.einsum("dl,eln->edn", W, torch.exp(F))
+
+    def forward(self, idx=None, idy=None, E=10, X=None, coordinates=None, groups=None, spatial=False):
+        """Variational distributions and log-likelihood terms of a batch.
+
+        Parameters
+        ----------
+        idx : LongTensor of shape (B,), optional
+            Samples (columns) of the batch; default all.
+        idy : LongTensor of shape (D_b,), optional
+            Features (rows); default all.
+        E : int, default 10
+            Monte Carlo draws (unused by ``'lower-bound'``).
+        X : Tensor of shape (D_b, B), optional
+            The batch's counts; default ``y[idy][:, idx]``.
+        coordinates, groups, spatial
+            For GP priors, which this adapter does not hold (``spatial=True`` is refused; use
+            ``PNMF(spatial=True)``).
+
+        Returns
+        -------
+        terms : dict
+            ``'rate'`` (D_b, B) ``= W E[e^F]``; ``'rate_mean'`` (D_b, B) ``= W e^mu``;
+            ``'exp_mu'``, ``'exp_mu_sigma'`` (L, B) ``= e^mu``, ``e^{mu + sigma^2/2}``;
+            ``'exp_F_samples'`` (E, L, B) in the Monte Carlo modes; ``'kl'`` (the KL scaled to
+            the full data); and for count data the ELBO pieces ``'log_term'``,
+            ``'rate_term'``, ``'lgamma'``, ``'log_likelihood'`` (scaled to the full data) and
+            ``'elbo'`` (all shape ()).
+        qF, pF : torch.distributions.Normal
+            ``q(F)`` and ``p(F)`` of the batch, (L, B).
+        """
+        from ..poisson.lognormal import _check_idx
+
+        if _bool(spatial, "spatial") or coordinates is not None or groups is not None:
+            raise ValueError("this PoissonFactorization has a GaussianPrior (no GP): spatial=True, coordinates "
+                             "and groups need a spatial model, PNMF(spatial=True)")
+        E = check_rank(E, "E")
+        idx_t = _check_idx(idx, self.N, "idx")
+        idy_t = _check_idx(idy, self.D, "idy")
+        qF, pF = self.prior() if idx_t is None else self.prior.forward_batched(idx_t)
+        mu, var = qF.mean, qF.variance
+        W = self.W.data if idy_t is None else self.W.data[idy_t]
+        terms = dict(exp_mu=torch.exp(mu), exp_mu_sigma=torch.exp(mu + var / 2))
+        terms["rate"] = W @ terms["exp_mu_sigma"]
+        terms["rate_mean"] = W @ terms["exp_mu"]
+        if self.mode != "lower-bound":
+            terms["exp_F_samples"] = torch.exp(qF.rsample((E,)))
+        terms["kl"] = self.prior.factors.kl(idx_t)
+        if X is None and self._counts:
+            X = self.y if idy_t is None else self.y[idy_t]
+            X = X if idx_t is None else X[:, idx_t]
+        if X is not None:
+            Xt = as_tensor(X, "X", ndim=2, dtype=W.dtype, device=W.device)
+            log_term, rate_term, lg = self.layer.data_terms(Xt, idx_t, idy_t, E=E)
+            terms.update(log_term=log_term, rate_term=rate_term, lgamma=lg)
+            terms["log_likelihood"] = (log_term - rate_term - lg) * self.layer._scale(idx_t, idy_t)
+            terms["elbo"] = terms["log_likelihood"] - terms["kl"]
+        return terms, qF, pF
+
+    def project_parameters(self):
+        """Clamp ``W`` to >= 0 (``loadings_mode='projected'``)."""
+        self.W.project()

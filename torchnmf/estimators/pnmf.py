@@ -212,6 +212,8 @@ class PNMF(TorchFactorization):
         ``options`` go to the scheduler (the knobs of :class:`torchnmf.compat.pnmf.PNMF`).
         """
         if self.scheduler == "one_cycle":
+            # momentum is cycled only where the optimizer has one (not natural steps)
+            options.setdefault("cycle_momentum", "momentum" in opt.defaults or "betas" in opt.defaults)
             return "batch", torch.optim.lr_scheduler.OneCycleLR(
                 opt, max_lr=[g_["lr"] for g_ in opt.param_groups], total_steps=total_steps, **options)
         return "epoch", torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", **options)
@@ -458,7 +460,7 @@ class PNMF(TorchFactorization):
             raise ImportError("verbose progress bars need tqdm: pip install tqdm") from None
         return tqdm(total=total, desc=f"{type(self).__name__}.{what}", leave=False)
 
-    def _fit_factors(self, T: Tensor, max_iter: int) -> IndependentNormal:
+    def _fit_factors(self, T: Tensor, max_iter: int, tol: float = 0.0) -> IndependentNormal:
         N, D = T.shape
         fitted = self.layer_
         W = fitted.W.detach()
@@ -471,10 +473,15 @@ class PNMF(TorchFactorization):
             totals = torch.as_tensor(_row_sums(T), dtype=W.dtype, device=W.device)
             guess = totals[:, None] / W.sum(0).clamp_min(1e-12)[None, :] / self.n_components_
             layer.factors.loc.copy_(torch.log(guess.clamp_min(1e-8)).t())
-        return self._refit_factors(layer, Counts.from_samples(T.to(W.dtype)), max_iter)
+        return self._refit_factors(layer, Counts.from_samples(T.to(W.dtype)), max_iter, tol)
 
-    def _refit_factors(self, layer: LogNormalPoisson, counts: Counts, max_iter: int):
-        """``max_iter`` steps of ``layer.factors`` (``q(F)``) on ``counts`` with ``W`` fixed; return them."""
+    def _refit_factors(self, layer: LogNormalPoisson, counts: Counts, max_iter: int, tol: float = 0.0):
+        """Steps of ``layer.factors`` (``q(F)``) on ``counts`` with ``W`` fixed; return them.
+
+        At most ``max_iter`` steps through :func:`torchnmf.engine.run`; with ``tol > 0`` they
+        stop once the ELBO's relative change per step is at most ``tol`` (no warning when
+        ``max_iter`` comes first: a transform's budget is its own choice).
+        """
         factors = layer.factors
         with _seeded(self._generator(), layer.W.device):
             if self.mode == "lower-bound" or self.training_mode == "natural":
@@ -483,17 +490,25 @@ class PNMF(TorchFactorization):
             else:
                 opt = torch.optim.Adam(factors.parameters(), lr=self._lr(False))
                 scale = float(layer.n_features * layer.n_samples)
+
+            def step(i, measure):
+                opt.zero_grad()
+                elbo = layer.elbo(counts, check=False).total
+                (-elbo / scale).backward()
+                opt.step()
+                return elbo.detach()
+
             bar = self._progress(max_iter, "transform")
+
+            def show(i, record):
+                if bar is not None:
+                    bar.update(1)
+                    if i % 10 == 0 or i == max_iter - 1:
+                        bar.set_postfix(elbo=f"{float(record):.6g}")
+
             try:
-                for step in range(max_iter):
-                    opt.zero_grad()
-                    elbo = layer.elbo(counts, check=False).total
-                    (-elbo / scale).backward()
-                    opt.step()
-                    if bar is not None:
-                        bar.update(1)
-                        if step % 10 == 0 or step == max_iter - 1:  # reading the value syncs a GPU
-                            bar.set_postfix(elbo=f"{float(elbo.detach()):.6g}")
+                engine.run(step, max_iter=max_iter, tol=tol, history=History(name="elbo", maximize=True),
+                           model=f"{type(self).__name__}.transform", dtype=layer.W.dtype, callback=show, warn=False)
             finally:
                 if bar is not None:
                     bar.close()
