@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup-venv.sh
 . .venv/bin/activate
 mkdir -p out
-torchnmf fit --model nmf --rank 16 --max-iter 300 -o out/digits "$@"
+torchnmf fit --model nmf --rank 16 --max-iter 1500 -o out/digits "$@"
 torchnmf plot out/digits

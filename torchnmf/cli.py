@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--max-iter", type=int, default=200, help="maximum iterations (default: 200)")
     f.add_argument("--tol", type=float, default=None,
                    help="stop when the objective changes by at most this, relative to its value, per iteration "
-                        "(default: the model's, 1e-4 nmf, 1e-6 gamma-poisson, 1e-5 pnmf; 0 runs --max-iter)")
+                        "(default: the model's, 1e-5 nmf and pnmf, 1e-6 gamma-poisson; 0 runs --max-iter)")
     f.add_argument("--init", default=None, choices=("random", "nndsvd", "nndsvda", "nndsvdar", "k-means"),
                    help="initialisation for nmf and pnmf (default: automatic)")
     f.add_argument("--transpose", action="store_true",
