@@ -94,6 +94,9 @@ def main(argv=None):
     p.add_argument("--max-df", type=float, default=0.2,
                    help="drop words in more than this fraction of stories (default 0.2; 1 keeps all)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--init", default="nmf", choices=("nmf", "nndsvda", "random"),
+                   help="start of the Gamma-Poisson fit (default 'nmf', the estimator's default)")
+    p.add_argument("--seed", type=int, default=0, help="random_state of both models (default 0)")
     args = p.parse_args(argv)
     from sklearn.decomposition import LatentDirichletAllocation
 
@@ -105,14 +108,15 @@ def main(argv=None):
     df, co = cooccurrence(X)
     n_docs = X.shape[0]
     print(f"Reuters: {X.shape[0]} stories x {X.shape[1]} words (max_df {args.max_df}), {K} topics, "
-          f"top {args.top} words")
+          f"top {args.top} words, Gamma-Poisson init {args.init!r}, seed {args.seed}")
     rows = []
     t0 = time.perf_counter()
-    lda = LatentDirichletAllocation(K, learning_method="batch", max_iter=sweeps, random_state=0).fit(X)
+    lda = LatentDirichletAllocation(K, learning_method="batch", max_iter=sweeps,
+                                    random_state=args.seed).fit(X)
     rows.append(("sklearn LatentDirichletAllocation", lda.components_, time.perf_counter() - t0))
     t0 = time.perf_counter()
-    gp = GammaPoissonFactorization(K, max_iter=sweeps, tol=1e-5, random_state=0, device=args.device,
-                                   dtype="float64").fit(sp.csr_matrix(X))
+    gp = GammaPoissonFactorization(K, init=args.init, max_iter=sweeps, tol=1e-5, random_state=args.seed,
+                                   device=args.device, dtype="float64").fit(sp.csr_matrix(X))
     rows.append(("torchnmf GammaPoissonFactorization", gp.components_, time.perf_counter() - t0))
     print(f"| model | UMass | NPMI | distinct top words | seconds |")
     print(f"|---|---|---|---|---|")

@@ -14,6 +14,10 @@ half. Kept, they lead the top words of most topics (for LDA too), because a Pois
 explains a word that is everywhere with every topic. ``examples/topics_compare.py`` scores
 the topics against scikit-learn's LDA (see benchmarks/README.md).
 
+The fit starts from a KL-NMF solution (``init='nmf'``, the estimator's default): random
+starts of the coordinate ascent end in topics of very different quality from one seed to the
+next, while this deterministic start gives topics at least as coherent as LDA's.
+
 Run::
 
     python examples/topics_gamma_poisson.py            # 10 topics, 150 sweeps
@@ -57,7 +61,7 @@ def main(argv=None):
     print(f"Reuters corpus: {X.shape[0]} stories x {X.shape[1]} words, {X.nnz} nonzero counts "
           f"({int(common.sum())} words in more than {args.max_df:.0%} of the stories dropped)")
 
-    est = GammaPoissonFactorization(n_topics, max_iter=15 if args.quick else 150, tol=1e-5,
+    est = GammaPoissonFactorization(n_topics, init="nmf", max_iter=15 if args.quick else 150, tol=1e-5,
                                     random_state=0, device=args.device, dtype="float64")
     U = est.fit_transform(X)  # (stories, topics) posterior means
     print(f"{est.n_iter_} CAVI sweeps, ELBO {est.elbo_:.1f}")

@@ -157,3 +157,82 @@ def test_cuda_matches_cpu():
     U_cpu = GammaPoissonFactorization(device="cpu", **kw).fit_transform(X)
     U_gpu = GammaPoissonFactorization(device="cuda", **kw).fit_transform(X)
     np.testing.assert_allclose(U_gpu, U_cpu, rtol=1e-6)
+
+
+# -- init: posterior means from a KL-NMF solution or NNDSVDa ------------------------------
+
+def test_set_means_gives_the_means_and_coordinate_step_shapes():
+    from torchnmf.poisson import GammaPoisson
+
+    rng = np.random.RandomState(0)
+    U, A = rng.gamma(1.0, 1.0, (12, 3)), rng.gamma(1.0, 1.0, (9, 3))
+    U[0, 0] = 0.0  # a zero mean is raised to the floor, not turned into a NaN
+    U_in, A_in = U.copy(), A.copy()
+    layer = GammaPoisson(12, 9, 3, a=0.3, b=0.5, dtype=torch.float64)
+    layer.set_means(U, A)
+    np.testing.assert_array_equal(U, U_in)  # inputs untouched
+    np.testing.assert_array_equal(A, A_in)
+    mU, mA = layer.mean_U().detach().numpy(), layer.mean_alpha().detach().numpy()
+    np.testing.assert_allclose(mU[1:], U[1:], rtol=1e-12)
+    np.testing.assert_allclose(mA, A, rtol=1e-12)
+    assert 0 < mU[0, 0] <= 1e-11 * U.max()
+    np.testing.assert_allclose(layer.U_shape.detach().numpy()[1:], 0.3 + U[1:] * A.sum(0), rtol=1e-12)
+    np.testing.assert_allclose(layer.alpha_shape.detach().numpy(), 0.5 + A * mU.sum(0), rtol=1e-12)
+    # learned prior rates at their empirical-Bayes values for these means
+    np.testing.assert_allclose(layer.lambda_.numpy(), 0.5 * 3 / A.sum(1), rtol=1e-12)
+    for bad, match in [(-U, "non-negative"), (np.zeros_like(U), "all zero"), (U[:5], "shape"),
+                       (np.full_like(U, np.nan), "finite")]:
+        with pytest.raises(ValueError, match=match):
+            layer.set_means(bad, A)
+
+
+def test_nmf_init_starts_at_the_kl_nmf_solution():
+    from torchnmf.estimators import BetaNMF
+
+    X = counts(40, 20, 3, seed=1)
+    est = GammaPoissonFactorization(3, init="nmf", init_max_iter=30, max_iter=1, random_state=0,
+                                    device="cpu", dtype="float64")
+    V = torch.as_tensor(X, dtype=torch.float64)
+    H, W = est._start(V, 3)
+    assert H.shape == (40, 3) and W.shape == (20, 3)
+    nmf = BetaNMF(3, beta_loss="kullback-leibler", init="nndsvda", max_iter=30, tol=1e-4, device="cpu",
+                 dtype="float64")
+    H0 = nmf.fit_transform(X)
+    # the same product, rescaled per component so both factors have equal totals
+    np.testing.assert_allclose((H @ W.T).numpy(), H0 @ nmf.components_, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(H.sum(0).numpy(), W.sum(0).numpy(), rtol=1e-9)
+
+
+@pytest.mark.parametrize("init", ["nmf", "nndsvda", "random"])
+def test_inits_are_finite_and_reproducible(init):
+    X = counts()
+    X[0] = 0
+    X[:, 3] = 0
+    kw = dict(init=init, max_iter=5, tol=0, device="cpu", dtype="float64")
+    est = GammaPoissonFactorization(3, random_state=0, **kw)
+    U = est.fit_transform(X)
+    assert np.isfinite(U).all() and np.isfinite(est.components_).all() and np.isfinite(est.elbo_)
+    np.testing.assert_array_equal(U, GammaPoissonFactorization(3, random_state=0, **kw).fit_transform(X))
+    other = GammaPoissonFactorization(3, random_state=1, **kw).fit_transform(X)
+    # the NMF and NNDSVDa starts do not draw random numbers (exact SVD at this size)
+    assert np.array_equal(U, other) == (init != "random")
+
+
+@pytest.mark.parametrize("params, match", [(dict(init="kmeans"), "init"), (dict(init=None), "init"),
+                                           (dict(init_max_iter=0), "init_max_iter")])
+def test_bad_init_refused(params, match):
+    with pytest.raises(ValueError, match=match):
+        GammaPoissonFactorization(2, device="cpu", **params).fit(counts())
+
+
+def test_nmf_start_reaches_a_higher_elbo_than_random_starts():
+    from gamma_helpers import simulate_gamma
+
+    gaps = []
+    for seed in range(4):
+        X = simulate_gamma(60, 40, 4, seed=seed)[0].numpy()
+        kw = dict(max_iter=60, tol=0, device="cpu", dtype="float64")
+        nmf = GammaPoissonFactorization(4, init="nmf", **kw).fit(X).elbo_
+        rand = GammaPoissonFactorization(4, init="random", random_state=seed, **kw).fit(X).elbo_
+        gaps.append((nmf - rand) / abs(rand))
+    assert np.mean(gaps) > 0, gaps

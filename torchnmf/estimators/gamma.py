@@ -6,10 +6,13 @@ from typing import Optional
 
 import torch
 
-from ..data import check_positive, check_rank
+from ..data import check_option, check_positive, check_rank
 from ._base import TorchFactorization, check_is_fitted
 
 __all__ = ["GammaPoissonFactorization"]
+
+#: The valid ``init`` values of :class:`GammaPoissonFactorization`.
+INITS = ("nmf", "nndsvda", "random")
 
 
 class GammaPoissonFactorization(TorchFactorization):
@@ -29,6 +32,19 @@ class GammaPoissonFactorization(TorchFactorization):
         Prior shapes of the row and column factors (below 1: sparse factors).
     learn_kappa, learn_lambda : bool, default True
         Fit the prior rates of rows / columns by maximum likelihood after each sweep.
+    init : {'nmf', 'nndsvda', 'random'}, default 'nmf'
+        Start of the posteriors (see :meth:`torchnmf.poisson.gamma.GammaPoisson.set_means`):
+
+        - ``'nmf'``: posterior means equal to a KL-NMF solution of ``X`` (:class:`~torchnmf.estimators.BetaNMF`,
+          ``beta_loss='kullback-leibler'``, ``init='nndsvda'``, at most ``init_max_iter``
+          updates). Deterministic, and it gives more coherent, reproducible topics than
+          random starts (benchmarks/README.md, examples/topics_compare.py).
+        - ``'nndsvda'``: posterior means equal to the NNDSVDa factors (:func:`torchnmf.init.initialize`).
+        - ``'random'``: shapes ``prior + Uniform(0, 1)``, rates equal to the prior rates
+          (:meth:`~torchnmf.poisson.gamma.GammaPoisson.reset_parameters`), drawn from ``random_state``.
+    init_max_iter : int, default 100
+        Maximum multiplicative updates of the KL-NMF start (``init='nmf'``), which stops
+        earlier at a relative change of 1e-4 per update; stopping at the cap does not warn.
     max_iter : int, default 200
         Maximum CAVI sweeps in :meth:`fit`.
     tol : float, default 1e-6
@@ -43,7 +59,8 @@ class GammaPoissonFactorization(TorchFactorization):
     chunk_size : int, optional
         Bound on the nonzeros processed at once (peak memory).
     random_state : None, int, numpy or torch generator
-        For the random initialisation of the variational parameters.
+        For ``init='random'`` (and the randomized SVD of the other starts on inputs above
+        4e6 entries).
     device : 'auto', None, str or torch.device, default 'auto'
     dtype : None, 'float32' or 'float64'
         ``None``: float32 for float32 input, float64 otherwise.
@@ -76,7 +93,7 @@ class GammaPoissonFactorization(TorchFactorization):
     """
 
     def __init__(self, n_components: int = 10, *, a: float = 0.3, b: float = 0.3, learn_kappa: bool = True,
-                 learn_lambda: bool = True, max_iter: int = 200, tol: float = 1e-6, transform_max_iter: int = 100,
+                 learn_lambda: bool = True, init: str = "nmf", init_max_iter: int = 100, max_iter: int = 200, tol: float = 1e-6, transform_max_iter: int = 100,
                  allow_noninteger: bool = False, chunk_size: Optional[int] = None, random_state=None,
                  device="auto", dtype=None, verbose: bool = False):
         self.n_components = n_components
@@ -84,6 +101,8 @@ class GammaPoissonFactorization(TorchFactorization):
         self.b = b
         self.learn_kappa = learn_kappa
         self.learn_lambda = learn_lambda
+        self.init = init
+        self.init_max_iter = init_max_iter
         self.max_iter = max_iter
         self.tol = tol
         self.transform_max_iter = transform_max_iter
@@ -99,11 +118,40 @@ class GammaPoissonFactorization(TorchFactorization):
         check_positive(self.a, "a")
         check_positive(self.b, "b")
         check_rank(self.max_iter, "max_iter")
+        check_option(self.init, INITS, "init")
+        check_rank(self.init_max_iter, "init_max_iter")
         check_rank(self.transform_max_iter, "transform_max_iter")
         check_positive(self.tol, "tol", allow_zero=True)
         if self.chunk_size is not None:
             check_rank(self.chunk_size, "chunk_size")
         return rank
+
+    def _start(self, V: torch.Tensor, rank: int):
+        """Posterior means ``(E[U], E[α])`` of shapes ``(n_samples, rank)``, ``(n_features, rank)`` for ``init``."""
+        if self.init == "nndsvda":
+            from ..init import initialize
+
+            W, H = initialize(V, rank, method="nndsvda", random_state=self._generator())
+        else:
+            import warnings
+
+            from ..engine import ConvergenceWarning
+            from .nmf import BetaNMF
+
+            # tol 1e-4 (fixed, not BetaNMF's default): a rough start leaves the ascent room to
+            # move; longer NMF runs gave less coherent topics (benchmarks/README.md)
+            nmf = BetaNMF(rank, beta_loss="kullback-leibler", init="nndsvda", max_iter=self.init_max_iter,
+                          tol=1e-4, random_state=self._generator(), device=V.device, dtype=V.dtype)
+            with warnings.catch_warnings():
+                # a start, not a result: stopping at init_max_iter is intended
+                warnings.filterwarnings("ignore", category=ConvergenceWarning)
+                H = nmf.fit_transform(V)
+            W = nmf.module_.W.detach()
+        # Poisson NMF fixes only the products H[:, k] W[:, k]ᵀ: give both factors the same
+        # total per component so that neither prior sees a rescaled factor
+        scale = (W.sum(0) / H.sum(0).clamp_min(torch.finfo(H.dtype).tiny)).sqrt()
+        scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+        return H * scale, W / scale
 
     def fit(self, X, y=None):
         """Fit the posterior to counts ``X`` of shape ``(n_samples, n_features)``; return ``self``."""
@@ -132,6 +180,8 @@ class GammaPoissonFactorization(TorchFactorization):
         layer = GammaPoisson(V.shape[0], V.shape[1], rank, a=self.a, b=self.b, learn_kappa=self.learn_kappa,
                              learn_lambda=self.learn_lambda, allow_noninteger=bool(self.allow_noninteger),
                              generator=self._generator(), dtype=V.dtype, device=V.device)
+        if self.init != "random":
+            layer.set_means(*self._start(V, rank))
         self.history_ = self._new_history("elbo", maximize=True, total=self.max_iter)
         # The layer works on nonzeros: hand it those once, whatever the input layout.
         layer.fit(layer.prepare(V), max_iter=self.max_iter, tol=self.tol, history=self.history_, chunk_size=self.chunk_size)

@@ -446,6 +446,52 @@ class GammaPoisson(nn.Module):
         self._write("U_rate", self.kappa[:, None].expand(self.n_rows, self.rank).clone())
         self._write("alpha_rate", self.lambda_[:, None].expand(self.n_cols, self.rank).clone())
 
+    @torch.no_grad()
+    def set_means(self, U, alpha) -> None:
+        r"""Start from point estimates: posteriors with means ``U`` and ``alpha`` (e.g. a KL-NMF solution).
+
+        With :math:`X \approx U\alpha^\top` a Poisson (KL) fit, the expected latent counts of
+        factor ``k`` in row ``c`` are about :math:`U_{ck}\sum_t\alpha_{tk}` (exactly at a
+        fixed point of the KL multiplicative updates), so the shapes are set as a coordinate
+        step would set them, :math:`s^U_{ck} = a + U_{ck}\sum_t\alpha_{tk}` and
+        :math:`s^\alpha_{tk} = b + \alpha_{tk}\sum_c U_{ck}`, and the rates to
+        ``shape / mean`` so that :math:`\mathbb E[U] = U` and :math:`\mathbb E[\alpha] = \alpha`.
+        Learned prior rates are set to their empirical-Bayes values for these means
+        (:meth:`update_kappa`, :meth:`update_lambda`). Entries below ``1e-12`` times their
+        factor's largest entry are raised to that floor (a zero mean is no Gamma's).
+
+        Parameters
+        ----------
+        U : Tensor or array, shape (n_rows, rank)
+            Non-negative row factors, the new ``E[U]``.
+        alpha : Tensor or array, shape (n_cols, rank)
+            Non-negative column factors, the new ``E[α]``.
+
+        Raises
+        ------
+        ValueError
+            Wrong shapes, negative or non-finite entries, or a factor that is all zero.
+        """
+        out = []
+        for value, name, rows in ((U, "U", self.n_rows), (alpha, "alpha", self.n_cols)):
+            T = check_shape(as_tensor(value, name, ndim=2, float_only=False), (rows, self.rank), name)
+            if not bool(torch.isfinite(T).all()) or bool((T < 0).any()):
+                raise ValueError(f"{name} must be finite and non-negative")
+            T = T.to(device=self.device, dtype=self.dtype)
+            top = float(T.max())
+            if top <= 0:
+                raise ValueError(f"{name} is all zero: no posterior mean to start from")
+            out.append(T.clamp_min(top * 1e-12))  # a new tensor: the caller's is never modified
+        mu, ma = out
+        shape_u = self.a + mu * ma.sum(0)
+        shape_a = self.b + ma * mu.sum(0)
+        self._write("U_shape", shape_u)
+        self._write("U_rate", shape_u / mu)
+        self._write("alpha_shape", shape_a)
+        self._write("alpha_rate", shape_a / ma)
+        self.update_kappa()
+        self.update_lambda()
+
     @property
     def dtype(self) -> torch.dtype:
         return self.kappa.dtype
