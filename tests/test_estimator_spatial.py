@@ -51,7 +51,8 @@ def _best_correlations(F_fit, F_true):
 @pytest.fixture(scope="module")
 def pnmf_baseline(simulated):
     torch.set_num_threads(1)
-    model = PNMF(2, max_iter=150, tol=0, learning_rate=0.1, random_state=0).fit(simulated["train"])
+    model = PNMF(2, max_iter=150, tol=0, learning_rate=0.1, random_state=0, training_mode="standard",
+                 loadings_mode="softplus").fit(simulated["train"])
     return _heldout_loglik(model, model.log_factors(), simulated["test"])
 
 
@@ -170,7 +171,8 @@ def test_options_fit_and_stay_finite(small, options):
 def test_spatial_false_is_pnmf(small):
     xy, X = small
     a = SpatialPNMF(2, spatial=False, max_iter=5, random_state=0).fit(X)
-    b = PNMF(2, max_iter=5, random_state=0).fit(X)
+    # the same settings (SpatialPNMF's defaults are Adam with softplus loadings, PNMF's are not)
+    b = PNMF(2, max_iter=5, random_state=0, training_mode="standard", loadings_mode="softplus").fit(X)
     np.testing.assert_allclose(a.components_, b.components_)
     with pytest.raises(ValueError, match="spatial=False"):
         SpatialPNMF(2, spatial=False, max_iter=2).fit(X, coordinates=xy)

@@ -45,7 +45,8 @@ class SpatialPNMF(PNMF):
     Parameters
     ----------
     n_components, loadings_mode, mode, E, max_iter, tol, learning_rate, optimizer, random_state, verbose, device, dtype, init, scheduler, batch_size, y_batch_size, shuffle, init_scale, transform_max_iter
-        As in :class:`PNMF`.
+        As in :class:`PNMF`, except the defaults ``loadings_mode='softplus'`` and
+        ``training_mode='standard'`` (Adam on all parameters; see ``training_mode``).
     training_mode : {'standard', 'natural'}, default 'standard'
         ``'natural'`` with ``spatial=True``: natural-gradient steps
         (:class:`~torchnmf.trainer.GaussianNatural`) for the whitened inducing values of an
@@ -90,7 +91,8 @@ class SpatialPNMF(PNMF):
         The distinct group labels seen in ``fit`` (``multigroup`` only); label ``groups_[i]``
         is group ``i`` of the kernel.
     components_, elbo_, n_iter_, history_, n_components_, n_features_in_
-        As in :class:`PNMF`.
+        As in :class:`PNMF`, except the defaults ``loadings_mode='softplus'`` and
+        ``training_mode='standard'`` (Adam on all parameters; see ``training_mode``).
 
     Examples
     --------
