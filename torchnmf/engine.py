@@ -217,7 +217,8 @@ def run(step: Step, *, max_iter: int, tol: float, history: History, model: str, 
     prev_step: Optional[int] = history.steps[-1] if last else None
     first: Optional[float] = float(last[0]) if last else None
     change, converged, stopped = float("nan"), False, False
-    t0 = time.perf_counter() - (history.times[-1] if last else 0.0)
+    elapsed = history.times[-1] if last else 0.0  # a resumed fit's clock goes on (nan: records without times)
+    t0 = time.perf_counter() - (elapsed if math.isfinite(elapsed) else 0.0)
     i = start
     while True:
         end = i >= max_iter
