@@ -44,7 +44,8 @@ import torch
 from .history import History, Record
 
 __all__ = ["ConvergenceWarning", "FitResult", "STOP_RULES", "relative_change", "has_converged", "noise_floor",
-           "run", "resume", "run_stateful"]
+           "run", "resume", "run_stateful",
+           "max_relative_change"]
 
 try:  # scikit-learn's class, so `warnings.filterwarnings(..., ConvergenceWarning)` users already have works
     from sklearn.exceptions import ConvergenceWarning
@@ -129,6 +130,26 @@ def has_converged(change: float, tol: float, dtype: Optional[torch.dtype] = None
     if rule == "sklearn":
         return change < tol
     return change <= max(tol, noise_floor(dtype))
+
+
+def max_relative_change(old: torch.Tensor, new: torch.Tensor) -> float:
+    """The largest entrywise ``|new - old| / old`` (``old`` floored at its dtype's tiny; 0 when empty).
+
+    The stop test of inner fixed-point loops over posterior means (local SVI iterations,
+    transforms of new rows), where the largest entry, not a total, must have settled.
+
+    Parameters
+    ----------
+    old, new : Tensor, same shape
+        Non-negative iterates (e.g. posterior means), ``new`` the later one.
+
+    Returns
+    -------
+    float
+    """
+    if old.numel() == 0:
+        return 0.0
+    return float(((new - old).abs() / old.clamp_min(torch.finfo(old.dtype).tiny)).max())
 
 
 def _check_finite(record: Record, model: str, step: int) -> None:

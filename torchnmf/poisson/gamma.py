@@ -879,6 +879,8 @@ class GammaPoisson(nn.Module):
         -------
         Tensor, shape (n_new, K)
         """
+        from ..engine import max_relative_change  # lazily: the engine's history imports poisson
+
         max_iter = check_rank(max_iter, "max_iter")
         tol = check_positive(tol, "tol", allow_zero=True)
         allow = self.allow_noninteger
@@ -898,7 +900,7 @@ class GammaPoisson(nn.Module):
                 kappa = self.a * self.rank / (shape / rate).sum(1)
             rate = kappa[:, None] + col_sum
             new = shape / rate
-            change = float(((new - mean).abs() / mean.clamp_min(torch.finfo(self.dtype).tiny)).max()) if n else 0.0
+            change = max_relative_change(mean, new)
             mean = new
             if change < tol:
                 break

@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import constraints
 from ..data import check_positive
+from ..engine import max_relative_change
 from ..poisson.chain import ChainStatistics, chain_data, chain_rows, collect, elbo_from, rate_statistics
 
 __all__ = ["chain_parameters", "ChainRunner"]
@@ -140,8 +141,7 @@ class ChainRunner:
                     first.update_prior(r)
                 if before is not None and before.numel():
                     after = first.mean(r)
-                    change = ((after - before).abs() / before.clamp_min(torch.finfo(before.dtype).tiny)).max()
-                    if float(change) < group["local_tol"]:
+                    if max_relative_change(before, after) < group["local_tol"]:
                         break
                     before = after
         rest = [i for i in train if i > 0]

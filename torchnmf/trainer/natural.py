@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..data import check_positive, check_rank, check_real
+from ..engine import max_relative_change
 from .cavi import Reduce, _ConjugateTrainer, unpack_batch
 
 __all__ = ["NaturalGradient"]
@@ -151,8 +152,7 @@ class NaturalGradient(_ConjugateTrainer):
                     layer.update_kappa(r)
                 if before is not None and before.numel():
                     after = layer.mean_U(r)
-                    change = ((after - before).abs() / before.clamp_min(torch.finfo(before.dtype).tiny)).max()
-                    if float(change) < group["local_tol"]:
+                    if max_relative_change(before, after) < group["local_tol"]:
                         break
                     before = after
             stats = self._statistics(data, r, ("alpha", "elbo"), scale=scale)
