@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -63,27 +63,6 @@ def _agree(like: Tensor, group, timeout):
         t = like.new_tensor(1.0 if flag else 0.0)
         return bool(all_reduce_stats({"flag": t}, group=group, timeout=timeout, op="max")["flag"] > 0)
     return agree
-
-
-def _resume_layer(ckpt: Optional[Checkpointer], layer, trainer, history: History) -> Tuple[int, list]:
-    """Load the last complete checkpoint into ``layer`` and ``trainer``; return (start, records)."""
-    resumed = ckpt.load(map_location=layer.device) if ckpt is not None else None
-    if resumed is None:
-        return 0, []
-    start, state = resumed
-    layer.load_state_dict(state["layer"])
-    trainer.load_state_dict(state["trainer"])
-    records = list(state["records"])
-    for rec in _elbo_records(records):
-        history.append(rec)
-    return start, records
-
-
-def _elbo_records(records) -> list:
-    """ELBO records saved by :meth:`History.state_dict`, back as :class:`ELBO` objects."""
-    h = History()
-    h.load_state_dict({"records": records})
-    return h.records
 
 
 # -- NMF -------------------------------------------------------------------------
@@ -317,10 +296,6 @@ def _conjugate(layer):
     if not hasattr(layer, "global_statistics"):
         raise TypeError(f"layer {type(layer).__name__} must name its summable statistics in global_statistics")
     return layer
-
-
-def _layer_state(layer, trainer, records) -> dict:
-    return {"layer": layer.state_dict(), "trainer": trainer.state_dict(), "records": records}
 
 
 def fit_gamma_cavi(layer, X, rows=None, *, max_iter: int = 200, tol: float = 1e-6, history: Optional[History] = None,
