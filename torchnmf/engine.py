@@ -213,7 +213,8 @@ def run(step: Step, *, max_iter: int, tol: float, history: History, model: str, 
         The fit's dtype, for the noise floor of the stop rule.
     rule : {'relative', 'sklearn'}, default 'relative'
     checkpoint : torchnmf.distributed.Checkpointer, optional
-        ``checkpoint.maybe_save(i, state())`` after each step ``i`` (with the records so far).
+        ``checkpoint.maybe_save(i, state())`` after each step ``i`` for which
+        ``checkpoint.due(i)`` (with the records so far).
     state : callable, optional
         The model's state for checkpoints (a dict; the engine adds ``'records'``).
     agree : callable ``bool -> bool``, optional
@@ -270,7 +271,7 @@ def run(step: Step, *, max_iter: int, tol: float, history: History, model: str, 
                 break
         if deferred:
             commit()
-        if checkpoint is not None:
+        if checkpoint is not None and checkpoint.due(i):  # build the state only when it is saved
             extra = state() if state is not None else {}
             checkpoint.maybe_save(i, {**extra, "records": history.state_dict()["records"],
                                       "meta": history.meta_state()})

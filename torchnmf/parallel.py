@@ -475,6 +475,9 @@ class _EpochCheckpoint:
     def __init__(self, ckpt: Checkpointer, n_steps: int):
         self.ckpt, self.n_steps = ckpt, n_steps
 
+    def due(self, step: int) -> bool:
+        return (step + 1) % self.n_steps == 0 and self.ckpt.due((step + 1) // self.n_steps - 1)
+
     def maybe_save(self, step: int, state) -> bool:
         if (step + 1) % self.n_steps:
             return False
