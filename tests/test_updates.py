@@ -114,3 +114,93 @@ def test_float32():
     out = mu_update(V, W, H, 1)
     assert out.dtype == torch.float32
     np.testing.assert_allclose(out.numpy(), ref_mu(V, W, H, 1), rtol=1e-4)
+
+
+# ------------------------------------------------- sparse path: CSR kernels == the previous path
+def prev_sparse_update(S, W, H, beta, M=None, l1=0.0, eps=EPSILON):
+    """The sparse update as it was before the CSR kernels (issue 16), with its loss: rows of H
+    and W gathered per non-zero and dotted, the numerator by a COO product."""
+    C = S.to_sparse_coo().coalesce() if S.layout != torch.sparse_coo else S.coalesce()
+    rows, cols = C.indices()
+    vals = C.values()
+    m = None if M is None else M[rows, cols]
+    wh = (H[rows] * W[cols]).sum(1)
+    whc = wh.clamp_min(eps) if beta < 2 else wh
+    r = vals / whc if beta == 1 else (vals if beta == 2 else vals * whc.pow(beta - 2))
+    if m is not None:
+        r = r * m
+    num = torch.sparse.mm(torch.sparse_coo_tensor(C.indices(), r, C.shape, check_invariants=False), W)
+    Mf = torch.ones(C.shape, dtype=H.dtype) if M is None else M
+    WH = H @ W.T
+    WHc = WH.clamp_min(eps) if beta < 2 else WH
+    den = (Mf * WHc.pow(beta - 1)) @ W + l1
+    all_sum = (Mf * WHc.pow(beta)).sum()
+    w = 1 if m is None else m
+    if beta == 1:
+        loss = (w * (torch.xlogy(vals, vals / whc) - vals)).sum() + all_sum
+    elif beta == 2:
+        loss = 0.5 * ((w * vals * vals).sum() - 2 * (w * vals * wh).sum() + all_sum)
+    else:
+        loss = ((w * vals.pow(beta)).sum() + (beta - 1) * all_sum
+                - beta * (w * vals * whc.pow(beta - 1)).sum()) / (beta * (beta - 1))
+    return H * (num / den) ** mu_gamma(beta), loss
+
+
+def sparse_problem(N=40, C=31, R=4, density=0.2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    V = torch.rand(N, C, dtype=torch.float64, generator=g)
+    V[V > density] = 0
+    V[3] = 0  # an empty row and an empty column
+    V[:, 5] = 0
+    W = torch.rand(C, R, dtype=torch.float64, generator=g)
+    H = torch.rand(N, R, dtype=torch.float64, generator=g)
+    return V * 10, W, H
+
+
+@pytest.mark.parametrize("layout", ["coo", "uncoalesced", "csr", "csc"])
+@pytest.mark.parametrize("beta", [1, 1.5, 2, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sparse_csr_path_equals_previous_path(layout, beta, masked):
+    V, W, H = sparse_problem()
+    M = (torch.rand(V.shape, generator=torch.Generator().manual_seed(1)) > 0.3).double() if masked else None
+    if layout == "uncoalesced":  # every non-zero split into two halves: duplicates are summed
+        C = V.to_sparse()
+        S = torch.sparse_coo_tensor(C.indices().repeat(1, 2), torch.cat([C.values() / 2] * 2), V.shape)
+    else:
+        S = {"coo": V.to_sparse, "csr": V.to_sparse_csr, "csc": V.to_sparse_csc}[layout]()
+    S0 = S.clone()
+    for X, A, B, Mx in ((S, W, H, M), (V.T.to_sparse_csr(), H, W, None if M is None else M.T)):
+        cache = {}
+        for _ in range(2):  # the cached pattern gives the same result again
+            new, loss = mu_update(X, A, B, beta, mask=Mx, l1=0.05, with_loss=True, cache=cache)
+            ref, ref_loss = prev_sparse_update(X, A, B, beta, Mx, l1=0.05)
+            torch.testing.assert_close(new, ref, rtol=1e-10, atol=0)
+            assert float(loss) == pytest.approx(float(ref_loss), rel=1e-10)
+        dense = mu_update(X.to_dense(), A, B, beta, mask=Mx, l1=0.05)
+        torch.testing.assert_close(new, dense, rtol=1e-10, atol=0)
+    assert S.layout == S0.layout and torch.equal(S.to_dense(), S0.to_dense())  # input untouched
+
+
+def test_sparse_pattern_int32_indices_and_float32():
+    from torchnmf.updates import _sparse_parts
+
+    V, W, H = sparse_problem(N=60, C=50, R=5)
+    cache = {}
+    out = mu_update(V.float().to_sparse_csr(), W.float(), H.float(), 1, cache=cache)
+    nz = cache["nz"]
+    assert nz.crow.dtype == nz.col.dtype == torch.int32  # small shapes: int32 indices
+    ref, _ = prev_sparse_update(V.to_sparse(), W, H, 1)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-6)
+    # the reconstruction at the non-zeros, in row-major order
+    nz64 = _sparse_parts(V.to_sparse(), None)
+    rows, cols = V.to_sparse().indices()
+    torch.testing.assert_close(nz64.dot(H, W), (H @ W.T)[rows, cols], rtol=1e-12, atol=0)
+    torch.testing.assert_close(nz64.rows, rows)
+
+
+def test_sparse_nan_in_V_stays_local():
+    # a NaN in V reaches only its own row's update (the pattern's values are zeros, not V's)
+    V, W, H = sparse_problem()
+    V[0, V[0].nonzero()[0, 0]] = float("nan")
+    out = mu_update(V.to_sparse_csr(), W, H, 1)
+    assert torch.isnan(out[0]).any() and torch.isfinite(out[1:]).all()

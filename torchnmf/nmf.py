@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _matchain, data
+from . import _matchain, data, row_pass
 from .constraints import MODES, assign_, positive, value_of
 from .history import History
 from .metrics import beta_div
@@ -294,8 +294,10 @@ class BaseComponent(nn.Module):
 
         start = engine.resume(checkpoint, history, restore, map_location=cur["W"].device)
         Vt = V.t()
-        if data.is_sparse(V):  # transpose once, not at every W update
-            Vt = V.to_sparse_coo().coalesce().t().coalesce()
+        if data.is_sparse(V):  # transpose once, not at every W update (CSC -> CSR: one sort)
+            from .kernels.sparse import to_csr  # lazy: torchnmf.kernels imports the updates
+
+            Vt = to_csr(V.t())
         Mt = None if M is None else M.t()
         cacheV, cacheT = {}, {}
         tiny = torch.finfo(torch.float64).eps
@@ -318,8 +320,16 @@ class BaseComponent(nn.Module):
             return mu_apply(cur["H"], num, den, beta, l1, l2), loss
 
         pending = {}
+        # both factors of a dense CPU V: one pass over V's row blocks per iteration (row_pass)
+        one_pass = reduce is None and train_H and train_W and row_pass.supports(V, M)
+        cacheP = {}
 
         def step(i, measure):
+            if one_pass:
+                pending["H"], pending["W"], loss = row_pass.mu_iteration(
+                    V, cur["W"], cur["H"], beta, l1, l2, with_loss=measure, cache=cacheP,
+                    zero_below=tiny if beta < 1 else None)
+                return None if loss is None else float(loss)
             # the first half-update of an iteration also measures the point it starts from
             if train_H:
                 pending["H"], loss = h_update(measure)
@@ -328,6 +338,9 @@ class BaseComponent(nn.Module):
             return None if loss is None else float(loss)
 
         def commit():
+            if one_pass:
+                cur["H"], cur["W"] = pending.pop("H"), pending.pop("W")
+                return
             if train_H:
                 cur["H"] = pending.pop("H")
                 if beta < 1:  # as scikit-learn, for stability

@@ -75,21 +75,84 @@ def _big_mm(A: Tensor, B: Tensor) -> Tensor:
     return (B.t() @ A.t()).t()
 
 
-def _sparse_parts(V: Tensor, cache: Optional[dict]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(rows, cols, values, coalesced COO) of a sparse 2-D ``V``, cached in ``cache``."""
+class _Nonzeros:
+    """The non-zero pattern of a sparse 2-D ``V`` in CSR order, built once per fit (``cache["nz"]``).
+
+    Products on the non-zeros run through torch's CSR kernels, the ones that make a
+    Gamma-Poisson CAVI sweep fast (:func:`torchnmf.poisson.gamma.expected_counts`):
+    ``sampled_addmm`` for the reconstruction at the non-zeros and CSR ``@`` dense for the
+    numerator, 5-10x faster on CPU than gathered rows and a COO product (issue 16). Indices are
+    int32 where they fit (the CSR product is ~1.5x faster and they take half the memory).
+
+    Attributes
+    ----------
+    vals : Tensor, shape (nnz,)
+        The values of ``V``, row-major (as a coalesced COO tensor holds them).
+    crow, col : Tensor, shapes (N + 1,) and (nnz,)
+        CSR row pointers and column indices.
+    shape : tuple of int
+        ``(N, C)``.
+    """
+
+    def __init__(self, V: Tensor):
+        from .kernels.sparse import to_csr  # lazy: torchnmf.kernels imports this module
+
+        if V.layout == torch.sparse_coo:
+            V = V.coalesce()
+        S = V if V.layout == torch.sparse_csr else to_csr(V)
+        self.shape = tuple(V.shape)
+        self.vals = S.values()
+        crow, col = S.crow_indices(), S.col_indices()
+        if max(self.vals.numel(), *self.shape) < 2 ** 31 - 1:
+            crow, col = crow.to(torch.int32), col.to(torch.int32)
+        self.crow, self.col = crow, col
+        self._rows: Optional[Tensor] = None
+        self._pattern: Dict[torch.dtype, Tensor] = {}
+
+    @property
+    def rows(self) -> Tensor:
+        """Row of each non-zero, shape (nnz,) (int64, made on first use)."""
+        if self._rows is None:
+            counts = (self.crow[1:] - self.crow[:-1]).long()
+            self._rows = torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts)
+        return self._rows
+
+    def csr(self, values: Tensor) -> Tensor:
+        """The CSR matrix of this pattern holding ``values`` (nnz,)."""
+        from .kernels.sparse import csr_tensor
+
+        return csr_tensor(self.crow, self.col, values, self.shape)
+
+    def dot(self, H: Tensor, W: Tensor) -> Tensor:
+        """``(H Wᵀ)[n, c]`` at every non-zero ``(n, c)``, shape (nnz,), without forming ``H Wᵀ``."""
+        if H.dtype not in (torch.float32, torch.float64) or W.dtype != H.dtype:
+            return _gather_dot(H, W, self.rows, self.col.long())
+        pattern = self._pattern.get(H.dtype)
+        if pattern is None:  # zero values: sampled_addmm's beta=0 still multiplies a NaN of V by 0
+            pattern = self._pattern[H.dtype] = self.csr(self.vals.new_zeros(self.vals.shape, dtype=H.dtype))
+        return torch.sparse.sampled_addmm(pattern, H, W.t(), beta=0.0).values()
+
+    def mm(self, values: Tensor, W: Tensor) -> Tensor:
+        """``S @ W`` for the matrix ``S`` of this pattern holding ``values`` (nnz,); shape (N, R)."""
+        if values.dtype != W.dtype:
+            values = values.to(W.dtype)
+        if W.dtype not in (torch.float32, torch.float64):  # CPU CSR products take fp32/fp64 only
+            return _spmm(self.rows, self.col.long(), values, self.shape, W)
+        return self.csr(values) @ W
+
+
+def _sparse_parts(V: Tensor, cache: Optional[dict]) -> _Nonzeros:
+    """The :class:`_Nonzeros` of a sparse 2-D ``V``, cached in ``cache``."""
     if cache is not None and "nz" in cache:
         return cache["nz"]
-    C = V if V.layout == torch.sparse_coo else V.to_sparse_coo()
-    C = C.coalesce()
-    rows, cols = C.indices()
-    parts = (rows, cols, C.values(), C)
+    nz = _Nonzeros(V)
     if cache is not None:
-        cache["nz"] = parts
-    return parts
+        cache["nz"] = nz
+    return nz
 
 
 def _gather_dot(H: Tensor, W: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``(H Wᵀ)[rows, cols]`` without forming ``H Wᵀ``, in chunks of bounded memory."""
+    """``(H Wᵀ)[rows, cols]`` without forming ``H Wᵀ``, in chunks of bounded memory (any dtype)."""
     out = torch.empty(rows.shape[0], dtype=H.dtype, device=H.device)
     step = max(1, _BLOCK_ELEMS // max(1, H.shape[1]))
     for s in range(0, rows.shape[0], step):
@@ -99,7 +162,7 @@ def _gather_dot(H: Tensor, W: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 
 
 def _spmm(rows: Tensor, cols: Tensor, vals: Tensor, shape, W: Tensor) -> Tensor:
-    """``S @ W`` for the COO matrix ``S`` with the given (coalesced) entries."""
+    """``S @ W`` for the COO matrix ``S`` with the given (coalesced) entries (any dtype)."""
     S = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, shape, is_coalesced=True,
                                 check_invariants=False)
     return torch.sparse.mm(S, W)
@@ -204,12 +267,12 @@ def _sparse_update(V, W, H, beta, M, eps, with_loss, cache):
     """Numerator, denominator and (optionally) the divergence for a sparse ``V``, on its non-zeros."""
     if beta <= 0:
         raise ValueError("beta <= 0 needs a strictly positive V; a sparse V has zeros")
-    rows, cols, vals, C = _sparse_parts(V, cache)
-    shape = tuple(V.shape)
+    nz = _sparse_parts(V, cache)
+    vals = nz.vals
     loss = None
-    m = None if M is None else M[rows, cols]
+    m = None if M is None else M[nz.rows, nz.col.long()]
     if beta == 2 and M is None:
-        num = torch.sparse.mm(C, W)
+        num = nz.mm(vals, W)
         WtW = W.t() @ W
         den = H @ WtW
         if with_loss:
@@ -217,7 +280,7 @@ def _sparse_update(V, W, H, beta, M, eps, with_loss, cache):
                 cache["sq"] = torch.dot(vals, vals)
             loss = 0.5 * (cache["sq"] - 2 * (H * num).sum() + ((H.t() @ H) * WtW).sum())
         return num, den, loss
-    wh = _gather_dot(H, W, rows, cols)
+    wh = nz.dot(H, W)
     whc = wh.clamp_min(eps) if beta < 2 else wh
     if beta == 1:
         r = vals / whc
@@ -227,7 +290,7 @@ def _sparse_update(V, W, H, beta, M, eps, with_loss, cache):
         r = vals * whc.pow(beta - 2)
     if m is not None:
         r = r * m
-    num = _spmm(rows, cols, r, shape, W)
+    num = nz.mm(r, W)
     if beta == 1:
         if M is None:
             den = W.sum(0).expand_as(H)
