@@ -196,3 +196,53 @@ def test_alpha_logs_cached_within_a_step_only(monkeypatch):
     assert not torch.allclose(before, after)
     with a.alpha_fixed():
         np.testing.assert_allclose(a.statistics(X[rows], rows=rows, which=("U",))["U_counts"], after, rtol=1e-14)
+
+
+def test_elbo_every_skips_the_estimate_not_the_step():
+    """elbo_every=k (issue 16): the estimate only at steps t % k == 0, None elsewhere; a float64
+    trajectory is the same as when every step computes it, and so are the estimates it gives."""
+    X = simulate()
+    a, b, c = make(X), make(X), make(X)
+    every = NaturalGradient(a, tau0=2.0, local_iters=3)
+    third = NaturalGradient(b, tau0=2.0, local_iters=3, elbo_every=3)
+    never = NaturalGradient(c, tau0=2.0, local_iters=3, elbo_every=0)
+    it = batches(60, 15, 3)
+    for t in range(7):
+        rows = next(it)
+        ref = every.step(lambda: (X[rows], rows))
+        got = third.step(lambda: (X[rows], rows))
+        assert never.step(lambda: (X[rows], rows)) is None
+        if t % 3:
+            assert got is None
+        else:
+            np.testing.assert_allclose(float(got.total), float(ref.total), rtol=1e-12)
+            np.testing.assert_allclose(float(got.data), float(ref.data), rtol=1e-12)
+        for p, q, r in zip(params(a), params(b), params(c)):
+            np.testing.assert_allclose(q, p, rtol=1e-10)
+            np.testing.assert_allclose(r, p, rtol=1e-10)
+        np.testing.assert_allclose(b.kappa, a.kappa, rtol=1e-10)
+        np.testing.assert_allclose(c.lambda_, a.lambda_, rtol=1e-10)
+    # the keyword overrides the setting for one step; the setting is kept in the state dict
+    rows = next(it)
+    assert never.step(lambda: (X[rows], rows), elbo=True) is not None
+    assert every.step(lambda: (X[rows], rows), elbo=False) is None
+    assert third.state_dict()["param_groups"][0]["elbo_every"] == 3
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises((ValueError, TypeError), match="elbo_every"):
+            NaturalGradient(make(X), elbo_every=bad)
+
+
+def test_float32_layer_without_estimate_stays_close():
+    """On steps without the estimate a float32 layer computes the q(α) statistics in float32
+    (with it, in float64 for the ELBO): the two trajectories differ by float32 rounding only."""
+    X = simulate()
+    a, b = make(X, dtype=torch.float32), make(X, dtype=torch.float32)
+    ta = NaturalGradient(a, tau0=2.0, local_iters=3, local_tol=0)
+    tb = NaturalGradient(b, tau0=2.0, local_iters=3, local_tol=0, elbo_every=0)
+    it = batches(60, 15, 4)
+    for _ in range(6):
+        rows = next(it)
+        assert torch.isfinite(ta.step(lambda: (X[rows], rows)).total)
+        tb.step(lambda: (X[rows], rows))
+    for p, q in zip(params(a), params(b)):
+        np.testing.assert_allclose(q, p, rtol=1e-4)

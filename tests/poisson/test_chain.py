@@ -336,6 +336,24 @@ def test_svi_rho_one_full_batch_equals_cavi_sweep(mixed):
             np.testing.assert_allclose(q, p, rtol=1e-11, err_msg=k)
 
 
+def test_svi_without_estimate_takes_the_same_steps():
+    X = simulate_deep(40, 20, 3, 5, seed=2)[0]
+    m1, m2 = deep(40, 20, 3, 5), deep(40, 20, 3, 5)
+    with_elbo = NaturalGradient(m1.parameters(), tau0=2.0, local_iters=2)
+    without = NaturalGradient(m2.parameters(), tau0=2.0, local_iters=2, elbo_every=2)
+    g = torch.Generator().manual_seed(3)
+    for step in range(4):
+        rows = torch.randperm(40, generator=g)[:10]
+        ref = with_elbo.step(lambda: (X[rows], m1(None), rows))
+        got = without.step(lambda: (X[rows], m2(None), rows))
+        if step % 2:
+            assert got is None
+        else:
+            np.testing.assert_allclose(float(got.total), float(ref.total), rtol=1e-12)
+        for (k, p), q in zip(m1.state_dict().items(), m2.state_dict().values()):
+            np.testing.assert_allclose(q, p, rtol=1e-12, err_msg=k)
+
+
 def test_svi_minibatches_raise_the_full_elbo():
     X = simulate_deep(200, 30, 3, 5, seed=4)[0]
     model = deep(200, 30, 3, 5)

@@ -225,8 +225,31 @@ def _row_blocks(crow: Tensor, chunk_size: Optional[int]) -> List[Tuple[int, int]
     return blocks
 
 
+def _column_terms(elog_a: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The column factors of :func:`expected_counts`: ``(m_a, g_a, g_a.T)``.
+
+    Parameters
+    ----------
+    elog_a : Tensor, shape (m, K)
+        :math:`\\mathbb E\\log \\alpha`.
+
+    Returns
+    -------
+    m_a : Tensor, shape (m, 1)
+        Row maxima of ``elog_a`` (the shift that keeps ``exp`` finite).
+    g_a : Tensor, shape (m, K)
+        ``exp(elog_a - m_a)``.
+    g_a_t : Tensor, shape (K, m)
+        ``g_a`` transposed, contiguous (the sampled product's layout).
+    """
+    ma = elog_a.amax(1, keepdim=True)
+    ga = torch.exp(elog_a - ma)
+    return ma, ga, ga.t().contiguous()
+
+
 def expected_counts(data: CountMatrix, elog_u: Tensor, elog_a: Tensor, need_rows: bool = True,
-                    need_cols: bool = True, chunk_size: Optional[int] = None
+                    need_cols: bool = True, chunk_size: Optional[int] = None,
+                    col_terms: Optional[Tuple[Tensor, Tensor, Tensor]] = None
                     ) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor]:
     r"""Expected latent counts summed over columns and over rows, and the log normaliser.
 
@@ -244,6 +267,10 @@ def expected_counts(data: CountMatrix, elog_u: Tensor, elog_a: Tensor, need_rows
         Compute the row sums / column sums (the log normaliser is always computed).
     chunk_size : int, optional
         Nonzeros handled at once by the sampled product and the log-softmax fallback.
+    col_terms : tuple of Tensor, optional
+        ``(m_a, g_a, g_a.T)`` already computed from ``elog_a`` by ``_column_terms``
+        (shapes ``(m, 1)``, ``(m, K)``, ``(K, m)``), so that repeated calls with the same
+        ``elog_a`` (the local iterations of an SVI step) do not recompute them.
 
     Returns
     -------
@@ -263,10 +290,8 @@ def expected_counts(data: CountMatrix, elog_u: Tensor, elog_a: Tensor, need_rows
         return (elog_u.new_zeros(n, K) if need_rows else None,
                 elog_a.new_zeros(m, K) if need_cols else None, zero)
     mu = elog_u.amax(1, keepdim=True)
-    ma = elog_a.amax(1, keepdim=True)
     gu = torch.exp(elog_u - mu)
-    ga = torch.exp(elog_a - ma)
-    gaT = ga.t().contiguous()
+    ma, ga, gaT = _column_terms(elog_a) if col_terms is None else col_terms
     parts = []
     for r0, r1 in _row_blocks(data.crow, chunk_size):
         i0, i1 = int(data.crow[r0]), int(data.crow[r1])
@@ -520,8 +545,10 @@ class GammaPoisson(nn.Module):
 
     @contextlib.contextmanager
     def alpha_fixed(self):
-        """Within the block ``q(α)`` does not change: :meth:`statistics` computes digamma and log
-        of it once per dtype instead of at every call (the local iterations of an SVI step).
+        """Within the block ``q(α)`` does not change: :meth:`statistics` computes digamma, log and
+        the column factors of the expected counts of it once per dtype, and :meth:`update_U`
+        the column sums of ``E[α]`` once, instead of at every call (the local iterations of an
+        SVI step).
 
         The caller guarantees that ``alpha_shape``/``alpha_rate`` are not modified in the block.
         """
@@ -534,15 +561,29 @@ class GammaPoisson(nn.Module):
             if not outer:
                 _ALPHA_LOGS.pop(self, None)
 
-    def _alpha_logs(self, shape_a: Tensor, rate_a: Tensor) -> Tuple[Tensor, Tensor]:
-        """``(digamma(shape_a), log(rate_a))``, reused within :meth:`alpha_fixed`."""
+    def _alpha_logs(self, shape_a: Tensor, rate_a: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tuple[Tensor, ...]]:
+        """``(digamma(shape_a), log(rate_a), E log α, _column_terms(E log α))``, reused within
+        :meth:`alpha_fixed` (all ``O(n_cols K)``: per local iteration they cost as much as the
+        batch's nonzeros)."""
         cache = _ALPHA_LOGS.get(self)
         key = (shape_a.dtype, shape_a.device)
         if cache is not None and key in cache:
             return cache[key]
-        out = (torch.digamma(shape_a), torch.log(rate_a))
+        digamma_a, log_rate_a = torch.digamma(shape_a), torch.log(rate_a)
+        elog_a = digamma_a - log_rate_a
+        out = (digamma_a, log_rate_a, elog_a, _column_terms(elog_a))
         if cache is not None:
             cache[key] = out
+        return out
+
+    def _alpha_mean_sum(self) -> Tensor:
+        """``Σ_t E[α_tk]``, shape ``(K,)``, reused within :meth:`alpha_fixed`."""
+        cache = _ALPHA_LOGS.get(self)
+        if cache is not None and "mean_sum" in cache:
+            return cache["mean_sum"]
+        out = self.mean_alpha().sum(0)
+        if cache is not None:
+            cache["mean_sum"] = out
         return out
 
     def _u(self, name: str, rows: Optional[Tensor]) -> Tensor:
@@ -681,9 +722,9 @@ class GammaPoisson(nn.Module):
                 shape_u, rate_u, shape_a, rate_a = (t.double() for t in (shape_u, rate_u, shape_a, rate_a))
                 data = data.to(dtype=torch.float64)
             digamma_u, log_rate_u = torch.digamma(shape_u), torch.log(rate_u)
-            digamma_a, log_rate_a = self._alpha_logs(shape_a, rate_a)
+            digamma_a, log_rate_a, elog_a, col_terms = self._alpha_logs(shape_a, rate_a)
             row_counts, col_counts, log_norm = expected_counts(
-                data, digamma_u - log_rate_u, digamma_a - log_rate_a, "U" in which, "alpha" in which, chunk_size)
+                data, digamma_u - log_rate_u, elog_a, "U" in which, "alpha" in which, chunk_size, col_terms=col_terms)
             stats: Dict[str, object] = {"rows": r, "scale": scale}
             if row_counts is not None:
                 stats["U_counts"] = row_counts.to(dtype)
@@ -728,7 +769,7 @@ class GammaPoisson(nn.Module):
         r = stats["rows"]
         kappa = self.kappa if r is None else self.kappa[r]
         self._write("U_shape", self.a + stats["U_counts"], r)
-        self._write("U_rate", kappa[:, None] + self.mean_alpha().sum(0), r)
+        self._write("U_rate", kappa[:, None] + self._alpha_mean_sum(), r)
 
     @torch.no_grad()
     def update_alpha(self, stats: Dict[str, object], rho: float = 1.0) -> None:

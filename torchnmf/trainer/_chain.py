@@ -118,7 +118,7 @@ class ChainRunner:
         self.cache = (data, self._key(chain), stats.counts.get(0))
         return elbo_from(data, chain, stats.log_norm)
 
-    def svi(self, closure, rho_fn, group: dict):
+    def svi(self, closure, rho_fn, group: dict, elbo: bool = True):
         X, chain, rows, scale = self._unpack(closure, "NaturalGradient")
         rho = rho_fn()
         if not (0.0 < rho <= 1.0) or not math.isfinite(rho):
@@ -146,7 +146,7 @@ class ChainRunner:
                     before = after
         rest = [i for i in train if i > 0]
         stats = ChainStatistics(data, chain, r, set(rest), chunk)
-        estimate = elbo_from(data, chain, stats.log_norm, r, scale)
+        estimate = elbo_from(data, chain, stats.log_norm, r, scale) if elbo else None
         for i in rest:
             factors[i].update(stats.counts[i] * scale, rate_statistics(chain, i, r, scale), rho=rho)
         if group["update_hyper"]:

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..data import check_positive, check_rank, check_real
+from ..data import check_int, check_positive, check_rank, check_real
 from ..engine import max_relative_change
 from .cavi import Reduce, _ConjugateTrainer, unpack_batch
 
@@ -58,6 +58,13 @@ class NaturalGradient(_ConjugateTrainer):
         Bound on the nonzeros processed at once.
     update_hyper : bool, default True
         Refit ``κ`` of the batch rows and ``λ`` (for those the layer learns).
+    elbo_every : int, default 1
+        Compute the ELBO estimate :meth:`step` returns at every this-many-th step (steps
+        ``t`` with ``t % elbo_every == 0``, counted from 0) and return ``None`` at the
+        others; 0 never computes it. The estimate costs about as much as the rest of a step
+        on wide data (digamma and lgamma of all of ``q(α)`` in float64), so loops that do not
+        read it every step should set this (:func:`~torchnmf.parallel.fit_gamma_svi` measures
+        once per epoch). ``step(closure, elbo=True/False)`` overrides it for one step.
     reduce : callable, optional
         ``reduce(stats) -> stats`` applied to the batch statistics before the global step
         (sum the layer's ``global_statistics`` over processes for data-parallel SVI).
@@ -70,7 +77,11 @@ class NaturalGradient(_ConjugateTrainer):
     ``local_iters=1`` a step equals one :class:`CAVI` sweep.
 
     :meth:`step` returns a noisy estimate of the full-data ELBO from the batch, at the batch's
-    local optimum and before the global step.
+    local optimum and before the global step (or ``None`` on steps that do not compute it,
+    see ``elbo_every``). Whether a step computes it does not change the step of a float64
+    layer; a float32 layer computes the batch's ``q(α)`` statistics in float64 on the steps
+    that compute the estimate (the ELBO needs that pass in float64) and in float32 on the
+    others, so their trajectories differ by float32 rounding.
 
     For a chain the closure returns ``(X_batch, model(None), rows)`` (or with a 4th ``scale``;
     ``(X, model(None))`` is the full data): the rows of the first factor (``H``) are the local
@@ -93,7 +104,7 @@ class NaturalGradient(_ConjugateTrainer):
 
     def __init__(self, layer: nn.Module, lr: float = 1.0, tau0: float = 1.0, forgetting_rate: float = 0.7,
                  local_iters: int = 10, local_tol: float = 1e-4, chunk_size: Optional[int] = None,
-                 update_hyper: bool = True, reduce: Optional[Reduce] = None):
+                 update_hyper: bool = True, elbo_every: int = 1, reduce: Optional[Reduce] = None):
         lr = check_positive(lr, "lr")
         tau0 = check_positive(tau0, "tau0")
         forgetting_rate = check_real(forgetting_rate, "forgetting_rate", 0, 1)
@@ -101,8 +112,10 @@ class NaturalGradient(_ConjugateTrainer):
         local_tol = check_positive(local_tol, "local_tol", allow_zero=True)
         if chunk_size is not None:
             chunk_size = check_rank(chunk_size, "chunk_size")
+        elbo_every = check_int(elbo_every, "elbo_every", low=0)
         defaults = dict(lr=lr, tau0=tau0, forgetting_rate=forgetting_rate, local_iters=local_iters,
-                        local_tol=local_tol, chunk_size=chunk_size, update_hyper=bool(update_hyper))
+                        local_tol=local_tol, chunk_size=chunk_size, update_hyper=bool(update_hyper),
+                        elbo_every=elbo_every)
         super().__init__(layer, defaults, reduce)
 
     def rho(self) -> float:
@@ -111,23 +124,31 @@ class NaturalGradient(_ConjugateTrainer):
         return float(g["lr"]) * (self.steps + float(g["tau0"])) ** (-float(g["forgetting_rate"]))
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable] = None):
+    def step(self, closure: Optional[Callable] = None, *, elbo: Optional[bool] = None):
         """Local fit of the batch rows, then a natural-gradient step of ``q(α)``.
 
         Parameters
         ----------
         closure : callable
             Returns ``(X_batch, rows)``, ``(X_batch, rows, scale)`` or the full ``X``.
+        elbo : bool, optional
+            Compute the ELBO estimate at this step; default: as ``elbo_every`` says. With
+            ``reduce`` every process must make the same choice.
 
         Returns
         -------
-        torchnmf.ELBO
-            Estimate of the full-data ELBO from this batch (before the global step).
+        torchnmf.ELBO or None
+            Estimate of the full-data ELBO from this batch (before the global step); ``None``
+            when not computed.
         """
         if closure is None:
             raise ValueError("NaturalGradient.step needs a closure returning (X_batch, rows)")
+        group = self.param_groups[0]
+        if elbo is None:
+            every = int(group.get("elbo_every", 1))
+            elbo = every > 0 and self.steps % every == 0
         if self._chain is not None:
-            estimate = self._chain.svi(closure, self.rho, self.param_groups[0])
+            estimate = self._chain.svi(closure, self.rho, group, elbo)
             self._count_step()
             return estimate
         X, rows, scale = unpack_batch(closure())
@@ -155,8 +176,8 @@ class NaturalGradient(_ConjugateTrainer):
                     if max_relative_change(before, after) < group["local_tol"]:
                         break
                     before = after
-            stats = self._statistics(data, r, ("alpha", "elbo"), scale=scale)
-        estimate = layer.elbo_from_statistics(stats)
+            stats = self._statistics(data, r, ("alpha", "elbo") if elbo else ("alpha",), scale=scale)
+        estimate = layer.elbo_from_statistics(stats) if elbo else None
         layer.update_alpha(stats, rho=rho)
         if group["update_hyper"]:
             layer.update_lambda()
