@@ -2,7 +2,8 @@
 
 Same data, same initial factors, one process, 2 threads for both libraries; prints
 ms/iteration, the ratio to scikit-learn (and, for BetaMu, to NMF.fit) and the final
-divergence of each. "BetaMu loop" is the trainer as shipped (closed-form gradient parts for
+divergence of each. "NMF.fit halves" is ``NMF.fit`` before :mod:`torchnmf.row_pass` (two
+half-updates per iteration, each reading V). "BetaMu loop" is the trainer as shipped (closed-form gradient parts for
 NMF layers), "BetaMu generic" the autograd path (``closed_form=False``).
 
     python benchmarks/nmf_cpu.py                 # 2000x1000, rank 20, 200 iterations
@@ -46,6 +47,19 @@ def divergence(V, H, W, beta):
     return float(beta_div(pred, torch.as_tensor(V, dtype=torch.float64), beta))
 
 
+@contextlib.contextmanager
+def two_halves():
+    """``NMF.fit`` as before :mod:`torchnmf.row_pass`: each iteration as two half-updates."""
+    from torchnmf import row_pass
+
+    supports = row_pass.supports
+    row_pass.supports = lambda *a, **k: False
+    try:
+        yield
+    finally:
+        row_pass.supports = supports
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2000)
@@ -55,6 +69,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--betas", type=float, nargs="+", default=[1.0, 2.0])
     ap.add_argument("--no-betamu", action="store_true", help="skip the (slower, generic) BetaMu loop")
+    ap.add_argument("--no-halves", action="store_true",
+                    help="skip 'NMF.fit halves' (the two-half-update iteration before torchnmf.row_pass)")
     ap.add_argument("--passive-omp", action="store_true",
                     help="set OMP_WAIT_POLICY=PASSIVE for torch (shared/oversubscribed machines)")
     ap.add_argument("--repeat", type=int, default=1,
@@ -113,6 +129,14 @@ def main(argv=None):
                     t0 = clock()
                     m.fit(V, beta=beta, tol=0, max_iter=args.iters)
                     keep("NMF.fit", clock() - t0, divergence(X, m.H.detach(), m.W.detach(), beta))
+
+                if not args.no_halves:  # before torchnmf.row_pass: two half-updates, V read per half
+                    m = NMF(W=torch.from_numpy(H0.T.astype(dtype)).contiguous(), H=torch.from_numpy(W0.astype(dtype)))
+                    with warnings.catch_warnings(), two_halves():
+                        warnings.simplefilter("ignore")
+                        t0 = clock()
+                        m.fit(V, beta=beta, tol=0, max_iter=args.iters)
+                        keep("NMF.fit halves", clock() - t0, divergence(X, m.H.detach(), m.W.detach(), beta))
 
                 for name, closed in (("BetaMu loop", True), ("BetaMu generic", False)):
                     if args.no_betamu:
