@@ -407,7 +407,10 @@ def fit_gamma_svi(layer, source, *, batch_size: int = 1024, epochs: int = 10, lr
     seed : int, default 0
         Row order of every epoch (a resumed fit repeats it exactly).
     history : History, optional
-        Receives the ELBO estimate of every step.
+        Receives one ELBO estimate per epoch: the estimate of the epoch's last step (from its
+        batch, at the batch's local optimum, before its global step). Only that step computes
+        one (``NaturalGradient.step(..., elbo=True)``): on wide data the estimate (digamma
+        and lgamma of all of ``q(α)`` in float64) costs as much as the rest of a step.
     verbose : bool, default False
     chunk_size : int, optional
     checkpoint : str, os.PathLike or Checkpointer, optional
@@ -422,7 +425,13 @@ def fit_gamma_svi(layer, source, *, batch_size: int = 1024, epochs: int = 10, lr
     Returns
     -------
     History
-        ELBO estimates, one per step (including those before a resume).
+        ELBO estimates, one per epoch (including those before a resume).
+
+    Notes
+    -----
+    A stop request (:meth:`History.request_stop`, a callback) takes effect at the end of
+    the epoch. The steps of a float32 layer that compute no estimate compute the batch's
+    ``q(α)`` statistics in float32 (see :class:`~torchnmf.trainer.NaturalGradient`).
     """
     from .trainer.natural import NaturalGradient
 
@@ -439,50 +448,29 @@ def fit_gamma_svi(layer, source, *, batch_size: int = 1024, epochs: int = 10, lr
     trainer = NaturalGradient(layer, lr=lr, tau0=tau0, forgetting_rate=forgetting_rate, local_iters=local_iters,
                               local_tol=local_tol, chunk_size=chunk_size, reduce=reduce)
     ckpt = _checkpointer(checkpoint, checkpoint_every, group, timeout)
-    history, own = _history(history, verbose, epochs * n_steps, "fit_gamma_svi", "elbo", True, group)
-    batches = {}
+    history, own = _history(history, verbose, epochs, "fit_gamma_svi", "elbo", True, group)
 
-    def batch_step(i, measure):
-        epoch = i // n_steps
-        if i % n_steps == 0 or epoch not in batches:  # a new epoch (or a resume): its batch order
-            batches.clear()
-            batches[epoch] = _batches(loader, epoch, n_steps)
-            for _ in range(i % n_steps):
-                next(batches[epoch])
-        batch = next(batches[epoch])
-        Xb, rows = batch.X.to(layer.device), batch.rows.to(layer.device)
-        scale = None
-        if distributed:  # the union of the processes' batches stands for the full data
-            total_rows = all_reduce_stats({"n": torch.tensor(float(len(rows)), dtype=torch.float64)},
-                                          group=group, timeout=timeout)["n"]
-            scale = n_rows / float(total_rows)
-        return trainer.step(lambda: (Xb, rows) if scale is None else (Xb, rows, scale))
+    def epoch_step(epoch, measure):
+        estimate = None
+        for step, batch in enumerate(_batches(loader, epoch, n_steps)):
+            Xb, rows = batch.X.to(layer.device), batch.rows.to(layer.device)
+            scale = None
+            if distributed:  # the union of the processes' batches stands for the full data
+                total_rows = all_reduce_stats({"n": torch.tensor(float(len(rows)), dtype=torch.float64)},
+                                              group=group, timeout=timeout)["n"]
+                scale = n_rows / float(total_rows)
+            # every process measures the same (last) step: the estimate's statistics are summed
+            estimate = trainer.step(lambda: (Xb, rows) if scale is None else (Xb, rows, scale),
+                                    elbo=step == n_steps - 1)
+        return estimate
 
     try:
-        # one record per step (a noisy ELBO estimate, so no tolerance); checkpoints at epoch ends
-        run_stateful(layer, trainer, batch_step, max_iter=epochs * n_steps, tol=0.0, history=history,
-                      model="fit_gamma_svi", checkpoint=None if ckpt is None else _EpochCheckpoint(ckpt, n_steps),
+        # one record per epoch (a noisy ELBO estimate, so no tolerance); checkpoints at epoch ends
+        run_stateful(layer, trainer, epoch_step, max_iter=epochs, tol=0.0, history=history,
+                      model="fit_gamma_svi", checkpoint=ckpt,
                       agree=_agree(layer.kappa, group, timeout) if distributed else None)
     finally:
         if own:
             history.close()
     return history
 
-
-class _EpochCheckpoint:
-    """A :class:`Checkpointer` counted in epochs, seen by the engine as counted in steps."""
-
-    def __init__(self, ckpt: Checkpointer, n_steps: int):
-        self.ckpt, self.n_steps = ckpt, n_steps
-
-    def due(self, step: int) -> bool:
-        return (step + 1) % self.n_steps == 0 and self.ckpt.due((step + 1) // self.n_steps - 1)
-
-    def maybe_save(self, step: int, state) -> bool:
-        if (step + 1) % self.n_steps:
-            return False
-        return self.ckpt.maybe_save((step + 1) // self.n_steps - 1, state)
-
-    def load(self, map_location=None):
-        resumed = self.ckpt.load(map_location=map_location)
-        return None if resumed is None else (resumed[0] * self.n_steps, resumed[1])
