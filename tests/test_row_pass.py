@@ -21,6 +21,13 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(row_pass, "_MIN_ROWS", 1)
 
 
+@pytest.fixture
+def any_beta(monkeypatch):
+    """Take the one pass for beta=2 in float64 too (left to the two halves by default, for speed)."""
+    real = row_pass.supports
+    monkeypatch.setattr(row_pass, "supports", lambda V, mask=None, beta=None: real(V, mask))
+
+
 def problem(N=37, C=11, R=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     V = torch.rand(N, C, dtype=torch.float64, generator=g) + 0.05
@@ -68,6 +75,8 @@ def test_inputs_untouched_and_cache_reused(small_blocks):
 
 def test_supports():
     V = torch.rand(6, 5)
+    assert row_pass.supports(V, beta=2) and not row_pass.supports(V.double(), beta=2)
+    assert row_pass.supports(V.double(), beta=1)
     assert row_pass.supports(V) and row_pass.supports(V.double())
     assert not row_pass.supports(V, mask=torch.ones(6, 5))
     assert not row_pass.supports(V.t().contiguous().t())  # column-major: strided rows
@@ -78,6 +87,7 @@ def test_supports():
 
 @pytest.mark.parametrize("beta", [0, 1, 2])
 def test_fit_one_pass_equals_half_updates(monkeypatch, beta):
+    real_supports = row_pass.supports
     """NMF.fit on a dense CPU V takes the one-pass iteration; its trajectory equals the old path."""
     V, W, H = problem(N=300, C=40, seed=1)
     calls = []
@@ -93,6 +103,7 @@ def test_fit_one_pass_equals_half_updates(monkeypatch, beta):
             warnings.simplefilter("ignore")
             if one_pass:
                 monkeypatch.setattr(row_pass, "mu_iteration", spy)
+                monkeypatch.setattr(row_pass, "supports", lambda V, mask=None, beta=None: real_supports(V, mask))
             else:
                 monkeypatch.setattr(row_pass, "supports", lambda *a, **k: False)
             m.fit(V, beta=beta, max_iter=25, tol=0, history=hist, check_every=1)
@@ -118,3 +129,62 @@ def test_divergence_never_increases(digits, beta):
         losses.append(float(loss))
     assert all(b <= a * (1 + 1e-12) for a, b in zip(losses, losses[1:]))
     assert losses[-1] < 0.8 * losses[0]
+
+
+def _betamu_run(V, W, H, beta, closed, steps=4, order="HW", mask=None, mode=None, **reg):
+    from torchnmf.trainer import BetaMu
+
+    m = NMF(W=W.clone(), H=H.clone()) if mode is None else NMF(W=W.clone(), H=H.clone(), mode=mode)
+    params = list(m.parameters()) if mode is not None else ([m.H, m.W] if order == "HW" else [m.W, m.H])
+    trainer = BetaMu(params, beta=beta, closed_form=closed, **reg)
+
+    def closure():
+        return (V, m()) if mask is None else (V, m(), mask)
+
+    for _ in range(steps):
+        trainer.step(closure)
+    return m
+
+
+def _spy_iterate(monkeypatch):
+    calls = []
+    real = row_pass.iterate
+    monkeypatch.setattr(row_pass, "iterate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("order", ["HW", "WH"])
+@pytest.mark.parametrize("reg", [{}, {"l1_reg": 0.1, "l2_reg": 0.2, "orthogonal": 0.05}])
+def test_betamu_one_pass_equals_generic(small_blocks, any_beta, monkeypatch, beta, order, reg):
+    """BetaMu on H and W of one layer (either order) takes the one pass; factors and grads
+    equal the autograd path's."""
+    V, W, H = problem(seed=2)
+    calls = _spy_iterate(monkeypatch)
+    fast = _betamu_run(V, W, H, beta, True, order=order, **reg)
+    assert len(calls) == 4
+    slow = _betamu_run(V, W, H, beta, False, order=order, **reg)
+    for name in ("H", "W"):
+        a, b = getattr(fast, name), getattr(slow, name)
+        assert rel(a.detach(), b.detach()) < 1e-10
+        assert rel(a.grad, b.grad) < 1e-10
+    assert torch.equal(V, problem(seed=2)[0])  # the target is not modified
+
+
+@pytest.mark.parametrize("case", ["mask", "softplus", "column-major V", "beta 2 float64"])
+def test_betamu_other_cases(monkeypatch, case):
+    V, W, H = problem(seed=3)
+    calls = _spy_iterate(monkeypatch)
+    kw, beta = {}, 1
+    if case == "mask":
+        kw["mask"] = (torch.rand(V.shape, generator=torch.Generator().manual_seed(0)) > 0.2).double()
+    if case == "softplus":
+        kw["mode"] = "softplus"
+    if case == "beta 2 float64":
+        beta = 2
+    Vx = V.t().contiguous().t() if case == "column-major V" else V
+    fast = _betamu_run(Vx, W, H, beta, True, **kw)
+    # a column-major target is copied once by rows and takes the pass; the others keep their path
+    assert len(calls) == (4 if case == "column-major V" else 0)
+    slow = _betamu_run(Vx, W, H, beta, False, **kw)
+    assert rel(fast.W.detach(), slow.W.detach()) < 1e-10 and rel(fast.H.detach(), slow.H.detach()) < 1e-10

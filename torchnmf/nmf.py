@@ -321,7 +321,7 @@ class BaseComponent(nn.Module):
 
         pending = {}
         # both factors of a dense CPU V: one pass over V's row blocks per iteration (row_pass)
-        one_pass = reduce is None and train_H and train_W and row_pass.supports(V, M)
+        one_pass = reduce is None and train_H and train_W and row_pass.supports(V, M, beta)
         cacheP = {}
 
         def step(i, measure):

@@ -15,7 +15,7 @@ beta=1 iterations take about half the time of the two half-updates, beta=2 about
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from torch import Tensor
 from .data import check_beta
 from .updates import EPSILON, _big_mm, _multiply, mu_gamma
 
-__all__ = ["mu_iteration", "supports"]
+__all__ = ["mu_iteration", "iterate", "supports"]
 
 # A block of V (and each reconstruction block) of about this many bytes: two of them fit in a
 # core's L2 cache (1 MiB on the machine this was tuned on), the rest of the pass in L3.
@@ -31,17 +31,24 @@ _BLOCK_BYTES = 1 << 20
 _MIN_ROWS = 8
 
 
-def supports(V: Tensor, mask: Optional[Tensor] = None) -> bool:
-    """Whether :func:`mu_iteration` applies: a dense CPU ``V`` stored by rows, no mask.
+def supports(V: Tensor, mask: Optional[Tensor] = None, beta: Optional[float] = None) -> bool:
+    """Whether the one pass applies, and pays: a dense CPU ``V`` stored by rows, no mask.
 
     Column-major ``V`` (a transposed view) would be read with a stride of ``N`` inside each
-    block, losing the cache locality the pass exists for; GPUs have their own fused kernels.
+    block, losing the cache locality the pass exists for (measured slower than two halves);
+    GPUs have their own fused kernels. ``beta=2`` in float64 keeps the two halves too: the
+    Gram form has no elementwise work to fuse, and MKL's float64 products of row blocks
+    were slower than its whole-matrix products (benchmarks/README.md).
 
     Parameters
     ----------
     V : Tensor, shape (N, C)
     mask : Tensor, shape (N, C), optional
+    beta : float, optional
+        The divergence, when known.
     """
+    if beta == 2 and V.dtype == torch.float64:
+        return False
     return (mask is None and V.layout == torch.strided and V.device.type == "cpu" and V.dim() == 2
             and V.dtype in (torch.float32, torch.float64) and V.shape[1] > 0
             and (V.stride(1) == 1 or V.shape[1] == 1))
@@ -110,64 +117,90 @@ def mu_iteration(
         The divergence at ``(W, H)`` with ``with_loss``, else None.
     """
     beta = check_beta(beta)
-    cache = {} if cache is None else cache
     g = mu_gamma(beta)
+
+    def rule(X: Tensor, num: Tensor, den: Tensor, out: Optional[Tensor], start: Optional[int]) -> Tensor:
+        X = _multiply(X, num, den, g, l1, l2, eps, out=out, num_is_scratch=True)
+        if zero_below is not None:
+            X.masked_fill_(X < zero_below, 0.0)
+        return X
+
+    with torch.no_grad():
+        H_new = torch.empty_like(H, memory_format=torch.contiguous_format)
+        W_new, loss = iterate(V, W, H, beta, rule, eps=eps, with_loss=with_loss, cache=cache, H_out=H_new)
+    return H_new, W_new, loss
+
+
+def iterate(V: Tensor, W: Tensor, H: Tensor, beta: float, rule: Callable, *, eps: float = EPSILON,
+            with_loss: bool = False, cache: Optional[Dict] = None, H_out: Optional[Tensor] = None,
+            pred: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """The pass behind :func:`mu_iteration`, with the multiplicative step left to ``rule``.
+
+    ``rule(X, num, den, out, start)`` returns the updated factor rows ``X`` (rows ``start:``
+    of ``H``, or all of ``W`` with ``start=None``) from the numerator and denominator of the
+    beta-divergence gradient's parts, written to ``out`` (``None`` for ``W``: a new tensor or
+    ``W`` itself); :class:`torchnmf.trainer.BetaMu` passes its own (penalties, gradients).
+    ``num`` may be overwritten. ``H_out`` receives the new rows of ``H`` (``H`` itself for an
+    in-place update); ``pred``, if given, is ``H Wᵀ`` already computed (its blocks replace a
+    product). Returns ``(W_new, loss)``; no gradient is recorded.
+    """
+    cache = {} if cache is None else cache
     N, C = V.shape
     R = H.shape[1]
     rows = block_rows(V)
-    with torch.no_grad():
-        Wt = W.t()
-        H_new = torch.empty_like(H, memory_format=torch.contiguous_format)
-        numWt = torch.zeros(R, C, dtype=W.dtype, device=W.device)  # (num of W)ᵀ, filled by rows
-        denWt = None if beta in (1, 2) else torch.zeros_like(numWt)
-        G = W.t() @ W if beta == 2 else None
-        wsum = W.sum(0) if beta == 1 else None
-        loss = V.new_zeros((), dtype=torch.float64) if with_loss else None  # summed over blocks
-        for s in range(0, N, rows):
-            Vb, Hb, Hn = V[s:s + rows], H[s:s + rows], H_new[s:s + rows]
-            b = Vb.shape[0]
-            # ---- rows s:s+b of H (W fixed) ----
-            if beta == 2:
-                num = _big_mm(Vb, W)
-                den = Hb @ G
-                if with_loss:  # the cross term of 0.5 ||V - H Wᵀ||², by blocks
-                    loss = loss - (Hb * num).sum().double()
-            else:
-                WH = torch.mm(Hb, Wt, out=_scratch(cache, "WH", rows, V)[:b])
-                if beta < 2:
-                    WH.clamp_min_(eps)
-                num, den, part = _stats(Vb, WH, W, beta, wsum, cache, rows, with_loss)
-                if with_loss:
-                    loss = loss + part
-            _multiply(Hb, num, den, g, l1, l2, eps, out=Hn, num_is_scratch=True)
-            if zero_below is not None:
-                Hn.masked_fill_(Hn < zero_below, 0.0)
-            # ---- this block's share of W's statistics (H's new rows) ----
-            if beta == 2:
-                numWt.addmm_(Hn.t(), Vb)
-                continue
-            WH = torch.mm(Hn, Wt, out=_scratch(cache, "WH", rows, V)[:b])
+    H_out = torch.empty_like(H) if H_out is None else H_out
+    Wt = W.t()
+    numWt = torch.zeros(R, C, dtype=W.dtype, device=W.device)  # (num of W)ᵀ, filled by rows
+    denWt = None if beta in (1, 2) else torch.zeros_like(numWt)
+    G = W.t() @ W if beta == 2 else None
+    wsum = W.sum(0) if beta == 1 else None
+    loss = V.new_zeros((), dtype=torch.float64) if with_loss else None  # summed over blocks
+    if with_loss and beta == 2:  # needs H before an in-place update of its rows
+        loss = loss + _loss_rest(V, W, H, beta, G, wsum, cache)
+    for s in range(0, N, rows):
+        Vb, Hb, Hn = V[s:s + rows], H[s:s + rows], H_out[s:s + rows]
+        b = Vb.shape[0]
+        # ---- rows s:s+b of H (W fixed) ----
+        if beta == 2:
+            num = _big_mm(Vb, W)
+            den = Hb @ G
+            if with_loss:  # the cross term of 0.5 ||V - H Wᵀ||², by blocks
+                loss = loss - (Hb * num).sum().double()
+        else:
+            buf = _scratch(cache, "WH", rows, V)[:b]
+            WH = torch.mm(Hb, Wt, out=buf) if pred is None else buf.copy_(pred[s:s + rows])
             if beta < 2:
                 WH.clamp_min_(eps)
-            if beta == 1:
-                numWt.addmm_(Hn.t(), torch.div(Vb, WH, out=WH))
-                continue
-            P = torch.pow(WH, beta - 2, out=_scratch(cache, "P", rows, V)[:b])
-            D = torch.mul(WH, P, out=WH)  # WH^(beta-1)
-            denWt.addmm_(Hn.t(), D)
-            numWt.addmm_(Hn.t(), P.mul_(Vb))
-        if with_loss:
-            loss = loss + _loss_rest(V, W, H, beta, G, wsum, cache)
+            num, den, part = _stats(Vb, WH, W, beta, wsum, cache, rows, with_loss)
+            if with_loss:
+                loss = loss + part
+        if with_loss and beta == 1:  # Σ H (colsum W) at the old rows
+            loss = loss + torch.dot(Hb.sum(0), wsum).double()
+        rule(Hb, num, den, Hn, s)
+        # ---- this block's share of W's statistics (H's new rows) ----
         if beta == 2:
-            den = W @ (H_new.t() @ H_new)
-        elif beta == 1:
-            den = H_new.sum(0).expand_as(W)
-        else:
-            den = denWt.t()
-        W_new = _multiply(W, numWt.t(), den, g, l1, l2, eps, num_is_scratch=True)
-        if zero_below is not None:
-            W_new.masked_fill_(W_new < zero_below, 0.0)
-        return H_new, W_new, (loss.to(V.dtype) if with_loss else None)
+            numWt.addmm_(Hn.t(), Vb)
+            continue
+        WH = torch.mm(Hn, Wt, out=_scratch(cache, "WH", rows, V)[:b])
+        if beta < 2:
+            WH.clamp_min_(eps)
+        if beta == 1:
+            numWt.addmm_(Hn.t(), torch.div(Vb, WH, out=WH))
+            continue
+        P = torch.pow(WH, beta - 2, out=_scratch(cache, "P", rows, V)[:b])
+        D = torch.mul(WH, P, out=WH)  # WH^(beta-1)
+        denWt.addmm_(Hn.t(), D)
+        numWt.addmm_(Hn.t(), P.mul_(Vb))
+    if with_loss and beta != 2:
+        loss = loss + _loss_rest(V, W, H, beta, G, wsum, cache)
+    if beta == 2:
+        den = W @ (H_out.t() @ H_out)
+    elif beta == 1:
+        den = H_out.sum(0).expand_as(W)
+    else:
+        den = denWt.t()
+    W_new = rule(W, numWt.t(), den, None, None)
+    return W_new, (loss.to(V.dtype) if with_loss else None)
 
 
 def _stats(Vb: Tensor, WH: Tensor, W: Tensor, beta: float, wsum: Optional[Tensor], cache: Dict,
@@ -203,10 +236,10 @@ def _loss_rest(V: Tensor, W: Tensor, H: Tensor, beta: float, G: Optional[Tensor]
         if "sq" not in cache:
             cache["sq"] = torch.dot(V.reshape(-1), V.reshape(-1)).double()
         return 0.5 * (cache["sq"] + ((H.t() @ H) * G).sum().double())
-    if beta == 1:
+    if beta == 1:  # Σ H (colsum W) comes by blocks (H's rows may be updated in place)
         if "c1" not in cache:
             cache["c1"] = (torch.xlogy(V, V) - V).sum().double()
-        return cache["c1"] + torch.dot(H.sum(0), wsum).double()
+        return cache["c1"]
     if beta == 0:
         return V.new_zeros((), dtype=torch.float64)
     if "cb" not in cache:

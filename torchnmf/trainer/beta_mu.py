@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import _matchain, data
+from .. import _matchain, data, row_pass
 from ..constraints import assign_, mode_of, value_of
 from ..updates import EPSILON, mu_gamma
 
@@ -168,6 +168,9 @@ class BetaMu(Optimizer):
                                 kept = (target, mask, chain)
                             called = True
                             cur = (target, pred, mask, chain)
+                            if kept is not None and self._one_pass(chain, target, pred, mask, group, params, flags,
+                                                                   grads):
+                                break  # H and W both updated in one pass over the target's rows
                         target, pred, mask, chain = cur
                         k = _position(chain, p)
                         if k is not None:
@@ -186,6 +189,65 @@ class BetaMu(Optimizer):
                 p.requires_grad_(flags[id(p)])
         for p, g in grads.values():
             p.grad = g
+
+    def _one_pass(self, chain, target: Tensor, pred: Tensor, mask: Optional[Tensor], group: dict,
+                  params: list, flags: dict, grads: dict) -> bool:
+        """Both updates of a plain layer ``H Wᵀ`` in one pass over row blocks of the target
+        (:mod:`torchnmf.row_pass`): the arithmetic of the two closed-form updates in turn,
+        with the target read once. Only when the trainable parameters are exactly ``H`` and
+        ``W`` of one group (either order), both identity-mode leaves, with a dense CPU target
+        and no mask. ``W`` first runs on the transposed target, copied once by rows and kept
+        (as the closed form keeps a copy of a target that is not row-major).
+        """
+        trainable = [q for q in params if flags[id(q)]]
+        f = chain.factors
+        if (len(f) != 2 or len(trainable) != 2 or f[0][1] or not f[1][1]
+                or {id(q) for q in trainable} != {id(f[0][0]), id(f[1][0])}
+                or not all(any(q is r for r in group["params"]) for q in trainable)
+                or target.dtype != f[0][0].dtype or any(_transform_grad(q) is not None for q in trainable)):
+            return False
+        beta, gamma = group["beta"], mu_gamma(group["beta"])
+        A, B = trainable  # A's rows are updated first, by blocks; then B
+        X = target if A is f[0][0] else target.t()
+        if not row_pass.supports(X, mask, beta) and row_pass.supports(X.t(), mask, beta):
+            X = _contiguous(X, self._scratch())  # the transposed target, by rows, kept across steps
+        if not row_pass.supports(X, mask, beta):
+            return False
+        gA = torch.empty_like(A)
+
+        def rule(Y, num, den, out, start):
+            pos = den + self._penalty(Y, group) if self._has_penalty(group) else den
+            ratio = torch.where(pos > 0, num / pos, torch.ones((), dtype=Y.dtype))
+            if gamma != 1:
+                ratio.pow_(gamma)
+            g = pos - num
+            if start is None:
+                grads[id(B)] = (B, g.contiguous())
+            else:
+                gA[start:start + Y.shape[0]] = g
+            return Y.mul_(ratio)
+
+        P = pred.detach() if A is f[0][0] else pred.detach().t()
+        row_pass.iterate(X, B, A, beta, rule, eps=group["eps"], cache=self._scratch(), H_out=A,
+                         pred=P if P.is_contiguous() else None)
+        grads[id(A)] = (A, gA)
+        return True
+
+    @staticmethod
+    def _has_penalty(group: dict) -> bool:
+        return bool(group["l1_reg"] or group["l2_reg"] or group["orthogonal"])
+
+    @staticmethod
+    def _penalty(value: Tensor, group: dict) -> Tensor:
+        """Gradient of the penalties at ``value`` (added to the positive part)."""
+        reg = torch.zeros_like(value)
+        if group["l1_reg"]:
+            reg += group["l1_reg"]
+        if group["l2_reg"]:
+            reg += group["l2_reg"] * value
+        if group["orthogonal"] and value.dim() >= 2:
+            reg += group["orthogonal"] * (value.sum(1, keepdim=True) - value)
+        return reg
 
     def _scratch(self) -> dict:
         """Buffers of the closed form kept across steps (large temporaries are costly to allocate)."""
@@ -212,15 +274,7 @@ class BetaMu(Optimizer):
     def _update(p: Tensor, pos: Tensor, neg: Tensor, group: dict, gamma: float) -> None:
         value = value_of(p).detach()
         dv = _transform_grad(p)  # raw grads = value grads * dv; regularisers are in value space
-        reg = None
-        if group["l1_reg"]:
-            reg = torch.full_like(value, group["l1_reg"])
-        if group["l2_reg"]:
-            r = group["l2_reg"] * value
-            reg = r if reg is None else reg + r
-        if group["orthogonal"] and value.dim() >= 2:
-            r = group["orthogonal"] * (value.sum(1, keepdim=True) - value)
-            reg = r if reg is None else reg + r
+        reg = BetaMu._penalty(value, group) if BetaMu._has_penalty(group) else None
         if reg is not None:
             pos.add_(reg if dv is None else reg * dv)
         ratio = torch.where(pos > 0, neg / pos, torch.ones_like(pos))
