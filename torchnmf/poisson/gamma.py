@@ -54,6 +54,7 @@ from torch.distributions import Gamma, kl_divergence
 from torch.nn.utils import parametrize
 
 from .. import constraints
+from .._special import digamma_positive
 from ..data import (as_tensor, check_counts, check_option, check_positive, check_positive_vector, check_rank,
                     check_shape, nonzeros)
 from ..kernels.sparse import csr_tensor
@@ -569,7 +570,8 @@ class GammaPoisson(nn.Module):
         key = (shape_a.dtype, shape_a.device)
         if cache is not None and key in cache:
             return cache[key]
-        digamma_a, log_rate_a = torch.digamma(shape_a), torch.log(rate_a)
+        # float32 CPU: a vectorised series, 2-3x faster than torch.digamma (float64: torch's)
+        digamma_a, log_rate_a = digamma_positive(shape_a), torch.log(rate_a)
         elog_a = digamma_a - log_rate_a
         out = (digamma_a, log_rate_a, elog_a, _column_terms(elog_a))
         if cache is not None:
