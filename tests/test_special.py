@@ -45,3 +45,13 @@ def test_special_values():
     out = digamma_positive(x)
     assert out[0] == -float("inf") and out[1] == float("inf") and bool(torch.isnan(out[2]))
     torch.testing.assert_close(out[3:], torch.full((5000,), -0.5772156649015329), rtol=1e-6, atol=1e-6)
+
+
+def test_parameters_under_no_grad_take_the_series_and_autograd_still_works():
+    p = torch.nn.Parameter(torch.rand(100, 50) + 0.1)
+    with torch.no_grad():
+        fast = digamma_positive(p)
+    torch.testing.assert_close(fast, digamma_series(p.detach()), rtol=0, atol=0)
+    out = digamma_positive(p)  # recorded by autograd: torch's, with its derivative
+    out.sum().backward()
+    torch.testing.assert_close(p.grad, torch.polygamma(1, p.detach()))

@@ -58,7 +58,7 @@ def digamma_positive(x: Tensor) -> Tensor:
 
     That is float32 on the CPU (2-3x faster than ``torch.digamma``, as accurate); float64
     and GPU tensors go to ``torch.digamma`` (as fast or faster there), so float64 results
-    are unchanged.
+    are unchanged; so do tensors that autograd records and small ones.
 
     Parameters
     ----------
@@ -69,6 +69,8 @@ def digamma_positive(x: Tensor) -> Tensor:
     -------
     Tensor, same shape and dtype as ``x``
     """
-    if x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad and x.numel() >= 4096:
+    # the series works in place: not where autograd records it (torch's has the derivative)
+    recorded = torch.is_grad_enabled() and x.requires_grad
+    if x.dtype == torch.float32 and x.device.type == "cpu" and not recorded and x.numel() >= 4096:
         return digamma_series(x)
     return torch.digamma(x)
