@@ -13,8 +13,10 @@ aspect 2:5 is drawn (10^7 nonzeros: 20000 x 50000, the matrix of issue 16), valu
 
 Times are CPU seconds (``time.process_time``) at one thread (``--threads``), the least of
 ``--reps`` repetitions of at least ``--min-time`` seconds each, so a busy machine perturbs them
-less than wall time. ``nmf/cavi`` is the ratio of the first two columns (issue 16's target:
-<= 1). Cells whose ``nnz * rank`` exceeds ``--max-work`` are skipped (printed as ``-``).
+less than wall time. ``nmf/cavi`` is the ratio of the ``NMF.fit`` and ``CAVI`` columns (issue
+16's target: <= 1). Cells whose ``nnz * rank`` exceeds ``--max-work`` are skipped (printed as
+``-``). ``--before REV`` adds a column ``NMF@REV``: ``NMF.fit`` with the sparse update of git
+revision ``REV`` patched in (the same fit otherwise), timed in the same process.
 
 The second table gives, per method and rank, the exponent ``a`` of ``time ~ nnz^a`` fitted by
 least squares on log-log (``n`` points); the dense ``O((N + C) R)`` work per iteration is constant
@@ -24,6 +26,7 @@ Usage::
 
     python benchmarks/growth.py                                  # 1e5 and 1e6 nonzeros (~5 min)
     python benchmarks/growth.py --nnz 1e5 1e6 1e7 --ranks 10 50 200 --max-work 5e8
+    python benchmarks/growth.py --nnz 1e6 1e7 --ranks 20 --methods NMF.fit CAVI --before c772cb8
 """
 from __future__ import annotations
 
@@ -110,6 +113,32 @@ def time_nmf(V, R: int, min_time: float, reps: int) -> float:
     return out
 
 
+def sparse_update_at(rev: str):
+    """``torchnmf.updates._sparse_update`` as it was at git revision ``rev`` (a before/after column)."""
+    import subprocess
+    import types
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    src = subprocess.run(["git", "show", f"{rev}:torchnmf/updates.py"], cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    mod = types.ModuleType(f"torchnmf._updates_at_{rev}")
+    mod.__package__ = "torchnmf"
+    exec(compile(src, f"{rev}:torchnmf/updates.py", "exec"), mod.__dict__)
+    return mod._sparse_update
+
+
+def time_nmf_before(V, R: int, min_time: float, reps: int, update) -> float:
+    """:func:`time_nmf` with the sparse update of another revision patched in."""
+    import torchnmf.updates as updates
+
+    now = updates._sparse_update
+    updates._sparse_update = update
+    try:
+        return time_nmf(V, R, min_time, reps)
+    finally:
+        updates._sparse_update = now
+
+
 def time_cavi(V, R: int, min_time: float, reps: int) -> float:
     N, C = V.shape
     layer = GammaPoisson(N, C, R, generator=torch.Generator().manual_seed(0))
@@ -156,14 +185,25 @@ def main(argv=None) -> None:
     ap.add_argument("--min-time", type=float, default=1.0, help="CPU seconds per repetition at least")
     ap.add_argument("--max-work", type=float, default=5e8, help="skip cells with nnz * rank above this")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--before", metavar="REV", default=None,
+                    help="also time NMF.fit with the sparse update of git revision REV (column 'NMF@REV')")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     timers = {"NMF.fit": time_nmf, "CAVI": time_cavi, "PNMF ELBO": time_pnmf}
+    methods = list(args.methods)
+    if args.before:
+        old = sparse_update_at(args.before)
+        name = f"NMF@{args.before[:7]}"
+        timers[name] = lambda V, R, t, n: time_nmf_before(V, R, t, n, old)
+        methods.insert(0, name)
+    args.methods = methods
     print(f"# torch {torch.__version__}, {args.threads} thread(s), float32, CPU seconds (process_time), "
           f"min of {args.reps}; load average at start: {load()}")
-    head = f"{'nnz':>10} {'shape':>13} {'rank':>5} " + " ".join(f"{m:>10}" for m in args.methods)
+    head = f"{'nnz':>10} {'shape':>13} {'rank':>5} " + " ".join(f"{m:>11}" for m in args.methods)
     if "NMF.fit" in args.methods and "CAVI" in args.methods:
         head += f" {'nmf/cavi':>9}"
+    if args.before:
+        head += f" {'speed-up':>9}"
     print(head)
     print("-" * len(head))
     results = {}  # (method, rank) -> [(nnz, seconds)]
@@ -177,14 +217,16 @@ def main(argv=None) -> None:
                     continue
                 row[m] = timers[m](V, R, args.min_time, args.reps)
                 results.setdefault((m, R), []).append((nnz, row[m]))
-            cells = " ".join(f"{row[m]:>10.4f}" if m in row else f"{'-':>10}" for m in args.methods)
+            cells = " ".join(f"{row[m]:>11.4f}" if m in row else f"{'-':>11}" for m in args.methods)
             line = f"{nnz:>10d} {V.shape[0]:>6d}x{V.shape[1]:<6d} {R:>5d} {cells}"
             if "NMF.fit" in row and "CAVI" in row:
                 line += f" {row['NMF.fit'] / row['CAVI']:>9.2f}"
+            if args.before and "NMF.fit" in row and methods[0] in row:
+                line += f" {row[methods[0]] / row['NMF.fit']:>8.1f}x"
             print(line, flush=True)
         del V
     print(f"\n# time ~ nnz^a (least squares on log-log); load average at end: {load()}")
-    head = f"{'method':<10} " + " ".join(f"{'a@R=' + str(R):>10}" for R in args.ranks)
+    head = f"{'method':<11} " + " ".join(f"{'a@R=' + str(R):>10}" for R in args.ranks)
     print(head)
     print("-" * len(head))
     for m in args.methods:
@@ -192,7 +234,7 @@ def main(argv=None) -> None:
         for R in args.ranks:
             pts = results.get((m, R), [])
             cells.append(f"{slope(*zip(*pts)):>6.2f} ({len(pts)})" if len(pts) >= 2 else f"{'-':>10}")
-        print(f"{m:<10} " + " ".join(f"{c:>10}" for c in cells))
+        print(f"{m:<11} " + " ".join(f"{c:>10}" for c in cells))
 
 
 if __name__ == "__main__":
