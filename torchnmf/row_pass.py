@@ -168,9 +168,12 @@ def iterate(V: Tensor, W: Tensor, H: Tensor, beta: float, rule: Callable, *, eps
                 loss = loss - (Hb * num).sum().double()
         else:
             buf = _scratch(cache, "WH", rows, V)[:b]
-            WH = torch.mm(Hb, Wt, out=buf) if pred is None else buf.copy_(pred[s:s + rows])
-            if beta < 2:
-                WH.clamp_min_(eps)
+            if pred is None:
+                WH = torch.mm(Hb, Wt, out=buf)
+                if beta < 2:
+                    WH.clamp_min_(eps)
+            else:  # the known product, floored on the way into the buffer (one pass, not two)
+                WH = torch.clamp_min(pred[s:s + rows], eps, out=buf) if beta < 2 else buf.copy_(pred[s:s + rows])
             num, den, part = _stats(Vb, WH, W, beta, wsum, cache, rows, with_loss)
             if with_loss:
                 loss = loss + part

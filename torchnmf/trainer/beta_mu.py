@@ -216,15 +216,14 @@ class BetaMu(Optimizer):
         gA = torch.empty_like(A)
 
         def rule(Y, num, den, out, start):
-            pos = den + self._penalty(Y, group) if self._has_penalty(group) else den
-            ratio = torch.where(pos > 0, num / pos, torch.ones((), dtype=Y.dtype))
+            # pos materialised: comparisons on a broadcast (beta=1) operand take a slow path
+            pos = den + self._penalty(Y, group) if self._has_penalty(group) else den.contiguous()
+            g = torch.sub(pos, num, out=gA[start:start + Y.shape[0]] if start is not None else None)
+            ratio = torch.div(num, pos).masked_fill_(pos <= 0, 1.0)  # = where(pos > 0, num/pos, 1)
             if gamma != 1:
                 ratio.pow_(gamma)
-            g = pos - num
             if start is None:
-                grads[id(B)] = (B, g.contiguous())
-            else:
-                gA[start:start + Y.shape[0]] = g
+                grads[id(B)] = (B, g)
             return Y.mul_(ratio)
 
         P = pred.detach() if A is f[0][0] else pred.detach().t()
