@@ -246,3 +246,29 @@ def test_float32_layer_without_estimate_stays_close():
         tb.step(lambda: (X[rows], rows))
     for p, q in zip(params(a), params(b)):
         np.testing.assert_allclose(q, p, rtol=1e-4)
+
+
+def test_batch_rows_checked_once_not_at_every_local_iteration(monkeypatch):
+    """The rows tensor an SVI step passes at every local iteration is checked once (the
+    checks cost host syncs); changed in place it is checked again, and bad rows still raise."""
+    X = simulate()
+    layer = make(X)
+    trainer = NaturalGradient(layer, local_iters=5, local_tol=0)
+    calls = []
+    real = torch.unique
+    monkeypatch.setattr(torch, "unique", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows = torch.arange(5, 20)
+    trainer.step(lambda: (X[rows], rows))
+    assert len(calls) == 1
+    # a float64 step with the checks every time gives the same values
+    ref = make(X)
+    NaturalGradient(ref, local_iters=5, local_tol=0).step(lambda: (X[rows], rows.tolist()))
+    for p, q in zip(params(layer), params(ref)):
+        np.testing.assert_allclose(p, q, rtol=1e-12)
+    r = torch.arange(3)
+    assert layer._rows(r) is r
+    r[2] = 0  # now repeats an index: checked again
+    with pytest.raises(ValueError, match="repeat"):
+        layer.mean_U(r)
+    with pytest.raises(ValueError, match="rows"):
+        layer.mean_U(torch.tensor([0, 60]))

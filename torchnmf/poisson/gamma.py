@@ -532,6 +532,12 @@ class GammaPoisson(nn.Module):
             return None
         if isinstance(rows, slice):
             return torch.arange(self.n_rows, device=self.device)[rows]
+        last = self.__dict__.get("_checked_rows")
+        if (last is not None and last[0] is rows and last[1] == rows._version and last[2]._version == last[3]
+                and last[2].device == self.device):
+            # the tensor just checked (an SVI step passes it at every local iteration): no new
+            # checks, which cost three host syncs; changed in place, it is checked again
+            return last[2]
         r = torch.as_tensor(np.asarray(rows) if not isinstance(rows, Tensor) else rows)
         if r.dim() != 1 or (r.numel() and (r.is_floating_point() or r.dtype == torch.bool)):
             raise ValueError(f"rows must be a 1-D array of integer row indices, got shape {tuple(r.shape)} "
@@ -542,6 +548,8 @@ class GammaPoisson(nn.Module):
                              f"[{int(r.min())}, {int(r.max())}]")
         if torch.unique(r).numel() != r.numel():
             raise ValueError("rows must not repeat an index")
+        if isinstance(rows, Tensor):
+            self.__dict__["_checked_rows"] = (rows, rows._version, r, r._version)
         return r
 
     @contextlib.contextmanager
