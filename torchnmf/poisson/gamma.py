@@ -92,22 +92,34 @@ class CountMatrix:
     Attributes
     ----------
     rows, cols, values : Tensor, shape (nnz,)
-        Sorted by row, then column.
-    crow : LongTensor, shape (n_rows + 1,)
+        Row, column and count of each nonzero, sorted by row, then column. ``rows`` (int64)
+        is made from ``crow`` on each access: it is not stored.
+    crow : IntTensor or LongTensor, shape (n_rows + 1,)
         CSR row pointers.
-    col_order : LongTensor, shape (nnz,)
-        Permutation putting the nonzeros in column-major order.
-    ccol : LongTensor, shape (n_cols + 1,)
+    csc_pos : IntTensor or LongTensor, shape (nnz,)
+        Position of each (row-major) nonzero in column-major order.
+    ccol : IntTensor or LongTensor, shape (n_cols + 1,)
         CSC column pointers.
-    rows_by_col : LongTensor, shape (nnz,)
-        ``rows[col_order]``.
+    rows_by_col : IntTensor or LongTensor, shape (nnz,)
+        Row of each nonzero in column-major order.
+    index_dtype : torch.dtype
+        Of the index tensors above (except ``rows``): ``torch.int32`` while ``nnz`` and both
+        sizes are below ``2**31`` (half the memory, and torch's CSR kernels run faster on
+        them), ``torch.int64`` beyond.
     log_factorial : Tensor, shape ()
         :math:`\\sum \\log X_{ct}!` (``lgamma(X + 1)`` for non-integer counts), summed in
         float64 and stored in the values' dtype.
     log_factorial64 : Tensor, shape ()
         The same in float64 (float32's rounding of it exceeds the ELBO for large counts).
     row_totals, col_totals : Tensor, shape (n_rows,) and (n_cols,)
-        Row and column sums of the counts.
+        Row and column sums of the counts, summed in the values' dtype.
+    row_totals64, col_totals64 : Tensor, shape (n_rows,) and (n_cols,)
+        The same summed in float64 (read by the float64 ELBO pass of a float32 layer).
+
+    Notes
+    -----
+    Memory: ``nnz`` values and three ``nnz`` index arrays (``cols``, ``csc_pos``,
+    ``rows_by_col``), int32 where the sizes allow: 16 bytes per nonzero for float32 counts.
     """
 
     def __init__(self, rows: Tensor, cols: Tensor, values: Tensor, shape: Tuple[int, int]):
@@ -118,16 +130,64 @@ class CountMatrix:
         if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
             order = torch.argsort(key)
             rows, cols, values = rows[order], cols[order], values[order]
-        self.rows, self.cols, self.values = rows, cols, values
+            del order
+        del key
+        small = max(values.numel(), n_rows, n_cols) < 2 ** 31 - 1
+        idx = torch.int32 if small else torch.int64
+        self.index_dtype = idx
+        self.values = values
         zero = torch.zeros(1, dtype=torch.long, device=rows.device)
-        self.crow = torch.cat([zero, torch.bincount(rows, minlength=n_rows).cumsum(0)])
-        self.col_order = torch.argsort(cols, stable=True)
-        self.ccol = torch.cat([zero, torch.bincount(cols, minlength=n_cols).cumsum(0)])
-        self.rows_by_col = rows[self.col_order]
+        self.crow = torch.cat([zero, torch.bincount(rows, minlength=n_rows).cumsum(0)]).to(idx)
+        self.ccol = torch.cat([zero, torch.bincount(cols, minlength=n_cols).cumsum(0)]).to(idx)
+        # one stable sort by column gives both the CSC rows and each nonzero's CSC position
+        col_order = torch.argsort(cols, stable=True)
+        self.rows_by_col = rows[col_order].to(idx)
+        self.csc_pos = torch.empty_like(col_order, dtype=idx)
+        self.csc_pos[col_order] = torch.arange(col_order.numel(), dtype=idx, device=rows.device)
+        del col_order
         self.log_factorial64 = torch.lgamma(values.double() + 1).sum()
         self.log_factorial = self.log_factorial64.to(values.dtype)
-        self.row_totals = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add_(0, rows, values)
-        self.col_totals = torch.zeros(n_cols, dtype=values.dtype, device=values.device).index_add_(0, cols, values)
+        self._totals(rows, cols)
+        self.cols = cols.to(idx)
+
+    def _totals(self, rows: Tensor, cols: Tensor) -> None:
+        n_rows, n_cols = self.shape
+        values = self.values
+        self.row_totals = values.new_zeros(n_rows).index_add_(0, rows, values)
+        self.col_totals = values.new_zeros(n_cols).index_add_(0, cols, values)
+        if values.dtype == torch.float64:
+            self.row_totals64, self.col_totals64 = self.row_totals, self.col_totals
+        else:
+            v64 = values.double()
+            self.row_totals64 = v64.new_zeros(n_rows).index_add_(0, rows, v64)
+            self.col_totals64 = v64.new_zeros(n_cols).index_add_(0, cols, v64)
+
+    def row_indices(self) -> Tensor:
+        """Row of each nonzero, shape (nnz,), int64, made from ``crow`` (it is not stored)."""
+        counts = (self.crow[1:] - self.crow[:-1]).long()
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts,
+                                       output_size=self.nnz)
+
+    def __getattr__(self, name: str):
+        # ``rows`` (see Attributes) is computed, not stored; not a property so that autodoc
+        # does not make a second 'rows' target beside streaming.RowBatch.rows
+        if name == "rows":
+            return self.row_indices()
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def totals(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """Row and column sums of the counts for a computation in ``dtype``, shapes (n_rows,), (n_cols,).
+
+        Summed in float64 for ``torch.float64`` (whatever the values' dtype), in the values'
+        dtype otherwise (and cast).
+        """
+        if dtype == torch.float64:
+            return self.row_totals64, self.col_totals64
+        return self.row_totals.to(dtype), self.col_totals.to(dtype)
+
+    def log_factorial_in(self, dtype: torch.dtype) -> Tensor:
+        """:attr:`log_factorial64` for ``torch.float64``, :attr:`log_factorial` cast to ``dtype`` otherwise."""
+        return self.log_factorial64 if dtype == torch.float64 else self.log_factorial.to(dtype)
 
     @property
     def nnz(self) -> int:
@@ -150,16 +210,15 @@ class CountMatrix:
             return self
         out = object.__new__(CountMatrix)
         out.shape = self.shape
-        for name in ("rows", "cols", "crow", "col_order", "ccol", "rows_by_col"):
+        out.index_dtype = self.index_dtype
+        for name in ("cols", "crow", "csc_pos", "ccol", "rows_by_col"):
             setattr(out, name, getattr(self, name).to(device))
         out.values = self.values.to(device=device, dtype=dtype)
         out.log_factorial64 = self.log_factorial64.to(device)
         out.log_factorial = out.log_factorial64.to(dtype)
         # summed again in the new dtype: float32 totals of large counts are rounded, and the
         # float64 ELBO (GammaPoisson.statistics) reads them
-        n_rows, n_cols = self.shape
-        out.row_totals = out.values.new_zeros(n_rows).index_add_(0, out.rows, out.values)
-        out.col_totals = out.values.new_zeros(n_cols).index_add_(0, out.cols, out.values)
+        out._totals(out.row_indices(), out.cols.long())
         return out
 
     @classmethod
@@ -203,6 +262,13 @@ class CountMatrix:
         return f"CountMatrix(shape={self.shape}, nnz={self.nnz}, dtype={self.dtype}, device={self.device})"
 
 
+#: Nonzeros per sub-block of the elementwise work of :func:`expected_counts` (and rows of q(α)
+#: times K in GammaPoisson._alpha_terms): bounds those temporaries to a few MiB (the float64 ELBO
+#: pass of a 1M-nonzero matrix held several nnz-sized float64 arrays at once). The sampled
+#: product itself is not split by default: each call has a fixed cost.
+_BLOCK = 1 << 17
+
+
 def _row_blocks(crow: Tensor, chunk_size: Optional[int]) -> List[Tuple[int, int]]:
     """Contiguous row ranges holding at most ``chunk_size`` nonzeros each (or a single row)."""
     n = crow.numel() - 1
@@ -241,11 +307,12 @@ def _column_terms(elog_a: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     g_a : Tensor, shape (m, K)
         ``exp(elog_a - m_a)``.
     g_a_t : Tensor, shape (K, m)
-        ``g_a`` transposed, contiguous (the sampled product's layout).
+        ``g_a.t()``, a view (the sampled product's operand).
     """
     ma = elog_a.amax(1, keepdim=True)
     ga = torch.exp(elog_a - ma)
-    return ma, ga, ga.t().contiguous()
+    # a transposed view, not a copy: torch's sampled product reads it as fast (faster on CPU)
+    return ma, ga, ga.t()
 
 
 def expected_counts(data: CountMatrix, elog_u: Tensor, elog_a: Tensor, need_rows: bool = True,
@@ -267,7 +334,11 @@ def expected_counts(data: CountMatrix, elog_u: Tensor, elog_a: Tensor, need_rows
     need_rows, need_cols : bool
         Compute the row sums / column sums (the log normaliser is always computed).
     chunk_size : int, optional
-        Nonzeros handled at once by the sampled product and the log-softmax fallback.
+        Nonzeros handled at once by the sampled product, the row sums and the log-softmax
+        fallback (default: all). Elementwise work runs in sub-blocks of ``_BLOCK`` (131072)
+        nonzeros whatever ``chunk_size``: the extra memory is about two arrays of
+        ``chunk_size`` values (``d = X / d`` in place) plus one ``nnz`` array of ``X / d``
+        when ``need_cols``.
     col_terms : tuple of Tensor, optional
         ``(m_a, g_a, g_a.T)`` already computed from ``elog_a`` by ``_column_terms``
         (shapes ``(m, 1)``, ``(m, K)``, ``(K, m)``), so that repeated calls with the same
@@ -285,61 +356,90 @@ def expected_counts(data: CountMatrix, elog_u: Tensor, elog_a: Tensor, need_rows
     """
     n, m = data.shape
     K = elog_u.shape[1]
-    x, rows, cols = data.values, data.rows, data.cols
     if data.nnz == 0:
         zero = elog_u.sum() * 0
         return (elog_u.new_zeros(n, K) if need_rows else None,
                 elog_a.new_zeros(m, K) if need_cols else None, zero)
+    dtype = elog_u.dtype
+    crow, cols = data.crow, data.cols
     mu = elog_u.amax(1, keepdim=True)
     gu = torch.exp(elog_u - mu)
     ma, ga, gaT = _column_terms(elog_a) if col_terms is None else col_terms
-    parts = []
-    for r0, r1 in _row_blocks(data.crow, chunk_size):
-        i0, i1 = int(data.crow[r0]), int(data.crow[r1])
-        pattern = _csr(data.crow[r0:r1 + 1] - i0, cols[i0:i1], x.new_zeros(i1 - i0), (r1 - r0, m))
-        parts.append(torch.sparse.sampled_addmm(pattern, gu[r0:r1], gaT, beta=0.0).values())
-    d = parts[0] if len(parts) == 1 else torch.cat(parts)
-    # d <= K always; below sqrt(tiny) its terms may have underflowed: recompute exactly.
-    tiny = math.sqrt(torch.finfo(d.dtype).tiny)
-    bad_idx = None
-    if bool(d.detach().min() < tiny):
-        bad = d < tiny
-        bad_idx = torch.nonzero(bad).flatten()
-        d = torch.where(bad, torch.ones_like(d), d)
-        w = torch.where(bad, torch.zeros_like(x), x / d)
-    else:
-        w = x / d
-    log_d = torch.log(d)
+    row_totals, col_totals = data.totals(dtype)
     # sum X (log d + m_c + m_t), the shifts summed through the row and column totals
-    shift = (data.row_totals * mu[:, 0]).sum() + (data.col_totals * ma[:, 0]).sum()
-    row_fix = col_fix = None
-    if bad_idx is not None:
-        step = chunk_size or bad_idx.numel()
-        lses = []
-        row_fix = elog_u.new_zeros(n, K) if need_rows else None
-        col_fix = elog_a.new_zeros(m, K) if need_cols else None
-        for j in range(0, bad_idx.numel(), step):
-            idx = bad_idx[j:j + step]
-            logits = elog_u[rows[idx]] + elog_a[cols[idx]]
-            lse = torch.logsumexp(logits, 1)
-            # the bad entries' log d is replaced by their exact lse, which already holds the shifts
-            lses.append(lse - mu[rows[idx], 0] - ma[cols[idx], 0])
+    log_norm = (row_totals * mu[:, 0]).sum() + (col_totals * ma[:, 0]).sum()
+    row_counts = gu.new_zeros(n, K) if need_rows else None
+    # X / d in column-major order, filled block by block, for the column sums' product
+    w_csc = data.values.new_empty(data.nnz, dtype=dtype) if need_cols else None
+    col_fix = None
+    tiny = math.sqrt(torch.finfo(dtype).tiny)
+    # the counts in the factors' dtype (a float64 copy only for the float64 ELBO pass of a float32 layer)
+    x_all = data.values.to(dtype)
+    for r0, r1 in _row_blocks(crow, chunk_size):
+        i0, i1 = int(crow[r0]), int(crow[r1])
+        crow_b, cols_b = crow[r0:r1 + 1] - i0, cols[i0:i1]
+        # beta=0: the pattern's values (the counts, finite) are multiplied by 0, not read
+        pattern = _csr(crow_b, cols_b, x_all[i0:i1], (r1 - r0, m))
+        d_all = torch.sparse.sampled_addmm(pattern, gu[r0:r1], gaT, beta=0.0).values()
+        del pattern
+        # X / d of the block: written over d where no gradient flows through d
+        w_all = d_all
+        if d_all.requires_grad:
+            w_all = torch.empty_like(d_all, requires_grad=False) if need_rows or need_cols else None
+        # elementwise work in sub-blocks of _BLOCK nonzeros: O(_BLOCK) temporaries, not
+        # several nnz-sized arrays
+        for j0 in range(0, i1 - i0, _BLOCK):
+            j1 = min(i1 - i0, j0 + _BLOCK)
+            x, d = x_all[i0 + j0:i0 + j1], d_all[j0:j1]
+            # d <= K always; below sqrt(tiny) its terms may have underflowed: recompute exactly.
+            bad_idx = None
+            if bool(d.detach().min() < tiny):
+                bad = d < tiny
+                bad_idx = torch.nonzero(bad).flatten()
+                d = torch.where(bad, torch.ones_like(d), d)
+                w = torch.where(bad, torch.zeros_like(x), x / d)
+                del bad
+            else:
+                w = x / d
+            log_d = torch.log(d)
+            if bad_idx is not None:
+                step = chunk_size or bad_idx.numel()
+                lses = []
+                for k in range(0, bad_idx.numel(), step):
+                    idx = bad_idx[k:k + step]
+                    # rows and columns of the entries idx, from the block's row pointers
+                    r_idx = torch.searchsorted(crow_b, (idx + j0).to(crow_b.dtype), right=True).long() - 1 + r0
+                    c_idx = cols_b[idx + j0].long()
+                    logits = elog_u[r_idx] + elog_a[c_idx]
+                    lse = torch.logsumexp(logits, 1)
+                    # the bad entries' log d is replaced by their exact lse, which already holds the shifts
+                    lses.append(lse - mu[r_idx, 0] - ma[c_idx, 0])
+                    if need_rows or need_cols:
+                        with torch.no_grad():
+                            xphi = torch.exp(logits.detach() - lse.detach()[:, None]) * x[idx, None]
+                            if need_rows:
+                                row_counts.index_add_(0, r_idx, xphi)
+                            if need_cols:
+                                if col_fix is None:
+                                    col_fix = elog_a.new_zeros(m, K)
+                                col_fix.index_add_(0, c_idx, xphi)
+                log_d = log_d.index_put((bad_idx,), torch.cat(lses))
+            log_norm = log_norm + (x * log_d).sum()
+            del log_d, d
             if need_rows or need_cols:
-                xphi = torch.exp(logits.detach() - lse.detach()[:, None]) * x[idx, None]
-                if need_rows:
-                    row_fix.index_add_(0, rows[idx], xphi)
-                if need_cols:
-                    col_fix.index_add_(0, cols[idx], xphi)
-        log_d = log_d.index_put((bad_idx,), torch.cat(lses))
-    log_norm = (x * log_d).sum() + shift
-    row_counts = col_counts = None
-    with torch.no_grad():
-        if need_rows:
-            row_counts = gu * (_csr(data.crow, cols, w, (n, m)) @ ga)
-            if row_fix is not None:
-                row_counts += row_fix
-        if need_cols:
-            col_counts = ga * (_csr(data.ccol, data.rows_by_col, w[data.col_order], (m, n)) @ gu)
+                w_all[j0:j1] = w.detach()
+            del w
+        with torch.no_grad():
+            if need_rows:
+                row_counts[r0:r1] += gu[r0:r1] * (_csr(crow_b, cols_b, w_all, (r1 - r0, m)) @ ga)
+            if need_cols:
+                w_csc[data.csc_pos[i0:i1]] = w_all
+        del w_all, d_all
+    col_counts = None
+    if need_cols:
+        with torch.no_grad():
+            col_counts = ga * (_csr(data.ccol, data.rows_by_col, w_csc, (m, n)) @ gu)
+            del w_csc
             if col_fix is not None:
                 col_counts += col_fix
     return row_counts, col_counts, log_norm
@@ -586,6 +686,34 @@ class GammaPoisson(nn.Module):
             cache[key] = out
         return out
 
+    def _alpha_terms(self, shape_a: Tensor, rate_a: Tensor, dtype: torch.dtype, kl: bool
+                     ) -> Tuple[Tensor, Tuple[Tensor, ...], Optional[Tensor]]:
+        """``(E log α, _column_terms(E log α), KL(q(α) || p(α)) or None)`` computed in ``dtype``.
+
+        Within :meth:`alpha_fixed` through the cache of :meth:`_alpha_logs`. Otherwise (a CAVI
+        sweep) over blocks of rows of ``q(α)``: the cast to ``dtype`` and the digamma/log
+        temporaries are ``O(block K)`` instead of several ``(n_cols, K)`` arrays at once (the
+        float64 ELBO pass of a float32 layer). Elementwise the same values; the KL is summed
+        per block.
+        """
+        b, lam = self.b.to(dtype), self.lambda_.to(dtype)
+        if _ALPHA_LOGS.get(self) is not None:
+            shape_a, rate_a = shape_a.to(dtype), rate_a.to(dtype)
+            digamma_a, log_rate_a, elog_a, col_terms = self._alpha_logs(shape_a, rate_a)
+            alpha_kl = _kl_gamma(shape_a, rate_a, digamma_a, log_rate_a, b, lam[:, None]).sum() if kl else None
+            return elog_a, col_terms, alpha_kl
+        m = shape_a.shape[0]
+        elog_a = torch.empty(shape_a.shape, dtype=dtype, device=shape_a.device)
+        alpha_kl = torch.zeros((), dtype=dtype, device=shape_a.device) if kl else None
+        step = max(1, _BLOCK // max(1, shape_a.shape[1]))
+        for j in range(0, m, step):
+            s, r = shape_a[j:j + step].to(dtype), rate_a[j:j + step].to(dtype)
+            digamma_s, log_r = torch.digamma(s), torch.log(r)
+            torch.sub(digamma_s, log_r, out=elog_a[j:j + step])
+            if kl:
+                alpha_kl += _kl_gamma(s, r, digamma_s, log_r, b, lam[j:j + step, None]).sum()
+        return elog_a, _column_terms(elog_a), alpha_kl
+
     def _alpha_mean_sum(self) -> Tensor:
         """``Σ_t E[α_tk]``, shape ``(K,)``, reused within :meth:`alpha_fixed`."""
         cache = _ALPHA_LOGS.get(self)
@@ -725,29 +853,32 @@ class GammaPoisson(nn.Module):
             shape_u, rate_u = self._u("U_shape", r), self._u("U_rate", r)
             shape_a, rate_a = self.alpha_shape, self.alpha_rate
             dtype = shape_u.dtype
+            pass_dtype = dtype
             if "elbo" in which and dtype != torch.float64:
                 # the ELBO is a small difference of huge count terms (Σ x log rate, Σ log x!,
                 # Σ E[U] E[α], the KLs' lgamma): a float32 layer computes this pass in float64 so
-                # that it reports the float64 figure; the counts for the updates are cast back
-                shape_u, rate_u, shape_a, rate_a = (t.double() for t in (shape_u, rate_u, shape_a, rate_a))
-                data = data.to(dtype=torch.float64)
+                # that it reports the float64 figure; the counts for the updates are cast back.
+                # q(α) and the counts are cast per block (_alpha_terms, expected_counts): no
+                # float64 copy of them is held.
+                pass_dtype = torch.float64
+                shape_u, rate_u = shape_u.double(), rate_u.double()
             digamma_u, log_rate_u = torch.digamma(shape_u), torch.log(rate_u)
-            digamma_a, log_rate_a, elog_a, col_terms = self._alpha_logs(shape_a, rate_a)
+            elog_a, col_terms, alpha_kl = self._alpha_terms(shape_a, rate_a, pass_dtype, "elbo" in which)
             row_counts, col_counts, log_norm = expected_counts(
                 data, digamma_u - log_rate_u, elog_a, "U" in which, "alpha" in which, chunk_size, col_terms=col_terms)
+            del elog_a, col_terms
             stats: Dict[str, object] = {"rows": r, "scale": scale}
             if row_counts is not None:
                 stats["U_counts"] = row_counts.to(dtype)
             if col_counts is not None:
                 stats["alpha_counts"] = (col_counts * scale).to(dtype)
             stats["U_mean_sum"] = (shape_u / rate_u).sum(0) * scale
-            stats["log_likelihood"] = (log_norm - data.log_factorial) * scale
+            stats["log_likelihood"] = (log_norm - data.log_factorial_in(log_norm.dtype)) * scale
             if "elbo" in which:
                 kappa = self.kappa if r is None else self.kappa[r]
                 stats["U_kl"] = _kl_gamma(shape_u, rate_u, digamma_u, log_rate_u, self.a.to(shape_u.dtype),
                                           kappa[:, None].to(shape_u.dtype)).sum() * scale
-                stats["alpha_kl"] = _kl_gamma(shape_a, rate_a, digamma_a, log_rate_a, self.b.to(shape_a.dtype),
-                                              self.lambda_[:, None].to(shape_a.dtype)).sum()
+                stats["alpha_kl"] = alpha_kl
         return stats
 
     def elbo_from_statistics(self, stats: Dict[str, object]) -> ELBO:
@@ -849,7 +980,7 @@ class GammaPoisson(nn.Module):
             s_u, r_u = self.U_shape.to(f64), self.U_rate.to(f64)
             s_a, r_a = self.alpha_shape.to(f64), self.alpha_rate.to(f64)
             dg_u, lr_u, dg_a, lr_a = torch.digamma(s_u), torch.log(r_u), torch.digamma(s_a), torch.log(r_a)
-            _, _, log_norm = expected_counts(data.to(dtype=f64), dg_u - lr_u, dg_a - lr_a, False, False, chunk_size)
+            _, _, log_norm = expected_counts(data, dg_u - lr_u, dg_a - lr_a, False, False, chunk_size)
             z = log_norm - data.log_factorial64 - ((s_u / r_u).sum(0) * (s_a / r_a).sum(0)).sum()
             kl_u = _kl_gamma(s_u, r_u, dg_u, lr_u, self.a.to(f64), self.kappa[:, None].to(f64)).sum()
             kl_a = _kl_gamma(s_a, r_a, dg_a, lr_a, self.b.to(f64), self.lambda_[:, None].to(f64)).sum()
