@@ -70,7 +70,7 @@ def test_inputs_untouched_and_cache_reused(small_blocks):
     out2 = row_pass.mu_iteration(V, W, H, 1, with_loss=True, cache=cache)
     for t, c in zip((V, W, H), copies):
         assert torch.equal(t, c)
-    assert "WH" in cache and all(torch.equal(a, b) for a, b in zip(out1, out2))
+    assert "WH" in cache["worker0"] and all(torch.equal(a, b) for a, b in zip(out1, out2))
 
 
 def test_supports():
@@ -188,3 +188,54 @@ def test_betamu_other_cases(monkeypatch, case):
     assert len(calls) == (4 if case == "column-major V" else 0)
     slow = _betamu_run(Vx, W, H, beta, False, **kw)
     assert rel(fast.W.detach(), slow.W.detach()) < 1e-10 and rel(fast.H.detach(), slow.H.detach()) < 1e-10
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("beta", [0.5, 1, 2, 3])
+def test_worker_threads_equal_one_thread(small_blocks, two_threads, monkeypatch, beta):
+    """Blocks split over two worker threads: same result (up to the order of the row sums),
+    torch's thread count restored, the pool's threads used."""
+    import threading
+
+    V, W, H = problem(N=90, seed=4)
+    names = []
+    real = row_pass._row_range
+    monkeypatch.setattr(row_pass, "_row_range",
+                        lambda *a: names.append((threading.current_thread().name, torch.get_num_threads())) or real(*a))
+    par = row_pass.mu_iteration(V, W, H, beta, 0.1, 0.2, with_loss=True)
+    assert torch.get_num_threads() == 2
+    # two row ranges, run by the pool's threads with single-threaded ops
+    assert len(names) == 2 and all(n.startswith("torchnmf-rows") and t == 1 for n, t in names)
+    monkeypatch.setattr(row_pass, "parallel_blocks", False)
+    names.clear()
+    one = row_pass.mu_iteration(V, W, H, beta, 0.1, 0.2, with_loss=True)
+    assert names == [(threading.current_thread().name, 2)]
+    assert rel(par[0], one[0]) < 1e-10 and rel(par[1], one[1]) < 1e-10
+    assert float(par[2]) == pytest.approx(float(one[2]), rel=1e-10)
+
+
+def test_worker_error_propagates_and_threads_restored(small_blocks, two_threads):
+    V, W, H = problem(N=90, seed=5)
+
+    def bad_rule(X, num, den, out, start):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        row_pass.iterate(V, W, H, 1, bad_rule)
+    assert torch.get_num_threads() == 2
+
+
+def test_betamu_in_workers_updates_leaf_parameters(small_blocks, two_threads, monkeypatch):
+    """Grad mode is per thread: the workers update BetaMu's leaf parameters in place under no_grad."""
+    V, W, H = problem(N=90, seed=6)
+    fast = _betamu_run(V, W, H, 1, True)
+    monkeypatch.setattr(row_pass, "parallel_blocks", False)
+    slow = _betamu_run(V, W, H, 1, True)
+    assert rel(fast.H.detach(), slow.H.detach()) < 1e-10 and rel(fast.W.grad, slow.W.grad) < 1e-10
