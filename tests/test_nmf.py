@@ -203,6 +203,24 @@ def test_mask_ignores_masked_entries(cls, vshape, kw):
     torch.testing.assert_close(a.H, b.H, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+@pytest.mark.parametrize("beta", [1, 2, 1.5])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sparse_fit_equals_dense_exactly(layout, beta, masked):
+    # the CSR kernels of the sparse path (issue 16) keep it equal to the dense fit to fp64 rounding
+    g = torch.Generator().manual_seed(3)
+    V = torch.rand(50, 37, dtype=torch.float64, generator=g) * 5
+    V[V < 3.5] = 0
+    M = torch.rand(50, 37, generator=g) > 0.25 if masked else None
+    a = NMF(V.shape, 5).double()
+    b = copy.deepcopy(a)
+    a.fit(V, beta=beta, tol=0, max_iter=20, mask=M)
+    S = V.to_sparse() if layout == "coo" else V.to_sparse_csr()
+    b.fit(S, beta=beta, tol=0, max_iter=20, mask=M)
+    torch.testing.assert_close(b.W, a.W, rtol=1e-10, atol=0)
+    torch.testing.assert_close(b.H, a.H, rtol=1e-10, atol=0)
+
+
 def test_mask_with_sparse_V():
     V = torch.rand(12, 8, dtype=torch.float64)
     V[V < 0.5] = 0
