@@ -119,8 +119,14 @@ def sparse_update_at(rev: str):
     import types
 
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    src = subprocess.run(["git", "show", f"{rev}:torchnmf/updates.py"], cwd=root, check=True,
-                         capture_output=True, text=True).stdout
+    for where in (root, os.getcwd()):  # the script's checkout, else the current one (an export)
+        got = subprocess.run(["git", "show", f"{rev}:torchnmf/updates.py"], cwd=where,
+                             capture_output=True, text=True)
+        if got.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"--before {rev}: git show failed: {got.stderr.strip()}")
+    src = got.stdout
     mod = types.ModuleType(f"torchnmf._updates_at_{rev}")
     mod.__package__ = "torchnmf"
     exec(compile(src, f"{rev}:torchnmf/updates.py", "exec"), mod.__dict__)
