@@ -7,9 +7,10 @@ the roles swapped). It is written for speed on dense and sparse input:
 * beta = 2 uses the Gram form, numerator ``V W`` and denominator ``H (WᵀW)``, never forming
   the reconstruction;
 * beta = 1 uses the column sums of ``W`` as denominator;
-* a sparse ``V`` (torch COO or CSR) is never densified: the reconstruction is computed only
-  at its non-zeros (gathered rows of ``H`` and ``W`` dotted over the rank); only a general
-  beta or a mask needs dense row blocks of the reconstruction for the denominator.
+* a sparse ``V`` (torch COO, CSR or CSC) is never densified: it is indexed once in CSR order
+  and the reconstruction is computed only at its non-zeros (``torch.sparse.sampled_addmm``),
+  the numerator by a CSR product; only a general beta or a mask needs dense row blocks of the
+  reconstruction for the denominator.
 
 The epsilon handling follows scikit-learn's ``solver='mu'`` so iterates match it.
 """
