@@ -272,3 +272,19 @@ def test_batch_rows_checked_once_not_at_every_local_iteration(monkeypatch):
         layer.mean_U(r)
     with pytest.raises(ValueError, match="rows"):
         layer.mean_U(torch.tensor([0, 60]))
+
+
+def test_float32_step_with_cache_equals_recomputing(monkeypatch):
+    """float32 layer: the cached E log α / column factors (float32, local iterations) and the
+    float64 ELBO pass beside them give the very values of recomputing everything per call."""
+    X = simulate()
+    a, b = make(X, dtype=torch.float32), make(X, dtype=torch.float32)
+    ta = NaturalGradient(a, local_iters=4, local_tol=0)
+    tb = NaturalGradient(b, local_iters=4, local_tol=0)
+    rows = torch.arange(3, 33)
+    ea = ta.step(lambda: (X[rows], rows))
+    monkeypatch.setattr(type(b), "alpha_fixed", lambda self: contextlib.nullcontext())
+    eb = tb.step(lambda: (X[rows], rows))
+    assert float(ea.total) == float(eb.total)
+    for p, q in zip(params(a), params(b)):
+        np.testing.assert_array_equal(p, q)
