@@ -272,8 +272,10 @@ _BLOCK = 1 << 17
 def _row_blocks(crow: Tensor, chunk_size: Optional[int]) -> List[Tuple[int, int]]:
     """Contiguous row ranges holding at most ``chunk_size`` nonzeros each (or a single row)."""
     n = crow.numel() - 1
+    if chunk_size is None:  # before reading crow: each read is a host sync on a GPU
+        return [(0, n)]
     nnz = int(crow[-1])
-    if chunk_size is None or nnz <= chunk_size:
+    if nnz <= chunk_size:
         return [(0, n)]
     ptr = crow.tolist()
     blocks, start = [], 0
@@ -376,7 +378,8 @@ def expected_counts(data: CountMatrix, elog_u: Tensor, elog_a: Tensor, need_rows
     # the counts in the factors' dtype (a float64 copy only for the float64 ELBO pass of a float32 layer)
     x_all = data.values.to(dtype)
     for r0, r1 in _row_blocks(crow, chunk_size):
-        i0, i1 = int(crow[r0]), int(crow[r1])
+        # one block (the default): its bounds are known without reading crow (host syncs)
+        i0, i1 = (0, data.nnz) if (r0, r1) == (0, n) else (int(crow[r0]), int(crow[r1]))
         crow_b, cols_b = crow[r0:r1 + 1] - i0, cols[i0:i1]
         # beta=0: the pattern's values (the counts, finite) are multiplied by 0, not read
         pattern = _csr(crow_b, cols_b, x_all[i0:i1], (r1 - r0, m))
