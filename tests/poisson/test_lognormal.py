@@ -371,3 +371,108 @@ def test_cuda_matches_cpu():
     cpu = float(layer.elbo(X).total)
     assert float(layer.cuda().elbo(X.cuda()).total) == pytest.approx(cpu, rel=1e-10)
     assert float(layer.elbo(X.to_sparse()).total) == pytest.approx(cpu, rel=1e-10)
+
+
+# -- dense path for dense-ish batches (issue 16) ----------------------------------------------
+def _elbo_and_grads(mode, X, dense_density, control_variates=True, loadings_mode="softplus", zero_rows=0, **kw):
+    layer = make_layer(mode, D=12, N=10, K=4, seed=5, loadings_mode=loadings_mode,
+                       control_variates=control_variates, dense_density=dense_density)
+    if zero_rows:
+        with torch.no_grad():
+            layer.W[:zero_rows] = 0  # zero rates under positive counts: the floor applies
+    params = [p for p in layer.parameters() if p.requires_grad]
+    torch.manual_seed(11)  # the same draws for both paths
+    total = layer.elbo(Counts(X), **kw).total
+    return total.detach(), torch.autograd.grad(total, params)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("control_variates", [True, False])
+@pytest.mark.parametrize("loadings_mode,zero_rows", [("softplus", 0), ("projected", 3)])
+def test_dense_path_equals_nonzero_path(mode, control_variates, loadings_mode, zero_rows):
+    X = make_counts(D=12, N=10, p_zero=0.3)
+    sparse = _elbo_and_grads(mode, X, None, control_variates, loadings_mode, zero_rows)
+    dense = _elbo_and_grads(mode, X, 0.0, control_variates, loadings_mode, zero_rows)
+    torch.testing.assert_close(dense[0], sparse[0], rtol=1e-10, atol=0)
+    for gd, gs in zip(dense[1], sparse[1]):
+        torch.testing.assert_close(gd, gs, rtol=1e-10, atol=1e-12)
+    # a feature/sample batch too
+    idx, fidx = torch.tensor([0, 3, 4, 9]), torch.tensor([1, 2, 7, 8, 11])
+    batch = X[fidx][:, idx]
+    sb = _elbo_and_grads(mode, batch, None, control_variates, loadings_mode, zero_rows, idx=idx, feature_idx=fidx)
+    db = _elbo_and_grads(mode, batch, 0.0, control_variates, loadings_mode, zero_rows, idx=idx, feature_idx=fidx)
+    torch.testing.assert_close(db[0], sb[0], rtol=1e-10, atol=0)
+    for gd, gs in zip(db[1], sb[1]):
+        torch.testing.assert_close(gd, gs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dense_path_multiplicative_update_equals_nonzero_path(mode):
+    X = make_counts(D=12, N=10, p_zero=0.2)
+    out = []
+    for dd in (None, 0.0):
+        layer = make_layer(mode, D=12, N=10, K=4, seed=2, loadings_mode="multiplicative", dense_density=dd)
+        torch.manual_seed(3)
+        out.append(layer.update_W_(X).clone())
+    torch.testing.assert_close(out[1], out[0], rtol=1e-10, atol=0)
+
+
+def test_dense_path_floor_matches_extreme_rates():
+    # the floored-rate cases of test_silent_results: zero and denormal loadings, huge counts
+    W = torch.tensor([[0., 0., 0.], [1., .5, 0.], [2., 1e-30, 3.], [0., 1e-45, 0.]], dtype=DT)
+    X = torch.tensor([[4., 0., 30.], [1., 0., 0.], [0., 7., 2.], [0., 1e6, 0.]], dtype=DT)
+    for mode in MODES:
+        res = []
+        for dd in (None, 0.0):
+            layer = LogNormalPoisson(4, 3, 3, mode=mode, W=W, loadings_mode="projected", dense_density=dd, dtype=DT)
+            params = [p for p in layer.parameters() if p.requires_grad]
+            torch.manual_seed(4)
+            total = layer.elbo(X).total
+            res.append((total.detach(), torch.autograd.grad(total, params)))
+        assert torch.isfinite(res[1][0])
+        torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-10, atol=0)
+        for gd, gs in zip(res[1][1], res[0][1]):
+            assert torch.isfinite(gd).all()
+            torch.testing.assert_close(gd, gs, rtol=1e-10, atol=1e-12)
+
+
+def test_path_chosen_by_density(monkeypatch):
+    import torchnmf.poisson.lognormal as ln
+
+    calls = []
+    real = ln._x_log_rate_dense
+    monkeypatch.setattr(ln, "_x_log_rate_dense", lambda *a: calls.append(1) or real(*a))
+    X = make_counts(D=10, N=10, p_zero=0.5)  # about half nonzero
+    C = Counts(X)
+    assert C.density == pytest.approx(float((X > 0).double().mean()))
+    assert torch.equal(C.dense(), X) and C.dense() is C.dense() and C.select() is C
+    assert ln.DENSE_DENSITY == 0.25 and make_layer().dense_density == ln.DENSE_DENSITY
+    for dd, expect in ((None, 0), (0.0, 1), (C.density, 1), (min(1.0, C.density + 0.01), 0), (ln.DENSE_DENSITY, 1)):
+        calls.clear()
+        make_layer(D=10, N=10, dense_density=dd).elbo(C)
+        assert len(calls) == expect, dd
+    sparse = Counts(make_counts(D=10, N=10, p_zero=0.9))
+    assert sparse.density < ln.DENSE_DENSITY
+    calls.clear()
+    make_layer(D=10, N=10).elbo(sparse)
+    assert calls == []
+    with pytest.raises(ValueError, match="dense_density"):
+        make_layer(dense_density=-0.1)
+
+
+def test_independent_normal_draws_and_kl_equal_torch_distributions():
+    from torch.distributions import Normal, kl_divergence
+
+    f = IndependentNormal(3, 8, prior_scale=1.7, prior_loc=0.3, init_loc=torch.randn(3, 8, dtype=DT),
+                          init_scale=0.4, dtype=DT)
+    with torch.no_grad():
+        f.raw_scale.add_(0.3 * torch.randn(3, 8, dtype=DT))
+    for idx in (None, torch.tensor([5, 1, 2])):
+        loc, scale = f.loc_scale(idx)
+        torch.manual_seed(9)
+        mine = f.rsample(idx, 4)
+        torch.manual_seed(9)
+        assert torch.equal(mine, Normal(loc, scale).rsample((4,)))
+        prior = Normal(f.prior_loc.expand_as(loc), f.prior_scale.expand_as(loc))
+        ref = kl_divergence(Normal(loc, scale), prior).sum() * (8 / loc.shape[1])
+        assert torch.equal(f.kl(idx), ref)
