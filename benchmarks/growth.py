@@ -5,7 +5,8 @@ aspect 2:5 is drawn (10^7 nonzeros: 20000 x 50000, the matrix of issue 16), valu
 ``1 + Poisson(2)``, float32, in CSR layout; for each rank (``--ranks``) the script times
 
 * ``NMF.fit``   — ``NMF.fit(V, beta=1)`` on the CSR tensor, one iteration (H then W update, the
-  divergence measured as the fit does): ``(T(1 + k iterations) - T(1 iteration)) / k``, so the
+  divergence measured at every iteration, ``check_every=1``, where the default measures every
+  10th): the CPU time between the fit's first and last records over their number, so the
   per-fit set-up (input checks, the transpose) is left out;
 * ``CAVI``      — one ``CAVI`` sweep of ``GammaPoisson`` on data prepared once (``prepare``);
 * ``PNMF ELBO`` — the sparse ELBO of ``LogNormalPoisson`` (its default ``'lower-bound'`` mode),
@@ -41,6 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from torchnmf.history import History  # noqa: E402
 from torchnmf.nmf import NMF  # noqa: E402
 from torchnmf.poisson import Counts, GammaPoisson, LogNormalPoisson  # noqa: E402
 from torchnmf.trainer import CAVI  # noqa: E402
@@ -84,32 +86,39 @@ def best(run, min_time: float, reps: int, per: int = 1) -> float:
     return out / per
 
 
+class _Stamps(History):
+    """A history that also notes the CPU time of each record (one per iteration of ``NMF.fit``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stamps = []
+
+    def append(self, record) -> bool:
+        self.stamps.append(time.process_time())
+        return super().append(record)
+
+
 def time_nmf(V, R: int, min_time: float, reps: int) -> float:
     N, C = V.shape
     torch.manual_seed(0)
     m = NMF(W=(C, R), H=(N, R))
 
     def fit(iters):
+        h = _Stamps()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tol=0: no convergence warning either way
-            m.fit(V, beta=1, tol=0, max_iter=iters)
+            m.fit(V, beta=1, tol=0, max_iter=iters, history=h, check_every=1)
+        return h.stamps
 
-    def cost(k):  # k + 1 iterations minus 1: the set-up of a fit cancels
-        t0 = time.process_time()
-        fit(1)
-        t1 = time.process_time()
-        fit(1 + k)
-        return (time.process_time() - t1) - (t1 - t0)
-
-    t0 = time.process_time()
-    fit(1)
-    whole = time.process_time() - t0  # set-up + 1 iteration: bounds an iteration from above
-    # a difference of two times can be ~0 on a small matrix: never let it set k alone
-    once = max(cost(2) / 2, whole / 20, 1e-4)
-    k = min(500, max(1, math.ceil(min_time / once)))
+    # with check_every=1 the fit records the divergence at every iteration (measured at its
+    # start): the CPU time between consecutive records is one iteration, set-up left out
+    stamps = fit(3)
+    once = max(min(b - a for a, b in zip(stamps, stamps[1:])), 1e-4)
+    k = min(500, max(2, math.ceil(min_time / once) + 1))
     out = math.inf
     for _ in range(reps):
-        out = min(out, cost(k) / k)
+        stamps = fit(k)
+        out = min(out, (stamps[-1] - stamps[0]) / (len(stamps) - 1))
     return out
 
 
