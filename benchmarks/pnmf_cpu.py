@@ -18,6 +18,12 @@ Usage::
     python benchmarks/pnmf_cpu.py            # 2500 x 1000, quick (< 2 min)
     python benchmarks/pnmf_cpu.py --full     # 5000 x 2000, 2% nonzeros, K=10, E=3 (the issue's setting)
     python benchmarks/pnmf_cpu.py --document --threads 1   # the document's settings, 500 x 100, 17% zeros
+    python benchmarks/pnmf_cpu.py --crossover --threads 1  # nonzero vs dense path of the layer by density
+
+``--crossover``: CPU ms of one ELBO value and gradient of :class:`LogNormalPoisson` (K=10, E=3,
+2000 x 1000) on the nonzero-only path (``dense_density=None``) and the dense path
+(``dense_density=0``) at several densities, each mode; the layer's default threshold
+(:data:`torchnmf.poisson.lognormal.DENSE_DENSITY`) should sit above the crossover.
 """
 from __future__ import annotations
 
@@ -153,6 +159,31 @@ def document(args) -> None:
         print(f"{name:<34} {ms:>13.2f} {ms / ref:>11.2f}x")
 
 
+def crossover(args) -> None:
+    D, N, K = 2000, 1000, 10
+    print(f"D={D} N={N} K={K} E=3 threads={torch.get_num_threads()}; CPU ms per ELBO + gradient, best of "
+          f"{args.reps}")
+    print(f"{'mode':<12} {'density':>8} {'nonzero ms':>11} {'dense ms':>9} {'dense/nonzero':>14}")
+    g = torch.Generator().manual_seed(0)
+    for density in (0.01, 0.03, 0.1, 0.25, 0.5):
+        X = torch.poisson(torch.full((D, N), 2.0), generator=g) + 1
+        X[torch.rand(D, N, generator=g) >= density] = 0
+        C = Counts(X)
+        for mode in ("lower-bound", "expanded"):
+            ms = []
+            for dd in (None, 0.0):
+                torch.manual_seed(0)
+                layer = LogNormalPoisson(D, N, K, mode=mode, E=3, dense_density=dd)
+                params = [p for p in layer.parameters() if p.requires_grad]
+                best = float("inf")
+                for _ in range(args.reps):
+                    c0 = time.process_time()
+                    torch.autograd.grad(layer.elbo(C, check=False).total, params)
+                    best = min(best, time.process_time() - c0)
+                ms.append(best * 1e3)
+            print(f"{mode:<12} {C.density:>8.2f} {ms[0]:>11.1f} {ms[1]:>9.1f} {ms[1] / ms[0]:>13.2f}x")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="5000 x 2000 (the issue's size)")
@@ -166,11 +197,15 @@ def main(argv=None):
     ap.add_argument("--document", action="store_true",
                     help="the PNMF document's settings on 500 x 100 counts with 17%% zeros (fit ms/iteration)")
     ap.add_argument("--iters", type=int, default=110, help="--document: iterations of the long fit")
+    ap.add_argument("--crossover", action="store_true", help="nonzero vs dense path of the layer by density")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.document:
         document(args)
+        return
+    if args.crossover:
+        crossover(args)
         return
     D = args.D or (5000 if args.full else 2500)
     N = args.N or (2000 if args.full else 1000)

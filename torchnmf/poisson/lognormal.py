@@ -80,7 +80,8 @@ ELBO_MODES = ("simple", "expanded", "lower-bound")
 #: Default share of nonzeros (``nnz / (D_b B)``) from which :class:`LogNormalPoisson` computes a
 #: batch's nonzero sums densely (matrix products over all entries) instead of per nonzero.
 #: 0.25 keeps the dense ``(E, D_b, B)`` rates at most 4x the nonzeros (memory stays
-#: ``O(nnz E)``); the measured crossover in time is lower (``benchmarks/pnmf_cpu.py --crossover``).
+#: ``O(nnz E)``); in time the dense path already breaks even near 0.1 and is 2-6x faster at
+#: 0.25 (K=10, CPU; ``benchmarks/pnmf_cpu.py --crossover``).
 DENSE_DENSITY = 0.25
 
 
