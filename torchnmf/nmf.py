@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _matchain, data, row_pass
+from ._csr import to_csr
 from .constraints import MODES, assign_, positive, value_of
 from .history import History
 from .metrics import beta_div
@@ -295,8 +296,6 @@ class BaseComponent(nn.Module):
         start = engine.resume(checkpoint, history, restore, map_location=cur["W"].device)
         Vt = V.t()
         if data.is_sparse(V):  # transpose once, not at every W update (CSC -> CSR: one sort)
-            from .kernels.sparse import to_csr  # lazy: torchnmf.kernels imports the updates
-
             Vt = to_csr(V.t())
         Mt = None if M is None else M.t()
         cacheV, cacheT = {}, {}

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data import check_option, check_rank
 from .distributed import get_rank, get_world_size, shard_range
-from .kernels.sparse import csr_tensor, to_csr
+from ._csr import csr_tensor, to_csr
 
 __all__ = ["RowBatch", "SparseRows", "EpochSampler", "row_loader", "collate_rows", "save_csr", "mtx_to_csr"]
 

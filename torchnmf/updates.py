@@ -21,6 +21,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from ._csr import csr_tensor, to_csr
 from .data import check_beta, check_not_meta
 
 __all__ = ["mu_update", "mu_gamma", "mu_statistics", "mu_apply", "EPSILON"]
@@ -96,8 +97,6 @@ class _Nonzeros:
     """
 
     def __init__(self, V: Tensor):
-        from .kernels.sparse import to_csr  # lazy: torchnmf.kernels imports this module
-
         if V.layout == torch.sparse_coo:
             V = V.coalesce()
         S = V if V.layout == torch.sparse_csr else to_csr(V)
@@ -120,8 +119,6 @@ class _Nonzeros:
 
     def csr(self, values: Tensor) -> Tensor:
         """The CSR matrix of this pattern holding ``values`` (nnz,)."""
-        from .kernels.sparse import csr_tensor
-
         return csr_tensor(self.crow, self.col, values, self.shape)
 
     def dot(self, H: Tensor, W: Tensor) -> Tensor:

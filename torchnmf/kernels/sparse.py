@@ -26,41 +26,16 @@ Accumulation is in fp32 for fp16/bf16/fp32 factors and in fp64 for fp64 factors.
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
 from typing import Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .._csr import csr_tensor, quiet_csr, to_csr  # noqa: F401  (re-exported: their old home)
 from ..data import check_int, check_option, is_sparse
 
 __all__ = ["csr_parts", "to_csr", "csr_tensor", "quiet_csr", "nonzero_mu_numerator", "nonzero_softmax_stats"]
 
-
-@contextlib.contextmanager
-def quiet_csr():
-    """Silence torch's "sparse CSR tensor support is in beta" UserWarning inside the block only.
-
-    torch emits it once per process at the first CSR tensor. torchnmf makes CSR tensors for
-    its own kernels (the user did not ask for one), so it filters the notice around those calls
-    only, never process-wide.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        yield
-
-
-def to_csr(X: Tensor) -> Tensor:
-    """``X.to_sparse_csr()`` (dense or sparse ``X``, shape ``(N, M)``) inside :func:`quiet_csr`."""
-    with quiet_csr():
-        return X.to_sparse_csr()
-
-
-def csr_tensor(crow: Tensor, col: Tensor, values: Tensor, shape: Tuple[int, int]) -> Tensor:
-    """A CSR tensor of shape ``shape`` from trusted parts (no invariant checks) inside :func:`quiet_csr`."""
-    with quiet_csr():
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 try:  # Triton is optional
     import triton
