@@ -79,6 +79,8 @@ def main(argv=None):
                     help="wall seconds, or CPU seconds of the process (steadier on a loaded machine; "
                          "with several threads it sums them, so compare rows of one run only)")
     ap.add_argument("--chain-only", action="store_true", help="only the introduction's chain section")
+    ap.add_argument("--bare", action="store_true",
+                    help="beta=2: also time bare loops of the iteration's two products in numpy and torch")
     ap.add_argument("--no-chain", action="store_true", help="skip the chain section")
     args = ap.parse_args(argv)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
@@ -158,8 +160,49 @@ def main(argv=None):
                 vs_fit = f"{t / t_fit:10.2f}" if name.startswith("BetaMu") else f"{'':10}"
                 print(f"{np.dtype(dtype).name:8} {beta:>4g} {name:14} {ms:9.2f} {t / t_sk:10.2f} {vs_fit} "
                       f"{div:18.8g}", flush=True)
+    if args.bare:
+        bare_section(args, clock, X64, W0, H0)
     if not args.no_chain:
         chain_section(args, clock)
+
+
+def bare_section(args, clock, X64, W0, H0):
+    """beta=2: the two products of an iteration and nothing else, in numpy (OpenBLAS) and torch (MKL)."""
+    from sklearn.decomposition._nmf import _fit_multiplicative_update
+    from threadpoolctl import threadpool_limits
+
+    print(f"\nbeta=2, bare loops of the iteration's two products, {args.iters} iterations, ms/iter")
+    print(f"{'dtype':8} {'sklearn mu':>10} {'numpy loop':>10} {'torch loop':>10}")
+    for dtype in (np.float32, np.float64):
+        X, H, W = X64.astype(dtype), W0.astype(dtype), H0.T.astype(dtype)  # V ≈ H Wᵀ
+        Vt, Ht, Wt = (torch.from_numpy(a) for a in (X, H, W))
+
+        def sk():
+            _fit_multiplicative_update(X, H.copy(), W.T.copy(), beta_loss=2, max_iter=args.iters, tol=0,
+                                       l1_reg_W=0, l1_reg_H=0, l2_reg_W=0, l2_reg_H=0, update_H=True,
+                                       verbose=0)
+
+        def numpy_loop():
+            h, w = H.copy(), W.copy()
+            for _ in range(args.iters):
+                h *= (X @ w) / (h @ (w.T @ w))
+                w *= (h.T @ X).T / (w @ (h.T @ h))
+
+        def torch_loop():
+            h, w = Ht.clone(), Wt.clone()
+            for _ in range(args.iters):
+                h = h * (Vt @ w) / (h @ (w.t() @ w))
+                w = w * (Vt.t() @ h) / (w @ (h.t() @ h))
+
+        best = {}
+        for _ in range(args.repeat):
+            for name, f in (("sk", sk), ("np", numpy_loop), ("torch", torch_loop)):
+                with threadpool_limits(limits=args.threads):
+                    t0 = clock()
+                    f()
+                    best[name] = min(best.get(name, float("inf")), clock() - t0)
+        ms = {k: 1000 * v / args.iters for k, v in best.items()}
+        print(f"{np.dtype(dtype).name:8} {ms['sk']:10.2f} {ms['np']:10.2f} {ms['torch']:10.2f}", flush=True)
 
 
 def chain_section(args, clock):

@@ -10,8 +10,9 @@ in a core's cache and, for each block, updates its rows of ``H`` and adds the bl
 every block is done. The arithmetic is that of the two half-updates (tested equal to them,
 float64, 1e-10); only the order of the sums over rows differs.
 
-Measured on a 2-core AMD EPYC (2000x1000, rank 20, CPU seconds, 1 thread; benchmarks/README.md):
-beta=1 iterations take about half the time of the two half-updates, beta=2 about 0.8.
+Measured on a 2-core AMD EPYC (2000x1000, rank 20, 2 threads; benchmarks/README.md): an
+iteration takes 0.6-0.75x the time of the two half-updates for beta 0 and 1, 0.9x for beta 2
+in float32 (float64 beta 2 keeps the half-updates, see :func:`supports`).
 """
 from __future__ import annotations
 
