@@ -186,8 +186,8 @@ def iterate(V: Tensor, W: Tensor, H: Tensor, beta: float, rule: Callable, *, eps
 
 #: Run the row blocks of a pass in ``torch.get_num_threads()`` Python threads, each with
 #: single-threaded torch ops, instead of one thread whose every small product is split over
-#: the threads. Independent blocks need no barrier per product: measured 1.3-2x faster at 2
-#: threads, most on a busy machine (benchmarks/README.md). Set False to split each product.
+#: the threads. Independent blocks need no barrier per product: about 1.1x faster at 2
+#: threads on a quiet machine, up to 2x on a busy one. Set False to split each product.
 parallel_blocks = True
 _pool: Optional[ThreadPoolExecutor] = None
 
