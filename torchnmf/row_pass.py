@@ -190,6 +190,7 @@ def iterate(V: Tensor, W: Tensor, H: Tensor, beta: float, rule: Callable, *, eps
 #: threads on a quiet machine, up to 2x on a busy one. Set False to split each product.
 parallel_blocks = True
 _pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
 
 
 def _in_workers(jobs):
@@ -198,9 +199,11 @@ def _in_workers(jobs):
     Like scikit-learn's KMeans (which limits BLAS to one thread around its own parallel
     loop), this sets the process-wide thread count while the jobs run and restores it.
     """
-    global _pool
-    if _pool is None or _pool._max_workers < len(jobs):
-        _pool = ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="torchnmf-rows")
+    global _pool, _pool_size
+    if _pool_size < len(jobs):  # a larger pool replaces the old one, whose idle threads then exit
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool, _pool_size = ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="torchnmf-rows"), len(jobs)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
