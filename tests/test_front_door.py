@@ -77,3 +77,17 @@ def test_sparse_input_leaks_no_user_warning(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "UserWarning" not in res.stderr
+
+
+# -- issue 23.6: the package imports its names on first use --------------------------------------
+def test_import_torchnmf_is_light_and_names_resolve():
+    code = ("import sys, torchnmf; assert 'torch' not in sys.modules, 'torch imported'; "
+            "from torchnmf import NMF, BetaMu, GammaPoisson, metrics; assert 'torch' in sys.modules; "
+            "import torchnmf.nmf as m; assert NMF is m.NMF and torchnmf.NMF is NMF; "
+            "ns = {}; exec('from torchnmf import *', ns); missing = set(torchnmf.__all__) - set(ns); "
+            "assert not missing, missing; assert 'GammaNMF' in dir(torchnmf); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    import torchnmf
+    with pytest.raises(AttributeError, match="has no attribute 'NotAName'"):
+        torchnmf.NotAName

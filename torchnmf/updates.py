@@ -16,6 +16,7 @@ The epsilon handling follows scikit-learn's ``solver='mu'`` so iterates match it
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -32,9 +33,20 @@ EPSILON = float(torch.finfo(torch.float32).eps)
 # rows of a dense reconstruction block built at once (keeps temporaries near 32 MB)
 _BLOCK_ELEMS = 1 << 22
 
-# The optional fused GPU path (torchnmf.kernels) registers itself here when it is imported
-# (torchnmf/__init__.py imports it): kernels depends on this module, never the reverse.
+# The optional fused GPU path (the package's ``kernels`` module) registers itself here when it is
+# imported: it depends on this module, never the reverse. The package imports its names lazily,
+# so the first cuda update loads it by name (once), whoever imported this module.
 _fast_path: Optional[Tuple[Callable, Callable]] = None
+_FAST_PATH_MODULE = __package__ + ".kernels"
+_fast_path_loaded = False
+
+
+def _load_fast_path() -> None:
+    """Import the optional fused path once (it calls :func:`_register_fast_path`)."""
+    global _fast_path_loaded
+    if not _fast_path_loaded:
+        _fast_path_loaded = True
+        importlib.import_module(_FAST_PATH_MODULE)
 
 
 def _register_fast_path(supports: Optional[Callable], update: Optional[Callable]) -> None:
@@ -375,6 +387,8 @@ def mu_update(
         The updated ``H``; with ``with_loss``, a tuple ``(H_new, loss)``.
     """
     # ---- fused-kernel dispatch point (issue 8, torchnmf.kernels; optional) ----
+    if V.is_cuda:
+        _load_fast_path()
     if V.is_cuda and _fast_path is not None:
         supports, fused_update = _fast_path
         if supports(V, beta, mask):
