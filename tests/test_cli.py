@@ -323,3 +323,18 @@ def test_plot_image_shape_and_named_bars(tmp_path, data, monkeypatch):
     assert len(labels) == 4 and all(t.startswith("Gene") for t in labels)
     assert bars[0].get_xlabel() == "weight"
     assert main(["plot", str(out), "--image-shape", "2", "4"]) == 2
+
+
+@pytest.mark.parametrize("cell, match", [("1O", "line 2: '1O' at row 0, column 0 (g0) is not a number"),
+                                         ("-", "line 2: '-' at row 0, column 0 (g0) is not a number"),
+                                         ("NA", "contains NaN or infinity, first at row 0, column 0 (g0)")])
+def test_csv_first_cell_typo_is_one_line_not_a_shorter_fit(tmp_path, data, capsys, cell, match):
+    # issue 22 item 1: one odd first cell used to turn the first column into row labels
+    path = write(tmp_path, data, ".csv")
+    lines = path.read_text().splitlines()
+    lines[1] = cell + lines[1][lines[1].index(","):]
+    path.write_text("\n".join(lines) + "\n")
+    rc, out = fit(tmp_path, path, "--rank", 2)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and match in err and "Traceback" not in err
+    assert not os.path.exists(f"{out}.npz")

@@ -208,3 +208,66 @@ def test_matrix_transposed_sparse():
     M = Matrix(sp.csr_matrix(np.eye(3)[:2]), np.array(["a", "b"]), None, "s")
     T = M.transposed()
     assert T.shape == (3, 2) and sp.isspmatrix_csr(T.X) and T.col_names[1] == "b" and T.row_names is None
+
+
+# issue 22 item 1: row labels come from the header and the whole first column, never one cell
+@pytest.mark.parametrize("typo", ["1O", "-", "x1"])
+@pytest.mark.parametrize("header", [True, False])
+def test_table_first_cell_typo_is_an_error(tmp_path, typo, header):
+    path = tmp_path / "t.csv"
+    path.write_text(("a,b,c\n" if header else "") + f"{typo},2,3\n4,5,6\n7,8,9\n")
+    line = 2 if header else 1
+    name = " \\(a\\)" if header else ""
+    with pytest.raises(ReadError, match=rf"t.csv line {line}: '{typo}' at row 0, column 0{name} is not a number; "
+                                        "the first column mixes text and numbers"):
+        read_matrix(path)
+
+
+def test_table_missing_first_cell_is_nan_not_a_label(tmp_path):
+    # NA and empty cells are missing values (NaN, which torchnmf fit refuses), in any column
+    for cell in ("NA", ""):
+        (tmp_path / "na.csv").write_text(f"a,b,c\n{cell},2,3\n4,5,6\n")
+        M = read_matrix(tmp_path / "na.csv")
+        assert M.shape == (2, 3) and M.row_names is None and list(M.col_names) == ["a", "b", "c"]
+        assert np.isnan(M.X[0, 0]) and np.array_equal(M.X[1], [4, 5, 6])
+
+
+def test_table_labels_from_the_whole_first_column(tmp_path):
+    (tmp_path / "named.csv").write_text("cell,a,b\nc1,1,2\nc2,3,4\n")  # an index name in the corner
+    M = read_matrix(tmp_path / "named.csv")
+    assert list(M.row_names) == ["c1", "c2"] and list(M.col_names) == ["a", "b"]
+    np.testing.assert_array_equal(M.X, [[1, 2], [3, 4]])
+    (tmp_path / "plain.csv").write_text("c1,1,2\nc2,3,4\n")  # no header, all text: labels
+    M = read_matrix(tmp_path / "plain.csv")
+    assert list(M.row_names) == ["c1", "c2"] and M.col_names is None
+    (tmp_path / "range.csv").write_text(",a,b\n0,1,2\n1,3,4\n")  # pandas' numbered index: empty corner
+    M = read_matrix(tmp_path / "range.csv")
+    assert list(M.row_names) == ["0", "1"] and M.shape == (2, 2)
+    (tmp_path / "mixed.csv").write_text("cell,a,b\nc1,1,2\n7,3,4\n")
+    with pytest.raises(ReadError, match="line 2: 'c1' at row 0, column 0 \\(cell\\) is not a number.*"
+                                        "leave the header's first cell empty"):
+        read_matrix(tmp_path / "mixed.csv")
+
+
+def test_table_error_line_as_in_the_file(tmp_path):
+    (tmp_path / "gaps.csv").write_text("\na,b\n\n1,2\n\n3,4\n5,x\n")
+    with pytest.raises(ReadError, match=r"gaps.csv line 7: 'x' at row 2, column 1 \(b\) is not a number"):
+        read_matrix(tmp_path / "gaps.csv")
+    (tmp_path / "gaps.csv").write_text("\na,b\n\n1,2\n\n3,4\n")
+    np.testing.assert_array_equal(read_matrix(tmp_path / "gaps.csv").X, [[1, 2], [3, 4]])
+
+
+def test_table_duplicate_column_names_kept_with_one_warning(tmp_path):
+    (tmp_path / "dup.csv").write_text("a,a,c,c\n1,2,3,4\n5,6,7,8\n")
+    with pytest.warns(UserWarning, match=r"duplicate column names \('a', 'c'\); they are kept") as rec:
+        M = read_matrix(tmp_path / "dup.csv")
+    assert len(rec) == 1 and list(M.col_names) == ["a", "a", "c", "c"]
+
+
+def test_table_word_in_a_first_line_of_numbers_is_not_a_header(tmp_path):
+    (tmp_path / "t.csv").write_text("0,1O,3\n4,2,1\n")  # was read as a header: one row lost
+    with pytest.raises(ReadError, match=r"t.csv line 1: '1O' at row 0, column 1 is not a number"):
+        read_matrix(tmp_path / "t.csv")
+    (tmp_path / "h.csv").write_text("id,a,NA\nr1,4,2\n")  # words and a missing name: a header
+    M = read_matrix(tmp_path / "h.csv")
+    assert list(M.col_names) == ["a", "NA"] and list(M.row_names) == ["r1"]

@@ -10,7 +10,7 @@
                                      :func:`scipy.sparse.save_npz` matrix
 ``.csv``, ``.tsv`` (also ``.gz``)    numbers with an optional header line (column names) and an
                                      optional first column of row labels (needs :mod:`pandas`
-                                     when labelled)
+                                     when labelled; see :func:`read_matrix` for the rules)
 ``.mtx`` (also ``.gz``)              Matrix Market; ``matrix.mtx`` is read as 10x writes it
 a directory                          10x layout: ``matrix.mtx(.gz)`` (features x barcodes),
                                      ``features.tsv(.gz)`` or ``genes.tsv(.gz)``,
@@ -30,12 +30,13 @@ import gzip
 import io as _io
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import IO, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["Matrix", "ReadError", "read_matrix", "round_counts", "first_entry", "atomic_write", "FORMATS"]
+__all__ = ["Matrix", "ReadError", "read_matrix", "round_counts", "first_entry", "atomic_write", "FORMATS", "MISSING"]
 
 FORMATS = (".npy", ".npz", ".mtx", ".mtx.gz", ".csv", ".csv.gz", ".tsv", ".tsv.gz", ".h5ad", "10x directory")
 _EXTS = (".npy", ".npz", ".mtx", ".csv", ".tsv", ".h5ad")
@@ -121,8 +122,19 @@ def read_matrix(path: Union[str, os.PathLike], *, layer: Optional[str] = None, t
     ------
     ValueError
         Missing, unreadable or unknown files, a directory that is not in the 10x layout,
-        content that is not a 2-D real matrix, non-numeric cells (the first one named), an
-        unknown ``layer``, or a missing optional reader (pandas, anndata).
+        content that is not a 2-D real matrix, non-numeric cells (the first one named by its
+        line in the file, row and column), an unknown ``layer``, or a missing optional reader
+        (pandas, anndata).
+
+    Notes
+    -----
+    In ``.csv``/``.tsv`` files the first line is a header when its first cell is empty or a
+    cell after the first is not a number. The first column holds row labels when the header
+    says so (an empty first cell, or one name fewer than the data rows have cells, as R writes
+    it) or when every cell of the column is text; a column mixing text and numbers is an
+    error naming its first text cell, never labels guessed from one cell. Empty cells and the
+    tokens in :data:`MISSING` (``NA``, ``NaN``, ``NULL``...) read as NaN. Duplicate column
+    names are kept as they are, with one warning.
     """
     path = os.fspath(path)
     if layer is not None and _ext(path) != ".h5ad":
@@ -245,7 +257,15 @@ def _read_10x(directory: str, mtx: Optional[str] = None) -> Matrix:
     return Matrix(X, rows, cols, source=directory)
 
 
+MISSING = frozenset({"", "NA", "N/A", "n/a", "NaN", "nan", "-nan", "-NaN", "NULL", "null", "None",
+                     "#N/A", "<NA>"})
+"""Table cells read as missing values (NaN), as pandas reads them; ``torchnmf fit`` refuses NaN."""
+
+
 def _is_number(s: str) -> bool:
+    s = s.strip()
+    if s in MISSING or "_" in s:  # missing is not a name; float() takes 1_000, pandas does not
+        return s in MISSING
     try:
         float(s)
         return True
@@ -253,47 +273,114 @@ def _is_number(s: str) -> bool:
         return False
 
 
-def _read_table(path: str, sep: str) -> Matrix:
+def _first_rows(path: str, sep: str) -> Tuple[Optional[List[str]], Optional[List[str]], int]:
+    """The first two non-blank rows and the number of physical lines up to the first one."""
     with _open_text(path) as fh:
         reader = csv.reader(fh, delimiter=sep)
-        first = next(reader, None)
-        second = next(reader, None)
+        first = next((row for row in reader if row), None)
+        lines = reader.line_num
+        second = next((row for row in reader if row), None)
+    return first, second, lines
+
+
+def _line_of(path: str, sep: str, row: int, header: bool) -> int:
+    """The 1-based file line of data row ``row`` (0-based; blank lines skipped as pandas does)."""
+    with _open_text(path) as fh:
+        reader = csv.reader(fh, delimiter=sep)
+        k = -1 - int(header)
+        for record in reader:
+            if record:
+                k += 1
+                if k == row:
+                    return reader.line_num
+    return row + 1 + int(header)  # pragma: no cover - the row was read from this file
+
+
+def _read_table(path: str, sep: str) -> Matrix:
+    first, second, head_lines = _first_rows(path, sep)
     if not first:
         raise ReadError(f"{path} is empty")
-    # A header line: an empty corner cell (pandas/R with row labels) or a non-number after it.
-    header = first[0].strip() == "" or any(not _is_number(v) for v in first[1:] if v.strip()) \
-        or (len(first) == 1 and not _is_number(first[0]))
+    # A header line: an empty corner cell (pandas/R with row labels), or words after the first
+    # cell and no number anywhere. A line of numbers with a word (a typo such as 1O) is data,
+    # so the word is reported below; the first cell alone never decides.
+    numbers = [_is_number(v) and v.strip() not in MISSING for v in first]
+    header = first[0].strip() == "" or (not any(numbers) and (len(first) == 1 or
+                                                              any(not _is_number(v) for v in first[1:])))
     body = second if header else first
-    index = body is not None and (not _is_number(body[0]) and body[0].strip() != ""
-                                  or (header and (first[0].strip() == "" or len(first) == len(body) - 1)))
+    if body is None:
+        raise ReadError(f"{path} has a header line but no data")
     try:
         import pandas as pd
     except ImportError:
-        if header or index:
-            raise ReadError(f"reading {path} with its labels needs pandas: pip install pandas") from None
-        return Matrix(np.loadtxt(path, delimiter=sep, ndmin=2))
-    df = pd.read_csv(path, sep=sep, header=0 if header else None, index_col=0 if index else None)
-    if header and not index and len(df.columns) == len(first) - 1:  # R's header one short: pandas took an index
-        index = True
-    bad = [c for c in df.columns if df[c].dtype.kind not in "iufb"]
-    if bad:
-        # name the first cell that is not a number, in file order
-        first_bad = None
-        for j, c in enumerate(df.columns):
-            if c not in bad:
-                continue
-            num = pd.to_numeric(df[c], errors="coerce")
-            wrong = np.flatnonzero(num.isna().to_numpy() & df[c].notna().to_numpy())
-            if len(wrong) and (first_bad is None or wrong[0] < first_bad[0]):
-                first_bad = (int(wrong[0]), j, df[c].iloc[wrong[0]])
-        i, j, v = first_bad
-        line = i + 1 + int(header)
-        where = f"row {i}" + (f" ({df.index[i]})" if index else "") + f", column {j}" + (f" ({df.columns[j]})" if header else "")
-        raise ReadError(f"{path} line {line}: {v!r} at {where} is not a number")
-    X = df.to_numpy(dtype=np.float64)
-    rows = _names(df.index) if index else None
-    cols = _names(df.columns) if header else None
-    return Matrix(X, rows, cols)
+        if header:
+            raise ReadError(f"reading {path} with its header needs pandas: pip install pandas") from None
+        try:
+            return Matrix(np.loadtxt(path, delimiter=sep, ndmin=2))
+        except ValueError as err:
+            raise ReadError(f"cannot read {path}: {err} (row labels need pandas: pip install pandas)") from None
+    n = len(body)
+    if header and len(first) not in (n, n - 1):
+        raise ReadError(f"{path}: the header line has {len(first)} names for {n} columns")
+    # Column 0 raw (it may be labels, verbatim); the others with the missing-cell tokens as NaN.
+    df = pd.read_csv(path, sep=sep, header=None, skiprows=head_lines if header else 0, dtype={0: object},
+                     keep_default_na=False, na_values={j: sorted(MISSING) for j in range(1, n)},
+                     skip_blank_lines=True)
+    if df.shape[1] != n:  # pragma: no cover - pandas infers the width from the first data row
+        raise ReadError(f"{path}: rows of {n} and {df.shape[1]} fields")
+    raw0 = df[0]
+    col0 = raw0.astype(str).str.strip()
+    missing0 = col0.isin(MISSING).to_numpy()
+    num0 = pd.to_numeric(col0.where(~col0.isin(MISSING)), errors="coerce").to_numpy(dtype=np.float64)
+    text0 = np.isnan(num0) & ~missing0
+    # Row labels: said so by the header (an empty corner cell, or R's header one name short),
+    # or the whole first column is text; never decided from one cell.
+    labels = header and (len(first) == n - 1 or first[0].strip() == "") \
+        or (bool(text0.any()) and not (~np.isnan(num0)).any())
+    names = None if not header else (first[1:] if labels and len(first) == n else first)
+    if labels:
+        rows = raw0.astype(str).to_numpy()
+        data = df.iloc[:, 1:]
+    else:
+        rows = None
+        data = df  # ours: column 0 becomes its numbers (raw0 keeps the text for the message)
+        data[0] = np.where(missing0, np.nan, num0)
+    # the first cell (in file order) that is not a number
+    bad = None
+    for j in range(data.shape[1]):
+        c = data.iloc[:, j]
+        if j == 0 and not labels:
+            wrong = text0
+        elif c.dtype.kind in "iufb":
+            continue
+        else:
+            wrong = (pd.to_numeric(c, errors="coerce").isna() & c.notna()).to_numpy()
+        hits = np.flatnonzero(wrong)
+        if len(hits) and (bad is None or hits[0] < bad[0]):
+            bad = (int(hits[0]), j)
+    if bad is not None:
+        i, j = bad
+        value = raw0.iloc[i] if j == 0 and not labels else df.iloc[i, j + int(labels)]
+        where = f"row {i}" + (f" ({rows[i]})" if labels else "") + f", column {j}" \
+            + (f" ({names[j]})" if names is not None else "")
+        hint = ""
+        if j == 0 and not labels and (~np.isnan(num0)).any():
+            hint = ("; the first column mixes text and numbers: for row labels, "
+                    + ("leave the header's first cell empty" if header else "add a header line with an empty first cell"))
+        raise ReadError(f"{path} line {_line_of(path, sep, i, header)}: {value!r} at {where} is not a number{hint}")
+    X = data.to_numpy(dtype=np.float64)
+    cols = None
+    if names is not None:
+        cols = _names(v.strip() for v in names)
+        seen, dups = set(), []
+        for v in cols:
+            if v in seen and v not in dups:
+                dups.append(v)
+            seen.add(v)
+        if dups:  # kept as they are (never renamed): say so once
+            shown = ", ".join(repr(str(v)) for v in dups[:5]) + (", ..." if len(dups) > 5 else "")
+            warnings.warn(f"{path} has duplicate column names ({shown}); they are kept as they are",
+                          UserWarning, stacklevel=3)
+    return Matrix(X, _names(rows) if labels else None, cols)
 
 
 def _read_h5ad(path: str, layer: Optional[str]) -> Matrix:
