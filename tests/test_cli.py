@@ -8,7 +8,7 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from torchnmf.cli import main, read_matrix
+from torchnmf.cli import main, read_fit, read_matrix
 
 
 def counts(n=25, c=9, seed=0):
@@ -278,13 +278,50 @@ def test_outputs_are_atomic_and_json_last(tmp_path, data, monkeypatch, capsys):
     monkeypatch.setattr(np, "savez_compressed", killed)
     rc, _ = fit(tmp_path, path, "--rank", 3)
     assert rc == 2 and "cannot write" in capsys.readouterr().err
-    # the previous result is whole and its summary still matches it: the JSON comes last
+    # the previous result is whole and its summary still matches it
     assert open(f"{out}.npz", "rb").read() == old_npz and open(f"{out}.json").read() == old_json
     monkeypatch.undo()
     monkeypatch.setattr(json, "dump", killed)
     rc, _ = fit(tmp_path, path, "--rank", 3)
-    assert rc == 2 and open(f"{out}.json").read() == old_json
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "No space left" in err
+    # issue 22 item 2: a failed JSON write used to leave the new .npz beside the old .json
+    assert open(f"{out}.npz", "rb").read() == old_npz and open(f"{out}.json").read() == old_json
     assert sorted(os.listdir(tmp_path)) == ["X.npy", "res.json", "res.npz"]  # no temporary files left
+    monkeypatch.undo()
+    W, summary = read_fit(str(out))[0]["W"], read_fit(str(out))[1]
+    assert W.shape == (9, 2) and summary["rank"] == 2 and len(summary["fit_id"]) == 32
+
+
+def test_mismatched_output_pair_is_refused(tmp_path, data, capsys):
+    pytest.importorskip("matplotlib")
+    path = write(tmp_path, data, ".npy")
+    rc, out = fit(tmp_path, path, "--rank", 2)
+    assert rc == 0
+    old_json = open(f"{out}.json").read()
+    rc, _ = fit(tmp_path, path, "--rank", 2, "--seed", 1)
+    assert rc == 0
+    with open(f"{out}.json", "w") as fh:  # as a kill between the two renames would leave them
+        fh.write(old_json)
+    capsys.readouterr()
+    assert main(["plot", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "res.npz and" in err and "are from different fits" in err
+    assert not os.path.exists(f"{out}.png")
+    with pytest.raises(ValueError, match="different fits"):
+        read_fit(str(out))
+
+
+def test_stale_temporary_outputs_are_removed(tmp_path, data):
+    path = write(tmp_path, data, ".npy")
+    dead = 2 ** 22 + 17  # above Linux's largest pid: no such process
+    stale = [f".res.npz.{dead}.abcd1234.tmp", ".res.json.x7Gq_k2a.tmp", f".res.json.{dead}.zz.tmp"]
+    live = f".res.npz.{os.getppid()}.abcd1234.tmp"  # a writer that still runs: kept
+    for name in stale + [live, ".other.npz.1.a.tmp"]:
+        (tmp_path / name).write_bytes(b"half")
+    rc, out = fit(tmp_path, path, "--rank", 2)
+    assert rc == 0
+    assert sorted(os.listdir(tmp_path)) == sorted([".other.npz.1.a.tmp", live, "X.npy", "res.json", "res.npz"])
 
 
 def test_version_device_default_and_singular(tmp_path, data, capsys):

@@ -271,3 +271,23 @@ def test_table_word_in_a_first_line_of_numbers_is_not_a_header(tmp_path):
     (tmp_path / "h.csv").write_text("id,a,NA\nr1,4,2\n")  # words and a missing name: a header
     M = read_matrix(tmp_path / "h.csv")
     assert list(M.col_names) == ["a", "NA"] and list(M.row_names) == ["r1"]
+
+
+def test_atomic_write_all_replaces_none_unless_all_written(tmp_path):
+    from torchnmf.io import atomic_write_all
+
+    a, b = tmp_path / "a.bin", tmp_path / "b.txt"
+    a.write_bytes(b"old a")
+    b.write_text("old b")
+
+    def fail(fh):
+        fh.write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write_all([(a, "wb", lambda fh: fh.write(b"new a")), (b, "w", fail)])
+    assert a.read_bytes() == b"old a" and b.read_text() == "old b"
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.txt"]
+    atomic_write_all([(a, "wb", lambda fh: fh.write(b"new a")), (b, "w", lambda fh: fh.write("new b"))])
+    assert a.read_bytes() == b"new a" and b.read_text() == "new b"
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.txt"]

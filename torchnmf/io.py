@@ -20,7 +20,8 @@ a directory                          10x layout: ``matrix.mtx(.gz)`` (features x
 
 :func:`round_counts` accepts counts stored as floats (within ``1e-6`` of an integer) and names
 the first entry that is not a count; :func:`atomic_write` writes a file so that a reader sees the
-old or the new content, never half of it.
+old or the new content, never half of it; :func:`atomic_write_all` does it for several files at
+once, replacing none unless all were written.
 """
 from __future__ import annotations
 
@@ -32,11 +33,12 @@ import os
 import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import IO, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import IO, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["Matrix", "ReadError", "read_matrix", "round_counts", "first_entry", "atomic_write", "FORMATS", "MISSING"]
+__all__ = ["Matrix", "ReadError", "read_matrix", "round_counts", "first_entry", "atomic_write",
+           "atomic_write_all", "remove_stale", "FORMATS", "MISSING"]
 
 FORMATS = (".npy", ".npz", ".mtx", ".mtx.gz", ".csv", ".csv.gz", ".tsv", ".tsv.gz", ".h5ad", "10x directory")
 _EXTS = (".npy", ".npz", ".mtx", ".csv", ".tsv", ".h5ad")
@@ -511,12 +513,75 @@ def _umask() -> int:
     return mask
 
 
+def _temporary(path: str) -> Tuple[int, str]:
+    """A new temporary file beside ``path``, named ``.NAME.<pid>.<random>.tmp`` (see :func:`remove_stale`)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would create it
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # someone else's process, or no way to tell: keep its file
+        return True
+    return True
+
+
+def remove_stale(path: Union[str, os.PathLike]) -> List[str]:
+    """Delete the temporary files that killed writes of ``path`` left beside it.
+
+    :func:`atomic_write` and :func:`atomic_write_all` name their temporary files
+    ``.NAME.<pid>.<random>.tmp``; those of processes that no longer run (and those of older
+    versions, ``.NAME.<random>.tmp``) are deleted, those of a running writer are kept. Each
+    write calls this first, so leftovers never pile up.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The destination file whose leftovers to delete.
+
+    Returns
+    -------
+    list of str
+        The paths deleted.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}."
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:  # no directory yet: nothing left behind
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        middle = name[len(prefix):-len(".tmp")]
+        pid, _, rest = middle.partition(".")
+        if rest and pid.isdigit() and (int(pid) == os.getpid() or _alive(int(pid))):
+            continue  # a write in progress
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, name))
+            removed.append(os.path.join(directory, name))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path: Union[str, os.PathLike], mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success rename it to ``path``.
 
     A reader (or a killed writer) sees the previous file or the complete new one, never a
     partial one. On an exception the temporary file is removed and ``path`` is untouched.
+    Temporary files that killed writes of ``path`` left are deleted first (:func:`remove_stale`).
 
     Parameters
     ----------
@@ -530,10 +595,9 @@ def atomic_write(path: Union[str, os.PathLike], mode: str = "wb") -> Iterator[IO
     file object
     """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    remove_stale(path)
+    fd, tmp = _temporary(path)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would create it
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as fh:
             yield fh
             fh.flush()
@@ -542,4 +606,38 @@ def atomic_write(path: Union[str, os.PathLike], mode: str = "wb") -> Iterator[IO
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        raise
+
+
+def atomic_write_all(files: Sequence[Tuple[Union[str, os.PathLike], str, Callable[[IO], object]]]) -> None:
+    """Write several files, each to a temporary file first; rename them only once all are written.
+
+    A failure while writing any of them (disk full, an exception of a writer) leaves every
+    destination as it was and no temporary file behind. Only a kill between the renames (a
+    moment, after every byte is on disk) can leave some files new and others old: give the
+    files a common identifier to detect that, as ``torchnmf fit`` does.
+
+    Parameters
+    ----------
+    files : sequence of (path, mode, write)
+        The destination (its directory must exist), ``'wb'`` or ``'w'`` (UTF-8), and a
+        function that writes the content to the file object it is given. Renamed in this order.
+    """
+    temps: List[Tuple[str, str]] = []
+    try:
+        for path, mode, write in files:
+            path = os.fspath(path)
+            remove_stale(path)
+            fd, tmp = _temporary(path)
+            temps.append((tmp, path))
+            with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
