@@ -375,3 +375,88 @@ def test_csv_first_cell_typo_is_one_line_not_a_shorter_fit(tmp_path, data, capsy
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and match in err and "Traceback" not in err
     assert not os.path.exists(f"{out}.npz")
+
+
+def test_missing_device_is_one_line(tmp_path, data, capsys):
+    # issue 22 item 9: torch knows 'mps' by name; using it on a machine without it was a traceback
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        pytest.skip("this machine has mps")
+    rc = main(["fit", str(write(tmp_path, data, ".npy")), "--rank", "2", "--max-iter", "2", "--quiet",
+               "--device", "mps", "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--device mps is not usable here" in err and "Traceback" not in err
+
+
+def _damage(out, how):
+    with np.load(f"{out}.npz") as z:
+        arrays = dict(z)
+    if how == "json list":
+        with open(f"{out}.json", "w") as fh:
+            json.dump([1, 2], fh)
+        return "is not a torchnmf fit summary (a JSON object), it holds a list"
+    if how == "1-D W":
+        arrays["W"] = arrays["W"][:, 0]
+        match = "W must be a 2-D array of numbers, got shape (9,)"
+    elif how == "0 components":
+        arrays["W"], arrays["H"] = arrays["W"][:, :0], arrays["H"][:, :0]
+        match = "W of shape (9, 0) holds no component"
+    elif how == "NaN W":
+        arrays["W"][3, 1] = np.nan
+        match = "W holds NaN or infinite values"
+    elif how == "negative W":
+        arrays["W"][3, 1] = -1.0
+        match = "W holds negative values"
+    elif how == "tol text":
+        summary = json.loads(open(f"{out}.json").read())
+        summary["tol"] = "small"
+        with open(f"{out}.json", "w") as fh:
+            json.dump(summary, fh)
+        return "tol must be a number >= 0 or null, got 'small'"
+    else:  # truncated archive
+        data = open(f"{out}.npz", "rb").read()
+        with open(f"{out}.npz", "wb") as fh:
+            fh.write(data[: len(data) // 2])
+        return "cannot read"
+    np.savez(f"{out}.npz", **arrays)
+    return match
+
+
+@pytest.mark.parametrize("how", ["json list", "1-D W", "0 components", "NaN W", "negative W", "tol text",
+                                 "truncated npz"])
+def test_plot_of_damaged_outputs_is_one_line(tmp_path, data, capsys, how):
+    # issue 22 item 9: each of these was a traceback
+    pytest.importorskip("matplotlib")
+    rc, out = fit(tmp_path, write(tmp_path, data, ".npy"), "--rank", 2)
+    assert rc == 0
+    match = _damage(out, how)
+    capsys.readouterr()
+    assert main(["plot", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("torchnmf: error:") and match in err, err
+    assert "Traceback" not in err and not os.path.exists(f"{out}.png")
+
+
+def test_unexpected_failure_is_one_line_unless_debug(tmp_path, data, monkeypatch, capsys):
+    from torchnmf.estimators.nmf import BetaNMF
+
+    def broken(self, X, y=None):
+        raise RuntimeError("something inside broke\nsecond line")
+
+    monkeypatch.setattr(BetaNMF, "fit_transform", broken)
+    args = ["fit", str(write(tmp_path, data, ".npy")), "--rank", "2", "--quiet", "--device", "cpu",
+            "-o", str(tmp_path / "o")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err == "torchnmf: error: RuntimeError: something inside broke (--debug shows the traceback)\n"
+    with pytest.raises(RuntimeError):
+        main(args + ["--debug"])
+
+    def no_memory(self, X, y=None):
+        raise MemoryError("Unable to allocate 7.45 GiB")
+
+    monkeypatch.setattr(BetaNMF, "fit_transform", no_memory)
+    assert main(args) == 2
+    assert "torchnmf: error: out of memory (Unable to allocate 7.45 GiB)" in capsys.readouterr().err

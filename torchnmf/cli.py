@@ -31,7 +31,8 @@ The count models (``gamma-poisson``, ``pnmf``) accept counts saved as floats: va
 ``1e-6`` of an integer are rounded (the number rounded is reported); ``--round`` rounds every
 value. Bad input (unreadable or unknown files, negative or non-count values, NaN, wrong flags,
 a rank above ``min(n_samples, n_features)``) prints one line ``torchnmf: error: ...`` naming
-the file (and the first offending entry) and exits with status 2; ``--debug`` shows the
+the file (and the first offending entry) and exits with status 2, as does running out of
+memory; any other failure prints one line and exits with status 1. ``--debug`` shows the
 traceback instead. The input file is only ever read.
 """
 from __future__ import annotations
@@ -303,9 +304,14 @@ def _fit(args) -> int:
     try:
         from .estimators._base import resolve_device
 
-        resolve_device(args.device)
+        device = resolve_device(args.device)
     except ValueError as err:
         raise CLIError(f"--device: {err}") from None
+    try:  # a device torch knows by name may still be missing here (mps off macOS, cuda:7 on one GPU)
+        torch.empty(1, device=device)
+    except Exception as err:
+        raise CLIError(f"--device {args.device} is not usable here ({_one_line(err)}); use --device cpu "
+                       "or --device auto") from None
     est = _estimator(args)
     t0 = time.perf_counter()
     try:
@@ -564,6 +570,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except SystemExit as err:  # --help exits 0 through argparse
         return int(err.code or 0)
+    except MemoryError as err:  # an input or rank too large for this machine, found late
+        if debug:
+            raise
+        print(f"torchnmf: error: out of memory ({_one_line(err)}); try a smaller input or --rank", file=sys.stderr)
+        return 2
+    except Exception as err:  # never a traceback without --debug: one line, exit status 1
+        if debug:
+            raise
+        print(f"torchnmf: error: {type(err).__name__}: {_one_line(err)} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 def _console() -> None:  # pragma: no cover - thin wrapper
