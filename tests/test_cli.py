@@ -460,3 +460,12 @@ def test_unexpected_failure_is_one_line_unless_debug(tmp_path, data, monkeypatch
     monkeypatch.setattr(BetaNMF, "fit_transform", no_memory)
     assert main(args) == 2
     assert "torchnmf: error: out of memory (Unable to allocate 7.45 GiB)" in capsys.readouterr().err
+
+
+def test_huge_claimed_size_is_one_line(tmp_path, capsys):
+    # issue 22 item 3: the reader allocated gigabytes and the CLI died with a traceback
+    path = tmp_path / "huge.mtx"
+    path.write_text("%%MatrixMarket matrix coordinate real general\n300000000 5 1\n1 1 3\n")
+    assert main(["fit", str(path), "--rank", "1", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "huge.mtx: the header claims 300000000 x 5 with 1 entries" in err

@@ -291,3 +291,75 @@ def test_atomic_write_all_replaces_none_unless_all_written(tmp_path):
     atomic_write_all([(a, "wb", lambda fh: fh.write(b"new a")), (b, "w", lambda fh: fh.write("new b"))])
     assert a.read_bytes() == b"new a" and b.read_text() == "new b"
     assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.txt"]
+
+
+# issue 22 item 3: sizes a header claims are checked before anything is allocated
+def _light(fn):
+    """Run ``fn`` and return (its ReadError, the peak bytes numpy/python allocated meanwhile)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ReadError) as info:
+            fn()
+        return info.value, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mtx_claiming_huge_sizes_fails_fast(tmp_path, gz):
+    text = b"%%MatrixMarket matrix coordinate real general\n% a comment\n300000000 5 1\n1 1 3\n"
+    path = tmp_path / ("huge.mtx.gz" if gz else "huge.mtx")
+    path.write_bytes(gzip.compress(text) if gz else text)
+    err, peak = _light(lambda: read_matrix(path))
+    assert "huge.mtx" in str(err) and "the header claims 300000000 x 5 with 1 entries" in str(err)
+    assert "header is probably damaged" in str(err) and peak < 20 * 2**20
+
+
+@pytest.mark.parametrize("header, match", [
+    (b"coordinate real general\n3 3 1000000000\n", "claims 1000000000 entries in a 3 x 3 matrix"),
+    (b"coordinate real general\n100000 100000 2000000000\n1 1 1\n", "the file holds at most"),
+    (b"coordinate pattern general\n100000 100000 2000000000\n1 1\n", "the file holds at most"),
+    (b"array real general\n100000 100000\n1\n", "a dense 100000 x 100000 matrix, but the file holds at most"),
+])
+def test_mtx_claiming_more_entries_than_the_file_holds(tmp_path, header, match):
+    path = tmp_path / "claims.mtx"
+    path.write_bytes(b"%%MatrixMarket matrix " + header)
+    err, peak = _light(lambda: read_matrix(path))
+    assert match in str(err) and "claims.mtx" in str(err) and peak < 20 * 2**20
+
+
+def test_npy_claiming_huge_shape_fails_fast(tmp_path):
+    from numpy.lib import format as npf
+
+    path = tmp_path / "huge.npy"
+    with open(path, "wb") as fh:
+        npf.write_array_header_1_0(fh, {"descr": "<f8", "fortran_order": False, "shape": (300000000, 5)})
+        fh.write(b"\0" * 16)
+    err, peak = _light(lambda: read_matrix(path))
+    assert "huge.npy: the header claims shape (300000000, 5) of float64 (12000000000 bytes)" in str(err)
+    assert peak < 20 * 2**20
+
+
+def test_sizes_beyond_available_memory_and_memory_errors(tmp_path, monkeypatch):
+    import torchnmf.io as tio
+
+    X = counts(30, 20)
+    scipy.io.mmwrite(str(tmp_path / "ok.mtx"), sp.coo_matrix(X))
+    np.save(tmp_path / "ok.npy", X)
+    monkeypatch.setattr(tio, "available_memory", lambda: 1000)
+    with pytest.raises(ReadError, match=r"ok.mtx: the header claims 30 x 20 with \d+ entries, about 0.0 GiB to read; "
+                                        "this machine has 0.0 GiB available"):
+        read_matrix(tmp_path / "ok.mtx")
+    with pytest.raises(ReadError, match="ok.npy: the header claims shape"):
+        read_matrix(tmp_path / "ok.npy")
+    monkeypatch.setattr(tio, "available_memory", lambda: None)  # unknown: no memory check
+
+    def no_memory(*a, **k):
+        raise MemoryError("Unable to allocate 9.00 GiB")
+
+    monkeypatch.setattr(scipy.io, "mmread", no_memory)
+    with pytest.raises(ReadError, match="ok.mtx: it does not fit in this machine's memory"):
+        read_matrix(tmp_path / "ok.mtx")
+    np.testing.assert_array_equal(read_matrix(tmp_path / "ok.npy").X, X)

@@ -38,7 +38,7 @@ from typing import IO, Callable, Iterator, List, Optional, Sequence, Tuple, Unio
 import numpy as np
 
 __all__ = ["Matrix", "ReadError", "read_matrix", "round_counts", "first_entry", "atomic_write",
-           "atomic_write_all", "remove_stale", "FORMATS", "MISSING"]
+           "atomic_write_all", "remove_stale", "available_memory", "FORMATS", "MISSING", "MAX_EMPTY"]
 
 FORMATS = (".npy", ".npz", ".mtx", ".mtx.gz", ".csv", ".csv.gz", ".tsv", ".tsv.gz", ".h5ad", "10x directory")
 _EXTS = (".npy", ".npz", ".mtx", ".csv", ".tsv", ".h5ad")
@@ -101,6 +101,121 @@ def _names(values) -> np.ndarray:
     return np.asarray([str(v) for v in values], dtype=str)
 
 
+# Sizes a header claims are checked before anything is allocated: a few bytes claiming
+# 300,000,000 rows must not cost gigabytes.
+MAX_EMPTY = 2 ** 24
+"""A sparse file's rows plus columns may exceed 16 times its entries by at most this many (16.7
+million; a 10x whitelist has 6.8 million barcodes): more would be mostly empty rows a header
+claims but the file does not hold."""
+_GZIP_RATIO = 1032  # deflate never expands more than this: bounds the content of a .gz file
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory available to a new allocation (``MemAvailable``), ``None`` when unknown.
+
+    Returns
+    -------
+    int or None
+    """
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return None
+
+
+def _content_bytes(path: str) -> int:
+    """An upper bound of the bytes the file's content can hold (its size, or deflate's limit for .gz)."""
+    size = os.path.getsize(path)
+    return size * _GZIP_RATIO if path.lower().endswith(".gz") else size
+
+
+def _check_claim(path: str, what: str, need: int, entries: Optional[Tuple[int, int, int]] = None) -> None:
+    """Refuse a header claim the file cannot hold or this machine cannot read, before allocating.
+
+    ``need`` is the bytes reading it takes; ``entries`` = (rows, cols, nnz) of a sparse claim.
+    """
+    if entries is not None:
+        rows, cols, nnz = entries
+        if rows + cols > 16 * nnz + MAX_EMPTY:
+            raise ReadError(f"{path}: the header claims {what}: at least {rows - min(rows, nnz)} empty rows and "
+                            f"{cols - min(cols, nnz)} empty columns, more than a file of data holds (rows + columns "
+                            f"<= 16 x entries + {MAX_EMPTY}); the header is probably damaged")
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise ReadError(f"{path}: the header claims {what}, about {need / 2**30:.1f} GiB to read; this machine "
+                        f"has {avail / 2**30:.1f} GiB available")
+
+
+def _check_mtx_header(path: str) -> None:
+    """Check a Matrix Market header's sizes against the file and the machine (before scipy allocates)."""
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        banner = fh.readline(1024).decode("ascii", "replace").split()
+        if len(banner) < 5 or banner[0].lower() != "%%matrixmarket":
+            return  # not a header to check: scipy's message says what is wrong
+        fmt, field, symmetry = (t.lower() for t in banner[2:5])
+        line = fh.readline(1024)
+        while line and (line.startswith(b"%") or not line.strip()):
+            line = fh.readline(1024)
+    try:
+        sizes = [int(t) for t in line.split()]
+    except ValueError:
+        return
+    budget = _content_bytes(path)
+    if fmt == "coordinate" and len(sizes) == 3:
+        rows, cols, nnz = sizes
+        if min(sizes) < 0:
+            raise ReadError(f"{path}: the header claims negative sizes {rows} {cols} {nnz}")
+        if nnz > rows * cols:
+            raise ReadError(f"{path}: the header claims {nnz} entries in a {rows} x {cols} matrix")
+        per_entry = 4 if field == "pattern" else 6  # "i j\n" or "i j v\n" at the least
+        what = f"{rows} x {cols} with {nnz} entries"
+        if nnz * per_entry > budget:
+            raise ReadError(f"{path}: the header claims {what}, but the file holds at most "
+                            f"{budget // per_entry} ({os.path.getsize(path)} bytes)")
+        # COO arrays, CSR and its transpose, each with its row pointers
+        _check_claim(path, what, 40 * nnz + 16 * (rows + cols + 2), (rows, cols, nnz))
+    elif fmt == "array" and len(sizes) == 2:
+        rows, cols = sizes
+        if min(sizes) < 0:
+            raise ReadError(f"{path}: the header claims negative sizes {rows} {cols}")
+        values = rows * (rows + 1) // 2 if symmetry != "general" else rows * cols
+        what = f"a dense {rows} x {cols} matrix"
+        if values * 2 > budget:  # "v\n" at the least
+            raise ReadError(f"{path}: the header claims {what}, but the file holds at most "
+                            f"{budget // 2} values ({os.path.getsize(path)} bytes)")
+        _check_claim(path, what, 16 * rows * cols)
+
+
+def _check_npy_header(path: str) -> None:
+    """Check a .npy header's shape against the file's size and the machine."""
+    from numpy.lib import format as npf
+
+    with open(path, "rb") as fh:
+        try:
+            version = npf.read_magic(fh)
+            read = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
+            shape, _, dtype = read(fh)
+        except Exception:  # not a header to check: np.load's message says what is wrong
+            return
+        offset = fh.tell()
+    if dtype.hasobject:
+        return  # np.load refuses pickled objects itself
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    what = f"shape {tuple(shape)} of {dtype}"
+    if need > os.path.getsize(path) - offset:
+        raise ReadError(f"{path}: the header claims {what} ({need} bytes), but the file holds "
+                        f"{os.path.getsize(path) - offset} bytes of data")
+    _check_claim(path, what, need)
+
+
 def read_matrix(path: Union[str, os.PathLike], *, layer: Optional[str] = None, transpose: bool = False) -> Matrix:
     """Read a matrix file (or a 10x directory) with its row and column names.
 
@@ -125,8 +240,10 @@ def read_matrix(path: Union[str, os.PathLike], *, layer: Optional[str] = None, t
     ValueError
         Missing, unreadable or unknown files, a directory that is not in the 10x layout,
         content that is not a 2-D real matrix, non-numeric cells (the first one named by its
-        line in the file, row and column), an unknown ``layer``, or a missing optional reader
-        (pandas, anndata).
+        line in the file, row and column), an unknown ``layer``, a missing optional reader
+        (pandas, anndata), or a header (``.mtx``, ``.npy``, sparse ``.npz``) claiming sizes
+        the file cannot hold or this machine's available memory cannot read (checked before
+        anything is allocated; a ``MemoryError`` while reading also becomes this error).
 
     Notes
     -----
@@ -153,6 +270,7 @@ def read_matrix(path: Union[str, os.PathLike], *, layer: Optional[str] = None, t
             raise ReadError(f"cannot read {path}: not a regular file")
         try:
             if ext == ".npy":
+                _check_npy_header(path)
                 M = Matrix(np.load(path, allow_pickle=False))
             elif ext == ".npz":
                 M = _read_npz(path)
@@ -164,6 +282,9 @@ def read_matrix(path: Union[str, os.PathLike], *, layer: Optional[str] = None, t
                 M = _read_h5ad(path, layer)
         except ReadError:
             raise
+        except MemoryError as err:
+            msg = str(err).splitlines()[0] if str(err) else "out of memory"
+            raise ReadError(f"cannot read {path}: it does not fit in this machine's memory ({msg})") from err
         except Exception as err:  # any reader failure becomes one clear line
             msg = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ReadError(f"cannot read {path}: {msg}") from err
@@ -198,6 +319,12 @@ def _read_npz(path: str) -> Matrix:
         else:
             raise ReadError(f"{path} holds arrays {sorted(keys)}; name the matrix 'X' or save a single array")
     if X is None:
+        with np.load(path, allow_pickle=False) as z:
+            shape = [int(v) for v in np.asarray(z["shape"]).ravel()]
+            nnz = int(z["data"].shape[0]) if "data" in z.files else 0
+        if len(shape) == 2:  # COO's row pointers would be allocated from the claimed shape
+            _check_claim(path, f"{shape[0]} x {shape[1]} with {nnz} entries", 16 * (sum(shape) + 2) + 40 * nnz,
+                         (shape[0], shape[1], nnz))
         X = sp.load_npz(path).tocsr()
     return Matrix(X, rows, cols)
 
@@ -209,6 +336,7 @@ def _read_mtx(path: str, tenx: Optional[bool] = None) -> Matrix:
     base = os.path.basename(_strip_gz(path)[0])
     if tenx is None and base == "matrix.mtx":
         return _read_10x(os.path.dirname(os.path.abspath(path)), mtx=path)
+    _check_mtx_header(path)
     if path.lower().endswith(".gz"):
         with gzip.open(path, "rb") as fh:
             X = scipy.io.mmread(fh)
@@ -239,6 +367,8 @@ def _read_10x(directory: str, mtx: Optional[str] = None) -> Matrix:
         raise ReadError(f"cannot read {directory}: it is {what}")
     try:
         M = _read_mtx(mtx, tenx=False)
+    except ReadError:
+        raise
     except Exception as err:
         raise ReadError(f"cannot read {mtx}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     X = M.X.T  # 10x stores features x barcodes
