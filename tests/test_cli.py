@@ -8,7 +8,7 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from torchnmf.cli import main, read_matrix
+from torchnmf.cli import main, read_fit, read_matrix
 
 
 def counts(n=25, c=9, seed=0):
@@ -278,13 +278,50 @@ def test_outputs_are_atomic_and_json_last(tmp_path, data, monkeypatch, capsys):
     monkeypatch.setattr(np, "savez_compressed", killed)
     rc, _ = fit(tmp_path, path, "--rank", 3)
     assert rc == 2 and "cannot write" in capsys.readouterr().err
-    # the previous result is whole and its summary still matches it: the JSON comes last
+    # the previous result is whole and its summary still matches it
     assert open(f"{out}.npz", "rb").read() == old_npz and open(f"{out}.json").read() == old_json
     monkeypatch.undo()
     monkeypatch.setattr(json, "dump", killed)
     rc, _ = fit(tmp_path, path, "--rank", 3)
-    assert rc == 2 and open(f"{out}.json").read() == old_json
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "No space left" in err
+    # issue 22 item 2: a failed JSON write used to leave the new .npz beside the old .json
+    assert open(f"{out}.npz", "rb").read() == old_npz and open(f"{out}.json").read() == old_json
     assert sorted(os.listdir(tmp_path)) == ["X.npy", "res.json", "res.npz"]  # no temporary files left
+    monkeypatch.undo()
+    W, summary = read_fit(str(out))[0]["W"], read_fit(str(out))[1]
+    assert W.shape == (9, 2) and summary["rank"] == 2 and len(summary["fit_id"]) == 32
+
+
+def test_mismatched_output_pair_is_refused(tmp_path, data, capsys):
+    pytest.importorskip("matplotlib")
+    path = write(tmp_path, data, ".npy")
+    rc, out = fit(tmp_path, path, "--rank", 2)
+    assert rc == 0
+    old_json = open(f"{out}.json").read()
+    rc, _ = fit(tmp_path, path, "--rank", 2, "--seed", 1)
+    assert rc == 0
+    with open(f"{out}.json", "w") as fh:  # as a kill between the two renames would leave them
+        fh.write(old_json)
+    capsys.readouterr()
+    assert main(["plot", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "res.npz and" in err and "are from different fits" in err
+    assert not os.path.exists(f"{out}.png")
+    with pytest.raises(ValueError, match="different fits"):
+        read_fit(str(out))
+
+
+def test_stale_temporary_outputs_are_removed(tmp_path, data):
+    path = write(tmp_path, data, ".npy")
+    dead = 2 ** 22 + 17  # above Linux's largest pid: no such process
+    stale = [f".res.npz.{dead}.abcd1234.tmp", ".res.json.x7Gq_k2a.tmp", f".res.json.{dead}.zz.tmp"]
+    live = f".res.npz.{os.getppid()}.abcd1234.tmp"  # a writer that still runs: kept
+    for name in stale + [live, ".other.npz.1.a.tmp"]:
+        (tmp_path / name).write_bytes(b"half")
+    rc, out = fit(tmp_path, path, "--rank", 2)
+    assert rc == 0
+    assert sorted(os.listdir(tmp_path)) == sorted([".other.npz.1.a.tmp", live, "X.npy", "res.json", "res.npz"])
 
 
 def test_version_device_default_and_singular(tmp_path, data, capsys):
@@ -323,3 +360,112 @@ def test_plot_image_shape_and_named_bars(tmp_path, data, monkeypatch):
     assert len(labels) == 4 and all(t.startswith("Gene") for t in labels)
     assert bars[0].get_xlabel() == "weight"
     assert main(["plot", str(out), "--image-shape", "2", "4"]) == 2
+
+
+@pytest.mark.parametrize("cell, match", [("1O", "line 2: '1O' at row 0, column 0 (g0) is not a number"),
+                                         ("-", "line 2: '-' at row 0, column 0 (g0) is not a number"),
+                                         ("NA", "contains NaN or infinity, first at row 0, column 0 (g0)")])
+def test_csv_first_cell_typo_is_one_line_not_a_shorter_fit(tmp_path, data, capsys, cell, match):
+    # issue 22 item 1: one odd first cell used to turn the first column into row labels
+    path = write(tmp_path, data, ".csv")
+    lines = path.read_text().splitlines()
+    lines[1] = cell + lines[1][lines[1].index(","):]
+    path.write_text("\n".join(lines) + "\n")
+    rc, out = fit(tmp_path, path, "--rank", 2)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and match in err and "Traceback" not in err
+    assert not os.path.exists(f"{out}.npz")
+
+
+def test_missing_device_is_one_line(tmp_path, data, capsys):
+    # issue 22 item 9: torch knows 'mps' by name; using it on a machine without it was a traceback
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        pytest.skip("this machine has mps")
+    rc = main(["fit", str(write(tmp_path, data, ".npy")), "--rank", "2", "--max-iter", "2", "--quiet",
+               "--device", "mps", "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--device mps is not usable here" in err and "Traceback" not in err
+
+
+def _damage(out, how):
+    with np.load(f"{out}.npz") as z:
+        arrays = dict(z)
+    if how == "json list":
+        with open(f"{out}.json", "w") as fh:
+            json.dump([1, 2], fh)
+        return "is not a torchnmf fit summary (a JSON object), it holds a list"
+    if how == "1-D W":
+        arrays["W"] = arrays["W"][:, 0]
+        match = "W must be a 2-D array of numbers, got shape (9,)"
+    elif how == "0 components":
+        arrays["W"], arrays["H"] = arrays["W"][:, :0], arrays["H"][:, :0]
+        match = "W of shape (9, 0) holds no component"
+    elif how == "NaN W":
+        arrays["W"][3, 1] = np.nan
+        match = "W holds NaN or infinite values"
+    elif how == "negative W":
+        arrays["W"][3, 1] = -1.0
+        match = "W holds negative values"
+    elif how == "tol text":
+        summary = json.loads(open(f"{out}.json").read())
+        summary["tol"] = "small"
+        with open(f"{out}.json", "w") as fh:
+            json.dump(summary, fh)
+        return "tol must be a number >= 0 or null, got 'small'"
+    else:  # truncated archive
+        data = open(f"{out}.npz", "rb").read()
+        with open(f"{out}.npz", "wb") as fh:
+            fh.write(data[: len(data) // 2])
+        return "cannot read"
+    np.savez(f"{out}.npz", **arrays)
+    return match
+
+
+@pytest.mark.parametrize("how", ["json list", "1-D W", "0 components", "NaN W", "negative W", "tol text",
+                                 "truncated npz"])
+def test_plot_of_damaged_outputs_is_one_line(tmp_path, data, capsys, how):
+    # issue 22 item 9: each of these was a traceback
+    pytest.importorskip("matplotlib")
+    rc, out = fit(tmp_path, write(tmp_path, data, ".npy"), "--rank", 2)
+    assert rc == 0
+    match = _damage(out, how)
+    capsys.readouterr()
+    assert main(["plot", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("torchnmf: error:") and match in err, err
+    assert "Traceback" not in err and not os.path.exists(f"{out}.png")
+
+
+def test_unexpected_failure_is_one_line_unless_debug(tmp_path, data, monkeypatch, capsys):
+    from torchnmf.estimators.nmf import BetaNMF
+
+    def broken(self, X, y=None):
+        raise RuntimeError("something inside broke\nsecond line")
+
+    monkeypatch.setattr(BetaNMF, "fit_transform", broken)
+    args = ["fit", str(write(tmp_path, data, ".npy")), "--rank", "2", "--quiet", "--device", "cpu",
+            "-o", str(tmp_path / "o")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err == "torchnmf: error: RuntimeError: something inside broke (--debug shows the traceback)\n"
+    with pytest.raises(RuntimeError):
+        main(args + ["--debug"])
+
+    def no_memory(self, X, y=None):
+        raise MemoryError("Unable to allocate 7.45 GiB")
+
+    monkeypatch.setattr(BetaNMF, "fit_transform", no_memory)
+    assert main(args) == 2
+    assert "torchnmf: error: out of memory (Unable to allocate 7.45 GiB)" in capsys.readouterr().err
+
+
+def test_huge_claimed_size_is_one_line(tmp_path, capsys):
+    # issue 22 item 3: the reader allocated gigabytes and the CLI died with a traceback
+    path = tmp_path / "huge.mtx"
+    path.write_text("%%MatrixMarket matrix coordinate real general\n300000000 5 1\n1 1 3\n")
+    assert main(["fit", str(path), "--rank", "1", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "huge.mtx: the header claims 300000000 x 5 with 1 entries" in err

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 import warnings
 
 import numpy as np
@@ -489,3 +490,36 @@ def test_bad_values_raise_a_named_error_or_give_finite_results(name, V, data):
     for a in _flatten(got):
         assert np.isfinite(a).all(), f"{name} on {kind}: succeeded with non-finite results"
     OUTCOMES[(name, kind, "finite")] += 1
+
+
+# issue 22: IO and CLI
+_WORDS = ["1O", "-", "x", "O", "1.2.3", "e5", "--1", "abc"]
+
+
+@given(V=counts(), data=st.data())
+def test_csv_one_odd_cell_never_changes_the_shape(V, data, tmp_path_factory):
+    """A word in any data cell (first column included) is an error naming its line, row and column;
+    a missing token reads as NaN there; labelled or not, the matrix never loses a column."""
+    from torchnmf.io import ReadError, read_matrix
+
+    X = V.numpy()
+    n, m = X.shape
+    header = data.draw(st.booleans(), label="header")
+    labels = data.draw(st.booleans(), label="labels")
+    i, j = data.draw(st.integers(0, n - 1), label="i"), data.draw(st.integers(0, m - 1), label="j")
+    token = data.draw(st.sampled_from(_WORDS + ["NA", ""]), label="token")
+    cells = [[f"{v:g}" for v in row] for row in X]
+    cells[i][j] = token
+    lines = ([("," if labels else "") + ",".join(f"g{c}" for c in range(m))] if header else [])
+    lines += [(f"r{r}," if labels else "") + ",".join(row) for r, row in enumerate(cells)]
+    path = tmp_path_factory.mktemp("csv") / "x.csv"
+    path.write_text("\n".join(lines) + "\n")
+    if token in ("NA", ""):
+        M = read_matrix(path)
+        assert M.shape == (n, m) and np.isnan(M.X[i, j])
+        assert (M.row_names is not None) == labels and (M.col_names is not None) == header
+        OUTCOMES[("io.read_matrix(csv)", "missing cell", "nan")] += 1
+        return
+    with pytest.raises(ReadError, match=rf"line {i + 1 + header}: '{re.escape(token)}' at row {i}\b.*column {j}\b"):
+        read_matrix(path)
+    OUTCOMES[("io.read_matrix(csv)", "word cell", "raised")] += 1

@@ -208,3 +208,158 @@ def test_matrix_transposed_sparse():
     M = Matrix(sp.csr_matrix(np.eye(3)[:2]), np.array(["a", "b"]), None, "s")
     T = M.transposed()
     assert T.shape == (3, 2) and sp.isspmatrix_csr(T.X) and T.col_names[1] == "b" and T.row_names is None
+
+
+# issue 22 item 1: row labels come from the header and the whole first column, never one cell
+@pytest.mark.parametrize("typo", ["1O", "-", "x1"])
+@pytest.mark.parametrize("header", [True, False])
+def test_table_first_cell_typo_is_an_error(tmp_path, typo, header):
+    path = tmp_path / "t.csv"
+    path.write_text(("a,b,c\n" if header else "") + f"{typo},2,3\n4,5,6\n7,8,9\n")
+    line = 2 if header else 1
+    name = " \\(a\\)" if header else ""
+    with pytest.raises(ReadError, match=rf"t.csv line {line}: '{typo}' at row 0, column 0{name} is not a number; "
+                                        "the first column mixes text and numbers"):
+        read_matrix(path)
+
+
+def test_table_missing_first_cell_is_nan_not_a_label(tmp_path):
+    # NA and empty cells are missing values (NaN, which torchnmf fit refuses), in any column
+    for cell in ("NA", ""):
+        (tmp_path / "na.csv").write_text(f"a,b,c\n{cell},2,3\n4,5,6\n")
+        M = read_matrix(tmp_path / "na.csv")
+        assert M.shape == (2, 3) and M.row_names is None and list(M.col_names) == ["a", "b", "c"]
+        assert np.isnan(M.X[0, 0]) and np.array_equal(M.X[1], [4, 5, 6])
+
+
+def test_table_labels_from_the_whole_first_column(tmp_path):
+    (tmp_path / "named.csv").write_text("cell,a,b\nc1,1,2\nc2,3,4\n")  # an index name in the corner
+    M = read_matrix(tmp_path / "named.csv")
+    assert list(M.row_names) == ["c1", "c2"] and list(M.col_names) == ["a", "b"]
+    np.testing.assert_array_equal(M.X, [[1, 2], [3, 4]])
+    (tmp_path / "plain.csv").write_text("c1,1,2\nc2,3,4\n")  # no header, all text: labels
+    M = read_matrix(tmp_path / "plain.csv")
+    assert list(M.row_names) == ["c1", "c2"] and M.col_names is None
+    (tmp_path / "range.csv").write_text(",a,b\n0,1,2\n1,3,4\n")  # pandas' numbered index: empty corner
+    M = read_matrix(tmp_path / "range.csv")
+    assert list(M.row_names) == ["0", "1"] and M.shape == (2, 2)
+    (tmp_path / "mixed.csv").write_text("cell,a,b\nc1,1,2\n7,3,4\n")
+    with pytest.raises(ReadError, match="line 2: 'c1' at row 0, column 0 \\(cell\\) is not a number.*"
+                                        "leave the header's first cell empty"):
+        read_matrix(tmp_path / "mixed.csv")
+
+
+def test_table_error_line_as_in_the_file(tmp_path):
+    (tmp_path / "gaps.csv").write_text("\na,b\n\n1,2\n\n3,4\n5,x\n")
+    with pytest.raises(ReadError, match=r"gaps.csv line 7: 'x' at row 2, column 1 \(b\) is not a number"):
+        read_matrix(tmp_path / "gaps.csv")
+    (tmp_path / "gaps.csv").write_text("\na,b\n\n1,2\n\n3,4\n")
+    np.testing.assert_array_equal(read_matrix(tmp_path / "gaps.csv").X, [[1, 2], [3, 4]])
+
+
+def test_table_duplicate_column_names_kept_with_one_warning(tmp_path):
+    (tmp_path / "dup.csv").write_text("a,a,c,c\n1,2,3,4\n5,6,7,8\n")
+    with pytest.warns(UserWarning, match=r"duplicate column names \('a', 'c'\); they are kept") as rec:
+        M = read_matrix(tmp_path / "dup.csv")
+    assert len(rec) == 1 and list(M.col_names) == ["a", "a", "c", "c"]
+
+
+def test_table_word_in_a_first_line_of_numbers_is_not_a_header(tmp_path):
+    (tmp_path / "t.csv").write_text("0,1O,3\n4,2,1\n")  # was read as a header: one row lost
+    with pytest.raises(ReadError, match=r"t.csv line 1: '1O' at row 0, column 1 is not a number"):
+        read_matrix(tmp_path / "t.csv")
+    (tmp_path / "h.csv").write_text("id,a,NA\nr1,4,2\n")  # words and a missing name: a header
+    M = read_matrix(tmp_path / "h.csv")
+    assert list(M.col_names) == ["a", "NA"] and list(M.row_names) == ["r1"]
+
+
+def test_atomic_write_all_replaces_none_unless_all_written(tmp_path):
+    from torchnmf.io import atomic_write_all
+
+    a, b = tmp_path / "a.bin", tmp_path / "b.txt"
+    a.write_bytes(b"old a")
+    b.write_text("old b")
+
+    def fail(fh):
+        fh.write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write_all([(a, "wb", lambda fh: fh.write(b"new a")), (b, "w", fail)])
+    assert a.read_bytes() == b"old a" and b.read_text() == "old b"
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.txt"]
+    atomic_write_all([(a, "wb", lambda fh: fh.write(b"new a")), (b, "w", lambda fh: fh.write("new b"))])
+    assert a.read_bytes() == b"new a" and b.read_text() == "new b"
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.txt"]
+
+
+# issue 22 item 3: sizes a header claims are checked before anything is allocated
+def _light(fn):
+    """Run ``fn`` and return (its ReadError, the peak bytes numpy/python allocated meanwhile)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ReadError) as info:
+            fn()
+        return info.value, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mtx_claiming_huge_sizes_fails_fast(tmp_path, gz):
+    text = b"%%MatrixMarket matrix coordinate real general\n% a comment\n300000000 5 1\n1 1 3\n"
+    path = tmp_path / ("huge.mtx.gz" if gz else "huge.mtx")
+    path.write_bytes(gzip.compress(text) if gz else text)
+    err, peak = _light(lambda: read_matrix(path))
+    assert "huge.mtx" in str(err) and "the header claims 300000000 x 5 with 1 entries" in str(err)
+    assert "header is probably damaged" in str(err) and peak < 20 * 2**20
+
+
+@pytest.mark.parametrize("header, match", [
+    (b"coordinate real general\n3 3 1000000000\n", "claims 1000000000 entries in a 3 x 3 matrix"),
+    (b"coordinate real general\n100000 100000 2000000000\n1 1 1\n", "the file holds at most"),
+    (b"coordinate pattern general\n100000 100000 2000000000\n1 1\n", "the file holds at most"),
+    (b"array real general\n100000 100000\n1\n", "a dense 100000 x 100000 matrix, but the file holds at most"),
+])
+def test_mtx_claiming_more_entries_than_the_file_holds(tmp_path, header, match):
+    path = tmp_path / "claims.mtx"
+    path.write_bytes(b"%%MatrixMarket matrix " + header)
+    err, peak = _light(lambda: read_matrix(path))
+    assert match in str(err) and "claims.mtx" in str(err) and peak < 20 * 2**20
+
+
+def test_npy_claiming_huge_shape_fails_fast(tmp_path):
+    from numpy.lib import format as npf
+
+    path = tmp_path / "huge.npy"
+    with open(path, "wb") as fh:
+        npf.write_array_header_1_0(fh, {"descr": "<f8", "fortran_order": False, "shape": (300000000, 5)})
+        fh.write(b"\0" * 16)
+    err, peak = _light(lambda: read_matrix(path))
+    assert "huge.npy: the header claims shape (300000000, 5) of float64 (12000000000 bytes)" in str(err)
+    assert peak < 20 * 2**20
+
+
+def test_sizes_beyond_available_memory_and_memory_errors(tmp_path, monkeypatch):
+    import torchnmf.io as tio
+
+    X = counts(30, 20)
+    scipy.io.mmwrite(str(tmp_path / "ok.mtx"), sp.coo_matrix(X))
+    np.save(tmp_path / "ok.npy", X)
+    monkeypatch.setattr(tio, "available_memory", lambda: 1000)
+    with pytest.raises(ReadError, match=r"ok.mtx: the header claims 30 x 20 with \d+ entries, about 0.0 GiB to read; "
+                                        "this machine has 0.0 GiB available"):
+        read_matrix(tmp_path / "ok.mtx")
+    with pytest.raises(ReadError, match="ok.npy: the header claims shape"):
+        read_matrix(tmp_path / "ok.npy")
+    monkeypatch.setattr(tio, "available_memory", lambda: None)  # unknown: no memory check
+
+    def no_memory(*a, **k):
+        raise MemoryError("Unable to allocate 9.00 GiB")
+
+    monkeypatch.setattr(scipy.io, "mmread", no_memory)
+    with pytest.raises(ReadError, match="ok.mtx: it does not fit in this machine's memory"):
+        read_matrix(tmp_path / "ok.mtx")
+    np.testing.assert_array_equal(read_matrix(tmp_path / "ok.npy").X, X)

@@ -17,10 +17,13 @@ files stored the other way). Without ``INPUT`` the fit runs on scikit-learn's bu
 (1797 x 64 counts).
 
 ``fit`` writes ``OUT.npz`` (factors ``W`` (n_features, K), ``H`` (n_samples, K), the objective
-``history`` and, when the input had them, ``row_names`` and ``col_names``) and then
-``OUT.json`` (a summary, with each component's top features by name). Each file is written
-to a temporary file in the same directory and renamed, so a killed run leaves the previous
-result intact. ``-o DIR/`` writes ``DIR/NAME.npz`` with ``NAME`` the input's name.
+``history`` and, when the input had them, ``row_names`` and ``col_names``) and ``OUT.json`` (a
+summary, with each component's top features by name), both with the same ``fit_id``. Both are
+written to temporary files in the same directory and renamed once both are whole, so a failed
+write or a killed run leaves the previous pair intact (a kill between the two renames leaves
+a pair whose ``fit_id`` differ, which :func:`read_fit` and ``plot`` refuse); temporary files
+that killed runs left are deleted by the next. ``-o DIR/`` writes ``DIR/NAME.npz`` with
+``NAME`` the input's name.
 ``plot`` writes ``OUT.png``: the objective history and the components, as images with
 ``--image-shape H W`` (digits: 8 x 8 by default) or as bars of their ``--top`` features.
 
@@ -28,7 +31,8 @@ The count models (``gamma-poisson``, ``pnmf``) accept counts saved as floats: va
 ``1e-6`` of an integer are rounded (the number rounded is reported); ``--round`` rounds every
 value. Bad input (unreadable or unknown files, negative or non-count values, NaN, wrong flags,
 a rank above ``min(n_samples, n_features)``) prints one line ``torchnmf: error: ...`` naming
-the file (and the first offending entry) and exits with status 2; ``--debug`` shows the
+the file (and the first offending entry) and exits with status 2, as does running out of
+memory; any other failure prints one line and exits with status 1. ``--debug`` shows the
 traceback instead. The input file is only ever read.
 """
 from __future__ import annotations
@@ -39,6 +43,7 @@ import math
 import os
 import sys
 import time
+import uuid
 import warnings
 from typing import Optional, Sequence
 
@@ -48,7 +53,7 @@ from . import __version__
 from . import io as tio
 from .engine import ConvergenceWarning
 
-__all__ = ["main", "read_matrix", "MODELS", "FORMATS", "CLIError"]
+__all__ = ["main", "read_matrix", "read_fit", "MODELS", "FORMATS", "CLIError"]
 
 MODELS = ("nmf", "gamma-poisson", "pnmf")
 FORMATS = tio.FORMATS
@@ -299,9 +304,14 @@ def _fit(args) -> int:
     try:
         from .estimators._base import resolve_device
 
-        resolve_device(args.device)
+        device = resolve_device(args.device)
     except ValueError as err:
         raise CLIError(f"--device: {err}") from None
+    try:  # a device torch knows by name may still be missing here (mps off macOS, cuda:7 on one GPU)
+        torch.empty(1, device=device)
+    except Exception as err:
+        raise CLIError(f"--device {args.device} is not usable here ({_one_line(err)}); use --device cpu "
+                       "or --device auto") from None
     est = _estimator(args)
     t0 = time.perf_counter()
     try:
@@ -327,7 +337,9 @@ def _fit(args) -> int:
     if M.col_names is not None:
         arrays["col_names"] = np.asarray(M.col_names, dtype=str)
     n_iter = int(getattr(est, "n_iter_", len(history)))
+    fit_id = uuid.uuid4().hex
     summary = {
+        "fit_id": fit_id,
         "model": args.model,
         "estimator": type(est).__name__,
         "input": source,
@@ -356,16 +368,16 @@ def _fit(args) -> int:
         "image_shape": image_shape,
         "components": _top_features(W, H, M.col_names),
     }
-    # Each file goes to a temporary file beside it and is renamed: a killed run leaves the
-    # previous result whole. The summary comes last, so it never describes a missing fit.
-    for ext, write in ((".npz", lambda fh: np.savez_compressed(fh, **arrays)),
-                       (".json", lambda fh: json.dump(summary, fh, indent=2))):
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-            with tio.atomic_write(prefix + ext, "wb" if ext == ".npz" else "w") as fh:
-                write(fh)
-        except OSError as err:
-            raise CLIError(f"cannot write {prefix}{ext}: {err.strerror or err}") from err
+    # Both files are written to temporary files beside them and renamed only once both are
+    # whole: a failed write (disk full) or a killed run leaves the previous pair. The fit_id in
+    # both lets readers refuse a pair a kill between the two renames could leave mixed.
+    arrays["fit_id"] = np.asarray(fit_id)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        tio.atomic_write_all([(prefix + ".npz", "wb", lambda fh: np.savez_compressed(fh, **arrays)),
+                              (prefix + ".json", "w", lambda fh: json.dump(summary, fh, indent=2))])
+    except OSError as err:
+        raise CLIError(f"cannot write {prefix}.npz and {prefix}.json: {err.strerror or err}") from err
     final = summary["final_objective"]
     rounded = f", {n_rounded} value{'s' if n_rounded != 1 else ''} rounded to counts" if n_rounded else ""
     print(f"{args.model}: {n_samples}x{n_features}, rank {args.rank}, {n_iter} iteration{'s' if n_iter != 1 else ''}, "
@@ -386,32 +398,109 @@ def _plot_prefix(out: str) -> str:
     return _prefix(out)
 
 
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def read_fit(out: str):
+    """Read the ``OUT.npz`` / ``OUT.json`` pair ``torchnmf fit -o OUT`` wrote, checked.
+
+    Parameters
+    ----------
+    out : str
+        The prefix given to ``torchnmf fit -o`` (``.npz``/``.json`` may be given too).
+
+    Returns
+    -------
+    fit : dict of ndarray
+        ``W`` (n_features, K), ``H`` (n_samples, K), ``history`` (n_records,) and, when
+        written, ``history_steps``, ``history_changes``, ``row_names`` (n_samples,),
+        ``col_names`` (n_features,) and ``fit_id``.
+    summary : dict
+        The content of ``OUT.json``.
+
+    Raises
+    ------
+    ValueError
+        A missing or unreadable file, a JSON file that is not a summary, factors that are not
+        2-D, have no component, disagree in shape or hold NaN or negative values, or a pair
+        from two different fits (their ``fit_id`` differ: a run killed between the renames of
+        the two files); the message names the file.
+    """
+    prefix = _prefix(out)
+    npz, js = prefix + ".npz", prefix + ".json"
+    for path in (npz, js):
+        if not os.path.isfile(path):
+            raise ValueError(f"cannot read {path}: no such file (run 'torchnmf fit -o {prefix}' first)")
+    fit = {}
+    try:
+        z = np.load(npz, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with z:
+            for key in z.files:
+                fit[key] = z[key]
+    except Exception as err:  # zipfile, zlib, numpy format errors: one line naming the file
+        raise ValueError(f"cannot read {npz}: {_one_line(err)}") from err
+    try:
+        with open(js, encoding="utf-8") as fh:
+            summary = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {js}: {_one_line(err)}") from err
+    if not isinstance(summary, dict):
+        raise ValueError(f"{js} is not a torchnmf fit summary (a JSON object), it holds a {type(summary).__name__}")
+    missing = [k for k in ("W", "H", "history") if k not in fit]
+    if missing:
+        raise ValueError(f"{npz} is not a torchnmf fit: no {', '.join(missing)}")
+    ids = (str(fit["fit_id"]) if "fit_id" in fit else None, summary.get("fit_id"))
+    if ids[0] != ids[1]:
+        raise ValueError(f"{npz} and {js} are from different fits (fit_id {ids[0]} and {ids[1]}; a run was "
+                         f"probably killed while writing them): run 'torchnmf fit -o {prefix}' again")
+    W, H, history = fit["W"], fit["H"], fit["history"]
+    for name, A in (("W", W), ("H", H)):
+        if A.ndim != 2 or A.dtype.kind not in "iuf":
+            raise ValueError(f"{npz}: {name} must be a 2-D array of numbers, got shape {A.shape} of {A.dtype}")
+        if A.shape[1] == 0 or A.shape[0] == 0:
+            raise ValueError(f"{npz}: {name} of shape {A.shape} holds no component")
+        if not np.isfinite(A).all():
+            raise ValueError(f"{npz}: {name} holds NaN or infinite values")
+        if (A < 0).any():
+            raise ValueError(f"{npz}: {name} holds negative values")
+    if W.shape[1] != H.shape[1]:
+        raise ValueError(f"{npz}: W {W.shape} and H {H.shape} have different numbers of components")
+    if history.ndim != 1 or history.dtype.kind not in "iuf":
+        raise ValueError(f"{npz}: history must be a 1-D array of numbers, got shape {history.shape} of {history.dtype}")
+    for name, n in (("history_steps", len(history)), ("history_changes", len(history)),
+                    ("row_names", H.shape[0]), ("col_names", W.shape[0])):
+        if name in fit and (fit[name].ndim != 1 or len(fit[name]) != n):
+            raise ValueError(f"{npz}: {name} of shape {fit[name].shape} does not match {n} entries")
+    tol = summary.get("tol")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0):
+        raise ValueError(f"{js}: tol must be a number >= 0 or null, got {tol!r}")
+    return fit, summary
+
+
 def _plot(args) -> int:
     prefix = _plot_prefix(args.output)
     if args.top <= 0:
         raise CLIError(f"--top must be a positive integer, got {args.top}")
     if args.components <= 0:
         raise CLIError(f"--components must be a positive integer, got {args.components}")
-    for ext in (".npz", ".json"):
-        if not os.path.isfile(prefix + ext):
-            raise CLIError(f"cannot read {prefix + ext}: no such file (run 'torchnmf fit -o {prefix}' first)")
     try:
-        with np.load(prefix + ".npz", allow_pickle=False) as z:
-            W, H, history = z["W"], z["H"], z["history"]
-            z_steps = z["history_steps"] if "history_steps" in z.files else None
-            z_changes = z["history_changes"] if "history_changes" in z.files else None
-            names = z["col_names"] if "col_names" in z.files else None
-        with open(prefix + ".json", encoding="utf-8") as fh:
-            summary = json.load(fh)
-    except Exception as err:
-        raise CLIError(f"cannot read the fit at {prefix}: {err}") from err
+        fit, summary = read_fit(prefix)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    W, H, history = fit["W"], fit["H"], fit["history"]
+    z_steps, z_changes, names = fit.get("history_steps"), fit.get("history_changes"), fit.get("col_names")
     from .plotting import check_image_shape, component_order, plot_components
 
     shape = args.image_shape if args.image_shape is not None else summary.get("image_shape")
     try:
         shape = check_image_shape(shape, W.shape[0])
     except (ValueError, TypeError) as err:
-        raise CLIError(f"--image-shape: {err}") from None
+        where = "--image-shape" if args.image_shape is not None else f"{prefix}.json"
+        raise CLIError(f"{where}: {err}") from None
     try:
         import matplotlib
 
@@ -429,7 +518,8 @@ def _plot(args) -> int:
     grid = fig.add_gridspec(rows + 1, cols, height_ratios=[3.0 / cell_h] + [1.0] * rows)
     ax = fig.add_subplot(grid[0, :])
     steps = z_steps if z_steps is not None and len(z_steps) == len(history) else np.arange(len(history))
-    ax.plot(steps, history, label=summary.get("objective", "objective"))
+    objective = str(summary.get("objective", "objective"))
+    ax.plot(steps, history, label=objective)
     if len(history) and history.min() > 0 and not summary.get("maximize"):
         ax.set_yscale("log")
     ax.set_xlabel("iteration")
@@ -443,9 +533,11 @@ def _plot(args) -> int:
         twin.set_yscale("log")
         twin.set_ylabel("relative change")
         twin.legend(loc="upper right", fontsize="small")
-    ax.set_ylabel(summary.get("objective", "objective"))
+    ax.set_ylabel(objective)
+    size = summary.get("shape")
+    size = tuple(size) if isinstance(size, list) else (size if size is not None else ())
     ax.set_title(f"{summary.get('model')} on {os.path.basename(os.path.normpath(str(summary.get('input'))))} "
-                 f"{tuple(summary.get('shape', ()))}, rank {summary.get('rank')}"
+                 f"{size}, rank {summary.get('rank')}"
                  + ("" if summary.get("converged", True) else " (max_iter reached before tol)"))
     axes = [fig.add_subplot(grid[1 + i // cols, i % cols]) for i in range(n)]
     plot_components(W, image_shape=shape, names=names, top=args.top, order=order, max_components=n, axes=axes)
@@ -478,6 +570,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except SystemExit as err:  # --help exits 0 through argparse
         return int(err.code or 0)
+    except MemoryError as err:  # an input or rank too large for this machine, found late
+        if debug:
+            raise
+        print(f"torchnmf: error: out of memory ({_one_line(err)}); try a smaller input or --rank", file=sys.stderr)
+        return 2
+    except Exception as err:  # never a traceback without --debug: one line, exit status 1
+        if debug:
+            raise
+        print(f"torchnmf: error: {type(err).__name__}: {_one_line(err)} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 def _console() -> None:  # pragma: no cover - thin wrapper

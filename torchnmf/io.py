@@ -10,7 +10,7 @@
                                      :func:`scipy.sparse.save_npz` matrix
 ``.csv``, ``.tsv`` (also ``.gz``)    numbers with an optional header line (column names) and an
                                      optional first column of row labels (needs :mod:`pandas`
-                                     when labelled)
+                                     when labelled; see :func:`read_matrix` for the rules)
 ``.mtx`` (also ``.gz``)              Matrix Market; ``matrix.mtx`` is read as 10x writes it
 a directory                          10x layout: ``matrix.mtx(.gz)`` (features x barcodes),
                                      ``features.tsv(.gz)`` or ``genes.tsv(.gz)``,
@@ -20,7 +20,8 @@ a directory                          10x layout: ``matrix.mtx(.gz)`` (features x
 
 :func:`round_counts` accepts counts stored as floats (within ``1e-6`` of an integer) and names
 the first entry that is not a count; :func:`atomic_write` writes a file so that a reader sees the
-old or the new content, never half of it.
+old or the new content, never half of it; :func:`atomic_write_all` does it for several files at
+once, replacing none unless all were written.
 """
 from __future__ import annotations
 
@@ -30,12 +31,14 @@ import gzip
 import io as _io
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
-from typing import IO, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import IO, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["Matrix", "ReadError", "read_matrix", "round_counts", "first_entry", "atomic_write", "FORMATS"]
+__all__ = ["Matrix", "ReadError", "read_matrix", "round_counts", "first_entry", "atomic_write",
+           "atomic_write_all", "remove_stale", "available_memory", "FORMATS", "MISSING", "MAX_EMPTY"]
 
 FORMATS = (".npy", ".npz", ".mtx", ".mtx.gz", ".csv", ".csv.gz", ".tsv", ".tsv.gz", ".h5ad", "10x directory")
 _EXTS = (".npy", ".npz", ".mtx", ".csv", ".tsv", ".h5ad")
@@ -98,6 +101,121 @@ def _names(values) -> np.ndarray:
     return np.asarray([str(v) for v in values], dtype=str)
 
 
+# Sizes a header claims are checked before anything is allocated: a few bytes claiming
+# 300,000,000 rows must not cost gigabytes.
+MAX_EMPTY = 2 ** 24
+"""A sparse file's rows plus columns may exceed 16 times its entries by at most this many (16.7
+million; a 10x whitelist has 6.8 million barcodes): more would be mostly empty rows a header
+claims but the file does not hold."""
+_GZIP_RATIO = 1032  # deflate never expands more than this: bounds the content of a .gz file
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory available to a new allocation (``MemAvailable``), ``None`` when unknown.
+
+    Returns
+    -------
+    int or None
+    """
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return None
+
+
+def _content_bytes(path: str) -> int:
+    """An upper bound of the bytes the file's content can hold (its size, or deflate's limit for .gz)."""
+    size = os.path.getsize(path)
+    return size * _GZIP_RATIO if path.lower().endswith(".gz") else size
+
+
+def _check_claim(path: str, what: str, need: int, entries: Optional[Tuple[int, int, int]] = None) -> None:
+    """Refuse a header claim the file cannot hold or this machine cannot read, before allocating.
+
+    ``need`` is the bytes reading it takes; ``entries`` = (rows, cols, nnz) of a sparse claim.
+    """
+    if entries is not None:
+        rows, cols, nnz = entries
+        if rows + cols > 16 * nnz + MAX_EMPTY:
+            raise ReadError(f"{path}: the header claims {what}: at least {rows - min(rows, nnz)} empty rows and "
+                            f"{cols - min(cols, nnz)} empty columns, more than a file of data holds (rows + columns "
+                            f"<= 16 x entries + {MAX_EMPTY}); the header is probably damaged")
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise ReadError(f"{path}: the header claims {what}, about {need / 2**30:.1f} GiB to read; this machine "
+                        f"has {avail / 2**30:.1f} GiB available")
+
+
+def _check_mtx_header(path: str) -> None:
+    """Check a Matrix Market header's sizes against the file and the machine (before scipy allocates)."""
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        banner = fh.readline(1024).decode("ascii", "replace").split()
+        if len(banner) < 5 or banner[0].lower() != "%%matrixmarket":
+            return  # not a header to check: scipy's message says what is wrong
+        fmt, field, symmetry = (t.lower() for t in banner[2:5])
+        line = fh.readline(1024)
+        while line and (line.startswith(b"%") or not line.strip()):
+            line = fh.readline(1024)
+    try:
+        sizes = [int(t) for t in line.split()]
+    except ValueError:
+        return
+    budget = _content_bytes(path)
+    if fmt == "coordinate" and len(sizes) == 3:
+        rows, cols, nnz = sizes
+        if min(sizes) < 0:
+            raise ReadError(f"{path}: the header claims negative sizes {rows} {cols} {nnz}")
+        if nnz > rows * cols:
+            raise ReadError(f"{path}: the header claims {nnz} entries in a {rows} x {cols} matrix")
+        per_entry = 4 if field == "pattern" else 6  # "i j\n" or "i j v\n" at the least
+        what = f"{rows} x {cols} with {nnz} entries"
+        if nnz * per_entry > budget:
+            raise ReadError(f"{path}: the header claims {what}, but the file holds at most "
+                            f"{budget // per_entry} ({os.path.getsize(path)} bytes)")
+        # COO arrays, CSR and its transpose, each with its row pointers
+        _check_claim(path, what, 40 * nnz + 16 * (rows + cols + 2), (rows, cols, nnz))
+    elif fmt == "array" and len(sizes) == 2:
+        rows, cols = sizes
+        if min(sizes) < 0:
+            raise ReadError(f"{path}: the header claims negative sizes {rows} {cols}")
+        values = rows * (rows + 1) // 2 if symmetry != "general" else rows * cols
+        what = f"a dense {rows} x {cols} matrix"
+        if values * 2 > budget:  # "v\n" at the least
+            raise ReadError(f"{path}: the header claims {what}, but the file holds at most "
+                            f"{budget // 2} values ({os.path.getsize(path)} bytes)")
+        _check_claim(path, what, 16 * rows * cols)
+
+
+def _check_npy_header(path: str) -> None:
+    """Check a .npy header's shape against the file's size and the machine."""
+    from numpy.lib import format as npf
+
+    with open(path, "rb") as fh:
+        try:
+            version = npf.read_magic(fh)
+            read = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
+            shape, _, dtype = read(fh)
+        except Exception:  # not a header to check: np.load's message says what is wrong
+            return
+        offset = fh.tell()
+    if dtype.hasobject:
+        return  # np.load refuses pickled objects itself
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    what = f"shape {tuple(shape)} of {dtype}"
+    if need > os.path.getsize(path) - offset:
+        raise ReadError(f"{path}: the header claims {what} ({need} bytes), but the file holds "
+                        f"{os.path.getsize(path) - offset} bytes of data")
+    _check_claim(path, what, need)
+
+
 def read_matrix(path: Union[str, os.PathLike], *, layer: Optional[str] = None, transpose: bool = False) -> Matrix:
     """Read a matrix file (or a 10x directory) with its row and column names.
 
@@ -121,8 +239,21 @@ def read_matrix(path: Union[str, os.PathLike], *, layer: Optional[str] = None, t
     ------
     ValueError
         Missing, unreadable or unknown files, a directory that is not in the 10x layout,
-        content that is not a 2-D real matrix, non-numeric cells (the first one named), an
-        unknown ``layer``, or a missing optional reader (pandas, anndata).
+        content that is not a 2-D real matrix, non-numeric cells (the first one named by its
+        line in the file, row and column), an unknown ``layer``, a missing optional reader
+        (pandas, anndata), or a header (``.mtx``, ``.npy``, sparse ``.npz``) claiming sizes
+        the file cannot hold or this machine's available memory cannot read (checked before
+        anything is allocated; a ``MemoryError`` while reading also becomes this error).
+
+    Notes
+    -----
+    In ``.csv``/``.tsv`` files the first line is a header when its first cell is empty or a
+    cell after the first is not a number. The first column holds row labels when the header
+    says so (an empty first cell, or one name fewer than the data rows have cells, as R writes
+    it) or when every cell of the column is text; a column mixing text and numbers is an
+    error naming its first text cell, never labels guessed from one cell. Empty cells and the
+    tokens in :data:`MISSING` (``NA``, ``NaN``, ``NULL``...) read as NaN. Duplicate column
+    names are kept as they are, with one warning.
     """
     path = os.fspath(path)
     if layer is not None and _ext(path) != ".h5ad":
@@ -139,6 +270,7 @@ def read_matrix(path: Union[str, os.PathLike], *, layer: Optional[str] = None, t
             raise ReadError(f"cannot read {path}: not a regular file")
         try:
             if ext == ".npy":
+                _check_npy_header(path)
                 M = Matrix(np.load(path, allow_pickle=False))
             elif ext == ".npz":
                 M = _read_npz(path)
@@ -150,6 +282,9 @@ def read_matrix(path: Union[str, os.PathLike], *, layer: Optional[str] = None, t
                 M = _read_h5ad(path, layer)
         except ReadError:
             raise
+        except MemoryError as err:
+            msg = str(err).splitlines()[0] if str(err) else "out of memory"
+            raise ReadError(f"cannot read {path}: it does not fit in this machine's memory ({msg})") from err
         except Exception as err:  # any reader failure becomes one clear line
             msg = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ReadError(f"cannot read {path}: {msg}") from err
@@ -184,6 +319,12 @@ def _read_npz(path: str) -> Matrix:
         else:
             raise ReadError(f"{path} holds arrays {sorted(keys)}; name the matrix 'X' or save a single array")
     if X is None:
+        with np.load(path, allow_pickle=False) as z:
+            shape = [int(v) for v in np.asarray(z["shape"]).ravel()]
+            nnz = int(z["data"].shape[0]) if "data" in z.files else 0
+        if len(shape) == 2:  # COO's row pointers would be allocated from the claimed shape
+            _check_claim(path, f"{shape[0]} x {shape[1]} with {nnz} entries", 16 * (sum(shape) + 2) + 40 * nnz,
+                         (shape[0], shape[1], nnz))
         X = sp.load_npz(path).tocsr()
     return Matrix(X, rows, cols)
 
@@ -195,6 +336,7 @@ def _read_mtx(path: str, tenx: Optional[bool] = None) -> Matrix:
     base = os.path.basename(_strip_gz(path)[0])
     if tenx is None and base == "matrix.mtx":
         return _read_10x(os.path.dirname(os.path.abspath(path)), mtx=path)
+    _check_mtx_header(path)
     if path.lower().endswith(".gz"):
         with gzip.open(path, "rb") as fh:
             X = scipy.io.mmread(fh)
@@ -225,6 +367,8 @@ def _read_10x(directory: str, mtx: Optional[str] = None) -> Matrix:
         raise ReadError(f"cannot read {directory}: it is {what}")
     try:
         M = _read_mtx(mtx, tenx=False)
+    except ReadError:
+        raise
     except Exception as err:
         raise ReadError(f"cannot read {mtx}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     X = M.X.T  # 10x stores features x barcodes
@@ -245,7 +389,15 @@ def _read_10x(directory: str, mtx: Optional[str] = None) -> Matrix:
     return Matrix(X, rows, cols, source=directory)
 
 
+MISSING = frozenset({"", "NA", "N/A", "n/a", "NaN", "nan", "-nan", "-NaN", "NULL", "null", "None",
+                     "#N/A", "<NA>"})
+"""Table cells read as missing values (NaN), as pandas reads them; ``torchnmf fit`` refuses NaN."""
+
+
 def _is_number(s: str) -> bool:
+    s = s.strip()
+    if s in MISSING or "_" in s:  # missing is not a name; float() takes 1_000, pandas does not
+        return s in MISSING
     try:
         float(s)
         return True
@@ -253,47 +405,114 @@ def _is_number(s: str) -> bool:
         return False
 
 
-def _read_table(path: str, sep: str) -> Matrix:
+def _first_rows(path: str, sep: str) -> Tuple[Optional[List[str]], Optional[List[str]], int]:
+    """The first two non-blank rows and the number of physical lines up to the first one."""
     with _open_text(path) as fh:
         reader = csv.reader(fh, delimiter=sep)
-        first = next(reader, None)
-        second = next(reader, None)
+        first = next((row for row in reader if row), None)
+        lines = reader.line_num
+        second = next((row for row in reader if row), None)
+    return first, second, lines
+
+
+def _line_of(path: str, sep: str, row: int, header: bool) -> int:
+    """The 1-based file line of data row ``row`` (0-based; blank lines skipped as pandas does)."""
+    with _open_text(path) as fh:
+        reader = csv.reader(fh, delimiter=sep)
+        k = -1 - int(header)
+        for record in reader:
+            if record:
+                k += 1
+                if k == row:
+                    return reader.line_num
+    return row + 1 + int(header)  # pragma: no cover - the row was read from this file
+
+
+def _read_table(path: str, sep: str) -> Matrix:
+    first, second, head_lines = _first_rows(path, sep)
     if not first:
         raise ReadError(f"{path} is empty")
-    # A header line: an empty corner cell (pandas/R with row labels) or a non-number after it.
-    header = first[0].strip() == "" or any(not _is_number(v) for v in first[1:] if v.strip()) \
-        or (len(first) == 1 and not _is_number(first[0]))
+    # A header line: an empty corner cell (pandas/R with row labels), or words after the first
+    # cell and no number anywhere. A line of numbers with a word (a typo such as 1O) is data,
+    # so the word is reported below; the first cell alone never decides.
+    numbers = [_is_number(v) and v.strip() not in MISSING for v in first]
+    header = first[0].strip() == "" or (not any(numbers) and (len(first) == 1 or
+                                                              any(not _is_number(v) for v in first[1:])))
     body = second if header else first
-    index = body is not None and (not _is_number(body[0]) and body[0].strip() != ""
-                                  or (header and (first[0].strip() == "" or len(first) == len(body) - 1)))
+    if body is None:
+        raise ReadError(f"{path} has a header line but no data")
     try:
         import pandas as pd
     except ImportError:
-        if header or index:
-            raise ReadError(f"reading {path} with its labels needs pandas: pip install pandas") from None
-        return Matrix(np.loadtxt(path, delimiter=sep, ndmin=2))
-    df = pd.read_csv(path, sep=sep, header=0 if header else None, index_col=0 if index else None)
-    if header and not index and len(df.columns) == len(first) - 1:  # R's header one short: pandas took an index
-        index = True
-    bad = [c for c in df.columns if df[c].dtype.kind not in "iufb"]
-    if bad:
-        # name the first cell that is not a number, in file order
-        first_bad = None
-        for j, c in enumerate(df.columns):
-            if c not in bad:
-                continue
-            num = pd.to_numeric(df[c], errors="coerce")
-            wrong = np.flatnonzero(num.isna().to_numpy() & df[c].notna().to_numpy())
-            if len(wrong) and (first_bad is None or wrong[0] < first_bad[0]):
-                first_bad = (int(wrong[0]), j, df[c].iloc[wrong[0]])
-        i, j, v = first_bad
-        line = i + 1 + int(header)
-        where = f"row {i}" + (f" ({df.index[i]})" if index else "") + f", column {j}" + (f" ({df.columns[j]})" if header else "")
-        raise ReadError(f"{path} line {line}: {v!r} at {where} is not a number")
-    X = df.to_numpy(dtype=np.float64)
-    rows = _names(df.index) if index else None
-    cols = _names(df.columns) if header else None
-    return Matrix(X, rows, cols)
+        if header:
+            raise ReadError(f"reading {path} with its header needs pandas: pip install pandas") from None
+        try:
+            return Matrix(np.loadtxt(path, delimiter=sep, ndmin=2))
+        except ValueError as err:
+            raise ReadError(f"cannot read {path}: {err} (row labels need pandas: pip install pandas)") from None
+    n = len(body)
+    if header and len(first) not in (n, n - 1):
+        raise ReadError(f"{path}: the header line has {len(first)} names for {n} columns")
+    # Column 0 raw (it may be labels, verbatim); the others with the missing-cell tokens as NaN.
+    df = pd.read_csv(path, sep=sep, header=None, skiprows=head_lines if header else 0, dtype={0: object},
+                     keep_default_na=False, na_values={j: sorted(MISSING) for j in range(1, n)},
+                     skip_blank_lines=True)
+    if df.shape[1] != n:  # pragma: no cover - pandas infers the width from the first data row
+        raise ReadError(f"{path}: rows of {n} and {df.shape[1]} fields")
+    raw0 = df[0]
+    col0 = raw0.astype(str).str.strip()
+    missing0 = col0.isin(MISSING).to_numpy()
+    num0 = pd.to_numeric(col0.where(~col0.isin(MISSING)), errors="coerce").to_numpy(dtype=np.float64)
+    text0 = np.isnan(num0) & ~missing0
+    # Row labels: said so by the header (an empty corner cell, or R's header one name short),
+    # or the whole first column is text; never decided from one cell.
+    labels = header and (len(first) == n - 1 or first[0].strip() == "") \
+        or (bool(text0.any()) and not (~np.isnan(num0)).any())
+    names = None if not header else (first[1:] if labels and len(first) == n else first)
+    if labels:
+        rows = raw0.astype(str).to_numpy()
+        data = df.iloc[:, 1:]
+    else:
+        rows = None
+        data = df  # ours: column 0 becomes its numbers (raw0 keeps the text for the message)
+        data[0] = np.where(missing0, np.nan, num0)
+    # the first cell (in file order) that is not a number
+    bad = None
+    for j in range(data.shape[1]):
+        c = data.iloc[:, j]
+        if j == 0 and not labels:
+            wrong = text0
+        elif c.dtype.kind in "iufb":
+            continue
+        else:
+            wrong = (pd.to_numeric(c, errors="coerce").isna() & c.notna()).to_numpy()
+        hits = np.flatnonzero(wrong)
+        if len(hits) and (bad is None or hits[0] < bad[0]):
+            bad = (int(hits[0]), j)
+    if bad is not None:
+        i, j = bad
+        value = raw0.iloc[i] if j == 0 and not labels else df.iloc[i, j + int(labels)]
+        where = f"row {i}" + (f" ({rows[i]})" if labels else "") + f", column {j}" \
+            + (f" ({names[j]})" if names is not None else "")
+        hint = ""
+        if j == 0 and not labels and (~np.isnan(num0)).any():
+            hint = ("; the first column mixes text and numbers: for row labels, "
+                    + ("leave the header's first cell empty" if header else "add a header line with an empty first cell"))
+        raise ReadError(f"{path} line {_line_of(path, sep, i, header)}: {value!r} at {where} is not a number{hint}")
+    X = data.to_numpy(dtype=np.float64)
+    cols = None
+    if names is not None:
+        cols = _names(v.strip() for v in names)
+        seen, dups = set(), []
+        for v in cols:
+            if v in seen and v not in dups:
+                dups.append(v)
+            seen.add(v)
+        if dups:  # kept as they are (never renamed): say so once
+            shown = ", ".join(repr(str(v)) for v in dups[:5]) + (", ..." if len(dups) > 5 else "")
+            warnings.warn(f"{path} has duplicate column names ({shown}); they are kept as they are",
+                          UserWarning, stacklevel=3)
+    return Matrix(X, _names(rows) if labels else None, cols)
 
 
 def _read_h5ad(path: str, layer: Optional[str]) -> Matrix:
@@ -424,12 +643,75 @@ def _umask() -> int:
     return mask
 
 
+def _temporary(path: str) -> Tuple[int, str]:
+    """A new temporary file beside ``path``, named ``.NAME.<pid>.<random>.tmp`` (see :func:`remove_stale`)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would create it
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # someone else's process, or no way to tell: keep its file
+        return True
+    return True
+
+
+def remove_stale(path: Union[str, os.PathLike]) -> List[str]:
+    """Delete the temporary files that killed writes of ``path`` left beside it.
+
+    :func:`atomic_write` and :func:`atomic_write_all` name their temporary files
+    ``.NAME.<pid>.<random>.tmp``; those of processes that no longer run (and those of older
+    versions, ``.NAME.<random>.tmp``) are deleted, those of a running writer are kept. Each
+    write calls this first, so leftovers never pile up.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The destination file whose leftovers to delete.
+
+    Returns
+    -------
+    list of str
+        The paths deleted.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}."
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:  # no directory yet: nothing left behind
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        middle = name[len(prefix):-len(".tmp")]
+        pid, _, rest = middle.partition(".")
+        if rest and pid.isdigit() and (int(pid) == os.getpid() or _alive(int(pid))):
+            continue  # a write in progress
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, name))
+            removed.append(os.path.join(directory, name))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path: Union[str, os.PathLike], mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success rename it to ``path``.
 
     A reader (or a killed writer) sees the previous file or the complete new one, never a
     partial one. On an exception the temporary file is removed and ``path`` is untouched.
+    Temporary files that killed writes of ``path`` left are deleted first (:func:`remove_stale`).
 
     Parameters
     ----------
@@ -443,10 +725,9 @@ def atomic_write(path: Union[str, os.PathLike], mode: str = "wb") -> Iterator[IO
     file object
     """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    remove_stale(path)
+    fd, tmp = _temporary(path)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would create it
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as fh:
             yield fh
             fh.flush()
@@ -455,4 +736,38 @@ def atomic_write(path: Union[str, os.PathLike], mode: str = "wb") -> Iterator[IO
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        raise
+
+
+def atomic_write_all(files: Sequence[Tuple[Union[str, os.PathLike], str, Callable[[IO], object]]]) -> None:
+    """Write several files, each to a temporary file first; rename them only once all are written.
+
+    A failure while writing any of them (disk full, an exception of a writer) leaves every
+    destination as it was and no temporary file behind. Only a kill between the renames (a
+    moment, after every byte is on disk) can leave some files new and others old: give the
+    files a common identifier to detect that, as ``torchnmf fit`` does.
+
+    Parameters
+    ----------
+    files : sequence of (path, mode, write)
+        The destination (its directory must exist), ``'wb'`` or ``'w'`` (UTF-8), and a
+        function that writes the content to the file object it is given. Renamed in this order.
+    """
+    temps: List[Tuple[str, str]] = []
+    try:
+        for path, mode, write in files:
+            path = os.fspath(path)
+            remove_stale(path)
+            fd, tmp = _temporary(path)
+            temps.append((tmp, path))
+            with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
