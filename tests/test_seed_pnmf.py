@@ -394,3 +394,17 @@ def test_sgd_at_the_document_learning_rate_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         PNMF(n_components=2, optimizer="SGD", learning_rate=5.0, max_iter=2, tol=0, random_state=0).fit(_counts())
+
+
+@pytest.mark.parametrize("kind", ["requires_grad", "parameter"])
+def test_an_input_that_requires_grad_is_data(kind):
+    # issue 22 item 6: "backward through the graph a second time" before the input was detached
+    X = torch.as_tensor(_counts(20, 8))
+    x = torch.nn.Parameter(X.clone()) if kind == "parameter" else X.clone().requires_grad_(True)
+    ref = PNMF(n_components=2, max_iter=4, random_state=0).fit(X)
+    m = PNMF(n_components=2, max_iter=4, random_state=0).fit(x)
+    np.testing.assert_allclose(np.asarray(m.transform(x)), np.asarray(ref.transform(X)))
+    W = get_loadings(ref)
+    np.testing.assert_allclose(np.asarray(transform_F(x, W, mode="lower-bound", max_iter=3)),
+                               np.asarray(transform_F(X, W, mode="lower-bound", max_iter=3)))
+    assert x.grad is None and x.requires_grad and torch.equal(x.detach(), X)
