@@ -73,3 +73,15 @@ def test_nonzeros():
         assert sorted(zip(r.tolist(), c.tolist(), v.tolist())) == [(0, 1, 2.0), (1, 0, 3.0)]
     with pytest.raises(ValueError, match="2-D"):
         data.nonzeros(torch.rand(3))
+
+
+def test_as_tensor_detaches_inputs_that_require_grad():
+    # issue 22 item 6: data is never part of the caller's graph (a fit's backward failed or
+    # wrote into the caller's .grad)
+    x = torch.ones(3, 2, requires_grad=True)
+    p = torch.nn.Parameter(torch.ones(3, 2))
+    for t in (x, p, x * 2):
+        out = data.as_tensor(t)
+        assert not out.requires_grad and out.grad_fn is None and type(out) is torch.Tensor
+        torch.testing.assert_close(out, t.detach())
+    assert x.requires_grad and p.requires_grad

@@ -356,3 +356,35 @@ def test_plot_history_marks_the_tolerance():
     tol_lines = [ln for ln in lines if ln.get_label().startswith("tol = ")]
     assert len(tol_lines) == 1 and list(tol_lines[0].get_ydata()) == [1e-3, 1e-3]
     assert "max_iter reached" in ax.get_title()
+
+
+def _noisy_rise(n_flat: int = 3):
+    """An objective flat for ``n_flat`` steps (a warm-up), then rising with a one-step dip."""
+    values = [10.0] * n_flat + [10.0 + 0.5 * k for k in range(1, 60)]
+    values[n_flat + 8] = values[n_flat + 7]  # one noisy step that does not move
+
+    def step(i, measure):
+        return values[i] if measure else None
+    return step
+
+
+def test_window_and_warmup_do_not_stop_a_stochastic_fit_early():
+    # the plain rule stops on the flat warm-up and on the single noisy step
+    h = History()
+    assert run(_noisy_rise(), max_iter=40, tol=1e-3, history=h, model="toy").n_iter == 2
+    h = History()
+    with pytest.warns(ConvergenceWarning):
+        res = run(_noisy_rise(), max_iter=40, tol=1e-3, history=h, model="toy", window=3, warmup=5)
+    assert not res.converged and res.n_iter == 40
+    # the windowed change is the one between the means of the last 3 and the 3 before, per step
+    v = h.values
+    assert h.changes[-1] == pytest.approx(abs(sum(v[-3:]) - sum(v[-6:-3])) / 3 / abs(sum(v[-3:]) / 3) / 3)
+    assert all(math.isnan(c) for c in h.changes[:5])
+
+
+def test_warmup_only_delays_convergence():
+    def flat(i, measure):
+        return 1.0
+    h = History()
+    res = run(flat, max_iter=50, tol=1e-6, history=h, model="toy", window=2, warmup=10)
+    assert res.converged and res.n_iter == 10

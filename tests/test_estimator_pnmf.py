@@ -252,3 +252,15 @@ def test_natural_training_is_stable_on_digits_in_every_mode(mode):
         assert np.isfinite(h).all(), (seed, h)
         assert h[-1] > h[0] and h[-1] >= h[-10:].mean() - 0.01 * abs(h[-1]), (seed, h[-10:])
         assert float(model.layer_.factors.scale.max()) < 2.0, seed
+
+
+@pytest.mark.parametrize("kind", ["requires_grad", "parameter"])
+def test_an_input_that_requires_grad_is_data(kind):
+    # issue 22 item 6: "backward through the graph a second time" before the input was detached
+    X = torch.poisson(torch.full((20, 6), 3.0, dtype=torch.float64), generator=torch.Generator().manual_seed(0))
+    x = torch.nn.Parameter(X.clone()) if kind == "parameter" else X.clone().requires_grad_(True)
+    ref = PNMF(2, max_iter=4, tol=0, random_state=0)
+    m = PNMF(2, max_iter=4, tol=0, random_state=0)
+    torch.testing.assert_close(m.fit_transform(x), ref.fit_transform(X))
+    torch.testing.assert_close(m.transform(x), ref.transform(X))
+    assert x.grad is None and x.requires_grad and torch.equal(x.detach(), X)

@@ -236,3 +236,17 @@ def test_bad_input_names_the_argument(small):
         model.transform(X[:2], coordinates=xy[:5])
     with pytest.raises(ValueError, match="coordinates contains NaN"):
         model.predict_factors(np.full((2, 2), np.nan))
+
+
+@pytest.mark.parametrize("kind", ["requires_grad", "parameter"])
+def test_an_input_that_requires_grad_is_data(kind):
+    # issue 22 item 6: "backward through the graph a second time" before the input was detached
+    g = torch.Generator().manual_seed(0)
+    X = torch.poisson(torch.full((25, 6), 3.0, dtype=DT), generator=g)
+    xy = _grid(5)
+    x = torch.nn.Parameter(X.clone()) if kind == "parameter" else X.clone().requires_grad_(True)
+    c = torch.nn.Parameter(xy.clone())
+    ref = SpatialPNMF(2, max_iter=3, tol=0, random_state=0).fit(X, coordinates=xy)
+    m = SpatialPNMF(2, max_iter=3, tol=0, random_state=0).fit(x, coordinates=c)
+    torch.testing.assert_close(m.transform(x, coordinates=c), ref.transform(X, coordinates=xy))
+    assert x.grad is None and c.grad is None and torch.equal(x.detach(), X) and torch.equal(c.detach(), xy)

@@ -523,3 +523,24 @@ def test_csv_one_odd_cell_never_changes_the_shape(V, data, tmp_path_factory):
     with pytest.raises(ReadError, match=rf"line {i + 1 + header}: '{re.escape(token)}' at row {i}\b.*column {j}\b"):
         read_matrix(path)
     OUTCOMES[("io.read_matrix(csv)", "word cell", "raised")] += 1
+
+
+# issue 22: silent fits
+def _requires_grad(V, kind):
+    x = V.clone()
+    return torch.nn.Parameter(x) if kind == "parameter" else x.requires_grad_(True)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if "transposed" in CASES[n][2]])
+@pytest.mark.parametrize("kind", ["requires_grad", "parameter"])
+@given(V=counts())
+def test_inputs_that_require_grad_are_data(name, kind, V):
+    # issue 22 item 6: a requires-grad input crashed fits ("backward through the graph a
+    # second time") or received the fit's gradients in its .grad
+    fn = CASES[name][0]
+    ref = _call(fn, V)
+    x = _requires_grad(V, kind)
+    got = _call(fn, x)
+    assert x.grad is None and x.requires_grad, f"{name}: the fit wrote into the caller's .grad"
+    torch.testing.assert_close(x.detach(), V, rtol=0, atol=0)
+    _compare(name, kind, got, ref)

@@ -372,3 +372,39 @@ def test_natural_training_under_the_documented_one_cycle_schedule():
     m = PNMF(n_components=2, training_mode="natural", loadings_mode="multiplicative", max_iter=8,
              random_state=0).fit(_counts())
     assert m.n_iter_ <= 8 and np.isfinite(m.elbo_)
+
+
+def test_documented_defaults_do_not_stop_in_the_one_cycle_warm_up():
+    # issue 22 item 4: the relative-change rule fired while the one-cycle learning rate was
+    # still tiny (seed 3 stopped after 12 of 200 epochs with correlation -0.02)
+    from sklearn.datasets import load_digits
+    X = load_digits().data[:300]
+    for seed in range(5):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = PNMF(n_components=10, random_state=seed).fit(X)
+        assert m.n_iter_ > 0.3 * 200  # past the warm-up (pct_start=0.3 of max_iter=200)
+        R = np.asarray(get_factors(m)) @ np.asarray(get_loadings(m)).T
+        assert np.corrcoef(R.ravel(), X.ravel())[0, 1] > 0.6, seed
+
+
+def test_sgd_at_the_document_learning_rate_warns():
+    with pytest.warns(UserWarning, match="SGD at learning_rate=0.01 hardly moves the ELBO"):
+        PNMF(n_components=2, optimizer="SGD", max_iter=2, tol=0, random_state=0).fit(_counts())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PNMF(n_components=2, optimizer="SGD", learning_rate=5.0, max_iter=2, tol=0, random_state=0).fit(_counts())
+
+
+@pytest.mark.parametrize("kind", ["requires_grad", "parameter"])
+def test_an_input_that_requires_grad_is_data(kind):
+    # issue 22 item 6: "backward through the graph a second time" before the input was detached
+    X = torch.as_tensor(_counts(20, 8))
+    x = torch.nn.Parameter(X.clone()) if kind == "parameter" else X.clone().requires_grad_(True)
+    ref = PNMF(n_components=2, max_iter=4, random_state=0).fit(X)
+    m = PNMF(n_components=2, max_iter=4, random_state=0).fit(x)
+    np.testing.assert_allclose(np.asarray(m.transform(x)), np.asarray(ref.transform(X)))
+    W = get_loadings(ref)
+    np.testing.assert_allclose(np.asarray(transform_F(x, W, mode="lower-bound", max_iter=3)),
+                               np.asarray(transform_F(X, W, mode="lower-bound", max_iter=3)))
+    assert x.grad is None and x.requires_grad and torch.equal(x.detach(), X)

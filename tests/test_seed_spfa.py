@@ -156,3 +156,16 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="k"):
         SFA(n=6, p=5, k=0)
     assert torch.equal(x, x0)
+
+
+@pytest.mark.parametrize("kind", ["requires_grad", "parameter"])
+def test_an_input_that_requires_grad_is_left_alone(kind):
+    # issue 22 item 6: the fit's backward wrote into the caller's x.grad
+    X = torch.poisson(torch.full((10, 6), 2.0, dtype=torch.float64), generator=torch.Generator().manual_seed(0))
+    x = torch.nn.Parameter(X.clone()) if kind == "parameter" else X.clone().requires_grad_(True)
+    s = torch.ones(10, 1, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(0)
+    SPFA(10, 6, 2).fit(x, s, n_epochs=3)
+    torch.manual_seed(0)
+    SFA(10, 6, 2).fit(x, n_epochs=3)
+    assert x.grad is None and s.grad is None and torch.equal(x.detach(), X)

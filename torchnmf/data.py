@@ -88,7 +88,8 @@ def as_tensor(
     Returns
     -------
     Tensor
-        Possibly sharing memory with ``X``: never write to it in place.
+        Detached from autograd (a tensor that requires grad, an ``nn.Parameter``, is data
+        here); possibly sharing memory with ``X``: never write to it in place.
 
     Raises
     ------
@@ -109,6 +110,10 @@ def as_tensor(
         T = _from_scipy(X, target)
     elif isinstance(X, Tensor):
         T = check_not_meta(X, name)  # before any conversion, which would fail obscurely
+        # data, not a parameter: a fit's backward must neither run through the caller's graph
+        # (a second backward fails) nor write into its .grad
+        if T.requires_grad:
+            T = T.detach()
         if T.dtype == torch.bool or T.is_complex():
             raise TypeError(f"{name} must hold real numbers, got dtype {T.dtype}")
         if not T.is_floating_point():

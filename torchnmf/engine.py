@@ -24,6 +24,14 @@ rounding noise (float32 sums over many entries rise and fall by ~1e-6 relative e
 under monotone updates), so a float32 fit stops at its noise floor instead of running
 on, and a rise within it is not treated as divergence.
 
+Stochastic and scheduled fits (mini-batches, Monte Carlo ELBOs, gradient optimizers under
+a learning-rate schedule) pass ``window`` and ``warmup`` to :func:`run`: the change is then
+read between the means of the last ``window`` measurements and of the ``window`` before
+them (per step), so one noisy epoch cannot stop the fit, and no stop is taken before
+``warmup`` steps are done (the warm-up of a one-cycle schedule, whose tiny learning rate
+moves the objective by less than any tolerance). ``window=1, warmup=0`` is the rule above,
+which the deterministic fits (multiplicative updates, CAVI) keep.
+
 ``'sklearn'``: scikit-learn's rule for its ``NMF``, the *decrease* between two
 measurements relative to the first measured objective, ``(f_old - f_new) / f_0 < tol``
 (a rise stops the fit too). Offered by :class:`~torchnmf.estimators.BetaNMF` and
@@ -176,7 +184,7 @@ def run(step: Step, *, max_iter: int, tol: float, history: History, model: str, 
         commit: Optional[Callable[[], None]] = None, start: int = 0, dtype: Optional[torch.dtype] = None,
         rule: str = "relative", checkpoint=None, state: Optional[Callable[[], Dict[str, Any]]] = None,
         agree: Optional[Callable[[bool], bool]] = None, callback: Optional[Callable[[int, Record], Any]] = None,
-        warn: bool = True) -> FitResult:
+        warn: bool = True, window: int = 1, warmup: int = 0) -> FitResult:
     """Run a fit: steps, records, convergence, stop requests, checkpoints, the warning.
 
     Two kinds of step are supported:
@@ -224,6 +232,12 @@ def run(step: Step, *, max_iter: int, tol: float, history: History, model: str, 
         Called after each measurement; returning ``False`` stops the fit.
     warn : bool, default True
         Warn with :class:`ConvergenceWarning` when ``max_iter`` is reached with ``tol > 0``.
+    window : int, default 1
+        Read the change between the means of the last ``window`` measurements and of the
+        ``window`` before them (per step); no convergence before ``2 * window``
+        measurements. For stochastic fits, whose objective is noisy from step to step.
+    warmup : int, default 0
+        No convergence before this many steps are done (a learning-rate warm-up).
 
     Returns
     -------
@@ -241,6 +255,8 @@ def run(step: Step, *, max_iter: int, tol: float, history: History, model: str, 
     change, converged, stopped = float("nan"), False, False
     elapsed = history.times[-1] if last else 0.0  # a resumed fit's clock goes on (nan: records without times)
     t0 = time.perf_counter() - (elapsed if math.isfinite(elapsed) else 0.0)
+    window, warmup = max(int(window), 1), max(int(warmup), 0)
+    values, steps_ = [float(r) for r in last], list(history.steps) if last else []  # for the window
     i = start
     while True:
         end = i >= max_iter
@@ -251,11 +267,18 @@ def run(step: Step, *, max_iter: int, tol: float, history: History, model: str, 
         if measure:
             _check_finite(record, model, i)
             value = float(record)
-            if prev is not None:
+            if first is None:
+                first = value
+            values.append(value)
+            steps_.append(i)
+            if window > 1:
+                if len(values) >= 2 * window:
+                    change = relative_change(sum(values[-2 * window:-window]) / window,
+                                             sum(values[-window:]) / window, i - steps_[-1 - window],
+                                             rule=rule, first=first, maximize=history.maximize)
+            elif prev is not None:
                 change = relative_change(prev, value, i - prev_step, rule=rule, first=first,
                                          maximize=history.maximize)
-            elif first is None:
-                first = value
             history.annotate_next(step=i, change=change, time=time.perf_counter() - t0,
                                   done=i if deferred else i + 1)
             go_on = history.append(record)
@@ -263,7 +286,8 @@ def run(step: Step, *, max_iter: int, tol: float, history: History, model: str, 
                 go_on = False
             go_on = go_on and not history.stop_requested  # a callback may have asked through the history
             prev, prev_step = value, i
-            converged = _agree_flag(has_converged(change, tol, dtype, rule), agree)
+            done = i if deferred else i + 1
+            converged = _agree_flag(has_converged(change, tol, dtype, rule) and done >= warmup, agree)
             stopped = _agree_flag(not go_on, agree)
             if end or converged or stopped:
                 if not deferred:
@@ -279,8 +303,10 @@ def run(step: Step, *, max_iter: int, tol: float, history: History, model: str, 
     history.converged_ = converged
     history.n_iter_ = i
     if warn and not converged and not stopped and tol > 0:
-        warnings.warn(f"{model} reached max_iter={max_iter} before converging: last relative change "
-                      f"{change:.3g} > tol={tol:g} ({rule} rule). Increase max_iter, or raise tol.",
+        last_change = (f"last relative change {change:.3g} > tol={tol:g}" if math.isfinite(change) else
+                       f"fewer than {2 * window} measurements to read the change over windows of {window}")
+        warnings.warn(f"{model} reached max_iter={max_iter} before converging: {last_change} ({rule} rule). "
+                      "Increase max_iter, or raise tol.",
                       ConvergenceWarning, stacklevel=_user_stacklevel())
     return FitResult(n_iter=i, converged=converged, change=change, stopped=stopped)
 
@@ -307,7 +333,8 @@ def resume(checkpoint, history: History, restore: Callable[[Dict[str, Any]], Non
 
 def run_stateful(layer, trainer, step: Step, *, max_iter: int, tol: float, history: History, model: str,
                  checkpoint=None, agree: Optional[Callable[[bool], bool]] = None,
-                 callback: Optional[Callable[[int, Record], Any]] = None, warn: bool = True) -> FitResult:
+                 callback: Optional[Callable[[int, Record], Any]] = None, warn: bool = True,
+                 window: int = 1, warmup: int = 0) -> FitResult:
     """:func:`run` for a layer and its trainer (CAVI sweeps, SVI steps, gradient epochs).
 
     Resumes ``layer`` and ``trainer`` (their ``state_dict``) from ``checkpoint`` when it holds
@@ -318,7 +345,7 @@ def run_stateful(layer, trainer, step: Step, *, max_iter: int, tol: float, histo
     layer : nn.Module
         Must have ``dtype`` and ``device`` attributes.
     trainer : torch.optim.Optimizer
-    step, max_iter, tol, history, model, checkpoint, agree, callback, warn
+    step, max_iter, tol, history, model, checkpoint, agree, callback, warn, window, warmup
         As :func:`run` (immediate steps).
 
     Returns
@@ -331,5 +358,5 @@ def run_stateful(layer, trainer, step: Step, *, max_iter: int, tol: float, histo
 
     start = resume(checkpoint, history, restore, map_location=layer.device)
     return run(step, max_iter=max_iter, start=start, tol=tol, history=history, model=model, dtype=layer.dtype,
-               checkpoint=checkpoint, agree=agree, callback=callback, warn=warn,
+               checkpoint=checkpoint, agree=agree, callback=callback, warn=warn, window=window, warmup=warmup,
                state=lambda: {"layer": layer.state_dict(), "trainer": trainer.state_dict()})

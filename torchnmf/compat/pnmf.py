@@ -105,9 +105,14 @@ class PNMF(TransformerMixin, BaseEstimator):
         Monte Carlo samples per ELBO estimate.
     max_iter : int, default 200
     tol : float, default 1e-4
+        Relative change of the epoch ELBO at which the fit stops, read over windows of 5
+        epochs and never during the one-cycle schedule's warm-up (see
+        :class:`torchnmf.estimators.PNMF`).
     learning_rate : float, default 0.01
     optimizer : {'Adam', 'AdamW', 'NAdam', 'SGD', 'RMSprop'}, default 'Adam'
-        Applies to W (and to every parameter with ``training_mode='standard'``).
+        Applies to W (and to every parameter with ``training_mode='standard'``). ``'SGD'``
+        at the default ``learning_rate=0.01`` hardly moves the ELBO (the loss is the mean per
+        entry) and warns: give it ``learning_rate`` of about 1 to 10.
     random_state : int, optional
     verbose : bool, default False
     device : {'cpu', 'cuda', 'mps', 'auto'}, default 'auto'

@@ -116,7 +116,7 @@ class _Model(nn.Module):
             raise ValueError(f"x must have shape {(self.n, self.p)}, got {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x must be finite")
-        return x.to(self.l.mean.dtype)
+        return x.detach().to(self.l.mean.dtype)  # detached: the fit's backward must not reach the caller's x.grad
 
     def _init(self, init):
         if init is None:
@@ -260,6 +260,6 @@ class SPFA(_Model):
             raise ValueError(f"s must have shape {(self.n, 1)}, got {tuple(s.shape)}")
         if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
             raise ValueError("s must be finite and positive")
-        s = s.to(x.dtype)
+        s = s.detach().to(x.dtype)
         return self._fit(lambda writer, i: self.forward(x, s, writer=writer, global_step=i), init, n_epochs, log_dir,
                          kwargs)

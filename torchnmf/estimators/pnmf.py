@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -24,6 +25,11 @@ __all__ = ["PNMF"]
 
 TRAINING_MODES = ("standard", "natural")
 SCHEDULERS = ("one_cycle", "plateau", None)
+#: epochs per window of the stop rule for stochastic or scheduled fits (see :func:`torchnmf.engine.run`)
+_STOCHASTIC_WINDOW = 5
+#: below this learning rate SGD on the per-entry mean negative ELBO barely moves it (digits: ELBO
+#: -121733 -> -106640 in 177 epochs at 0.01, -> -62745 at 1, -> -50246 at 10)
+_SGD_MIN_LR = 0.5
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}
 
@@ -67,11 +73,17 @@ class PNMF(TorchFactorization):
     tol : float, default 1e-5
         Stop when the epoch ELBO changes by at most ``tol`` relative to ``|ELBO|`` (the rule
         of :mod:`torchnmf.engine`; 0: never); reaching ``max_iter`` first warns with
-        :class:`~torchnmf.engine.ConvergenceWarning`.
+        :class:`~torchnmf.engine.ConvergenceWarning`. Stochastic or scheduled fits (a
+        gradient optimizer, a scheduler, a Monte Carlo ``mode`` or mini-batches) compare the
+        means of the last 5 epochs with the 5 before, and never stop during a one-cycle
+        warm-up.
     learning_rate : float, optional
         Default 0.05 for gradient optimizers; for natural steps 0.5 (``lower-bound``) or
         0.1 (Monte Carlo modes).
     optimizer : {'adam', 'adamw', 'sgd', 'rmsprop', 'adagrad'} or Optimizer class, default 'adam'
+        With ``training_mode='standard'`` the loss is the mean negative ELBO per entry, so
+        ``'sgd'`` needs a ``learning_rate`` of about 1 to 10 (below 0.5 it warns: the ELBO
+        hardly moves).
     random_state : int, numpy/torch generator or None
         Seeds initialization, shuffling and Monte Carlo draws (the global torch RNG is
         left untouched).
@@ -223,8 +235,11 @@ class PNMF(TorchFactorization):
         if self.scheduler == "one_cycle":
             # momentum is cycled only where the optimizer has one (not natural steps)
             options.setdefault("cycle_momentum", "momentum" in opt.defaults or "betas" in opt.defaults)
-            return "batch", torch.optim.lr_scheduler.OneCycleLR(
+            options.setdefault("pct_start", 0.3)  # OneCycleLR's default, named: the warm-up the stop rule waits for
+            sch = torch.optim.lr_scheduler.OneCycleLR(
                 opt, max_lr=[g_["lr"] for g_ in opt.param_groups], total_steps=total_steps, **options)
+            sch.warmup_steps_ = options["pct_start"] * total_steps
+            return "batch", sch
         return "epoch", torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", **options)
 
     # -- fitting ---------------------------------------------------------------------
@@ -312,10 +327,25 @@ class PNMF(TorchFactorization):
         else:
             nat = None
             grad_opt = self._make_optimizer(constraints.gradient_parameters(layer), lr)
+            if isinstance(grad_opt, torch.optim.SGD) and lr < _SGD_MIN_LR:
+                # the loss is the per-entry mean negative ELBO: its gradients are small, and
+                # plain SGD (unlike Adam) takes steps proportional to them
+                warnings.warn(f"{type(self).__name__}: optimizer SGD at learning_rate={lr:g} hardly moves the ELBO "
+                              "(the loss is the mean negative ELBO per entry, whose gradients are small); use "
+                              f"learning_rate of about 1 to 10 with SGD, or optimizer Adam", UserWarning,
+                              stacklevel=engine._user_stacklevel())
         n_sb = 1 if self.batch_size is None else math.ceil(N / self.batch_size)
         n_fb = 1 if self.y_batch_size is None else math.ceil(D / self.y_batch_size)
         schedulers = [self._make_scheduler(opt, self.max_iter * n_sb * n_fb) for opt in (nat, grad_opt)
                       if opt is not None and self.scheduler is not None]
+        # stochastic or scheduled fits read the ELBO's change over windows of epochs and never
+        # stop in a one-cycle warm-up, where the learning rate is too small to move the ELBO;
+        # the deterministic default (natural steps, multiplicative W, analytic bound, one batch)
+        # keeps the plain rule
+        stochastic = (grad_opt is not None or schedulers or self.mode != "lower-bound" or n_sb > 1 or n_fb > 1)
+        window = _STOCHASTIC_WINDOW if stochastic else 1
+        warmup = max([math.ceil(getattr(sch, "warmup_steps_", 0) / (n_sb * n_fb)) for _, sch in schedulers],
+                     default=0)
         history = self._new_history("elbo", maximize=True, total=self.max_iter)
         self.history_ = history
         norm = float(N * D)
@@ -368,7 +398,8 @@ class PNMF(TorchFactorization):
 
         try:
             n_iter = engine.run(epoch_step, max_iter=self.max_iter, tol=self.tol, history=history,
-                                model=type(self).__name__, dtype=T.dtype, callback=on_record).n_iter
+                                model=type(self).__name__, dtype=T.dtype, callback=on_record, window=window,
+                                warmup=warmup).n_iter
         finally:
             history.close()
         self.layer_ = layer
