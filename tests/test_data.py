@@ -73,3 +73,19 @@ def test_nonzeros():
         assert sorted(zip(r.tolist(), c.tolist(), v.tolist())) == [(0, 1, 2.0), (1, 0, 3.0)]
     with pytest.raises(ValueError, match="2-D"):
         data.nonzeros(torch.rand(3))
+
+
+# -- issue 22.8: non-native numpy arrays --------------------------------------------------------
+@pytest.mark.parametrize("kind, dtype", [(">f8", torch.float64), (">f4", torch.float32), (">i4", torch.float32),
+                                         ("<i8", torch.float32), (np.longdouble, torch.float64)])
+def test_as_tensor_converts_non_native_arrays(kind, dtype):
+    import scipy.sparse as sp
+
+    A = np.array([[1.0, 0.0], [2.5 if "i" not in str(kind) else 2, 3.0]]).astype(kind)
+    T = data.as_tensor(A, "V")
+    assert T.dtype == dtype
+    np.testing.assert_array_equal(T.numpy(), A.astype(np.float64))
+    if np.dtype(kind).isnative:  # scipy.sparse holds native dtypes only (longdouble among them)
+        S = data.as_tensor(sp.csr_matrix(A), "V")
+        assert S.dtype == dtype
+        np.testing.assert_array_equal(S.to_dense().numpy(), A.astype(np.float64))
