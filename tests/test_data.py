@@ -85,3 +85,19 @@ def test_as_tensor_detaches_inputs_that_require_grad():
         assert not out.requires_grad and out.grad_fn is None and type(out) is torch.Tensor
         torch.testing.assert_close(out, t.detach())
     assert x.requires_grad and p.requires_grad
+
+
+# -- issue 22.8: non-native numpy arrays --------------------------------------------------------
+@pytest.mark.parametrize("kind, dtype", [(">f8", torch.float64), (">f4", torch.float32), (">i4", torch.float32),
+                                         ("<i8", torch.float32), (np.longdouble, torch.float64)])
+def test_as_tensor_converts_non_native_arrays(kind, dtype):
+    import scipy.sparse as sp
+
+    A = np.array([[1.0, 0.0], [2.5 if "i" not in str(kind) else 2, 3.0]]).astype(kind)
+    T = data.as_tensor(A, "V")
+    assert T.dtype == dtype
+    np.testing.assert_array_equal(T.numpy(), A.astype(np.float64))
+    if np.dtype(kind).isnative:  # scipy.sparse holds native dtypes only (longdouble among them)
+        S = data.as_tensor(sp.csr_matrix(A), "V")
+        assert S.dtype == dtype
+        np.testing.assert_array_equal(S.to_dense().numpy(), A.astype(np.float64))

@@ -246,3 +246,36 @@ def test_bad_sources_raise_clear_errors(X, tmp_path):
         SparseRows(X, rows=range(0, 40))
     with pytest.raises(ValueError, match="2-D"):
         SparseRows(torch.ones(3))
+
+
+# -- issue 22.8: half precision and non-native arrays -----------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_tensors_are_saved_and_served_as_float32(tmp_path, dtype):
+    X = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.5]], dtype=dtype)
+    directory = save_csr(X, tmp_path / "half")
+    for source in (directory, X, X.to_sparse()):
+        ds = SparseRows(source)
+        assert ds.dtype == torch.float32
+        torch.testing.assert_close(ds.batch([0, 1]).X.to_dense(), X.float())
+        batch = next(iter(row_loader(source, batch_size=2)))
+        torch.testing.assert_close(batch.X.to_dense(), X.float())
+
+
+@pytest.mark.parametrize("kind", [">f8", np.longdouble])
+def test_non_native_arrays_are_saved_and_served(tmp_path, kind):
+    A = np.array([[0.0, 2.0, 1.0], [3.0, 0.0, 0.5]]).astype(kind)
+    directory = save_csr(A, tmp_path / "arr")
+    for source in (directory, A):
+        ds = SparseRows(source)
+        assert ds.dtype == torch.float64  # a float64 array's values, whatever its byte order or width
+        np.testing.assert_array_equal(ds.batch([0, 1]).X.to_dense().numpy(), A.astype(np.float64))
+    # a memory-mapped big-endian file (np.save keeps the byte order)
+    d = tmp_path / "big"
+    d.mkdir()
+    C = sp.csr_matrix(A.astype(np.float64))
+    for name in ("data", "indices", "indptr"):
+        np.save(d / f"{name}.npy", getattr(C, name).astype(getattr(C, name).dtype.newbyteorder(">")))
+    (d / "meta.json").write_text('{"shape": [2, 3], "canonical": true}')
+    ds = SparseRows(str(d))
+    assert ds.dtype == torch.float64
+    np.testing.assert_array_equal(ds.batch([0, 1]).X.to_dense().numpy(), C.toarray())

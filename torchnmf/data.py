@@ -42,10 +42,19 @@ def is_sparse(X: Tensor) -> bool:
     return isinstance(X, Tensor) and X.layout != torch.strided
 
 
+def _native(A: np.ndarray) -> np.ndarray:
+    """``A`` in a dtype torch reads: native byte order (``>f8`` -> ``float64``), ``longdouble`` as float64."""
+    if A.dtype.kind == "f" and A.dtype.itemsize > 8:  # longdouble / float128: torch has no such dtype
+        return A.astype(np.float64)
+    if not A.dtype.isnative:
+        return A.astype(A.dtype.newbyteorder("="))
+    return A
+
+
 def _from_scipy(X, dtype) -> Tensor:
     coo = X.tocoo()
     idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-    vals = torch.from_numpy(np.asarray(coo.data))
+    vals = torch.from_numpy(_native(np.asarray(coo.data)))
     # scipy's indices are in range: skip torch's check (and its "checks implicitly disabled" warning)
     out = torch.sparse_coo_tensor(idx, vals, coo.shape, check_invariants=False)
     if dtype is not None:
@@ -106,7 +115,8 @@ def as_tensor(
             raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
         if X.dtype == np.bool_:
             raise TypeError(f"{name} must hold real numbers, got dtype bool")
-        target = dtype or (torch.float64 if X.dtype == np.float64 else torch.get_default_dtype())
+        target = dtype or (torch.float64 if _native(np.empty(0, X.dtype)).dtype == np.float64
+                           else torch.get_default_dtype())
         T = _from_scipy(X, target)
     elif isinstance(X, Tensor):
         T = check_not_meta(X, name)  # before any conversion, which would fail obscurely
@@ -132,6 +142,7 @@ def as_tensor(
             raise TypeError(f"{name} could not be read as an array: {err}") from None
         if A.dtype == np.bool_ or A.dtype.kind not in "iuf":
             raise TypeError(f"{name} must hold real numbers, got dtype {A.dtype}")
+        A = _native(A)  # big-endian and longdouble arrays: torch cannot read them as they are
         target = dtype or (torch.float64 if A.dtype == np.float64 else torch.get_default_dtype())
         T = torch.as_tensor(np.ascontiguousarray(A), dtype=target)
     if dtype is not None and T.dtype != dtype:

@@ -40,6 +40,10 @@ _EXACT_SVD_MAX_ENTRIES = 4_000_000
 RandomState = Union[None, int, np.integer, np.random.RandomState, np.random.Generator, torch.Generator]
 
 
+#: Dtypes torch's linear algebra does not support: the SVD-based paths compute in float32.
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def check_random_state(random_state: RandomState = None) -> torch.Generator:
     """Turn scikit-learn style ``random_state`` into a CPU :class:`torch.Generator`.
 
@@ -117,6 +121,8 @@ def randomized_svd(
     """
     X = as_tensor(X, "X", ndim=2, float_only=False)
     check_finite(X, "X")
+    if X.dtype in _HALF:  # torch has no QR/SVD in half precision: compute in float32
+        return tuple(t.to(X.dtype) for t in randomized_svd(X.float(), rank, n_oversamples, n_iter, generator))
     N, C = X.shape
     rank = check_int(rank, "rank", low=1)
     if rank > min(N, C):
@@ -304,6 +310,10 @@ def initialize(
         raise ValueError(f"method={method!r} needs rank <= min(N, C) = {min(N, C)}, got rank={rank}")
     if method is None:
         method = "nndsvda" if rank <= min(N, C) else "random"
+    if X.dtype in _HALF and method not in ("random", "k-means"):
+        # torch has no SVD in half precision: compute in float32, hand the factors back in X's dtype
+        W, H = initialize(X.float(), rank, method, eps=eps, random_state=random_state, svd=svd)
+        return _finite(W.to(X.dtype), H.to(X.dtype))
     g = check_random_state(random_state)
     if X.layout == torch.sparse_coo:
         X = X.coalesce()

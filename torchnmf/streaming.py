@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .data import check_option, check_rank
+from .data import _native, check_option, check_rank
 from .distributed import get_rank, get_world_size, shard_range
 from ._csr import csr_tensor, to_csr
 
@@ -73,6 +73,11 @@ def collate_rows(batch) -> RowBatch:
 
 
 # -- on-disk formats -------------------------------------------------------------
+def _scipy_dtype(X: Tensor) -> Tensor:
+    """``X`` with half-precision values as float32: numpy has no bfloat16 and scipy.sparse no float16."""
+    return X.float() if X.dtype in (torch.float16, torch.bfloat16) else X
+
+
 def save_csr(X, directory: Union[str, os.PathLike]) -> str:
     """Write a matrix as CSR arrays that :class:`SparseRows` memory-maps.
 
@@ -90,7 +95,7 @@ def save_csr(X, directory: Union[str, os.PathLike]) -> str:
     import scipy.sparse as sp
 
     if isinstance(X, Tensor):
-        X = X.detach().cpu()
+        X = _scipy_dtype(X.detach().cpu())
         if X.layout == torch.strided:
             X = sp.csr_matrix(X.numpy())
         else:
@@ -98,7 +103,8 @@ def save_csr(X, directory: Union[str, os.PathLike]) -> str:
             X = sp.csr_matrix((X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy()),
                               shape=tuple(X.shape))
     elif not sp.issparse(X):
-        X = sp.csr_matrix(np.asarray(X))
+        A = _native(np.asarray(X))
+        X = sp.csr_matrix(A.astype(np.float32) if A.dtype == np.float16 else A)  # scipy has no float16
     X = sp.csr_matrix(X)  # a new object: sorting below never touches the caller's matrix
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D, got shape {X.shape}")
@@ -329,7 +335,7 @@ class SparseRows(Dataset):
             raise ValueError(f"source must be a 2-D matrix, got shape {self.shape}")
         self._arrays = arrays
         if dtype is None:
-            src = arrays["dense" if self._dense else "data"].dtype
+            src = _native(np.empty(0, arrays["dense" if self._dense else "data"].dtype)).dtype  # '>f8' too
             dtype = torch.float64 if src == np.float64 else torch.get_default_dtype()
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
@@ -400,7 +406,7 @@ class SparseRows(Dataset):
                 C.sum_duplicates()
             return {"data": C.data, "indices": C.indices, "indptr": C.indptr, "shape": C.shape, "canonical": True}
         if isinstance(X, Tensor):
-            X = X.detach().cpu()
+            X = _scipy_dtype(X.detach().cpu())
             if X.layout == torch.strided:
                 return {"dense": X.numpy(), "shape": tuple(X.shape)}
             if X.dim() != 2:
@@ -503,7 +509,7 @@ class SparseRows(Dataset):
             take = np.repeat(starts - crow[:-1], lens) + np.arange(crow[-1])
             cols, vals = np.asarray(a["indices"][take]), np.asarray(a["data"][take])
         cols = torch.from_numpy(cols.astype(np.int64, copy=False))
-        vals = torch.from_numpy(vals).to(self.dtype)
+        vals = torch.from_numpy(_native(vals)).to(self.dtype)  # a big-endian or longdouble file too
         row_of = torch.repeat_interleave(torch.arange(B), torch.from_numpy(lens))
         if not a.get("canonical", False):  # sort columns within rows, summing repeats
             X = torch.sparse_coo_tensor(torch.stack([row_of, cols]), vals, (B, n_cols),

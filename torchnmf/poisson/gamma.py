@@ -526,6 +526,9 @@ class GammaPoisson(nn.Module):
         dtype = dtype or torch.get_default_dtype()
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        if dtype in (torch.float16, torch.bfloat16):  # torch's sampled product has no half precision
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}: the Gamma-Poisson "
+                            "updates need torch's sparse kernels, which have no half precision")
         a = check_positive(a, "a")
         b = check_positive(b, "b")
         self.n_rows, self.n_cols, self.rank = n_rows, n_cols, rank
