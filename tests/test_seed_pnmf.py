@@ -372,3 +372,36 @@ def test_natural_training_under_the_documented_one_cycle_schedule():
     m = PNMF(n_components=2, training_mode="natural", loadings_mode="multiplicative", max_iter=8,
              random_state=0).fit(_counts())
     assert m.n_iter_ <= 8 and np.isfinite(m.elbo_)
+
+
+# -- issue 22 item 12: the document's last differences ---------------------------------------
+def test_unfitted_model_says_call_fit():
+    from sklearn.exceptions import NotFittedError
+
+    for fn in (get_loadings, log_factors, get_factors, get_prior):
+        with pytest.raises(NotFittedError, match=r"not fitted yet: call fit\(X\)"):
+            fn(PNMF(n_components=2))
+    with pytest.raises(TypeError, match="PNMF estimator"):
+        get_loadings(object())
+
+
+def test_tensor_input_gives_documented_ndarrays():
+    X = torch.as_tensor(_counts())
+    m = PNMF(n_components=2, max_iter=3, random_state=0, device="cpu")
+    out = [m.fit_transform(X), m.transform(X), m.inverse_transform(torch.ones(4, 2, dtype=X.dtype)),
+           m.inverse_transform(np.ones((4, 2)))]
+    assert all(type(o) is np.ndarray for o in out)
+    assert out[0].shape == (60, 2) and out[2].shape == (4, 20)
+
+
+def test_n_components_above_min_allowed_with_a_warning():
+    X = _counts(n=30, d=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = PNMF(n_components=8, max_iter=3, random_state=0, device="cpu").fit(X)
+    assert any("over-complete" in str(w.message) for w in caught)
+    assert m.components_.shape == (8, 6) and m.transform(X).shape == (30, 8)
+    # torchnmf's own estimator keeps refusing
+    from torchnmf.estimators import PNMF as CorePNMF
+    with pytest.raises(ValueError, match="n_components=8"):
+        CorePNMF(n_components=8, max_iter=2).fit(X)

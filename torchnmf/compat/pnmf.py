@@ -27,11 +27,13 @@ defaults of torchnmf's own :class:`torchnmf.estimators.PNMF`.
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 from torch import Tensor, nn
 from torch.distributions import Normal
@@ -57,6 +59,8 @@ NEIGHBORS = ("knn",)
 
 class _Knobs:
     """Scheduler knobs and fixed kernel hyperparameters for the core estimators."""
+
+    _overcomplete_ok = True  # the document allows n_components > min(n_samples, n_features); fit warns
 
     def _make_scheduler(self, opt, total_steps, **options):
         k = self._compat_knobs
@@ -296,6 +300,11 @@ class PNMF(TransformerMixin, BaseEstimator):
         if shape is None or len(shape) != 2:
             shape = as_tensor(X, "X", ndim=2, float_only=False).shape
         core = self._core(int(shape[0]), int(shape[1]))
+        K = check_rank(self.n_components, "n_components")
+        if K > min(int(shape[0]), int(shape[1])):
+            warnings.warn(f"n_components={K} is larger than min(n_samples, n_features) = "
+                          f"{min(int(shape[0]), int(shape[1]))}: the factorization is over-complete (components "
+                          "are not identifiable); fitting anyway, as PNMF does", UserWarning, stacklevel=2)
         kwargs = dict(callback=callback, callback_interval=callback_interval)
         if self.spatial:
             core.fit(X, coordinates=coordinates, groups=groups, **kwargs)
@@ -323,9 +332,10 @@ class PNMF(TransformerMixin, BaseEstimator):
         return {}
 
     def transform(self, X, coordinates=None, groups=None):
-        """``E[exp F]`` for ``X`` with ``W`` fixed, shape (n_samples, n_components)."""
+        """``E[exp F]`` for ``X`` with ``W`` fixed, an ndarray of shape (n_samples, n_components)
+        (for tensor input too, as documented)."""
         check_is_fitted(self, "estimator_")
-        return self.estimator_.transform(X, **self._spatial_args(coordinates, groups))
+        return _ndarray(self.estimator_.transform(X, **self._spatial_args(coordinates, groups)))
 
     def fit_transform(self, X, coordinates=None, groups=None, **kwargs):
         """Fit, then :meth:`transform` ``X``; shape (n_samples, n_components).
@@ -337,9 +347,14 @@ class PNMF(TransformerMixin, BaseEstimator):
         return self.transform(X, coordinates=coordinates, groups=groups)
 
     def inverse_transform(self, transformed):
-        """``transformed @ W.T``, shape (n_samples, n_features)."""
+        """``transformed @ W.T``, an ndarray of shape (n_samples, n_features) (for tensor input too)."""
         check_is_fitted(self, "estimator_")
-        return self.estimator_.inverse_transform(transformed)
+        return _ndarray(self.estimator_.inverse_transform(transformed))
+
+
+def _ndarray(x) -> np.ndarray:
+    """The document's return type: an ndarray whatever the input's type."""
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
 # -- PNMF.initialization ----------------------------------------------------------------
@@ -385,9 +400,13 @@ def initialize_factors(X, n_components, init=None, random_state=None, scale_log_
 # -- PNMF.transforms ----------------------------------------------------------------------
 def _fitted(model):
     """The torchnmf estimator behind ``model`` (a compat PNMF or a torchnmf PNMF)."""
+    if isinstance(model, PNMF) and not hasattr(model, "estimator_"):
+        raise NotFittedError(f"This {type(model).__name__} instance is not fitted yet: call fit(X) (or "
+                             "fit_transform(X)) before reading its loadings or factors")
     core = getattr(model, "estimator_", model)
     if not isinstance(core, _CorePNMF):
-        raise TypeError(f"model must be a PNMF estimator, got {type(model).__name__}")
+        raise TypeError(f"model must be a PNMF estimator (torchnmf.compat.pnmf.PNMF or torchnmf.estimators.PNMF), "
+                        f"got {type(model).__name__}")
     check_is_fitted(core, "layer_")
     return core
 
@@ -589,7 +608,6 @@ def transform_W(X, F, W_init=None, n_components=None, max_iter=100, tol=0.0001, 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
     m = NMF(W=W0, H=Ft, trainable_H=False).to(dev)
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # ConvergenceWarning of a short refit
         m.fit(Xt.to(dev), beta=1, tol=tol, max_iter=check_rank(max_iter, "max_iter"), verbose=verbose)

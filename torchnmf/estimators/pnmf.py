@@ -171,9 +171,12 @@ class PNMF(TorchFactorization):
         self.transform_max_iter = transform_max_iter
 
     # -- parameter checks ------------------------------------------------------------
+    #: n_components above min(n_samples, n_features) allowed (the PNMF package's API warns instead)
+    _overcomplete_ok = False
+
     def _check_params(self, N: int, D: int):
         rank = check_rank(self.n_components, "n_components")
-        if rank > min(N, D):
+        if rank > min(N, D) and not self._overcomplete_ok:
             raise ValueError(f"n_components={rank} is larger than min(n_samples, n_features) = {min(N, D)} "
                              f"(n_samples={N}, n_features={D})")
         check_option(self.loadings_mode, constraints.MODES, "loadings_mode")
