@@ -405,3 +405,60 @@ def test_n_components_above_min_allowed_with_a_warning():
     from torchnmf.estimators import PNMF as CorePNMF
     with pytest.raises(ValueError, match="n_components=8"):
         CorePNMF(n_components=8, max_iter=2).fit(X)
+
+
+@pytest.mark.parametrize("mode", ["lower-bound", "expanded"])
+def test_compute_log_likelihood_terms(mode):
+    torch.manual_seed(0)
+    y = torch.as_tensor(_counts()).t().contiguous()  # (D, N)
+    prior = GaussianPrior(y, L=3)
+    model = compat.PoissonFactorization(prior, y, L=3, mode=mode, loadings_mode="multiplicative")
+    idx = torch.tensor([0, 4, 7])
+    qF, _ = prior.forward_batched(idx)
+    terms = model.compute_log_likelihood_terms(qF, idx=idx, E=4)
+    assert "exp_F_samples" not in terms
+    forward_terms, _, _ = model(idx=idx, E=4)
+    for key in ("exp_mu", "exp_mu_sigma", "rate", "rate_mean", "kl", "rate_term", "lgamma"):
+        torch.testing.assert_close(terms[key], forward_terms[key])
+    if mode == "lower-bound":
+        torch.testing.assert_close(terms["elbo"], forward_terms["elbo"])
+    with_samples = model.compute_log_likelihood_terms(qF, idx=idx, E=4, return_samples=True)
+    if mode != "lower-bound":
+        assert tuple(with_samples["exp_F_samples"].shape) == (4, 3, 3)
+    W0 = model.W.data.detach().clone()
+    model.W.multiplicative_update(y[:, idx], with_samples)
+    assert not torch.equal(model.W.data, W0)
+
+
+def test_gaussian_prior_scale_is_a_positive_parameter():
+    y = torch.randn(100, 50)
+    prior = GaussianPrior(y, L=10)
+    assert isinstance(prior.scale, compat.PositiveParameter) and prior.scale.mode == "softplus"
+    assert prior.scale.shape == (10, 50) and bool((prior.scale.data > 0).all())
+    assert prior.scale.raw is prior.factors.raw_scale  # shared: training the prior moves it
+    qF, _ = prior()
+    torch.testing.assert_close(qF.stddev, prior.scale.data)
+    assert {id(p) for p in prior.parameters()} == {id(prior.mean), id(prior.scale.raw)}
+
+
+def test_natural_mode_theta_are_the_parameters():
+    """Natural mode: theta1 = mu/s², theta2 = -1/(2s²) are leaf parameters that gradients reach."""
+    y = torch.as_tensor(_counts()).t().contiguous()
+    prior = GaussianPrior(y, L=3, use_natural_gradients=True)
+    theta1, theta2 = prior.natural_parameters()
+    assert theta1.is_leaf and theta1.requires_grad and theta2.is_leaf and theta2.requires_grad
+    assert theta1 is prior.theta1 and theta2 is prior.theta2
+    assert tuple(theta1.shape) == tuple(theta2.shape) == (3, 60) and bool((theta2 < 0).all())
+    assert {id(p) for p in prior.parameters()} == {id(theta1), id(theta2)}
+    qF, _ = prior()
+    torch.testing.assert_close(qF.mean, theta1 / (-2 * theta2))
+    torch.testing.assert_close(qF.stddev, (-0.5 / theta2).sqrt())
+    model = compat.PoissonFactorization(prior, y, L=3, mode="lower-bound")
+    terms, _, _ = model()
+    (-terms["elbo"]).backward()
+    assert theta1.grad is not None and bool(theta1.grad.abs().sum() > 0) and bool(theta2.grad.abs().sum() > 0)
+    # a step on the natural parameters changes q(F)
+    before = prior.mean.detach().clone()
+    with torch.no_grad():
+        theta1.add_(1e-3 * theta1.grad.sign())
+    assert not torch.equal(prior.mean.detach(), before)

@@ -43,7 +43,7 @@ from ..estimators.pnmf import PNMF as _CorePNMF
 from ..estimators.spatial import SpatialPNMF as _CoreSpatialPNMF
 from ..init import initialize
 from ..nmf import NMF
-from ..poisson.lognormal import IndependentNormal, LogNormalPoisson
+from ..poisson.lognormal import IndependentNormal, LogNormalPoisson, inv_softplus
 
 __all__ = ["PNMF", "OPTIMIZERS", "GaussianPrior", "initialize_factors", "log_factors", "factor_uncertainty",
            "factor_samples", "get_loadings", "get_factors", "get_prior", "transform_F", "transform_W",
@@ -459,6 +459,42 @@ def get_factors(model, return_tensor=False):
     return _out(torch.exp(mu + var / 2), return_tensor)
 
 
+class _NaturalNormal(IndependentNormal):
+    """:class:`IndependentNormal` parametrised by its natural parameters ``theta1 = mu / s^2`` and
+    ``theta2 = -1 / (2 s^2)`` (leaf parameters, each (L, N)): ``loc`` and ``scale`` are derived,
+    so gradients of anything computed from ``q(F)`` reach ``theta1``/``theta2``."""
+
+    def __init__(self, base: IndependentNormal):
+        super().__init__(base.n_components, base.n_samples, prior_scale=float(base.prior_scale),
+                         prior_loc=float(base.prior_loc), dtype=base.loc.dtype, device=base.loc.device)
+        with torch.no_grad():
+            loc, scale = base.loc_scale()
+            prec = scale.detach().square().reciprocal()
+            theta1, theta2 = loc.detach() * prec, -0.5 * prec
+        del self.loc, self.raw_scale
+        self.theta1 = nn.Parameter(theta1.clone())
+        self.theta2 = nn.Parameter(theta2.clone())
+
+    @property
+    def loc(self) -> Tensor:  # type: ignore[override]
+        return self.theta1 / (-2 * self.theta2)
+
+    @property
+    def scale(self) -> Tensor:
+        return (-0.5 / self.theta2).sqrt()
+
+    @property
+    def raw_scale(self) -> Tensor:  # type: ignore[override]
+        return inv_softplus(self.scale)
+
+    def loc_scale(self, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        t1, t2 = (self.theta1, self.theta2) if idx is None else (self.theta1[:, idx], self.theta2[:, idx])
+        return t1 / (-2 * t2), (-0.5 / t2).sqrt()
+
+    def natural_groups(self):
+        raise NotImplementedError("q(F) in natural parameters: step theta1/theta2 directly")
+
+
 class GaussianPrior(nn.Module):
     """PNMF's ``GaussianPrior``: ``q(F) = Normal(mean, scale)`` (L, N) and ``p(F) = Normal(0, scale_pf)``.
 
@@ -469,23 +505,36 @@ class GaussianPrior(nn.Module):
     L : int, default 10
     scale_pf : float, default 1
     use_natural_gradients : bool, default False
-        Expose ``theta1 = mu / s^2`` and ``theta2 = -1 / (2 s^2)``.
+        Parametrise ``q(F)`` by its natural parameters: :attr:`theta1` ``= mu / s^2`` and
+        :attr:`theta2` ``= -1 / (2 s^2)`` are then the leaf parameters (what
+        :meth:`parameters` and :meth:`natural_parameters` return, where gradients land), and
+        ``mean``/``scale`` tensors derived from them. ``theta2`` must stay negative.
 
     Attributes
     ----------
+    mean : Parameter of shape (L, N)
+        Variational means (standard mode; a derived tensor in natural mode).
+    scale : PositiveParameter of shape (L, N)
+        Variational standard deviations, softplus of a raw parameter (standard mode; a
+        derived tensor in natural mode). ``scale.data`` is the value.
+    theta1, theta2 : Tensor of shape (L, N)
+        Natural parameters (leaf parameters in natural mode, derived tensors otherwise).
     factors : torchnmf.IndependentNormal
-        The posterior (``loc``, ``scale``), shape (L, N).
+        The posterior shared with :class:`PoissonFactorization` and torchnmf's layers.
     """
 
     def __init__(self, y, L=10, scale_pf=1.0, use_natural_gradients=False, *, factors: Optional[IndependentNormal] = None):
         super().__init__()
+        natural = _bool(use_natural_gradients, "use_natural_gradients")
         if factors is None:
             Y = as_tensor(y, "y", ndim=2, sparse="dense", float_only=False)
             dtype = Y.dtype if Y.is_floating_point() else torch.get_default_dtype()
             factors = IndependentNormal(check_rank(L, "L"), int(Y.shape[1]), prior_scale=scale_pf, dtype=dtype,
                                         device=Y.device)
+            if natural:
+                factors = _NaturalNormal(factors)
         self.factors = factors
-        self.use_natural_gradients = _bool(use_natural_gradients, "use_natural_gradients")
+        self.use_natural_gradients = isinstance(factors, _NaturalNormal)
 
     @property
     def scale_pf(self) -> float:
@@ -497,17 +546,27 @@ class GaussianPrior(nn.Module):
         return self.factors.loc
 
     @property
-    def scale(self) -> Tensor:
-        """Variational standard deviations, (L, N)."""
-        return self.factors.scale
+    def scale(self):
+        """Variational standard deviations, (L, N): a :class:`PositiveParameter` (standard mode)."""
+        if self.use_natural_gradients:
+            return self.factors.scale
+        return _SoftplusView(self.factors.raw_scale)
+
+    def _loc_scale(self) -> Tuple[Tensor, Tensor]:
+        return self.factors.loc_scale()
 
     @property
     def theta1(self) -> Tensor:
-        return self.mean / self.scale ** 2
+        if self.use_natural_gradients:
+            return self.factors.theta1
+        loc, scale = self._loc_scale()
+        return loc / scale ** 2
 
     @property
     def theta2(self) -> Tensor:
-        return -0.5 / self.scale ** 2
+        if self.use_natural_gradients:
+            return self.factors.theta2
+        return -0.5 / self._loc_scale()[1] ** 2
 
     def forward(self) -> Tuple[Normal, Normal]:
         """``(qF, pF)``: ``Normal(mean, scale)`` and ``Normal(0, scale_pf)``, each (L, N)."""
@@ -516,13 +575,12 @@ class GaussianPrior(nn.Module):
 
     def forward_batched(self, idx) -> Tuple[Normal, Normal]:
         """``(qF, pF)`` for the samples ``idx``, each (L, B)."""
-        loc, scale = self.factors.loc_scale(torch.as_tensor(idx, device=self.factors.loc.device))
+        loc, scale = self.factors.loc_scale(torch.as_tensor(idx, device=self.theta1.device))
         return Normal(loc, scale), Normal(torch.zeros_like(loc), torch.full_like(loc, self.scale_pf))
 
     def natural_parameters(self) -> Tuple[Tensor, Tensor]:
-        """``(theta1, theta2)``, each (L, N)."""
+        """``(theta1, theta2)``, each (L, N): the leaf parameters in natural mode."""
         return self.theta1, self.theta2
-
 
 def get_prior(model) -> GaussianPrior:
     """The posterior of a fitted non-spatial model as a :class:`GaussianPrior` (shares its parameters)."""
@@ -621,14 +679,14 @@ def log_factors_from_prior(prior: GaussianPrior, return_tensor=False):
 
 def factors_from_prior(prior: GaussianPrior, use_mgf=True, return_tensor=False):
     """``exp(mu + sigma^2 / 2)`` (``use_mgf``) or ``exp(mu)``, shape (n_samples, n_components)."""
-    mu = prior.mean
-    out = torch.exp(mu + prior.scale ** 2 / 2) if use_mgf else torch.exp(mu)
+    mu, scale = prior._loc_scale()
+    out = torch.exp(mu + scale ** 2 / 2) if use_mgf else torch.exp(mu)
     return _out(out.t(), return_tensor)
 
 
 def uncertainty_from_prior(prior: GaussianPrior, return_variance=False, return_tensor=False):
     """Standard deviations (or variances) of ``q(F)``, shape (n_samples, n_components)."""
-    s = prior.scale
+    s = prior._loc_scale()[1]
     return _out((s ** 2 if return_variance else s).t(), return_tensor)
 
 
@@ -870,6 +928,25 @@ class PositiveParameter(ConstrainedParameter):
         return new
 
 
+class _SoftplusView(PositiveParameter):
+    """A :class:`PositiveParameter` over an existing raw tensor with a softplus constraint (shared)."""
+
+    def __init__(self, raw: nn.Parameter):
+        ConstrainedParameter.__init__(self, tuple(raw.shape), "softplus")
+        self.elbo_mode = "expanded"
+        self._raw = raw
+
+    def _to_constrained(self, raw: Tensor) -> Tensor:
+        return torch.nn.functional.softplus(raw)
+
+    def _to_unconstrained(self, value: Tensor) -> Tensor:
+        return inv_softplus(value)
+
+    def project(self):
+        return self
+
+
+
 # -- PNMF.models --------------------------------------------------------------------------
 class PoissonFactorization(nn.Module):
     """PNMF's ``PoissonFactorization``: ``y ~ Poisson(W exp(F))`` over a :class:`GaussianPrior`.
@@ -986,14 +1063,46 @@ class PoissonFactorization(nn.Module):
                              "and groups need a spatial model, PNMF(spatial=True)")
         E = check_rank(E, "E")
         idx_t = _check_idx(idx, self.N, "idx")
-        idy_t = _check_idx(idy, self.D, "idy")
         qF, pF = self.prior() if idx_t is None else self.prior.forward_batched(idx_t)
+        return self.compute_log_likelihood_terms(qF, X=X, idx=idx_t, idy=idy, E=E, return_samples=True), qF, pF
+
+    def compute_log_likelihood_terms(self, qF, X=None, idx=None, idy=None, E=10, return_samples=False) -> dict:
+        """The likelihood terms of a batch under ``q(F)`` (what :meth:`forward` returns first).
+
+        Parameters
+        ----------
+        qF : torch.distributions.Normal
+            ``q(F)`` of the batch's samples, (L, B) (e.g. from :meth:`GaussianPrior.forward_batched`).
+        X : Tensor of shape (D_b, B), optional
+            The batch's counts; default ``y[idy][:, idx]`` when ``y`` holds counts.
+        idx, idy : LongTensor, optional
+            Samples and features of the batch (default all).
+        E : int, default 10
+            Monte Carlo draws (unused by ``'lower-bound'``).
+        return_samples : bool, default False
+            Include ``'exp_F_samples'`` (E, L, B), the draws :meth:`PositiveParameter.multiplicative_update`
+            reads in the Monte Carlo modes.
+
+        Returns
+        -------
+        dict
+            The keys listed under :meth:`forward` (the ELBO pieces ``'log_term'`` ... ``'elbo'``
+            are those of the prior's ``q(F)``, which ``qF`` is expected to be).
+        """
+        from ..poisson.lognormal import _check_idx
+
+        E = check_rank(E, "E")
+        idx_t = _check_idx(idx, self.N, "idx")
+        idy_t = _check_idx(idy, self.D, "idy")
         mu, var = qF.mean, qF.variance
+        if tuple(mu.shape) != (self.L, self.N if idx_t is None else idx_t.numel()):
+            raise ValueError(f"qF has shape {tuple(mu.shape)}, expected (L, batch) = "
+                             f"{(self.L, self.N if idx_t is None else idx_t.numel())}")
         W = self.W.data if idy_t is None else self.W.data[idy_t]
         terms = dict(exp_mu=torch.exp(mu), exp_mu_sigma=torch.exp(mu + var / 2))
         terms["rate"] = W @ terms["exp_mu_sigma"]
         terms["rate_mean"] = W @ terms["exp_mu"]
-        if self.mode != "lower-bound":
+        if self.mode != "lower-bound" and _bool(return_samples, "return_samples"):
             terms["exp_F_samples"] = torch.exp(qF.rsample((E,)))
         terms["kl"] = self.prior.factors.kl(idx_t)
         if X is None and self._counts:
@@ -1005,7 +1114,7 @@ class PoissonFactorization(nn.Module):
             terms.update(log_term=log_term, rate_term=rate_term, lgamma=lg)
             terms["log_likelihood"] = (log_term - rate_term - lg) * self.layer._scale(idx_t, idy_t)
             terms["elbo"] = terms["log_likelihood"] - terms["kl"]
-        return terms, qF, pF
+        return terms
 
     def project_parameters(self):
         """Clamp ``W`` to >= 0 (``loadings_mode='projected'``)."""
