@@ -462,3 +462,35 @@ def test_natural_mode_theta_are_the_parameters():
     with torch.no_grad():
         theta1.add_(1e-3 * theta1.grad.sign())
     assert not torch.equal(prior.mean.detach(), before)
+
+
+def test_transform_offers_the_documented_nnls_updates():
+    X = _counts()
+    m = PNMF(n_components=3, max_iter=5, random_state=0, device="cpu", mode="lower-bound").fit(X)
+    W = m.components_.T
+    # the document's NNLS multiplicative updates, written out in numpy
+    H = 0.1 * torch.rand(60, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).numpy()
+    for _ in range(100):
+        H = H * (X @ W) / (H @ (W.T @ W))
+    out = m.transform(X)
+    np.testing.assert_allclose(out, H, rtol=1e-6)
+    assert np.linalg.norm(X - out @ W.T) < np.linalg.norm(X - get_factors(m) @ W.T)  # least squares
+    # torchnmf's variational refit is still there
+    v = m.transform(X, method="variational")
+    assert v.shape == (60, 3) and not np.allclose(v, out)
+    with pytest.raises(ValueError, match="method"):
+        m.transform(X, method="lsq")
+
+
+def test_get_prior_of_a_spatial_model():
+    X = _counts()
+    xy = np.random.default_rng(2).random((60, 2))
+    m = PNMF(n_components=2, spatial=True, max_iter=3, random_state=0).fit(X, coordinates=xy)
+    prior = get_prior(m)
+    assert isinstance(prior, GaussianPrior)
+    qF, pF = prior()
+    assert tuple(qF.mean.shape) == (2, 60)
+    np.testing.assert_allclose(qF.mean.detach().numpy().T, log_factors(m), rtol=1e-6)
+    np.testing.assert_allclose(qF.stddev.detach().numpy().T, factor_uncertainty(m), rtol=1e-5)
+    np.testing.assert_allclose(uncertainty_from_prior(prior), factor_uncertainty(m), rtol=1e-5)
+    assert float(pF.stddev.mean()) == pytest.approx(1.0)

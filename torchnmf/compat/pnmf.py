@@ -331,11 +331,31 @@ class PNMF(TransformerMixin, BaseEstimator):
             raise ValueError("coordinates/groups are for spatial=True")
         return {}
 
-    def transform(self, X, coordinates=None, groups=None):
-        """``E[exp F]`` for ``X`` with ``W`` fixed, an ndarray of shape (n_samples, n_components)
-        (for tensor input too, as documented)."""
+    def transform(self, X, coordinates=None, groups=None, *, method="nnls", max_iter=100):
+        """``exp(F)`` for ``X`` with ``W`` fixed, an ndarray of shape (n_samples, n_components)
+        (for tensor input too, as documented).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Non-negative; never modified.
+        coordinates, groups : array-like, optional
+            New samples' coordinates (and groups) for ``spatial=True``: their factors come from
+            the GP predictive equations (``method`` is not used).
+        method : {'nnls', 'variational'}, default 'nnls'
+            Non-spatial models: ``'nnls'`` is the document's non-negative least squares by
+            multiplicative updates, ``H ← H ∘ (X W) / (H WᵀW)`` from a random start
+            (``random_state``); ``'variational'`` is torchnmf's refit of ``q(F)`` with ``W``
+            fixed, returning ``E[exp F]`` (the Poisson model's answer).
+        max_iter : int, default 100
+            Multiplicative updates of ``'nnls'``.
+        """
         check_is_fitted(self, "estimator_")
-        return _ndarray(self.estimator_.transform(X, **self._spatial_args(coordinates, groups)))
+        check_option(method, ("nnls", "variational"), "method")
+        if self.spatial or method == "variational":
+            return _ndarray(self.estimator_.transform(X, **self._spatial_args(coordinates, groups)))
+        self._spatial_args(coordinates, groups)
+        return _nnls(self.estimator_, X, check_rank(max_iter, "max_iter"), self.random_state)
 
     def fit_transform(self, X, coordinates=None, groups=None, **kwargs):
         """Fit, then :meth:`transform` ``X``; shape (n_samples, n_components).
@@ -350,6 +370,21 @@ class PNMF(TransformerMixin, BaseEstimator):
         """``transformed @ W.T``, an ndarray of shape (n_samples, n_features) (for tensor input too)."""
         check_is_fitted(self, "estimator_")
         return _ndarray(self.estimator_.inverse_transform(transformed))
+
+
+def _nnls(core, X, max_iter: int, random_state) -> np.ndarray:
+    """``H >= 0`` minimising ``||X - H Wᵀ||²`` by multiplicative updates (Euclidean NMF with
+    ``W`` fixed), ``H`` uniform in ``[0, 0.1)`` at the start."""
+    T = core._check_X(X, reset=False).to(torch.float64)
+    T = T.to_dense() if T.layout != torch.strided else T
+    W = core.layer_.W.detach().to(device=T.device, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0 if random_state is None else int(random_state))
+    H0 = 0.1 * torch.rand(T.shape[0], W.shape[1], dtype=torch.float64, generator=g).to(T.device)
+    m = NMF(W=W, H=H0, trainable_W=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # ConvergenceWarning: a fixed number of updates
+        m.fit(T, beta=2, tol=0, max_iter=max_iter)
+    return m.H.detach().cpu().numpy()
 
 
 def _ndarray(x) -> np.ndarray:
@@ -583,12 +618,23 @@ class GaussianPrior(nn.Module):
         return self.theta1, self.theta2
 
 def get_prior(model) -> GaussianPrior:
-    """The posterior of a fitted non-spatial model as a :class:`GaussianPrior` (shares its parameters)."""
+    """The posterior ``q(F)`` of a fitted model as a :class:`GaussianPrior`.
+
+    Non-spatial models: the model's own posterior (parameters shared). Spatial models: a copy
+    of the GP posterior's marginals at the training coordinates, ``Normal(mean, sd)`` per
+    sample and component (``qF`` of ``prior()`` is what :func:`log_factors` and
+    :func:`factor_uncertainty` give), with ``pF`` standard normal; the GP itself (correlated
+    over samples) is ``model.estimator_.layer_.factors``.
+    """
     core = _fitted(model)
     factors = core.layer_.factors
-    if not isinstance(factors, IndependentNormal):
-        raise ValueError("get_prior is for non-spatial models (a spatial model's q(F) is a GP)")
-    return GaussianPrior(None, factors=factors)
+    if isinstance(factors, IndependentNormal):
+        return GaussianPrior(None, factors=factors)
+    with torch.no_grad():
+        mu, var = factors.marginals()
+        snap = IndependentNormal(mu.shape[0], mu.shape[1], init_loc=mu, dtype=mu.dtype, device=mu.device)
+        snap.raw_scale.copy_(inv_softplus(var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()))
+    return GaussianPrior(None, factors=snap)
 
 
 def transform_F(X, W, n_components=None, mode='expanded', E=3, max_iter=200, tol=0.0001, learning_rate=0.01,
