@@ -494,3 +494,35 @@ def test_get_prior_of_a_spatial_model():
     np.testing.assert_allclose(qF.stddev.detach().numpy().T, factor_uncertainty(m), rtol=1e-5)
     np.testing.assert_allclose(uncertainty_from_prior(prior), factor_uncertainty(m), rtol=1e-5)
     assert float(pF.stddev.mean()) == pytest.approx(1.0)
+
+
+def test_minibatch_iteration_is_one_batch():
+    """With batch_size the document's iteration is one mini-batch: max_iter batch steps in all."""
+    X = _counts(n=60)
+    steps = {"n": 0}
+    from torchnmf.poisson.lognormal import LogNormalPoisson
+    real = LogNormalPoisson.elbo
+
+    def counting(self, *args, **kwargs):
+        steps["n"] += 1
+        return real(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LogNormalPoisson, "elbo", counting)
+        history, m = PNMF(n_components=2, batch_size=20, max_iter=7, tol=0, random_state=0,
+                          device="cpu").fit(X, return_history=True)
+    assert steps["n"] == 7 and m.n_iter_ == 7 and len(history) == 7
+    seen = []
+    PNMF(n_components=2, batch_size=20, max_iter=6, tol=0, random_state=0, device="cpu").fit(
+        X, callback=lambda est, it, elbo: seen.append(it), callback_interval=2)
+    assert seen == [2, 4, 6]
+    # the one-cycle schedule spans the max_iter batch steps
+    core = PNMF(n_components=2, batch_size=20, max_iter=7, tol=0, random_state=0, device="cpu")._core(60, 20)
+    assert core._batch_iterations
+    # torchnmf's own estimator counts epochs (3 batches each)
+    from torchnmf.estimators import PNMF as CorePNMF
+    steps["n"] = 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LogNormalPoisson, "elbo", counting)
+        CorePNMF(n_components=2, batch_size=20, max_iter=2, tol=0, random_state=0).fit(X)
+    assert steps["n"] == 6

@@ -61,6 +61,7 @@ class _Knobs:
     """Scheduler knobs and fixed kernel hyperparameters for the core estimators."""
 
     _overcomplete_ok = True  # the document allows n_components > min(n_samples, n_features); fit warns
+    _batch_iterations = True  # the document's iteration is one mini-batch step
 
     def _make_scheduler(self, opt, total_steps, **options):
         k = self._compat_knobs
@@ -108,6 +109,10 @@ class PNMF(TransformerMixin, BaseEstimator):
     E : int, default 3
         Monte Carlo samples per ELBO estimate.
     max_iter : int, default 200
+        Iterations, as the document counts them: with ``batch_size``/``y_batch_size`` one
+        iteration is one mini-batch step (so are ``n_iter_``, the entries of the history,
+        ``callback_interval``, the schedules' steps and ``scheduler_patience``), without them one
+        full-data step. (torchnmf's own estimators count epochs.)
     tol : float, default 1e-4
     learning_rate : float, default 0.01
     optimizer : {'Adam', 'AdamW', 'NAdam', 'SGD', 'RMSprop'}, default 'Adam'
