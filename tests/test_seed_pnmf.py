@@ -408,3 +408,157 @@ def test_an_input_that_requires_grad_is_data(kind):
     np.testing.assert_allclose(np.asarray(transform_F(x, W, mode="lower-bound", max_iter=3)),
                                np.asarray(transform_F(X, W, mode="lower-bound", max_iter=3)))
     assert x.grad is None and x.requires_grad and torch.equal(x.detach(), X)
+
+
+# -- issue 22 item 12: the document's last differences ---------------------------------------
+def test_unfitted_model_says_call_fit():
+    from sklearn.exceptions import NotFittedError
+
+    for fn in (get_loadings, log_factors, get_factors, get_prior):
+        with pytest.raises(NotFittedError, match=r"not fitted yet: call fit\(X\)"):
+            fn(PNMF(n_components=2))
+    with pytest.raises(TypeError, match="PNMF estimator"):
+        get_loadings(object())
+
+
+def test_tensor_input_gives_documented_ndarrays():
+    X = torch.as_tensor(_counts())
+    m = PNMF(n_components=2, max_iter=3, random_state=0, device="cpu")
+    out = [m.fit_transform(X), m.transform(X), m.inverse_transform(torch.ones(4, 2, dtype=X.dtype)),
+           m.inverse_transform(np.ones((4, 2)))]
+    assert all(type(o) is np.ndarray for o in out)
+    assert out[0].shape == (60, 2) and out[2].shape == (4, 20)
+
+
+def test_n_components_above_min_allowed_with_a_warning():
+    X = _counts(n=30, d=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = PNMF(n_components=8, max_iter=3, random_state=0, device="cpu").fit(X)
+    assert any("over-complete" in str(w.message) for w in caught)
+    assert m.components_.shape == (8, 6) and m.transform(X).shape == (30, 8)
+    # torchnmf's own estimator keeps refusing
+    from torchnmf.estimators import PNMF as CorePNMF
+    with pytest.raises(ValueError, match="n_components=8"):
+        CorePNMF(n_components=8, max_iter=2).fit(X)
+
+
+@pytest.mark.parametrize("mode", ["lower-bound", "expanded"])
+def test_compute_log_likelihood_terms(mode):
+    torch.manual_seed(0)
+    y = torch.as_tensor(_counts()).t().contiguous()  # (D, N)
+    prior = GaussianPrior(y, L=3)
+    model = compat.PoissonFactorization(prior, y, L=3, mode=mode, loadings_mode="multiplicative")
+    idx = torch.tensor([0, 4, 7])
+    qF, _ = prior.forward_batched(idx)
+    terms = model.compute_log_likelihood_terms(qF, idx=idx, E=4)
+    assert "exp_F_samples" not in terms
+    forward_terms, _, _ = model(idx=idx, E=4)
+    for key in ("exp_mu", "exp_mu_sigma", "rate", "rate_mean", "kl", "rate_term", "lgamma"):
+        torch.testing.assert_close(terms[key], forward_terms[key])
+    if mode == "lower-bound":
+        torch.testing.assert_close(terms["elbo"], forward_terms["elbo"])
+    with_samples = model.compute_log_likelihood_terms(qF, idx=idx, E=4, return_samples=True)
+    if mode != "lower-bound":
+        assert tuple(with_samples["exp_F_samples"].shape) == (4, 3, 3)
+    W0 = model.W.data.detach().clone()
+    model.W.multiplicative_update(y[:, idx], with_samples)
+    assert not torch.equal(model.W.data, W0)
+
+
+def test_gaussian_prior_scale_is_a_positive_parameter():
+    y = torch.randn(100, 50)
+    prior = GaussianPrior(y, L=10)
+    assert isinstance(prior.scale, compat.PositiveParameter) and prior.scale.mode == "softplus"
+    assert prior.scale.shape == (10, 50) and bool((prior.scale.data > 0).all())
+    assert prior.scale.raw is prior.factors.raw_scale  # shared: training the prior moves it
+    qF, _ = prior()
+    torch.testing.assert_close(qF.stddev, prior.scale.data)
+    assert {id(p) for p in prior.parameters()} == {id(prior.mean), id(prior.scale.raw)}
+
+
+def test_natural_mode_theta_are_the_parameters():
+    """Natural mode: theta1 = mu/s², theta2 = -1/(2s²) are leaf parameters that gradients reach."""
+    y = torch.as_tensor(_counts()).t().contiguous()
+    prior = GaussianPrior(y, L=3, use_natural_gradients=True)
+    theta1, theta2 = prior.natural_parameters()
+    assert theta1.is_leaf and theta1.requires_grad and theta2.is_leaf and theta2.requires_grad
+    assert theta1 is prior.theta1 and theta2 is prior.theta2
+    assert tuple(theta1.shape) == tuple(theta2.shape) == (3, 60) and bool((theta2 < 0).all())
+    assert {id(p) for p in prior.parameters()} == {id(theta1), id(theta2)}
+    qF, _ = prior()
+    torch.testing.assert_close(qF.mean, theta1 / (-2 * theta2))
+    torch.testing.assert_close(qF.stddev, (-0.5 / theta2).sqrt())
+    model = compat.PoissonFactorization(prior, y, L=3, mode="lower-bound")
+    terms, _, _ = model()
+    (-terms["elbo"]).backward()
+    assert theta1.grad is not None and bool(theta1.grad.abs().sum() > 0) and bool(theta2.grad.abs().sum() > 0)
+    # a step on the natural parameters changes q(F)
+    before = prior.mean.detach().clone()
+    with torch.no_grad():
+        theta1.add_(1e-3 * theta1.grad.sign())
+    assert not torch.equal(prior.mean.detach(), before)
+
+
+def test_transform_offers_the_documented_nnls_updates():
+    X = _counts()
+    m = PNMF(n_components=3, max_iter=5, random_state=0, device="cpu", mode="lower-bound").fit(X)
+    W = m.components_.T
+    # the document's NNLS multiplicative updates, written out in numpy
+    H = 0.1 * torch.rand(60, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).numpy()
+    for _ in range(100):
+        H = H * (X @ W) / (H @ (W.T @ W))
+    out = m.transform(X)
+    np.testing.assert_allclose(out, H, rtol=1e-6)
+    assert np.linalg.norm(X - out @ W.T) < np.linalg.norm(X - get_factors(m) @ W.T)  # least squares
+    # torchnmf's variational refit is still there
+    v = m.transform(X, method="variational")
+    assert v.shape == (60, 3) and not np.allclose(v, out)
+    with pytest.raises(ValueError, match="method"):
+        m.transform(X, method="lsq")
+
+
+def test_get_prior_of_a_spatial_model():
+    X = _counts()
+    xy = np.random.default_rng(2).random((60, 2))
+    m = PNMF(n_components=2, spatial=True, max_iter=3, random_state=0).fit(X, coordinates=xy)
+    prior = get_prior(m)
+    assert isinstance(prior, GaussianPrior)
+    qF, pF = prior()
+    assert tuple(qF.mean.shape) == (2, 60)
+    np.testing.assert_allclose(qF.mean.detach().numpy().T, log_factors(m), rtol=1e-6)
+    np.testing.assert_allclose(qF.stddev.detach().numpy().T, factor_uncertainty(m), rtol=1e-5)
+    np.testing.assert_allclose(uncertainty_from_prior(prior), factor_uncertainty(m), rtol=1e-5)
+    assert float(pF.stddev.mean()) == pytest.approx(1.0)
+
+
+def test_minibatch_iteration_is_one_batch():
+    """With batch_size the document's iteration is one mini-batch: max_iter batch steps in all."""
+    X = _counts(n=60)
+    steps = {"n": 0}
+    from torchnmf.poisson.lognormal import LogNormalPoisson
+    real = LogNormalPoisson.elbo
+
+    def counting(self, *args, **kwargs):
+        steps["n"] += 1
+        return real(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LogNormalPoisson, "elbo", counting)
+        history, m = PNMF(n_components=2, batch_size=20, max_iter=7, tol=0, random_state=0,
+                          device="cpu").fit(X, return_history=True)
+    assert steps["n"] == 7 and m.n_iter_ == 7 and len(history) == 7
+    seen = []
+    PNMF(n_components=2, batch_size=20, max_iter=6, tol=0, random_state=0, device="cpu").fit(
+        X, callback=lambda est, it, elbo: seen.append(it), callback_interval=2)
+    assert seen == [2, 4, 6]
+    # the one-cycle schedule spans the max_iter batch steps
+    core = PNMF(n_components=2, batch_size=20, max_iter=7, tol=0, random_state=0, device="cpu")._core(60, 20)
+    assert core._batch_iterations
+    # torchnmf's own estimator counts epochs (3 batches each)
+    from torchnmf.estimators import PNMF as CorePNMF
+    steps["n"] = 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LogNormalPoisson, "elbo", counting)
+        CorePNMF(n_components=2, batch_size=20, max_iter=2, tol=0, random_state=0).fit(X)
+    assert steps["n"] == 6

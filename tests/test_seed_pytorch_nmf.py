@@ -259,3 +259,55 @@ def test_beta_div_zeros_finite_nonnegative(beta, dtype):
     assert math.isnan(float(beta_div(nan, p, beta))) and math.isnan(float(beta_div(p, nan, beta)))
     inf = torch.tensor([float("inf"), 1.0], dtype=dtype)
     assert not math.isfinite(float(beta_div(p, inf, beta)))
+
+
+@pytest.mark.parametrize("cls,kw", [("BaseComponent", {}), ("PLCA", {}), ("SIPLCA", {"T": 1})])
+def test_plca_z_only_from_rank_or_given_z(cls, kw):
+    """0.3.5 creates Z only from ``rank`` or a given ``Z``: W and H alone leave it None."""
+    from torchnmf import plca
+
+    torch.manual_seed(0)
+    shape_w, shape_h = ((5, 2), (6, 2)) if cls != "SIPLCA" else ((5, 2, 1), (6, 2, 4))
+    W, H = torch.rand(*shape_w), torch.rand(*shape_h)
+    m = getattr(plca, cls)(rank=None, W=W, H=H, Z=None, **kw)
+    assert m.Z is None and m.rank == 2
+    assert "Z" not in dict(m.named_parameters()) and "Z" not in m.state_dict()
+    # ours beside: equal weights in forward, and fit trains W and H
+    torch.testing.assert_close(m(), m(Z=torch.full((2,), 0.5)))
+    torch.testing.assert_close(m().sum(), torch.tensor(1.0))
+    V = torch.rand(*m().shape)
+    W0 = m.W.detach().clone()
+    n_iter, _ = m.fit(V, max_iter=3)
+    assert n_iter == 3 and m.Z is None and not torch.equal(m.W, W0)
+    # rank or an int/tensor Z still create it
+    assert getattr(plca, cls)(rank=2, W=W, H=H, **kw).Z.shape == (2,)
+    assert getattr(plca, cls)(W=W, H=H, Z=2, **kw).Z.shape == (2,)
+    assert getattr(plca, cls)(W=W, H=H, Z=torch.ones(2), **kw).Z.shape == (2,)
+    with pytest.raises(ValueError, match="Z"):
+        getattr(plca, cls)(W=W, H=H, Z=3, **kw)
+
+
+@pytest.mark.parametrize("beta", [-2, -1, -0.5, 0, 1, 2, 3])
+def test_betamu_grad_is_beta_div_autograd_float32(beta):
+    """After a step, each parameter's ``.grad`` is autograd's gradient of ``beta_div`` at the
+    point just before its own update (W is updated first, then H), in float32.
+
+    Zero targets make the float32 cancellation of beta_div's ratio form (beta < 0) visible."""
+    from copy import deepcopy
+
+    from torchnmf.nmf import NMF
+    from torchnmf.trainer import BetaMu
+
+    torch.manual_seed(0)
+    V = (torch.rand(200, 64) - 0.3).clamp_min(0)  # zeros, as in counts
+    model = NMF(V.shape, 10)
+    probe = deepcopy(model)
+    expected = []
+    for name in ("W", "H"):
+        (g,) = torch.autograd.grad(beta_div(probe(), V, beta), getattr(probe, name))
+        expected.append(g)
+        BetaMu([getattr(probe, name)], beta=beta).step(lambda: (V, probe()))
+    BetaMu(model.parameters(), beta=beta).step(lambda: (V, model()))
+    for p, g in zip((model.W, model.H), expected):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))

@@ -169,3 +169,110 @@ def test_an_input_that_requires_grad_is_left_alone(kind):
     torch.manual_seed(0)
     SFA(10, 6, 2).fit(x, n_epochs=3)
     assert x.grad is None and s.grad is None and torch.equal(x.detach(), X)
+
+
+def _numpy_spike_slab_kl(logits, mean, log_prec, prior_logodds, log_prior_prec):
+    """KL(q || p) of q = pip N(mean, 1/prec) + (1 - pip) δ0 and p = π N(0, 1/prec0) + (1 - π) δ0,
+    written out from first principles.
+
+    Both measures are a point mass at 0 plus a density, so the log density ratio is
+    log((1-pip)/(1-π)) at 0 and log(pip N(m; mean, 1/prec) / (π N(m; 0, 1/prec0))) elsewhere:
+    KL = (1-pip) log((1-pip)/(1-π)) + pip log(pip/π) + pip E_N[log N(m; mean, 1/prec) - log N(m; 0, 1/prec0)],
+    and with E[m] = mean, E[m²] = mean² + 1/prec under the slab, that last expectation is
+    ½ log prec - ½ (prec · 1/prec) - ½ log prec0 + ½ prec0 (mean² + 1/prec)
+    = ½ (log prec - log prec0 + prec0 (mean² + 1/prec) - 1).
+    """
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    pip, pi = sig(logits), sig(prior_logodds)
+    prec, prec0 = np.exp(log_prec), np.exp(log_prior_prec)
+    gauss = 0.5 * (log_prec - log_prior_prec + prec0 * (mean ** 2 + 1 / prec) - 1)
+    return (pip * np.log(pip / pi) + (1 - pip) * np.log((1 - pip) / (1 - pi)) + pip * gauss).sum()
+
+
+def _notes_kl(logits, mean, log_prec, prior_logodds, log_prior_prec):
+    """The notes' SpikeSlab.forward expression (numpy)."""
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    pip, prec = sig(logits), np.exp(log_prec)
+    return (pip * np.log(pip / sig(prior_logodds)) + (1 - pip) * np.log((1 - pip) / sig(-prior_logodds))
+            + .5 * pip * (1 + log_prec - log_prior_prec + np.exp(log_prior_prec) * (mean ** 2 + 1 / prec))).sum()
+
+
+def test_spike_slab_kl_is_the_exact_one_and_the_notes_differ_by_sum_pip():
+    torch.manual_seed(0)
+    m = SpikeSlab(7, 3).double()
+    with torch.no_grad():
+        m.log_prec.normal_()
+    params = [getattr(m, n).detach().numpy() for n in ("logits", "mean", "log_prec", "prior_logodds",
+                                                         "log_prior_prec")]
+    exact = _numpy_spike_slab_kl(*params)
+    # the slab term by quadrature: the closed form above is the integral it claims to be
+    grid = np.linspace(-40, 40, 400001)
+    mu, lp, lp0 = params[1][0, 0], params[2][0, 0], params[4][0, 0]
+    logq = 0.5 * lp - 0.5 * np.log(2 * np.pi) - 0.5 * np.exp(lp) * (grid - mu) ** 2
+    logp = 0.5 * lp0 - 0.5 * np.log(2 * np.pi) - 0.5 * np.exp(lp0) * grid ** 2
+    quad = np.trapezoid(np.exp(logq) * (logq - logp), grid)
+    assert quad == pytest.approx(0.5 * (lp - lp0 + np.exp(lp0) * (mu ** 2 + np.exp(-lp)) - 1), rel=1e-8)
+    # ours is the exact KL; the notes' is larger by the sum of the inclusion probabilities
+    with torch.no_grad():
+        _, _, kl = m()
+    assert float(kl) == pytest.approx(exact, rel=1e-10)
+    pip_sum = float(torch.sigmoid(m.logits).sum())
+    assert _notes_kl(*params) == pytest.approx(exact + pip_sum, rel=1e-10)
+
+
+def test_logged_kl_and_elbo_are_the_exact_ones(tmp_path):
+    """What the fit logs (TensorBoard and history_) uses the exact KL at the epoch's parameters."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5)
+    m = SFA(n=6, p=5, k=2)
+    params = {n: [getattr(mod, n).detach().double().numpy().copy() for mod in (m.l, m.f)]
+              for n in ("logits", "mean", "log_prec", "prior_logodds", "log_prior_prec")}
+    m.fit(x, n_epochs=1, log_dir=str(tmp_path))
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    for i, tag in enumerate(("loss/kl_l", "loss/kl_f")):
+        exact = _numpy_spike_slab_kl(*(params[n][i] for n in params))
+        assert acc.Scalars(tag)[0].value == pytest.approx(exact, rel=1e-5), tag
+    err = acc.Scalars("loss/err")[0].value
+    kls = sum(acc.Scalars(t)[0].value for t in ("loss/kl_l", "loss/kl_f"))
+    assert acc.Scalars("loss/elbo")[0].value == pytest.approx(err - kls, rel=1e-5)
+    assert float(m.history_[0]) == pytest.approx(err - kls, rel=1e-5)
+
+
+def test_errors_are_the_notes_types_and_ours():
+    """The notes raise AssertionError (asserts on x and s, NaN KL) and RuntimeError('nan loss')."""
+    from torchnmf.compat.spfa import InputError, InputTypeError, NonFiniteInputError
+
+    x = torch.poisson(torch.full((6, 5), 2.0))
+    nan_x = x.clone()
+    nan_x[0, 0] = float("nan")
+    for cls, call in ((SFA, lambda m, x: m.fit(x, n_epochs=1)),
+                      (SPFA, lambda m, x: m.fit(x, torch.ones(6, 1), n_epochs=1))):
+        with pytest.raises(NonFiniteInputError) as info:
+            call(cls(n=6, p=5, k=2), nan_x)
+        assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+        with pytest.raises(InputTypeError) as info:
+            call(cls(n=6, p=5, k=2), x.numpy())
+        assert isinstance(info.value, TypeError) and isinstance(info.value, AssertionError)
+    for bad in (torch.ones(6), torch.zeros(6, 1), -torch.ones(6, 1), torch.full((6, 1), float("nan"))):
+        with pytest.raises(InputError, match="s must") as info:
+            SPFA(n=6, p=5, k=2).fit(x, bad, n_epochs=1)
+        assert isinstance(info.value, ValueError) and isinstance(info.value, AssertionError)
+    with pytest.raises(InputTypeError, match="s must") as info:
+        SPFA(n=6, p=5, k=2).fit(x, torch.ones(6, 1).numpy(), n_epochs=1)
+    assert isinstance(info.value, AssertionError)
+    # divergence: the notes' RuntimeError('nan loss') or their NaN-KL assert
+    torch.manual_seed(0)
+    for make in (lambda: SFA(n=6, p=5, k=2).fit(x * 1e3, n_epochs=50, lr=1e3),
+                 lambda: SPFA(n=6, p=5, k=2).fit(x * 100, torch.ones(6, 1), n_epochs=50, lr=10)):
+        with pytest.raises(NonFiniteLossError) as info:
+            make()
+        assert isinstance(info.value, RuntimeError) and isinstance(info.value, AssertionError)
+    m = SpikeSlab(4, 2)
+    with torch.no_grad():
+        m.mean[0, 0] = float("nan")
+    with pytest.raises(AssertionError, match="NaN"):
+        m()

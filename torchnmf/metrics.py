@@ -97,7 +97,10 @@ def beta_div(input: Tensor, target: Tensor, beta: float = 2) -> Tensor:
     ``beta <= 0``, at the machine
     epsilon of their dtype (0.3.5 adds float32's eps). The result is then finite and
     non-negative for finite input (each entry's divergence is clamped at 0 against
-    rounding); NaN or infinite input still gives NaN or inf.
+    rounding); NaN or infinite input still gives NaN or inf. For beta < 0 the value comes
+    from the ratio form (exact at ``input == target``) and the autograd gradient from the
+    plain form, ``input^(β-1) - target·input^(β-2)`` in ``input`` (the ratio form's own
+    gradient loses float32 precision under small targets).
     """
     beta = check_beta(beta)  # NaN/inf would give NaN silently
     if beta == 2:
@@ -116,7 +119,15 @@ def beta_div(input: Tensor, target: Tensor, beta: float = 2) -> Tensor:
     bminus = beta - 1
     if beta < 0:  # both positive here: the ratio form is exact at target == input
         ratio = target / input
-        return (input.pow(beta) * (ratio.pow(beta) + bminus - beta * ratio) / (beta * bminus)).clamp_min(0).sum()
+        value = (input.pow(beta) * (ratio.pow(beta) + bminus - beta * ratio) / (beta * bminus)).clamp_min(0)
+        if not (input.requires_grad or target.requires_grad):
+            return value.sum()
+        # gradients from the plain form: the ratio form's autograd cancels terms of size
+        # target^β / input, which in float32 swamps the true gradient where the target is small
+        plain = input.pow(beta) / beta - target * input.pow(bminus) / bminus
+        if target.requires_grad:
+            plain = plain + target.pow(beta) / (beta * bminus)
+        return (value.detach() + (plain - plain.detach())).sum()
     # a zero target contributes nothing to the cross term, even where input^(beta-1) is infinite
     cross = torch.where(target == 0, torch.zeros_like(input), target * input.pow(bminus))
     term = target.pow(beta) + bminus * input.pow(beta) - beta * cross

@@ -39,7 +39,10 @@ class BaseComponent(nn.Module):
         Factors with the rank in dim 1 (tensors are copied and normalised; shapes get a
         random start).
     Z : Tensor or int, optional
-        Component weights, shape (rank,); default uniform.
+        Component weights, shape (rank,). Default uniform when ``rank`` is given; with
+        neither ``rank`` nor ``Z`` the module has no ``Z`` (``self.Z is None``, as in
+        pytorch-NMF 0.3.5): :meth:`forward` then weighs the components equally and
+        :meth:`fit` trains W and H only.
     trainable_W, trainable_H, trainable_Z : bool, default True
     """
 
@@ -82,13 +85,22 @@ class BaseComponent(nn.Module):
             n = inferred if Z is None else data.check_rank(Z, "Z")
             if n is None:
                 raise ValueError("the rank could not be inferred: give rank, W, H or Z")
-            ref = self.W if self.W is not None else self.H
-            z = torch.ones(n, dtype=ref.dtype if ref is not None else None,
-                           device=ref.device if ref is not None else None)
+            if inferred is not None and n != inferred:
+                raise ValueError(f"Z={n} components, but W/H/rank give {inferred}")
+            inferred = n
+            if Z is None and rank is None:  # as 0.3.5: Z comes only from rank or a given Z
+                z = None
+            else:
+                ref = self.W if self.W is not None else self.H
+                z = torch.ones(n, dtype=ref.dtype if ref is not None else None,
+                               device=ref.device if ref is not None else None)
         else:
             raise TypeError(f"Z must be a tensor or an int, got {type(Z).__name__}")
-        self.Z = z / z.sum()
-        positive(self, "Z", "multiplicative", requires_grad=bool(trainable_Z))
+        if z is None:
+            self.register_parameter("Z", None)
+        else:
+            self.Z = z / z.sum()
+            positive(self, "Z", "multiplicative", requires_grad=bool(trainable_Z))
         self.rank = inferred
 
     @staticmethod
@@ -102,7 +114,7 @@ class BaseComponent(nn.Module):
         Parameters
         ----------
         H, W, Z : Tensor, optional
-            Default to the module's own.
+            Default to the module's own (Z: uniform ``1 / rank`` when the module has none).
         norm : float or Tensor, optional
             Scale of the output, e.g. the ``norm`` :meth:`fit` returns (``ΣV``), so that
             ``self(norm=norm)`` approximates V (pytorch-NMF 0.3.5's argument). Default 1.
@@ -117,6 +129,8 @@ class BaseComponent(nn.Module):
         Z = self.Z if Z is None else Z
         if H is None or W is None:
             raise ValueError(f"{'H' if H is None else 'W'} was not given and the module has none")
+        if Z is None:
+            Z = torch.full((H.shape[1],), 1 / H.shape[1], dtype=H.dtype, device=H.device)
         out = self.reconstruct(H, W, Z)
         if norm is None:
             return out
@@ -180,7 +194,7 @@ class BaseComponent(nn.Module):
         V = data.as_tensor(V, "V", ndim=len(shape), sparse="dense")
         data.check_nonnegative(V, "V")
         data.check_shape(V, shape, "V")
-        V = V.to(device=self.Z.device, dtype=self.Z.dtype)
+        V = V.to(device=self.W.device, dtype=self.W.dtype)
         norm = V.sum()
         if not norm > 0:
             raise ValueError("V must have a positive sum")

@@ -27,11 +27,13 @@ defaults of torchnmf's own :class:`torchnmf.estimators.PNMF`.
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 from torch import Tensor, nn
 from torch.distributions import Normal
@@ -41,7 +43,7 @@ from ..estimators.pnmf import PNMF as _CorePNMF
 from ..estimators.spatial import SpatialPNMF as _CoreSpatialPNMF
 from ..init import initialize
 from ..nmf import NMF
-from ..poisson.lognormal import IndependentNormal, LogNormalPoisson
+from ..poisson.lognormal import IndependentNormal, LogNormalPoisson, inv_softplus
 
 __all__ = ["PNMF", "OPTIMIZERS", "GaussianPrior", "initialize_factors", "log_factors", "factor_uncertainty",
            "factor_samples", "get_loadings", "get_factors", "get_prior", "transform_F", "transform_W",
@@ -57,6 +59,9 @@ NEIGHBORS = ("knn",)
 
 class _Knobs:
     """Scheduler knobs and fixed kernel hyperparameters for the core estimators."""
+
+    _overcomplete_ok = True  # the document allows n_components > min(n_samples, n_features); fit warns
+    _batch_iterations = True  # the document's iteration is one mini-batch step
 
     def _make_scheduler(self, opt, total_steps, **options):
         k = self._compat_knobs
@@ -104,6 +109,10 @@ class PNMF(TransformerMixin, BaseEstimator):
     E : int, default 3
         Monte Carlo samples per ELBO estimate.
     max_iter : int, default 200
+        Iterations, as the document counts them: with ``batch_size``/``y_batch_size`` one
+        iteration is one mini-batch step (so are ``n_iter_``, the entries of the history,
+        ``callback_interval``, the schedules' steps and ``scheduler_patience``), without them one
+        full-data step. (torchnmf's own estimators count epochs.)
     tol : float, default 1e-4
         Relative change of the epoch ELBO at which the fit stops, read over windows of 5
         epochs and never during the one-cycle schedule's warm-up (see
@@ -301,6 +310,11 @@ class PNMF(TransformerMixin, BaseEstimator):
         if shape is None or len(shape) != 2:
             shape = as_tensor(X, "X", ndim=2, float_only=False).shape
         core = self._core(int(shape[0]), int(shape[1]))
+        K = check_rank(self.n_components, "n_components")
+        if K > min(int(shape[0]), int(shape[1])):
+            warnings.warn(f"n_components={K} is larger than min(n_samples, n_features) = "
+                          f"{min(int(shape[0]), int(shape[1]))}: the factorization is over-complete (components "
+                          "are not identifiable); fitting anyway, as PNMF does", UserWarning, stacklevel=2)
         kwargs = dict(callback=callback, callback_interval=callback_interval)
         if self.spatial:
             core.fit(X, coordinates=coordinates, groups=groups, **kwargs)
@@ -327,10 +341,31 @@ class PNMF(TransformerMixin, BaseEstimator):
             raise ValueError("coordinates/groups are for spatial=True")
         return {}
 
-    def transform(self, X, coordinates=None, groups=None):
-        """``E[exp F]`` for ``X`` with ``W`` fixed, shape (n_samples, n_components)."""
+    def transform(self, X, coordinates=None, groups=None, *, method="nnls", max_iter=100):
+        """``exp(F)`` for ``X`` with ``W`` fixed, an ndarray of shape (n_samples, n_components)
+        (for tensor input too, as documented).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Non-negative; never modified.
+        coordinates, groups : array-like, optional
+            New samples' coordinates (and groups) for ``spatial=True``: their factors come from
+            the GP predictive equations (``method`` is not used).
+        method : {'nnls', 'variational'}, default 'nnls'
+            Non-spatial models: ``'nnls'`` is the document's non-negative least squares by
+            multiplicative updates, ``H ← H ∘ (X W) / (H WᵀW)`` from a random start
+            (``random_state``); ``'variational'`` is torchnmf's refit of ``q(F)`` with ``W``
+            fixed, returning ``E[exp F]`` (the Poisson model's answer).
+        max_iter : int, default 100
+            Multiplicative updates of ``'nnls'``.
+        """
         check_is_fitted(self, "estimator_")
-        return self.estimator_.transform(X, **self._spatial_args(coordinates, groups))
+        check_option(method, ("nnls", "variational"), "method")
+        if self.spatial or method == "variational":
+            return _ndarray(self.estimator_.transform(X, **self._spatial_args(coordinates, groups)))
+        self._spatial_args(coordinates, groups)
+        return _nnls(self.estimator_, X, check_rank(max_iter, "max_iter"), self.random_state)
 
     def fit_transform(self, X, coordinates=None, groups=None, **kwargs):
         """Fit, then :meth:`transform` ``X``; shape (n_samples, n_components).
@@ -342,9 +377,29 @@ class PNMF(TransformerMixin, BaseEstimator):
         return self.transform(X, coordinates=coordinates, groups=groups)
 
     def inverse_transform(self, transformed):
-        """``transformed @ W.T``, shape (n_samples, n_features)."""
+        """``transformed @ W.T``, an ndarray of shape (n_samples, n_features) (for tensor input too)."""
         check_is_fitted(self, "estimator_")
-        return self.estimator_.inverse_transform(transformed)
+        return _ndarray(self.estimator_.inverse_transform(transformed))
+
+
+def _nnls(core, X, max_iter: int, random_state) -> np.ndarray:
+    """``H >= 0`` minimising ``||X - H Wᵀ||²`` by multiplicative updates (Euclidean NMF with
+    ``W`` fixed), ``H`` uniform in ``[0, 0.1)`` at the start."""
+    T = core._check_X(X, reset=False).to(torch.float64)
+    T = T.to_dense() if T.layout != torch.strided else T
+    W = core.layer_.W.detach().to(device=T.device, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0 if random_state is None else int(random_state))
+    H0 = 0.1 * torch.rand(T.shape[0], W.shape[1], dtype=torch.float64, generator=g).to(T.device)
+    m = NMF(W=W, H=H0, trainable_W=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # ConvergenceWarning: a fixed number of updates
+        m.fit(T, beta=2, tol=0, max_iter=max_iter)
+    return m.H.detach().cpu().numpy()
+
+
+def _ndarray(x) -> np.ndarray:
+    """The document's return type: an ndarray whatever the input's type."""
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
 # -- PNMF.initialization ----------------------------------------------------------------
@@ -390,9 +445,13 @@ def initialize_factors(X, n_components, init=None, random_state=None, scale_log_
 # -- PNMF.transforms ----------------------------------------------------------------------
 def _fitted(model):
     """The torchnmf estimator behind ``model`` (a compat PNMF or a torchnmf PNMF)."""
+    if isinstance(model, PNMF) and not hasattr(model, "estimator_"):
+        raise NotFittedError(f"This {type(model).__name__} instance is not fitted yet: call fit(X) (or "
+                             "fit_transform(X)) before reading its loadings or factors")
     core = getattr(model, "estimator_", model)
     if not isinstance(core, _CorePNMF):
-        raise TypeError(f"model must be a PNMF estimator, got {type(model).__name__}")
+        raise TypeError(f"model must be a PNMF estimator (torchnmf.compat.pnmf.PNMF or torchnmf.estimators.PNMF), "
+                        f"got {type(model).__name__}")
     check_is_fitted(core, "layer_")
     return core
 
@@ -445,6 +504,42 @@ def get_factors(model, return_tensor=False):
     return _out(torch.exp(mu + var / 2), return_tensor)
 
 
+class _NaturalNormal(IndependentNormal):
+    """:class:`IndependentNormal` parametrised by its natural parameters ``theta1 = mu / s^2`` and
+    ``theta2 = -1 / (2 s^2)`` (leaf parameters, each (L, N)): ``loc`` and ``scale`` are derived,
+    so gradients of anything computed from ``q(F)`` reach ``theta1``/``theta2``."""
+
+    def __init__(self, base: IndependentNormal):
+        super().__init__(base.n_components, base.n_samples, prior_scale=float(base.prior_scale),
+                         prior_loc=float(base.prior_loc), dtype=base.loc.dtype, device=base.loc.device)
+        with torch.no_grad():
+            loc, scale = base.loc_scale()
+            prec = scale.detach().square().reciprocal()
+            theta1, theta2 = loc.detach() * prec, -0.5 * prec
+        del self.loc, self.raw_scale
+        self.theta1 = nn.Parameter(theta1.clone())
+        self.theta2 = nn.Parameter(theta2.clone())
+
+    @property
+    def loc(self) -> Tensor:  # type: ignore[override]
+        return self.theta1 / (-2 * self.theta2)
+
+    @property
+    def scale(self) -> Tensor:
+        return (-0.5 / self.theta2).sqrt()
+
+    @property
+    def raw_scale(self) -> Tensor:  # type: ignore[override]
+        return inv_softplus(self.scale)
+
+    def loc_scale(self, idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        t1, t2 = (self.theta1, self.theta2) if idx is None else (self.theta1[:, idx], self.theta2[:, idx])
+        return t1 / (-2 * t2), (-0.5 / t2).sqrt()
+
+    def natural_groups(self):
+        raise NotImplementedError("q(F) in natural parameters: step theta1/theta2 directly")
+
+
 class GaussianPrior(nn.Module):
     """PNMF's ``GaussianPrior``: ``q(F) = Normal(mean, scale)`` (L, N) and ``p(F) = Normal(0, scale_pf)``.
 
@@ -455,23 +550,36 @@ class GaussianPrior(nn.Module):
     L : int, default 10
     scale_pf : float, default 1
     use_natural_gradients : bool, default False
-        Expose ``theta1 = mu / s^2`` and ``theta2 = -1 / (2 s^2)``.
+        Parametrise ``q(F)`` by its natural parameters: :attr:`theta1` ``= mu / s^2`` and
+        :attr:`theta2` ``= -1 / (2 s^2)`` are then the leaf parameters (what
+        :meth:`parameters` and :meth:`natural_parameters` return, where gradients land), and
+        ``mean``/``scale`` tensors derived from them. ``theta2`` must stay negative.
 
     Attributes
     ----------
+    mean : Parameter of shape (L, N)
+        Variational means (standard mode; a derived tensor in natural mode).
+    scale : PositiveParameter of shape (L, N)
+        Variational standard deviations, softplus of a raw parameter (standard mode; a
+        derived tensor in natural mode). ``scale.data`` is the value.
+    theta1, theta2 : Tensor of shape (L, N)
+        Natural parameters (leaf parameters in natural mode, derived tensors otherwise).
     factors : torchnmf.IndependentNormal
-        The posterior (``loc``, ``scale``), shape (L, N).
+        The posterior shared with :class:`PoissonFactorization` and torchnmf's layers.
     """
 
     def __init__(self, y, L=10, scale_pf=1.0, use_natural_gradients=False, *, factors: Optional[IndependentNormal] = None):
         super().__init__()
+        natural = _bool(use_natural_gradients, "use_natural_gradients")
         if factors is None:
             Y = as_tensor(y, "y", ndim=2, sparse="dense", float_only=False)
             dtype = Y.dtype if Y.is_floating_point() else torch.get_default_dtype()
             factors = IndependentNormal(check_rank(L, "L"), int(Y.shape[1]), prior_scale=scale_pf, dtype=dtype,
                                         device=Y.device)
+            if natural:
+                factors = _NaturalNormal(factors)
         self.factors = factors
-        self.use_natural_gradients = _bool(use_natural_gradients, "use_natural_gradients")
+        self.use_natural_gradients = isinstance(factors, _NaturalNormal)
 
     @property
     def scale_pf(self) -> float:
@@ -483,17 +591,27 @@ class GaussianPrior(nn.Module):
         return self.factors.loc
 
     @property
-    def scale(self) -> Tensor:
-        """Variational standard deviations, (L, N)."""
-        return self.factors.scale
+    def scale(self):
+        """Variational standard deviations, (L, N): a :class:`PositiveParameter` (standard mode)."""
+        if self.use_natural_gradients:
+            return self.factors.scale
+        return _SoftplusView(self.factors.raw_scale)
+
+    def _loc_scale(self) -> Tuple[Tensor, Tensor]:
+        return self.factors.loc_scale()
 
     @property
     def theta1(self) -> Tensor:
-        return self.mean / self.scale ** 2
+        if self.use_natural_gradients:
+            return self.factors.theta1
+        loc, scale = self._loc_scale()
+        return loc / scale ** 2
 
     @property
     def theta2(self) -> Tensor:
-        return -0.5 / self.scale ** 2
+        if self.use_natural_gradients:
+            return self.factors.theta2
+        return -0.5 / self._loc_scale()[1] ** 2
 
     def forward(self) -> Tuple[Normal, Normal]:
         """``(qF, pF)``: ``Normal(mean, scale)`` and ``Normal(0, scale_pf)``, each (L, N)."""
@@ -502,21 +620,31 @@ class GaussianPrior(nn.Module):
 
     def forward_batched(self, idx) -> Tuple[Normal, Normal]:
         """``(qF, pF)`` for the samples ``idx``, each (L, B)."""
-        loc, scale = self.factors.loc_scale(torch.as_tensor(idx, device=self.factors.loc.device))
+        loc, scale = self.factors.loc_scale(torch.as_tensor(idx, device=self.theta1.device))
         return Normal(loc, scale), Normal(torch.zeros_like(loc), torch.full_like(loc, self.scale_pf))
 
     def natural_parameters(self) -> Tuple[Tensor, Tensor]:
-        """``(theta1, theta2)``, each (L, N)."""
+        """``(theta1, theta2)``, each (L, N): the leaf parameters in natural mode."""
         return self.theta1, self.theta2
 
-
 def get_prior(model) -> GaussianPrior:
-    """The posterior of a fitted non-spatial model as a :class:`GaussianPrior` (shares its parameters)."""
+    """The posterior ``q(F)`` of a fitted model as a :class:`GaussianPrior`.
+
+    Non-spatial models: the model's own posterior (parameters shared). Spatial models: a copy
+    of the GP posterior's marginals at the training coordinates, ``Normal(mean, sd)`` per
+    sample and component (``qF`` of ``prior()`` is what :func:`log_factors` and
+    :func:`factor_uncertainty` give), with ``pF`` standard normal; the GP itself (correlated
+    over samples) is ``model.estimator_.layer_.factors``.
+    """
     core = _fitted(model)
     factors = core.layer_.factors
-    if not isinstance(factors, IndependentNormal):
-        raise ValueError("get_prior is for non-spatial models (a spatial model's q(F) is a GP)")
-    return GaussianPrior(None, factors=factors)
+    if isinstance(factors, IndependentNormal):
+        return GaussianPrior(None, factors=factors)
+    with torch.no_grad():
+        mu, var = factors.marginals()
+        snap = IndependentNormal(mu.shape[0], mu.shape[1], init_loc=mu, dtype=mu.dtype, device=mu.device)
+        snap.raw_scale.copy_(inv_softplus(var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()))
+    return GaussianPrior(None, factors=snap)
 
 
 def transform_F(X, W, n_components=None, mode='expanded', E=3, max_iter=200, tol=0.0001, learning_rate=0.01,
@@ -594,7 +722,6 @@ def transform_W(X, F, W_init=None, n_components=None, max_iter=100, tol=0.0001, 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
     m = NMF(W=W0, H=Ft, trainable_H=False).to(dev)
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # ConvergenceWarning of a short refit
         m.fit(Xt.to(dev), beta=1, tol=tol, max_iter=check_rank(max_iter, "max_iter"), verbose=verbose)
@@ -608,14 +735,14 @@ def log_factors_from_prior(prior: GaussianPrior, return_tensor=False):
 
 def factors_from_prior(prior: GaussianPrior, use_mgf=True, return_tensor=False):
     """``exp(mu + sigma^2 / 2)`` (``use_mgf``) or ``exp(mu)``, shape (n_samples, n_components)."""
-    mu = prior.mean
-    out = torch.exp(mu + prior.scale ** 2 / 2) if use_mgf else torch.exp(mu)
+    mu, scale = prior._loc_scale()
+    out = torch.exp(mu + scale ** 2 / 2) if use_mgf else torch.exp(mu)
     return _out(out.t(), return_tensor)
 
 
 def uncertainty_from_prior(prior: GaussianPrior, return_variance=False, return_tensor=False):
     """Standard deviations (or variances) of ``q(F)``, shape (n_samples, n_components)."""
-    s = prior.scale
+    s = prior._loc_scale()[1]
     return _out((s ** 2 if return_variance else s).t(), return_tensor)
 
 
@@ -857,6 +984,25 @@ class PositiveParameter(ConstrainedParameter):
         return new
 
 
+class _SoftplusView(PositiveParameter):
+    """A :class:`PositiveParameter` over an existing raw tensor with a softplus constraint (shared)."""
+
+    def __init__(self, raw: nn.Parameter):
+        ConstrainedParameter.__init__(self, tuple(raw.shape), "softplus")
+        self.elbo_mode = "expanded"
+        self._raw = raw
+
+    def _to_constrained(self, raw: Tensor) -> Tensor:
+        return torch.nn.functional.softplus(raw)
+
+    def _to_unconstrained(self, value: Tensor) -> Tensor:
+        return inv_softplus(value)
+
+    def project(self):
+        return self
+
+
+
 # -- PNMF.models --------------------------------------------------------------------------
 class PoissonFactorization(nn.Module):
     """PNMF's ``PoissonFactorization``: ``y ~ Poisson(W exp(F))`` over a :class:`GaussianPrior`.
@@ -973,14 +1119,46 @@ class PoissonFactorization(nn.Module):
                              "and groups need a spatial model, PNMF(spatial=True)")
         E = check_rank(E, "E")
         idx_t = _check_idx(idx, self.N, "idx")
-        idy_t = _check_idx(idy, self.D, "idy")
         qF, pF = self.prior() if idx_t is None else self.prior.forward_batched(idx_t)
+        return self.compute_log_likelihood_terms(qF, X=X, idx=idx_t, idy=idy, E=E, return_samples=True), qF, pF
+
+    def compute_log_likelihood_terms(self, qF, X=None, idx=None, idy=None, E=10, return_samples=False) -> dict:
+        """The likelihood terms of a batch under ``q(F)`` (what :meth:`forward` returns first).
+
+        Parameters
+        ----------
+        qF : torch.distributions.Normal
+            ``q(F)`` of the batch's samples, (L, B) (e.g. from :meth:`GaussianPrior.forward_batched`).
+        X : Tensor of shape (D_b, B), optional
+            The batch's counts; default ``y[idy][:, idx]`` when ``y`` holds counts.
+        idx, idy : LongTensor, optional
+            Samples and features of the batch (default all).
+        E : int, default 10
+            Monte Carlo draws (unused by ``'lower-bound'``).
+        return_samples : bool, default False
+            Include ``'exp_F_samples'`` (E, L, B), the draws :meth:`PositiveParameter.multiplicative_update`
+            reads in the Monte Carlo modes.
+
+        Returns
+        -------
+        dict
+            The keys listed under :meth:`forward` (the ELBO pieces ``'log_term'`` ... ``'elbo'``
+            are those of the prior's ``q(F)``, which ``qF`` is expected to be).
+        """
+        from ..poisson.lognormal import _check_idx
+
+        E = check_rank(E, "E")
+        idx_t = _check_idx(idx, self.N, "idx")
+        idy_t = _check_idx(idy, self.D, "idy")
         mu, var = qF.mean, qF.variance
+        if tuple(mu.shape) != (self.L, self.N if idx_t is None else idx_t.numel()):
+            raise ValueError(f"qF has shape {tuple(mu.shape)}, expected (L, batch) = "
+                             f"{(self.L, self.N if idx_t is None else idx_t.numel())}")
         W = self.W.data if idy_t is None else self.W.data[idy_t]
         terms = dict(exp_mu=torch.exp(mu), exp_mu_sigma=torch.exp(mu + var / 2))
         terms["rate"] = W @ terms["exp_mu_sigma"]
         terms["rate_mean"] = W @ terms["exp_mu"]
-        if self.mode != "lower-bound":
+        if self.mode != "lower-bound" and _bool(return_samples, "return_samples"):
             terms["exp_F_samples"] = torch.exp(qF.rsample((E,)))
         terms["kl"] = self.prior.factors.kl(idx_t)
         if X is None and self._counts:
@@ -992,7 +1170,7 @@ class PoissonFactorization(nn.Module):
             terms.update(log_term=log_term, rate_term=rate_term, lgamma=lg)
             terms["log_likelihood"] = (log_term - rate_term - lg) * self.layer._scale(idx_t, idy_t)
             terms["elbo"] = terms["log_likelihood"] - terms["kl"]
-        return terms, qF, pF
+        return terms
 
     def project_parameters(self):
         """Clamp ``W`` to >= 0 (``loadings_mode='projected'``)."""

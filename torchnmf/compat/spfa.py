@@ -8,13 +8,30 @@ The notes' code runs with its class definitions replaced by this import::
 
 Same parameters (``l``/``f`` with ``logits``, ``mean``, ``log_prec``, ``prior_logodds``,
 ``log_prior_prec``), same one-draw Monte Carlo ELBO and RMSprop steps, with these
-differences: the KL of the point-normal posteriors is
-:func:`torchnmf.poisson.spfa.spike_slab_kl` (the notes' expression has ``1 +`` where the
-Gaussian KL has ``-1 +``), the variance of ``LF'`` is summed without cancellation, the epochs
-run through :func:`torchnmf.engine.run` (records in ``history_``), and a non-finite loss stops
-the fit with :class:`NonFiniteLossError` naming the epoch, the parameters left as they were
-after the last finite epoch. :class:`torchnmf.poisson.SparsePoissonFA` is the package's own
-layer for this model (log or softplus link, several draws, mini-batches).
+differences:
+
+* The KL of the point-normal posteriors is :func:`torchnmf.poisson.spfa.spike_slab_kl`, the
+  exact one. The notes' expression has ``.5 * pip * (1 + log_prec - ...)`` where the Gaussian
+  KL ``KL(N(m, 1/prec) || N(0, 1/prior_prec)) = .5 (log_prec - log_prior_prec
+  + prior_prec (m² + 1/prec) - 1)`` has ``-1``: the notes' KL of each matrix is ours plus
+  ``Σ pip`` (the sum of its inclusion probabilities), so the logged ``loss/kl_l`` and
+  ``loss/kl_f`` are lower than the notes' by ``Σ pip_l`` and ``Σ pip_f``, and ``loss/elbo``
+  (and ``history_``) higher by their sum. The notes' objective also rewards small inclusion
+  probabilities by that extra ``Σ pip``; ours does not.
+* The variance of ``LF'`` is summed without cancellation.
+* The epochs run through :func:`torchnmf.engine.run` (records in ``history_``), and a
+  non-finite loss stops the fit with :class:`NonFiniteLossError` naming the epoch, the
+  parameters left as they were after the last finite epoch.
+
+Errors are of the notes' types and of ours at once: a bad ``x``, ``s`` or ``init`` raises
+:class:`InputError` (a ``ValueError`` and the notes' ``AssertionError``; non-tensors
+:class:`InputTypeError`, a ``TypeError`` too), NaN or infinite ``x``
+:class:`NonFiniteInputError` (also the ``RuntimeError`` of the notes' ``'nan loss'``), and
+divergence :class:`NonFiniteLossError` (a ``RuntimeError`` as the notes' ``'nan loss'``, an
+``AssertionError`` as their NaN-KL check).
+
+:class:`torchnmf.poisson.SparsePoissonFA` is the package's own layer for this model (log or
+softplus link, several draws, mini-batches).
 """
 from __future__ import annotations
 
@@ -28,11 +45,28 @@ from ..data import check_int, check_rank
 from ..history import History
 from ..poisson.spfa import spike_slab_kl
 
-__all__ = ["SpikeSlab", "SFA", "SPFA", "NonFiniteLossError", "summary_writer"]
+__all__ = ["SpikeSlab", "SFA", "SPFA", "NonFiniteLossError", "InputError", "InputTypeError",
+           "NonFiniteInputError", "summary_writer"]
 
 
-class NonFiniteLossError(FloatingPointError, RuntimeError):
-    """The loss of a fit became NaN or infinite (a ``RuntimeError`` too, as the notes raise)."""
+class NonFiniteLossError(FloatingPointError, RuntimeError, AssertionError):
+    """The loss (or the KL) of a fit became NaN or infinite.
+
+    A ``RuntimeError`` as the notes' ``raise RuntimeError('nan loss')`` and an
+    ``AssertionError`` as their ``assert not torch.isnan(kl).any()``.
+    """
+
+
+class InputError(ValueError, AssertionError):
+    """A bad value or shape of ``x``, ``s`` or ``init`` (the notes check these with ``assert``)."""
+
+
+class InputTypeError(TypeError, AssertionError):
+    """``x`` or ``s`` is not a tensor (the notes' ``assert torch.is_tensor(...)``)."""
+
+
+class NonFiniteInputError(InputError, RuntimeError):
+    """NaN or infinite ``x``: refused before the fit (the notes' fit raises ``RuntimeError('nan loss')``)."""
 
 
 def summary_writer(log_dir):
@@ -77,9 +111,20 @@ class SpikeSlab(nn.Module):
         self.log_prior_prec = nn.Parameter(torch.full([1, k], 1.))
 
     def forward(self):
-        """``E[M]``, ``V[M]`` (each (p, k)) and ``KL(q(M) || p(M))`` (a scalar)."""
+        """``E[M]``, ``V[M]`` (each (p, k)) and ``KL(q(M) || p(M))`` (a scalar).
+
+        The KL is the exact one, the notes' minus ``Σ sigmoid(logits)`` (see the module notes).
+
+        Raises
+        ------
+        NonFiniteLossError
+            When the KL is NaN (the notes' ``assert``), e.g. after a diverged step.
+        """
         sd = torch.exp(-0.5 * self.log_prec)
         kl = spike_slab_kl(self.logits, self.mean, sd, self.prior_logodds, torch.exp(self.log_prior_prec)).sum()
+        if bool(torch.isnan(kl)):
+            raise NonFiniteLossError("SpikeSlab: the KL is NaN (non-finite parameters: the fit diverged; "
+                                     "try a smaller lr)")
         pip = torch.sigmoid(self.logits)
         pm = pip * self.mean
         pv = pip * (sd ** 2 + torch.sigmoid(-self.logits) * self.mean ** 2)
@@ -98,7 +143,8 @@ class _Model(nn.Module):
         pm_f, pv_f, kl_f = self.f.forward()
         eta_mean = pm_l @ pm_f.T
         eta_scale = torch.sqrt(pv_l @ (pm_f ** 2 + pv_f).T + (pm_l ** 2) @ pv_f.T)
-        eta = torch.distributions.Normal(eta_mean, eta_scale).rsample()
+        # unvalidated: a diverged scale (0, inf, NaN) ends as a NonFiniteLossError, not torch's ValueError
+        eta = torch.distributions.Normal(eta_mean, eta_scale, validate_args=False).rsample()
         return eta, kl_l, kl_f
 
     @staticmethod
@@ -111,21 +157,21 @@ class _Model(nn.Module):
 
     def _check_x(self, x) -> Tensor:
         if not torch.is_tensor(x):
-            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+            raise InputTypeError(f"x must be a tensor, got {type(x).__name__}")
         if tuple(x.shape) != (self.n, self.p):
-            raise ValueError(f"x must have shape {(self.n, self.p)}, got {tuple(x.shape)}")
+            raise InputError(f"x must have shape {(self.n, self.p)}, got {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
-            raise ValueError("x must be finite")
+            raise NonFiniteInputError("x must be finite: it has NaN or infinite entries (drop or impute them)")
         return x.detach().to(self.l.mean.dtype)  # detached: the fit's backward must not reach the caller's x.grad
 
     def _init(self, init):
         if init is None:
             return
         if not isinstance(init, (tuple, list)) or len(init) != 2:
-            raise TypeError("init must be a pair (l, f) of initial means")
+            raise InputTypeError("init must be a pair (l, f) of initial means")
         for name, mod, value, rows in (("l", self.l, init[0], self.n), ("f", self.f, init[1], self.p)):
             if not torch.is_tensor(value) or tuple(value.shape) != (rows, self.k):
-                raise ValueError(f"init {name} must be a tensor of shape {(rows, self.k)}, "
+                raise InputError(f"init {name} must be a tensor of shape {(rows, self.k)}, "
                                  f"got {getattr(value, 'shape', type(value).__name__)}")
             with torch.no_grad():  # copied in the parameters' dtype; the caller's tensor is not shared
                 mod.mean.copy_(value.to(mod.mean))
@@ -141,7 +187,10 @@ class _Model(nn.Module):
         def step(i, measure):
             saved = [p.detach().clone() for p in self.parameters()]
             opt.zero_grad()
-            loss = loss_fn(writer, i)
+            try:
+                loss = loss_fn(writer, i)
+            except NonFiniteLossError as e:
+                raise NonFiniteLossError(f"{name}: at epoch {i}: {e}") from None
             value = float(loss.detach())
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"{name}: the loss became {value} at epoch {i}; the model holds the "
@@ -185,7 +234,7 @@ class SFA(_Model):
     def forward(self, x, writer=None, global_step=None):
         """The negative ELBO (one Monte Carlo draw); logs its parts to ``writer`` if given."""
         eta, kl_l, kl_f = self._eta()
-        err = torch.distributions.Normal(eta, 1).log_prob(x).sum()
+        err = torch.distributions.Normal(eta, 1, validate_args=False).log_prob(x).sum()
         elbo = err - kl_l - kl_f
         self._log(writer, global_step, err, kl_l, kl_f, elbo)
         return -elbo
@@ -250,16 +299,23 @@ class SPFA(_Model):
         Returns
         -------
         self
+
+        Raises
+        ------
+        InputError, InputTypeError, NonFiniteInputError
+            Bad ``x``, ``s`` or ``init`` (``ValueError``/``TypeError`` and ``AssertionError``).
+        NonFiniteLossError
+            The fit diverged (``RuntimeError``).
         """
         x = self._check_x(x)
         if bool((x < 0).any()):
-            raise ValueError("x must be non-negative counts")
+            raise InputError("x must be non-negative counts")
         if not torch.is_tensor(s):
-            raise TypeError(f"s must be a tensor, got {type(s).__name__}")
+            raise InputTypeError(f"s must be a tensor, got {type(s).__name__}")
         if tuple(s.shape) != (self.n, 1):
-            raise ValueError(f"s must have shape {(self.n, 1)}, got {tuple(s.shape)}")
+            raise InputError(f"s must have shape {(self.n, 1)}, got {tuple(s.shape)}")
         if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-            raise ValueError("s must be finite and positive")
+            raise InputError("s must be finite and positive (size factors, e.g. torch.ones([n, 1]))")
         s = s.detach().to(x.dtype)
         return self._fit(lambda writer, i: self.forward(x, s, writer=writer, global_step=i), init, n_epochs, log_dir,
                          kwargs)

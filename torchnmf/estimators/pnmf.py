@@ -183,9 +183,15 @@ class PNMF(TorchFactorization):
         self.transform_max_iter = transform_max_iter
 
     # -- parameter checks ------------------------------------------------------------
+    #: n_components above min(n_samples, n_features) allowed (the PNMF package's API warns instead)
+    _overcomplete_ok = False
+    #: one fit iteration (max_iter, n_iter_, history_, callbacks, schedules) is one mini-batch
+    #: step instead of an epoch (the PNMF package's API)
+    _batch_iterations = False
+
     def _check_params(self, N: int, D: int):
         rank = check_rank(self.n_components, "n_components")
-        if rank > min(N, D):
+        if rank > min(N, D) and not self._overcomplete_ok:
             raise ValueError(f"n_components={rank} is larger than min(n_samples, n_features) = {min(N, D)} "
                              f"(n_samples={N}, n_features={D})")
         check_option(self.loadings_mode, constraints.MODES, "loadings_mode")
@@ -336,7 +342,9 @@ class PNMF(TorchFactorization):
                               stacklevel=engine._user_stacklevel())
         n_sb = 1 if self.batch_size is None else math.ceil(N / self.batch_size)
         n_fb = 1 if self.y_batch_size is None else math.ceil(D / self.y_batch_size)
-        schedulers = [self._make_scheduler(opt, self.max_iter * n_sb * n_fb) for opt in (nat, grad_opt)
+        per_batch = self._batch_iterations  # an iteration is one batch (the PNMF package's), not an epoch
+        steps_per_iter = 1 if per_batch else n_sb * n_fb
+        schedulers = [self._make_scheduler(opt, self.max_iter * steps_per_iter) for opt in (nat, grad_opt)
                       if opt is not None and self.scheduler is not None]
         # stochastic or scheduled fits read the ELBO's change over windows of epochs and never
         # stop in a one-cycle warm-up, where the learning rate is too small to move the ELBO;
@@ -344,51 +352,65 @@ class PNMF(TorchFactorization):
         # keeps the plain rule
         stochastic = (grad_opt is not None or schedulers or self.mode != "lower-bound" or n_sb > 1 or n_fb > 1)
         window = _STOCHASTIC_WINDOW if stochastic else 1
-        warmup = max([math.ceil(getattr(sch, "warmup_steps_", 0) / (n_sb * n_fb)) for _, sch in schedulers],
+        warmup = max([math.ceil(getattr(sch, "warmup_steps_", 0) / steps_per_iter) for _, sch in schedulers],
                      default=0)
         history = self._new_history("elbo", maximize=True, total=self.max_iter)
         self.history_ = history
         norm = float(N * D)
 
-        def epoch_step(epoch, measure):
-            parts = []
-            for idx in self._batches(N, self.batch_size, g, T.device):
-                for fidx in self._batches(D, self.y_batch_size, g, T.device):
-                    batch = counts.select(idx, fidx)
-                    for opt in (nat, grad_opt):
-                        if opt is not None:
-                            opt.zero_grad()
-                    elbo = layer.elbo(batch, idx, fidx, check=False)
-                    loss = -elbo.total
-                    (loss if natural else loss / norm).backward()
-                    if nat is not None:
-                        # the ELBO is scaled by N / B, so a local step of lr * B / N is
-                        # lr times the full local update (see GaussianNatural)
-                        frac = 1.0 if idx is None or not local_nat else idx.numel() / N
-                        saved = [group["lr"] for group in nat.param_groups]
-                        for group in nat.param_groups:
-                            group["lr"] = group["lr"] * frac
-                        nat.step()
-                        for group, lr_ in zip(nat.param_groups, saved):
-                            group["lr"] = lr_
-                    if grad_opt is not None:
-                        grad_opt.step()
-                    for kind, sch in schedulers:
-                        if kind == "batch":
-                            sch.step()
-                    if multiplicative_W:
-                        layer.update_W_(batch, idx, fidx, check=False)
-                    parts.append(elbo.detach())
+        def batch_step(idx, fidx) -> ELBO:
+            batch = counts.select(idx, fidx)
+            for opt in (nat, grad_opt):
+                if opt is not None:
+                    opt.zero_grad()
+            elbo = layer.elbo(batch, idx, fidx, check=False)
+            loss = -elbo.total
+            (loss if natural else loss / norm).backward()
+            if nat is not None:
+                # the ELBO is scaled by N / B, so a local step of lr * B / N is
+                # lr times the full local update (see GaussianNatural)
+                frac = 1.0 if idx is None or not local_nat else idx.numel() / N
+                saved = [group["lr"] for group in nat.param_groups]
+                for group in nat.param_groups:
+                    group["lr"] = group["lr"] * frac
+                nat.step()
+                for group, lr_ in zip(nat.param_groups, saved):
+                    group["lr"] = lr_
+            if grad_opt is not None:
+                grad_opt.step()
+            for kind, sch in schedulers:
+                if kind == "batch":
+                    sch.step()
+            if multiplicative_W:
+                layer.update_W_(batch, idx, fidx, check=False)
+            return elbo.detach()
+
+        def record_of(parts, i: int) -> ELBO:
             record = ELBO(torch.stack([p.data for p in parts]).mean(),
                           {k: torch.stack([p.kls[k] for p in parts]).mean() for k in parts[0].kls})
             if not math.isfinite(float(record)):
                 raise FloatingPointError(
-                    f"{type(self).__name__}: the ELBO became {float(record)} at epoch {epoch + 1}; lower "
-                    f"learning_rate (now {lr}) or use mode='lower-bound'")
+                    f"{type(self).__name__}: the ELBO became {float(record)} at "
+                    f"{'iteration' if per_batch else 'epoch'} {i + 1}; lower learning_rate (now {lr}) or use "
+                    f"mode='lower-bound'")
             for kind, sch in schedulers:
                 if kind == "epoch":
                     sch.step(float(record))
             return record
+
+        def stream():
+            while True:  # epochs of batches (reshuffled each epoch), one batch per iteration
+                for idx in self._batches(N, self.batch_size, g, T.device):
+                    for fidx in self._batches(D, self.y_batch_size, g, T.device):
+                        yield idx, fidx
+
+        batches = stream() if per_batch else None
+
+        def epoch_step(epoch, measure):
+            if per_batch:
+                return record_of([batch_step(*next(batches))], epoch)
+            return record_of([batch_step(idx, fidx) for idx in self._batches(N, self.batch_size, g, T.device)
+                              for fidx in self._batches(D, self.y_batch_size, g, T.device)], epoch)
 
         def on_record(epoch, record):
             if callback is not None and (epoch + 1) % callback_interval == 0:

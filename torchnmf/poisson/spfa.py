@@ -13,6 +13,8 @@ Its KL to the prior is analytic::
 
     KL = KL_Bernoulli(alpha || pi) + alpha KL(Normal(mu, sigma^2) || Normal(0, 1 / tau))
 
+(the notes' expression is larger by ``alpha``: see :func:`spike_slab_kl`).
+
 The expected log-likelihood is a reparameterised Monte Carlo estimate using the mean and
 variance of ``eta`` under ``q`` (independent entries, so
 ``E[eta_ij] = sum_k E[l_ik] E[f_jk]`` and ``Var[eta_ij] = sum_k E[l_ik^2] E[f_jk^2] - E[l_ik]^2 E[f_jk]^2``),
@@ -53,12 +55,23 @@ def spike_slab_kl(logit_alpha: Tensor, mu: Tensor, sd: Tensor, prior_logit: Tens
     -------
     Tensor
         ``KL_Bern(alpha || pi) + alpha KL(Normal(mu, sd^2) || Normal(0, 1 / prior_precision))``.
+
+    Notes
+    -----
+    With ``tau = 1 / sd^2`` and ``tau0 = prior_precision`` the slab term is
+    ``alpha / 2 (log tau - log tau0 + tau0 (mu^2 + 1 / tau) - 1)``: the spikes at 0 are compared
+    with each other and the slabs with each other. The sparse Poisson factor analysis notes
+    (``SpikeSlab.forward``) write ``1 +`` in place of ``- 1``, a KL larger by ``alpha`` per
+    entry (by the sum of the inclusion probabilities overall); :mod:`torchnmf.compat.spfa`
+    keeps this exact one.
     """
     alpha = torch.sigmoid(logit_alpha)
     # KL between Bernoullis written with log-sigmoids so saturated logits stay finite
     kl_b = alpha * (Fn.logsigmoid(logit_alpha) - Fn.logsigmoid(prior_logit)) + (1 - alpha) * (
         Fn.logsigmoid(-logit_alpha) - Fn.logsigmoid(-prior_logit))
-    slab = kl_divergence(Normal(mu, sd), Normal(torch.zeros_like(mu), prior_precision.rsqrt().expand_as(mu)))
+    # no argument validation: a zero or infinite sd gives an infinite KL, not a torch ValueError
+    slab = kl_divergence(Normal(mu, sd, validate_args=False),
+                         Normal(torch.zeros_like(mu), prior_precision.rsqrt().expand_as(mu), validate_args=False))
     return kl_b + alpha * slab
 
 
