@@ -219,7 +219,7 @@ def _refuse_empty_rows(M, sample_names: np.ndarray, n_kept: int) -> None:
         more = f" and {empty.size - 5} more" if empty.size > 5 else ""
         raise ValueError(f"{empty.size} samples have no counts in the {n_kept} selected features "
                          f"(e.g. {shown}{more}); remove them from X or keep more features "
-                         f"(n_top_features / --genes)")
+                         f"(n_top_features)")
 
 
 def prepare(X, n_top_features: Optional[int] = 2000, *, feature_names: Optional[Sequence] = None,
