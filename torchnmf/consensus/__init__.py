@@ -14,7 +14,14 @@ consensus programs, and a k-selection table to choose the rank. The parts, one p
 
 scikit-learn (for k-means and the silhouette score) is needed to fit; pandas is optional.
 """
-from .estimator import ConsensusNMF, k_selection_table
-from .prepare import prepare
+from typing import Any
 
-__all__ = ["ConsensusNMF", "k_selection_table", "prepare"]
+__all__ = ["ConsensusNMF", "k_selection_table"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: ``torchnmf --help`` loads the CLI part only, not scikit-learn
+    if name in ("ConsensusNMF", "k_selection_table"):
+        from . import estimator
+
+        return getattr(estimator, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
