@@ -48,7 +48,7 @@ def fingerprint(params: dict, X) -> str:
 def save_rank(path: str, res: RankResult, feature_names, sample_names, fp: str) -> None:
     """Write ``res`` to ``path`` (atomically: a temporary file renamed)."""
     c = res.clustering
-    arrays = dict(components=res.components, usages=res.usages,
+    arrays = dict(components=res.clustering.consensus, usages=res.usages,
                   feature_names=np.asarray(feature_names, dtype=str), sample_names=np.asarray(sample_names, dtype=str),
                   stability=res.stability, error=res.error, cophenetic=res.cophenetic, kept=res.kept,
                   n_converged=res.n_converged, replicate_components=c.components, density=c.density,
@@ -82,5 +82,5 @@ def load_rank(path: str, k: int, fp: str) -> Optional[RankResult]:
                          f"directory, delete it, or pass --overwrite")
     c = Clustering(k, a["replicate_components"], a["density"], a["kept_mask"], a["labels"], float(a["stability"]),
                    a["components"], float(a["density_threshold"]))
-    return RankResult(k, a["components"], a["usages"], float(a["stability"]), float(a["error"]),
-                      float(a["cophenetic"]), int(a["kept"]), int(a["n_converged"]), c)
+    return RankResult(a["usages"], float(a["stability"]), float(a["error"]), float(a["cophenetic"]),
+                      int(a["kept"]), int(a["n_converged"]), c)

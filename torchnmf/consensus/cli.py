@@ -104,12 +104,12 @@ def _programs(res, feature_names, top: int) -> dict:
     share = res.usages.sum(0)
     share = share / (share.sum() or 1.0)
     programs = []
-    for i, row in enumerate(res.components):
+    for i, row in enumerate(res.clustering.consensus):
         idx = np.argsort(-row, kind="stable")[:top]
         programs.append({"program": i, "usage_share": round(float(share[i]), 6),
                          "top_features": [str(feature_names[j]) for j in idx],
                          "weights": [float(f"{row[j]:.6g}") for j in idx]})
-    return {"k": res.k, "stability": _num(res.stability), "error": _num(res.error),
+    return {"k": res.clustering.k, "stability": _num(res.stability), "error": _num(res.error),
             "cophenetic": _num(res.cophenetic), "kept": res.kept, "programs": programs}
 
 
@@ -184,10 +184,10 @@ def run(args, error=ValueError) -> int:
 
     def on_rank(res) -> None:
         try:
-            save_rank(path[res.k], res, prep.feature_names, prep.sample_names, fp)
+            save_rank(path[res.clustering.k], res, prep.feature_names, prep.sample_names, fp)
         except OSError as err:
-            raise error(f"cannot write {path[res.k]}: {err.strerror or err}") from err
-        _write_json(os.path.join(out, f"k{res.k}.json"), _programs(res, prep.feature_names, args.top), error)
+            raise error(f"cannot write {path[res.clustering.k]}: {err.strerror or err}") from err
+        _write_json(os.path.join(out, f"k{res.clustering.k}.json"), _programs(res, prep.feature_names, args.top), error)
 
     t0 = time.perf_counter()
     try:

@@ -273,7 +273,7 @@ class ConsensusNMF(BaseEstimator):
         ranks = params["ranks"]
         self.ranks_ = list(ranks)
         self.results_ = {k: results[k] for k in ranks}
-        self.components_ = {k: results[k].components for k in ranks}
+        self.components_ = {k: results[k].clustering.consensus for k in ranks}
         self.usages_ = {k: results[k].usages for k in ranks}
         self.clusterings_ = {k: results[k].clustering for k in ranks}
         self.feature_names_ = prep.feature_names
@@ -384,8 +384,8 @@ def k_selection_table(results: Iterable[RankResult]):
     pandas.DataFrame or dict
         Columns / keys ``k``, ``stability``, ``error``, ``cophenetic``, ``kept``.
     """
-    rows = sorted(results, key=lambda r: r.k)
-    table = {name: [getattr(r, name) for r in rows] for name in KSELECTION_FIELDS}
+    rows = sorted(results, key=lambda r: r.clustering.k)
+    table = {name: [r.clustering.k if name == "k" else getattr(r, name) for r in rows] for name in KSELECTION_FIELDS}
     try:
         import pandas as pd
     except ImportError:  # pragma: no cover - pandas is optional

@@ -17,11 +17,11 @@ __all__ = ["RankResult", "fit_rank"]
 class RankResult:
     """Everything a consensus study keeps about one rank.
 
+    The rank and the consensus components (k, n_features) are ``clustering.k`` and
+    ``clustering.consensus``.
+
     Attributes
     ----------
-    k : int
-    components : ndarray, shape (k, n_features)
-        Consensus components, each summing to 1 (cNMF's ``spectra``, in the prepared space).
     usages : ndarray, shape (n_samples, k)
         Usages refitted with the components fixed.
     stability : float
@@ -37,8 +37,6 @@ class RankResult:
     clustering : Clustering
     """
 
-    k: int
-    components: np.ndarray
     usages: np.ndarray
     stability: float
     error: float
@@ -46,7 +44,6 @@ class RankResult:
     kept: int
     n_converged: int
     clustering: Clustering
-
 
 def fit_rank(X: torch.Tensor, k: int, *, n_replicates: int, beta: float, tol: float, max_iter: int, seed: int,
              density_threshold: float, local_neighborhood_size: float, device=None, dtype=None,
@@ -85,5 +82,4 @@ def fit_rank(X: torch.Tensor, k: int, *, n_replicates: int, beta: float, tol: fl
     n_converged = int(fit.converged.sum())
     del fit, W, H  # R x samples x k: free it before the refit
     usages, error = refit_usages(X, clustering.consensus, beta=beta, tol=tol, max_iter=max_iter, seed=seed)
-    return RankResult(k, clustering.consensus, usages, clustering.stability, error, coph,
-                      int(clustering.kept.sum()), n_converged, clustering)
+    return RankResult(usages, clustering.stability, error, coph, int(clustering.kept.sum()), n_converged, clustering)
