@@ -24,6 +24,8 @@ from .trainer.online import OnlineMU  # noqa: F401
 from . import distributed, parallel, streaming  # noqa: F401
 from .parallel import fit_gamma_cavi, fit_gamma_svi, fit_nmf, fit_nmf_online  # noqa: F401
 from .streaming import SparseRows, row_loader  # noqa: F401
+from . import replicates  # noqa: F401
+from .replicates import ReplicateFit, fit_replicates  # noqa: F401
 from .poisson.spfa import SparsePoissonFA  # noqa: F401
 from .poisson.chain import GammaNMF  # noqa: F401
 # every trainer at top level (pytorch-NMF 0.3.5's BetaMu and SparsityProj too), as well as in torchnmf.trainer
