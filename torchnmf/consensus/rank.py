@@ -1,11 +1,13 @@
 """One rank of a consensus study: replicates, clustering, refitted usages and the rank's scores."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..engine import ConvergenceWarning
 from .cluster import Clustering, cluster_components
 from .cophenetic import MAX_SAMPLES, cophenetic_correlation
 from .refit import refit_usages
@@ -70,8 +72,10 @@ def fit_rank(X: torch.Tensor, k: int, *, n_replicates: int, beta: float, tol: fl
     """
     from ..replicates import fit_replicates
 
-    fit = fit_replicates(X, k, n_replicates, beta=beta, tol=tol, max_iter=max_iter, random_state=seed,
-                         device=device, dtype=dtype, verbose=verbose)
+    with warnings.catch_warnings():  # the estimator reports unconverged replicates once per rank, by rank
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fit = fit_replicates(X, k, n_replicates, beta=beta, tol=tol, max_iter=max_iter, random_state=seed,
+                             device=device, dtype=dtype, verbose=verbose)
     W = fit.W.detach().to("cpu", torch.float64).numpy()
     H = fit.H.detach().to("cpu", torch.float64).numpy()
     if not (np.isfinite(W).all() and np.isfinite(H).all()):
