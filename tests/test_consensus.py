@@ -192,6 +192,8 @@ def test_names_go_through_and_transform():
     assert est.prepared_ and len(est.feature_names_) == 16
     assert list(est.feature_names_) == [f"g{j}" for j in est.features_]
     assert list(est.sample_names_) == list(df.index)
+    comps, usages = est.frames(3)
+    assert list(comps.columns) == list(est.feature_names_) and list(usages.index) == list(df.index)
     tops = est.top_features(3, n=4)
     assert len(tops) == 3 and all(t.startswith("g") for row in tops for t in row)
     U = est.transform(df, k=3)

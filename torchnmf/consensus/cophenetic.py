@@ -12,9 +12,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MAX_SAMPLES", "connectivity", "cophenetic_correlation"]
+__all__ = ["MAX_SAMPLES", "subsample", "connectivity", "cophenetic_correlation"]
 
 MAX_SAMPLES = 2000
+
+
+def subsample(n: int, max_samples: int = MAX_SAMPLES, seed: int = 0) -> np.ndarray:
+    """Sorted indices of at most ``max_samples`` of ``n`` samples (all of them when ``n`` is not larger), seeded."""
+    if n <= max_samples:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_samples, replace=False))
 
 
 def connectivity(labels: np.ndarray, k: int) -> np.ndarray:
@@ -57,10 +64,8 @@ def cophenetic_correlation(H: np.ndarray, *, max_samples: int = MAX_SAMPLES, see
     from scipy.spatial.distance import squareform
 
     R, n, k = H.shape
-    idx = np.arange(n)
-    if n > max_samples:
-        idx = np.sort(np.random.default_rng(seed).choice(n, max_samples, replace=False))
-    labels = np.argmax(H[:, idx, :], axis=2)
+    idx = subsample(n, max_samples, seed)
+    labels = np.argmax(np.asarray(H[:, idx, :]), axis=2)
     D = 1.0 - connectivity(labels, k)
     np.fill_diagonal(D, 0.0)
     d = squareform(np.clip(D, 0.0, 1.0), checks=False)

@@ -344,6 +344,23 @@ class ConsensusNMF(BaseEstimator):
         C = self.components_[k]
         return [[str(self.feature_names_[j]) for j in np.argsort(-row, kind="stable")[:n]] for row in C]
 
+    def frames(self, k: int):
+        """Components and usages at rank ``k`` as pandas DataFrames labelled with the names.
+
+        Returns
+        -------
+        components : pandas.DataFrame, shape (k, n_kept_features)
+            Columns: ``feature_names_``; index: ``program_0``... .
+        usages : pandas.DataFrame, shape (n_samples, k)
+            Index: ``sample_names_``; columns: ``program_0``... .
+        """
+        import pandas as pd
+
+        k = self._rank(k)
+        programs = [f"program_{i}" for i in range(k)]
+        return (pd.DataFrame(self.components_[k], index=programs, columns=list(self.feature_names_)),
+                pd.DataFrame(self.usages_[k], index=list(self.sample_names_), columns=programs))
+
     def plot_k_selection(self, ax=None):
         """Stability and error against the rank, on two y-axes (cNMF's k-selection plot).
 

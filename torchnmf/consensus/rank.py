@@ -9,7 +9,7 @@ import torch
 
 from ..engine import ConvergenceWarning
 from .cluster import Clustering, cluster_components
-from .cophenetic import MAX_SAMPLES, cophenetic_correlation
+from .cophenetic import MAX_SAMPLES, cophenetic_correlation, subsample
 from .refit import refit_usages
 
 __all__ = ["RankResult", "fit_rank"]
@@ -76,10 +76,12 @@ def fit_rank(X: torch.Tensor, k: int, *, n_replicates: int, beta: float, tol: fl
         warnings.simplefilter("ignore", ConvergenceWarning)
         fit = fit_replicates(X, k, n_replicates, beta=beta, tol=tol, max_iter=max_iter, random_state=seed,
                              device=device, dtype=dtype, verbose=verbose)
-    W = fit.W.detach().to("cpu", torch.float64).numpy()
-    H = fit.H.detach().to("cpu", torch.float64).numpy()
-    if not (np.isfinite(W).all() and np.isfinite(H).all()):
+    if not (bool(torch.isfinite(fit.W).all()) and bool(torch.isfinite(fit.H).all())):
         raise FloatingPointError(f"a replicate at rank {k} diverged (non-finite factors); try dtype='float64'")
+    W = fit.W.detach().to("cpu", torch.float64).numpy()
+    # only the subsampled rows of the usages leave the device (R x samples x k can be large)
+    idx = torch.as_tensor(subsample(fit.H.shape[1], MAX_SAMPLES, seed), device=fit.H.device)
+    H = fit.H.detach()[:, idx].to("cpu", torch.float64).numpy()
     clustering = cluster_components(W, density_threshold=density_threshold,
                                     local_neighborhood_size=local_neighborhood_size, seed=seed + 1)
     coph = cophenetic_correlation(H, max_samples=MAX_SAMPLES, seed=seed)
