@@ -82,3 +82,13 @@ def test_deep_topics():
     supers = [line for line in out.splitlines() if line.startswith("super-topic")]
     assert len(supers) == 3 and all(len(t.split(":", 1)[1].split()) == 8 for t in supers)
     assert len([line for line in out.splitlines() if line.strip().startswith("topic")]) == 6
+
+
+def test_consensus_digits(tmp_path):
+    pytest.importorskip("sklearn")
+    out = run("consensus_digits.py", "--out", str(tmp_path))
+    assert "digits (1797, 64): ranks [4, 5, 6]" in out
+    header = next(line for line in out.splitlines() if "stability" in line)
+    assert header.split() == ["k", "stability", "error", "cophenetic", "kept"]
+    for name in ("consensus_k_selection.png", "consensus_clustering.png", "consensus_parts.png"):
+        assert (tmp_path / name).stat().st_size > 1000

@@ -195,6 +195,13 @@ def nmf_fit(beta):
     return run
 
 
+def replicates_fit(beta):
+    def run(V):
+        fit = torchnmf.replicates.fit_replicates(V, 2, 2, beta=beta, tol=0, max_iter=3, random_state=0)
+        return fit.W, fit.H, fit.loss
+    return run
+
+
 class _Shape:
     def __init__(self, shape):
         self.shape = tuple(shape)
@@ -419,6 +426,8 @@ CASES = {
     "parallel.fit_nmf_online": (par_fit_nmf_online, "source", ALL_FORMS),
     "parallel.fit_gamma_svi": (par_fit_gamma_svi, "source", ALL_FORMS),
     "cli.main(fit)": (cli_fit, "in.np", ("numpy", "numpy-F", "scipy")),
+    "replicates.fit_replicates(beta=2)": (replicates_fit(2), "X", ALL_FORMS),
+    "replicates.fit_replicates(beta=1)": (replicates_fit(1), "X", ALL_FORMS),
 }
 
 

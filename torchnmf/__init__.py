@@ -30,13 +30,15 @@ _ATTRS: Dict[str, str] = {
     "fit_gamma_cavi": "parallel", "fit_gamma_svi": "parallel", "fit_nmf": "parallel",
     "fit_nmf_online": "parallel",
     "SparseRows": "streaming", "row_loader": "streaming",
+    "ReplicateFit": "replicates", "fit_replicates": "replicates",
     "SparsePoissonFA": "poisson.spfa",
     "GammaNMF": "poisson.chain",
     # every trainer at top level (pytorch-NMF 0.3.5's BetaMu and SparsityProj too), as well as in torchnmf.trainer
     "BetaMu": "trainer", "GaussianNatural": "trainer", "SparsityProj": "trainer",
 }
 #: public submodules reachable as attributes of the package
-_SUBMODULES = ("constraints", "metrics", "init", "kernels", "trainer", "distributed", "parallel", "streaming")
+_SUBMODULES = ("constraints", "metrics", "init", "kernels", "trainer", "distributed", "parallel", "streaming",
+               "replicates")
 
 __all__ = ["__version__", *_SUBMODULES, *_ATTRS]
 
@@ -56,10 +58,11 @@ def __dir__() -> List[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
-    from . import constraints, distributed, init, kernels, metrics, parallel, streaming, trainer  # noqa: F401
+    from . import constraints, distributed, init, kernels, metrics, parallel, replicates, streaming, trainer  # noqa: F401
     from .history import History  # noqa: F401
     from .nmf import NMF, NMF2D, NMF3D, NMFD, BaseComponent  # noqa: F401
     from .parallel import fit_gamma_cavi, fit_gamma_svi, fit_nmf, fit_nmf_online  # noqa: F401
+    from .replicates import ReplicateFit, fit_replicates  # noqa: F401
     from .plca import PLCA, SIPLCA, SIPLCA2, SIPLCA3  # noqa: F401
     from .poisson.chain import GammaNMF  # noqa: F401
     from .poisson.elbo import ELBO  # noqa: F401

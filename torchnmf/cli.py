@@ -6,6 +6,7 @@
                  [--tol T] [--init METHOD] [--transpose] [--layer NAME] [--round]
                  [--device D] [--seed S] [--quiet] [--debug] -o OUT
     torchnmf plot OUT [--image-shape H W] [--top N] [--components K] [--debug]
+    torchnmf consensus FILE --ranks K [K ...] -o OUTDIR ...   (see torchnmf.consensus.cli)
     torchnmf --version
 
 ``INPUT`` is read by :func:`torchnmf.io.read_matrix`: ``.npy``, ``.npz``, ``.mtx(.gz)``,
@@ -110,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--top", type=int, default=10, help="features per bar chart (default: 10)")
     pl.add_argument("--components", type=int, default=16, help="how many components to draw (default: 16)")
     pl.add_argument("--debug", action="store_true", help="show tracebacks")
+    from .consensus.cli import add_parser as add_consensus  # its own module (issue 20)
+
+    add_consensus(sub)
     return p
 
 
@@ -559,6 +563,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = "--debug" in argv
     try:
         args = _parser().parse_args(argv)
+        if args.command == "consensus":
+            from .consensus.cli import run as consensus
+
+            return consensus(args, CLIError)
         return _fit(args) if args.command == "fit" else _plot(args)
     except CLIError as err:
         if debug:

@@ -1,0 +1,634 @@
+r"""Many restarts of NMF as one tensor program: replicates are a dimension, not a loop.
+
+:func:`fit_replicates` fits ``R`` restarts of :class:`torchnmf.nmf.NMF` (``X ≈ H Wᵀ``) at one
+rank or at several, from different random starts, as one program. The replicates' factors are
+stacked along the rank axis: ``W_all`` is ``(n_features, Σ k_r)`` and ``H_all``
+``(n_samples, Σ k_r)``, replicate ``r`` owning a block of ``k_r`` columns, so that
+
+* with the Frobenius loss (beta = 2) every product with ``X`` is **one** GEMM (dense ``X``) or
+  **one** CSR product (sparse ``X``, never densified) for all replicates and ranks at once,
+  ``X @ W_all`` and ``Xᵀ @ H_all``; the per-replicate Gram terms ``W_rᵀ W_r`` and
+  ``H_r (W_rᵀ W_r)`` are batched matrix products over ``(R, ·, k)`` views;
+* with any other beta the ratio ``X / (H_r W_rᵀ)`` (its powers, for a general beta) belongs to
+  each replicate: a dense ``X`` is taken in tiles of replicates and rows, each tile one batched
+  product, sized so that no tile holds more than ``block_elems`` entries (never an
+  ``R x n_samples x n_features`` tensor); a sparse ``X`` gives the sampled products
+  ``H_r W_rᵀ`` at its non-zeros only, through the CSR kernels of :mod:`torchnmf.updates`.
+
+Each iteration updates H then W with the rules of :meth:`NMF.fit <torchnmf.nmf.BaseComponent.fit>`
+(same exponents, floors, penalties and scikit-learn's zeroing for beta < 1), and every replicate
+follows the fit engine's stop rule on its own (:func:`torchnmf.engine.relative_change`,
+:func:`torchnmf.engine.has_converged`, the noise floor of the dtype): replicate ``r`` of the batch
+ends with the factors, the objective and the number of iterations of ``NMF.fit`` started from
+the same factors. A replicate that has converged stops changing and stops costing: it leaves the
+stacked tensors at the check where it stopped.
+
+With :mod:`torch.distributed` initialised (or a ``process_group``) the replicates are divided
+among the processes, each fits its share, and the results are summed back so that every process
+holds all of them: the same result as one process.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import data
+from ._csr import to_csr
+from .distributed import all_reduce_stats, get_rank, get_world_size
+from .engine import ConvergenceWarning, STOP_RULES, has_converged, relative_change
+from .init import _mean, check_random_state
+from .updates import EPSILON, _big_mm, _sparse_parts, mu_apply, mu_statistics
+
+__all__ = ["ReplicateFit", "fit_replicates", "replicate_generator", "init_replicates"]
+
+#: ``init`` values :func:`fit_replicates` accepts.
+INITS = ("random",)
+
+# entries of one reconstruction tile (replicates x rows x features) for beta != 2: ~32 MiB of
+# float64 per temporary on a CPU (the size updates.py keeps its blocks at), 512 MiB on a GPU
+_BLOCK_ELEMS_CPU = 1 << 22
+_BLOCK_ELEMS_CUDA = 1 << 27
+
+
+@dataclass
+class ReplicateFit:
+    """The replicates of one rank fitted by :func:`fit_replicates`.
+
+    Convention as :class:`torchnmf.nmf.NMF`: ``X (n_samples, n_features) ≈ H @ W.T``; the
+    components in scikit-learn's layout are ``W[r].T``.
+
+    Attributes
+    ----------
+    rank : int
+        The rank ``k`` of every replicate.
+    W : Tensor, shape (R, n_features, k)
+        Each replicate's components (one slice per replicate).
+    H : Tensor, shape (R, n_samples, k)
+        Each replicate's usages.
+    n_iter : Tensor, shape (R,), int64
+        Iterations each replicate ran under its own stop rule.
+    converged : Tensor, shape (R,), bool
+        Whether each replicate met ``tol`` (``False`` when ``max_iter`` ended it).
+    loss : Tensor, shape (R,), float64
+        Each replicate's beta-divergence at its returned factors (penalties not included).
+    """
+
+    rank: int
+    W: Tensor
+    H: Tensor
+    n_iter: Tensor
+    converged: Tensor
+    loss: Tensor
+
+
+# -- seeds and starts ------------------------------------------------------------------------
+def _base_seed(random_state) -> int:
+    """One integer seed from ``random_state`` (``None`` draws it from torch's global generator)."""
+    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
+        if random_state < 0:
+            raise ValueError(f"random_state must be a non-negative integer, got {random_state}")
+        return int(random_state)
+    g = check_random_state(random_state)
+    return int(torch.randint(0, 2 ** 62, (1,), generator=g).item())
+
+
+def replicate_generator(seed: int, rank: int, replicate: int) -> torch.Generator:
+    """The CPU generator of replicate ``replicate`` at rank ``rank`` for the base seed ``seed``.
+
+    Derived from ``(seed, rank, replicate)`` alone (:class:`numpy.random.SeedSequence`), so a
+    replicate starts from the same factors whatever the number of replicates, the other ranks
+    fitted with it, or the processes that share the work.
+
+    Parameters
+    ----------
+    seed : int
+        Non-negative base seed (``random_state`` of :func:`fit_replicates`).
+    rank, replicate : int
+        The rank and the replicate's index (from 0).
+
+    Returns
+    -------
+    torch.Generator
+    """
+    state = np.random.SeedSequence([int(seed), int(rank), int(replicate)]).generate_state(2, np.uint32)
+    g = torch.Generator()
+    g.manual_seed((int(state[0]) << 31) ^ int(state[1]))
+    return g
+
+
+def init_replicates(X, rank: int, replicates: Sequence[int], seed: int, *, dtype: Optional[torch.dtype] = None,
+                    device=None) -> Tuple[Tensor, Tensor]:
+    """Random starting factors of the given replicates, scikit-learn's ``init='random'`` scaling.
+
+    Replicate ``r`` draws ``H = |N(0, 1)| sqrt(mean(X) / k)`` (n_samples, k) then ``W`` alike
+    (n_features, k) from :func:`replicate_generator` ``(seed, rank, r)`` on the CPU in float64,
+    as :func:`torchnmf.init.initialize` with ``method='random'`` does for a float64 ``X`` with
+    that generator, then rounds them to ``dtype``: the same start on every device and in
+    every dtype.
+
+    Parameters
+    ----------
+    X : Tensor, shape (n_samples, n_features)
+        Non-negative data, dense or sparse (only its mean is read).
+    rank : int
+    replicates : sequence of int
+        Indices of the replicates to draw.
+    seed : int
+        Base seed.
+    dtype : torch.dtype, optional
+        Default ``X``'s.
+    device : optional
+        Default ``X``'s.
+
+    Returns
+    -------
+    W : Tensor, shape (len(replicates), n_features, rank)
+    H : Tensor, shape (len(replicates), n_samples, rank)
+    """
+    dtype = dtype or X.dtype
+    device = device if device is not None else X.device
+    N, F = X.shape
+    # drawn in float64 and rounded: a replicate starts from the same factors in every dtype
+    scale = (_mean(X).to(device="cpu", dtype=torch.float64) / rank).sqrt()
+    Ws, Hs = [], []
+    for r in replicates:
+        g = replicate_generator(seed, rank, r)
+        Hs.append(scale * torch.randn((N, rank), generator=g, dtype=torch.float64).abs())
+        Ws.append(scale * torch.randn((F, rank), generator=g, dtype=torch.float64).abs())
+    W = torch.stack(Ws) if Ws else torch.empty((0, F, rank), dtype=torch.float64)
+    H = torch.stack(Hs) if Hs else torch.empty((0, N, rank), dtype=torch.float64)
+    return W.to(device=device, dtype=dtype), H.to(device=device, dtype=dtype)
+
+
+# -- the batch ----------------------------------------------------------------------------------
+class _Group:
+    """Replicates of one rank in the stacked factors: columns ``[offset, offset + len(ids) * k)``."""
+
+    def __init__(self, k: int, ids: List[int], offset: int):
+        self.k, self.ids, self.offset = k, ids, offset
+
+    @property
+    def cols(self) -> slice:
+        return slice(self.offset, self.offset + len(self.ids) * self.k)
+
+    def view(self, A: Tensor) -> Tensor:
+        """The group's block of a stacked factor ``A`` (n, C) as ``(n, R_g, k)``."""
+        return A[:, self.cols].view(A.shape[0], len(self.ids), self.k)
+
+
+class _Batch:
+    """The stacked factors of the active replicates and one multiplicative update of either."""
+
+    def __init__(self, X: Tensor, beta: float, l1: float, l2: float, block_elems: int):
+        self.beta, self.l1, self.l2, self.block = beta, l1, l2, block_elems
+        self.sparse = data.is_sparse(X)
+        self.X = X
+        self.Xt = to_csr(X.t()) if self.sparse else X.t()
+        self.cache: Dict[str, dict] = {"H": {}, "W": {}}
+        self._consts: Dict[str, Tensor] = {}
+
+    # -- constants of X (the divergence's terms that do not depend on the factors) --
+    def _const(self, name: str) -> Tensor:
+        if name not in self._consts:
+            X, b = self.X, self.beta
+            if name == "sq":
+                self._consts[name] = data._values(X).pow(2).sum() if self.sparse else (X * X).sum()
+            elif name == "c1":
+                self._consts[name] = (torch.xlogy(X, X) - X).sum()
+            else:  # "cb"
+                self._consts[name] = X.pow(b).sum()
+        return self._consts[name]
+
+    def update(self, side: str, W: Tensor, H: Tensor, groups: List[_Group], measure: bool):
+        """New ``H`` (side ``'H'``) or ``W`` (side ``'W'``) for every active replicate.
+
+        Returns the new stacked factor and, when ``measure``, the divergence of each replicate
+        at the input point, shape (R_active,), in the order of ``groups``.
+        """
+        B = H if side == "H" else W  # the factor updated
+        if self.beta == 2:
+            num, den, loss = self._frobenius(side, W, H, groups, measure)
+        elif self.sparse:
+            num, den, loss = self._sparse(side, W, H, groups, measure)
+        else:
+            num, den, loss = self._dense(side, W, H, groups, measure)
+        return mu_apply(B, num, den, self.beta, self.l1, self.l2), loss
+
+    def _frobenius(self, side, W, H, groups, measure):
+        """beta = 2: one product with X for all replicates, Gram terms batched per rank."""
+        A, B = (W, H) if side == "H" else (H, W)
+        if self.sparse:
+            nz = _sparse_parts(self.X if side == "H" else self.Xt, self.cache[side])
+            num = nz.mm(nz.vals, A.contiguous())
+        else:
+            num = _big_mm(self.X if side == "H" else self.Xt, A)
+        den = torch.empty_like(B)
+        losses = []
+        for g in groups:
+            Ag, Bg = g.view(A), g.view(B)
+            G = torch.einsum("nrk,nrl->rkl", Ag, Ag)  # (R_g, k, k) Gram of the fixed factor
+            g.view(den).copy_(torch.einsum("nrk,rkl->nrl", Bg, G))
+            if measure:
+                cross = (Bg * g.view(num)).sum((0, 2))
+                GB = torch.einsum("nrk,nrl->rkl", Bg, Bg)
+                losses.append(0.5 * (self._const("sq") - 2 * cross + (GB * G).sum((1, 2))))
+        return num, den, (torch.cat(losses) if measure else None)
+
+    def _sparse(self, side, W, H, groups, measure):
+        """Sparse X, beta != 2: the update's statistics at X's non-zeros, one replicate at a time."""
+        X = self.X if side == "H" else self.Xt
+        A, B = (W, H) if side == "H" else (H, W)
+        num, den = torch.empty_like(B), torch.empty_like(B)
+        losses = []
+        for g in groups:
+            Ag, Bg, ng, dg = g.view(A), g.view(B), g.view(num), g.view(den)
+            for j in range(len(g.ids)):
+                n_, d_, l_ = mu_statistics(X, Ag[:, j].contiguous(), Bg[:, j].contiguous(), self.beta,
+                                           with_loss=measure, cache=self.cache[side])
+                ng[:, j].copy_(n_)
+                dg[:, j].copy_(d_)
+                if measure:
+                    losses.append(l_.reshape(1))
+        return num, den, (torch.cat(losses) if measure else None)
+
+    def _tiles(self, N: int, F: int, R: int):
+        """``(replicates, rows)`` per tile: at most ``block`` entries of an (r, n, F) reconstruction."""
+        if R * N * F <= self.block:
+            return R, N
+        if N * F <= self.block:
+            return max(1, self.block // (N * F)), N
+        return 1, max(1, self.block // F)
+
+    def _dense(self, side, W, H, groups, measure):
+        """Dense X, beta != 2: each replicate's ratio by tiles of (replicates, rows of X)."""
+        beta, X = self.beta, self.X
+        N, F = X.shape
+        B = H if side == "H" else W
+        num = torch.empty_like(B)
+        den = torch.empty_like(B) if beta != 1 else None
+        den1 = B.new_empty((1, B.shape[1])) if beta == 1 else None
+        losses = []
+        for g in groups:
+            Wg, Hg = g.view(W), g.view(H)
+            R = len(g.ids)
+            nr, nb = self._tiles(N, F, R)
+            ng = g.view(num)
+            if side == "W":
+                ng.zero_()
+            dg = None if den is None else g.view(den)
+            if dg is not None and side == "W":
+                dg.zero_()
+            lg = Hg.new_zeros(R) if measure else None
+            for r0 in range(0, R, nr):
+                r1 = min(R, r0 + nr)
+                Wc = Wg[:, r0:r1].permute(1, 0, 2)  # (c, F, k)
+                for n0 in range(0, N, nb):
+                    n1 = min(N, n0 + nb)
+                    Hc = Hg[n0:n1, r0:r1].permute(1, 0, 2)  # (c, n, k)
+                    Xb = X[n0:n1]
+                    WH = torch.bmm(Hc, Wc.transpose(1, 2))  # (c, n, F)
+                    if beta < 2:
+                        WH.clamp_min_(EPSILON)
+                    if beta == 1:
+                        if measure:
+                            lg[r0:r1] -= (torch.log(WH) * Xb).sum((1, 2))
+                        Nm, D = torch.div(Xb, WH, out=WH), None  # X / WH
+                    else:
+                        P = WH.pow(beta - 2)
+                        D = P * WH  # WH^(beta-1)
+                        if measure:
+                            if beta == 0:
+                                q = Xb / WH
+                                lg[r0:r1] += (q - torch.log(q) - 1).sum((1, 2))
+                            else:
+                                lg[r0:r1] += ((beta - 1) * (D * WH).sum((1, 2))
+                                              - beta * (D * Xb).sum((1, 2))) / (beta * (beta - 1))
+                        Nm = P.mul_(Xb)  # X WH^(beta-2)
+                    if side == "H":
+                        ng[n0:n1, r0:r1] = torch.bmm(Nm, Wc).permute(1, 0, 2)
+                        if D is not None:
+                            dg[n0:n1, r0:r1] = torch.bmm(D, Wc).permute(1, 0, 2)
+                    else:
+                        ng[:, r0:r1] += torch.bmm(Nm.transpose(1, 2), Hc).permute(1, 0, 2)
+                        if D is not None:
+                            dg[:, r0:r1] += torch.bmm(D.transpose(1, 2), Hc).permute(1, 0, 2)
+            if beta == 1:  # the denominator is the fixed factor's column sums, as NMF.fit's
+                g.view(den1)[0] = (Wg if side == "H" else Hg).sum(0)
+            if measure:
+                if beta == 1:
+                    lg += self._const("c1") + (Hg.sum(0) * Wg.sum(0)).sum(1)
+                elif beta != 0:
+                    lg += self._const("cb") / (beta * (beta - 1))
+                losses.append(lg)
+        if beta == 1:
+            den = den1  # (1, C), broadcast over the rows
+        return num, den, (torch.cat(losses) if measure else None)
+
+
+# -- checks ------------------------------------------------------------------------------------
+def _check_ranks(rank, shape) -> Tuple[List[int], bool]:
+    limit = min(shape)
+    if isinstance(rank, numbers.Integral) and not isinstance(rank, bool):
+        return [data.check_rank(rank, "rank", max_rank=limit)], True
+    if isinstance(rank, (str, bytes)) or not isinstance(rank, Sequence) and not hasattr(rank, "__iter__"):
+        raise TypeError(f"rank must be a positive integer or a sequence of them, got {rank!r}")
+    ranks = [data.check_rank(k, "rank", max_rank=limit) for k in rank]
+    if not ranks:
+        raise ValueError("rank must hold at least one rank, got an empty sequence")
+    return ranks, False
+
+
+def _check_start(value, name: str, shape, dtype, device) -> Optional[Tensor]:
+    if value is None:
+        return None
+    T = data.as_tensor(value, name, dtype=dtype, device=device, ndim=3, sparse="dense")
+    data.check_nonnegative(T, name)
+    if tuple(T.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(T.shape)}, expected (n_replicates, "
+                         f"{'n_features' if name == 'W0' else 'n_samples'}, rank) = {tuple(shape)}")
+    return T
+
+
+def _prepare_X(X, dtype, device) -> Tensor:
+    X = data.as_tensor(X, "X", ndim=2, sparse="keep", dtype=dtype, device=device)
+    if X.layout not in (torch.strided, torch.sparse_coo, torch.sparse_csr):
+        X = X.to_sparse_coo()
+    if X.layout == torch.sparse_coo:
+        X = X.coalesce()
+    data.check_nonnegative(X, "X")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"X is empty (shape {tuple(X.shape)}): there is nothing to factorize")
+    data.check_magnitude(X, "X")
+    return X
+
+
+# -- the fit -----------------------------------------------------------------------------------
+def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *, beta: float = 2,
+                   tol: float = 1e-4, max_iter: int = 200, check_every: Optional[int] = None,
+                   init: str = "random", W0=None, H0=None, random_state=None, device=None,
+                   dtype: Optional[torch.dtype] = None, alpha: float = 0, l1_ratio: float = 0,
+                   verbose: bool = False, process_group=None, stop_rule: str = "relative",
+                   block_elems: Optional[int] = None) -> Union[ReplicateFit, List[ReplicateFit]]:
+    r"""Fit ``n_replicates`` restarts of NMF at each rank as one tensor program.
+
+    Replicate ``r`` at rank ``k`` is the fit of :meth:`NMF.fit <torchnmf.nmf.BaseComponent.fit>`
+    ``(X, beta, tol, max_iter, alpha=alpha, l1_ratio=l1_ratio, check_every=check_every)``
+    started from its own factors, iterations and stop included; see the module documentation
+    for how the replicates share the work.
+
+    Parameters
+    ----------
+    X : array, Tensor or sparse matrix, shape (n_samples, n_features)
+        Non-negative, finite data: numpy, torch (dense, COO or CSR) or scipy.sparse (never
+        densified). Never modified.
+    rank : int or sequence of int
+        The rank, or several (each in ``[1, min(n_samples, n_features)]``), fitted in one call.
+    n_replicates : int, default 10
+        Restarts per rank, ``R``.
+    beta : float, default 2
+        Beta-divergence: 2 Frobenius, 1 Kullback-Leibler, any real (beta <= 0 needs a dense,
+        strictly positive ``X``).
+    tol : float, default 1e-4
+        Tolerance of the engine's stop rule (:mod:`torchnmf.engine`), for each replicate on its
+        own; 0 runs ``max_iter`` iterations.
+    max_iter : int, default 200
+    check_every : int, optional
+        Measure each replicate's divergence every this many iterations; default as
+        ``NMF.fit``: 1 for beta = 2, 10 otherwise.
+    init : {'random'}, default 'random'
+        Starting factors not given by ``W0``/``H0``: see :func:`init_replicates`.
+    W0 : array or Tensor, shape (R, n_features, rank), optional
+        Starting components (single rank only); never modified.
+    H0 : array or Tensor, shape (R, n_samples, rank), optional
+        Starting usages (single rank only); never modified.
+    random_state : None, int, numpy or torch generator
+        Base seed: replicate ``r`` at rank ``k`` starts from :func:`replicate_generator`
+        ``(seed, k, r)``, the same whatever ``n_replicates``, the other ranks or the processes.
+    device : str or torch.device, optional
+        Default ``X``'s.
+    dtype : torch.dtype, optional
+        Floating dtype of the fit; default ``X``'s (float32 for integer input).
+    alpha, l1_ratio : float, default 0
+        Penalty ``l1 (ΣW + ΣH) + l2/2 (‖W‖² + ‖H‖²)`` with ``l1 = alpha l1_ratio`` and
+        ``l2 = alpha (1 - l1_ratio)``, as ``NMF.fit``.
+    verbose : bool, default False
+        A progress bar over iterations with the number of replicates still running.
+    process_group : ProcessGroup, optional
+        Divide the replicates among this group's processes (default: the initialised default
+        group, if any); every process returns the full result.
+    stop_rule : {'relative', 'sklearn'}, default 'relative'
+        As ``NMF.fit``.
+    block_elems : int, optional
+        Entries of one reconstruction tile (replicates x rows x features) for beta != 2 with a
+        dense ``X``: about 4 million on a CPU, 134 million on a GPU by default.
+
+    Returns
+    -------
+    ReplicateFit or list of ReplicateFit
+        One per rank, in the order of ``rank``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad input, naming the argument.
+    FloatingPointError
+        A replicate's divergence became NaN or infinite (the replicate is named).
+
+    Warns
+    -----
+    ConvergenceWarning
+        Once, when ``max_iter`` ended some replicates before ``tol`` was met (saying how many).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torchnmf.replicates import fit_replicates
+    >>> X = torch.rand(40, 12, dtype=torch.float64)
+    >>> fit = fit_replicates(X, 3, n_replicates=5, random_state=0, max_iter=50, tol=0)
+    >>> fit.W.shape, fit.H.shape, fit.n_iter.tolist()
+    (torch.Size([5, 12, 3]), torch.Size([5, 40, 3]), [50, 50, 50, 50, 50])
+    """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    X = _prepare_X(X, dtype, device)
+    ranks, single = _check_ranks(rank, X.shape)
+    R = data.check_int(n_replicates, "n_replicates", low=1)
+    beta = data.check_beta(beta)
+    if beta <= 0 and (data.is_sparse(X) or bool((X == 0).any())):
+        raise ValueError("X must be dense and strictly positive for beta <= 0 (the divergence is infinite at zeros)")
+    tol = data.check_positive(tol, "tol", allow_zero=True)
+    max_iter = data.check_int(max_iter, "max_iter", low=1)
+    check_every = (1 if beta == 2 else 10) if check_every is None else data.check_int(check_every, "check_every", low=1)
+    data.check_option(init, INITS, "init")
+    data.check_option(stop_rule, STOP_RULES, "stop_rule")
+    alpha = data.check_positive(alpha, "alpha", allow_zero=True)
+    l1_ratio = data.check_real(l1_ratio, "l1_ratio", 0, 1)
+    if not isinstance(verbose, (bool, np.bool_)):
+        raise TypeError(f"verbose must be True or False, got {verbose!r}")
+    if block_elems is not None:
+        block_elems = data.check_int(block_elems, "block_elems", low=1)
+    else:
+        block_elems = _BLOCK_ELEMS_CUDA if X.is_cuda else _BLOCK_ELEMS_CPU
+    N, F = X.shape
+    if (W0 is not None or H0 is not None) and not single:
+        raise ValueError("W0 and H0 need a single rank: fit several ranks without them, or one rank per call")
+    W0 = _check_start(W0, "W0", (R, F, ranks[0]), X.dtype, X.device)
+    H0 = _check_start(H0, "H0", (R, N, ranks[0]), X.dtype, X.device)
+
+    world, me = get_world_size(process_group), get_rank(process_group)
+    seed = _base_seed(random_state) if (W0 is None or H0 is None) else 0
+    if world > 1 and random_state is None and (W0 is None or H0 is None):  # one seed for the whole job
+        seed = int(all_reduce_stats({"s": torch.tensor([seed if me == 0 else 0], dtype=torch.int64)},
+                                    group=process_group, op="sum")["s"])
+    # (rank, replicate) pairs dealt round-robin: every process gets a share of every rank
+    pairs = [(k, r) for k in ranks for r in range(R)]
+    mine = pairs[me::world]
+    l1, l2 = float(alpha * l1_ratio), float(alpha * (1 - l1_ratio))
+
+    out = {k: ReplicateFit(rank=k, W=torch.zeros((R, F, k), dtype=X.dtype, device=X.device),
+                           H=torch.zeros((R, N, k), dtype=X.dtype, device=X.device),
+                           n_iter=torch.zeros(R, dtype=torch.int64), converged=torch.zeros(R, dtype=torch.bool),
+                           loss=torch.zeros(R, dtype=torch.float64))
+           for k in ranks}
+    error: Optional[BaseException] = None
+    try:
+        if mine:
+            _fit_local(X, mine, out, W0, H0, seed, beta, tol, max_iter, check_every, l1, l2, stop_rule,
+                       block_elems, verbose and me == 0)
+    except (FloatingPointError, RuntimeError) as err:
+        if world == 1:
+            raise
+        error = err
+    if world > 1:
+        _gather(out, ranks, error, process_group)
+    unconverged = sum(int((~f.converged).sum()) for f in out.values())
+    if tol > 0 and unconverged:
+        warnings.warn(f"fit_replicates: {unconverged} of {len(pairs)} replicates reached max_iter={max_iter} "
+                      f"before converging (tol={tol:g}, {stop_rule} rule). Increase max_iter, or raise tol.",
+                      ConvergenceWarning, stacklevel=2)
+    return out[ranks[0]] if single else [out[k] for k in ranks]
+
+
+def _gather(out: Dict[int, ReplicateFit], ranks: List[int], error: Optional[BaseException], group) -> None:
+    """Sum the processes' shares (zeros where a process did not fit a replicate); raise a peer's error."""
+    flag = all_reduce_stats({"e": torch.tensor([0.0 if error is None else 1.0])}, group=group, op="max")["e"]
+    if float(flag) > 0:
+        if error is not None:
+            raise error
+        raise FloatingPointError("fit_replicates: a replicate failed on another process (see its error)")
+    for k in ranks:
+        f = out[k]
+        s = all_reduce_stats({"W": f.W, "H": f.H, "n_iter": f.n_iter, "converged": f.converged.to(torch.int64),
+                              "loss": f.loss}, group=group)
+        f.W, f.H, f.n_iter, f.loss = s["W"], s["H"], s["n_iter"], s["loss"]
+        f.converged = s["converged"] > 0
+
+
+def _fit_local(X, mine, out, W0, H0, seed, beta, tol, max_iter, check_every, l1, l2, rule, block_elems,
+               verbose) -> None:
+    """Fit the replicates ``mine`` (pairs (rank, replicate)) in one batch, writing into ``out``."""
+    dtype, device = X.dtype, X.device
+    # the stacked factors: ranks in increasing order of first appearance, replicates in order
+    Ws, Hs, groups, offset = [], [], [], 0
+    by_rank: Dict[int, List[int]] = {}
+    for k, r in mine:
+        by_rank.setdefault(k, []).append(r)
+    for k, reps in by_rank.items():
+        if W0 is not None or H0 is not None:
+            Wr, Hr = init_replicates(X, k, reps, seed) if (W0 is None or H0 is None) else (None, None)
+            Wk = W0[reps] if W0 is not None else Wr
+            Hk = H0[reps] if H0 is not None else Hr
+        else:
+            Wk, Hk = init_replicates(X, k, reps, seed)
+        Ws.append(Wk.permute(1, 0, 2).reshape(X.shape[1], -1))  # (F, R_k k), replicate-major columns
+        Hs.append(Hk.permute(1, 0, 2).reshape(X.shape[0], -1))
+        groups.append(_Group(k, [(k, r) for r in reps], offset))
+        offset += len(reps) * k
+    W = torch.cat(Ws, 1).to(device=device, dtype=dtype).contiguous()
+    H = torch.cat(Hs, 1).to(device=device, dtype=dtype).contiguous()
+    batch = _Batch(X, beta, l1, l2, block_elems)
+    prev: Dict[Tuple[int, int], float] = {}
+    first: Dict[Tuple[int, int], float] = {}
+    prev_step = None
+    tiny = torch.finfo(torch.float64).eps
+    bar = _bar(verbose, max_iter, len(mine))
+
+    def finish(g: _Group, j: int, i: int, converged: bool, value: float):
+        k, r = g.ids[j]
+        c = slice(g.offset + j * k, g.offset + (j + 1) * k)
+        f = out[k]
+        f.W[r].copy_(W[:, c])
+        f.H[r].copy_(H[:, c])
+        f.n_iter[r] = i
+        f.converged[r] = converged
+        f.loss[r] = value
+
+    i = 0
+    try:
+        while groups:
+            end = i >= max_iter
+            measure = end or i % check_every == 0
+            H_new, loss = batch.update("H", W, H, groups, measure)
+            if measure:
+                values = loss.double().tolist()  # the one host sync of a check
+                keep_cols, new_groups, offset, j_all = [], [], 0, 0
+                for g in groups:
+                    ids = []
+                    for j, pair in enumerate(g.ids):
+                        value = values[j_all + j]
+                        if not math.isfinite(value):
+                            raise FloatingPointError(
+                                f"fit_replicates: the objective of replicate {pair[1]} at rank {pair[0]} became "
+                                f"{value} at iteration {i}; check the data's scale and the hyperparameters")
+                        if pair in prev:
+                            change = relative_change(prev[pair], value, i - prev_step, rule=rule, first=first[pair])
+                        else:
+                            change, first[pair] = float("nan"), value
+                        prev[pair] = value
+                        converged = has_converged(change, tol, dtype, rule)
+                        if end or converged:
+                            finish(g, j, i, converged, value)
+                        else:
+                            ids.append(j)
+                    j_all += len(g.ids)
+                    if ids:
+                        keep_cols.extend(c for j in ids for c in range(g.offset + j * g.k, g.offset + (j + 1) * g.k))
+                        new_groups.append(_Group(g.k, [g.ids[j] for j in ids], offset))
+                        offset += len(ids) * g.k
+                prev_step = i
+                if len(keep_cols) < H.shape[1]:  # some replicates stopped: compact the stacked factors
+                    groups = new_groups
+                    if not groups:
+                        break
+                    idx = torch.tensor(keep_cols, device=device)
+                    W, H_new = W.index_select(1, idx), H_new.index_select(1, idx)
+                if bar is not None:
+                    bar.update(i - bar.n)
+                    bar.set_postfix(active=sum(len(g.ids) for g in groups), refresh=False)
+            H = H_new
+            if beta < 1:  # as scikit-learn, for stability
+                H.masked_fill_(H < tiny, 0.0)
+            W = batch.update("W", W, H, groups, False)[0]
+            if beta < 1:
+                W.masked_fill_(W < tiny, 0.0)
+            i += 1
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _bar(verbose: bool, total: int, n: int):
+    if not verbose:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is an optional dependency
+        raise ImportError("verbose progress bars need tqdm: pip install tqdm") from None
+    return tqdm(total=total, desc=f"fit_replicates ({n} replicates)", leave=False, postfix={"active": n})
