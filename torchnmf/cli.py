@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--rank", "-k", type=int, required=True,
                    help="number of components K, at most min(n_samples, n_features)")
     f.add_argument("--beta", type=float, default=1.0, help="beta of the divergence for --model nmf (default: 1, KL)")
-    f.add_argument("--max-iter", type=int, default=200, help="maximum iterations (default: 200)")
+    f.add_argument("--max-iter", type=int, default=None,
+                   help="maximum iterations (default: the model's, 2000 nmf, 1000 gamma-poisson, 500 pnmf)")
     f.add_argument("--tol", type=float, default=None,
                    help="stop when the objective changes by at most this, relative to its value, per iteration "
                         "(default: the model's, 1e-5 nmf and pnmf, 1e-6 gamma-poisson; 0 runs --max-iter)")
@@ -163,8 +164,9 @@ def _finite_or_none(x: float):
 
 
 def _estimator(args):
-    common = dict(n_components=args.rank, max_iter=args.max_iter, random_state=args.seed,
-                  device=args.device, verbose=not args.quiet)
+    common = dict(n_components=args.rank, random_state=args.seed, device=args.device, verbose=not args.quiet)
+    if args.max_iter is not None:  # otherwise the estimator's own default (docs/choosing.rst)
+        common["max_iter"] = args.max_iter
     if args.tol is not None:  # otherwise the estimator's own default
         common["tol"] = args.tol
     if args.model == "nmf":
@@ -258,7 +260,7 @@ def _fit(args) -> int:
 
     if args.rank <= 0:
         raise CLIError(f"--rank must be a positive integer, got {args.rank}")
-    if args.max_iter <= 0:
+    if args.max_iter is not None and args.max_iter <= 0:
         raise CLIError(f"--max-iter must be a positive integer, got {args.max_iter}")
     if args.tol is not None and (not math.isfinite(args.tol) or args.tol < 0):
         raise CLIError(f"--tol must be >= 0, got {args.tol}")
@@ -341,7 +343,7 @@ def _fit(args) -> int:
         "maximize": bool(est.history_.maximize),
         "final_objective": float(history[-1]) if len(history) else None,
         "n_iter": n_iter,
-        "max_iter": int(args.max_iter),
+        "max_iter": int(est.max_iter),
         "tol": float(est.tol),
         "converged": bool(est.history_.converged_),
         "last_relative_change": _finite_or_none(est.history_.changes[-1] if len(history) else float("nan")),
