@@ -74,3 +74,74 @@ def test_estimator_plot_components_images_and_names():
     fig = est.plot_components(top=5, max_components=2)
     assert len(fig.axes) == 2
     assert all(t.get_text().startswith("gene") for t in fig.axes[0].get_yticklabels())
+
+
+# -- the figures say what they leave out, and keep the objective readable ----------------------
+def test_components_say_how_many_are_shown():
+    W = np.random.RandomState(0).rand(16, 25)
+    fig = plot_components(W, image_shape=(4, 4))
+    assert len(fig.axes) == 16 and fig._suptitle.get_text() == "16 of 25 components shown"
+    fig = plot_components(W[:, :5], image_shape=(4, 4))
+    assert fig._suptitle is None  # all drawn: nothing to say
+
+
+def _objective_axes(fig):
+    return [a for a in fig.axes if a.get_ylabel() == "beta-divergence"][0]
+
+
+def _history(tol=1e-5):
+    from torchnmf.history import History
+
+    h = History(name="beta-divergence")
+    values = [2e7] + [1e5 * 0.9 ** i + 4e4 for i in range(1, 30)]  # a start far above the rest
+    prev = None
+    for i, v in enumerate(values):
+        h.annotate_next(step=i, change=np.nan if prev is None else abs(v - prev) / v)
+        h.append(v)
+        prev = v
+    h.tol, h.converged_ = tol, False
+    return h, values
+
+
+def test_history_plot_starts_the_axis_after_the_first_step():
+    h, values = _history()
+    ax = h.plot()
+    low, high = ax.get_ylim()
+    assert high < values[0] and low <= min(values) and high >= max(values[1:])
+    assert any("start 2e+07 (above the axis)" == t.get_text() for t in ax.texts)
+
+
+def test_tol_line_on_the_right_axis_above_the_objective():
+    h, values = _history()
+    ax = h.plot()
+    tol_lines = [ln for a in ax.figure.axes for ln in a.get_lines() if ln.get_label().startswith("tol = ")]
+    assert len(tol_lines) == 1
+    twin = tol_lines[0].axes
+    assert twin is not ax and twin.get_shared_x_axes().joined(twin, ax)  # the right axis, same steps
+    assert "relative change" in twin.get_ylabel()
+    # in axes fractions the tol line sits above every point of the objective curve after its start
+    t_lo, t_hi = np.log10(twin.get_ylim())
+    tol_frac = (np.log10(1e-5) - t_lo) / (t_hi - t_lo)
+    lo, hi = np.log10(ax.get_ylim())
+    curve = (np.log10(values[1:]) - lo) / (hi - lo)
+    assert curve.max() < tol_frac <= 1
+
+
+def test_cli_plot_uses_the_same_objective_panel(tmp_path):
+    from torchnmf.cli import main
+
+    X = np.random.RandomState(0).poisson(3.0, size=(40, 16)).astype(float)
+    np.save(tmp_path / "x.npy", X)
+    assert main(["fit", str(tmp_path / "x.npy"), "--model", "nmf", "--rank", "5", "--max-iter", "30", "--quiet",
+                 "-o", str(tmp_path / "f")]) == 0
+    shown = []
+    import matplotlib.figure
+
+    orig = matplotlib.figure.Figure.savefig
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: (shown.append(self), orig(self, *a, **k)))
+        assert main(["plot", str(tmp_path / "f"), "--components", "3"]) == 0
+    fig = shown[0]
+    assert fig._suptitle.get_text() == "3 of 5 components shown"
+    tol_lines = [ln for a in fig.axes for ln in a.get_lines() if ln.get_label().startswith("tol = ")]
+    assert len(tol_lines) == 1 and "relative change" in tol_lines[0].axes.get_ylabel()

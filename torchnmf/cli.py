@@ -407,7 +407,7 @@ def _plot(args) -> int:
             summary = json.load(fh)
     except Exception as err:
         raise CLIError(f"cannot read the fit at {prefix}: {err}") from err
-    from .plotting import check_image_shape, component_order, plot_components
+    from .plotting import check_image_shape, component_order, plot_components, plot_objective
 
     shape = args.image_shape if args.image_shape is not None else summary.get("image_shape")
     try:
@@ -431,20 +431,9 @@ def _plot(args) -> int:
     grid = fig.add_gridspec(rows + 1, cols, height_ratios=[3.0 / cell_h] + [1.0] * rows)
     ax = fig.add_subplot(grid[0, :])
     steps = z_steps if z_steps is not None and len(z_steps) == len(history) else np.arange(len(history))
-    ax.plot(steps, history, label=summary.get("objective", "objective"))
-    if len(history) and history.min() > 0 and not summary.get("maximize"):
-        ax.set_yscale("log")
+    plot_objective(ax, steps, history, name=summary.get("objective", "objective"), changes=z_changes,
+                   tol=summary.get("tol"), maximize=bool(summary.get("maximize")))
     ax.set_xlabel("iteration")
-    tol = summary.get("tol")
-    if tol and z_changes is not None and np.isfinite(z_changes).any():
-        # the stop rule's view: relative change per iteration against the tolerance
-        twin = ax.twinx()
-        ok = np.isfinite(z_changes) & (z_changes > 0)
-        twin.plot(steps[ok], z_changes[ok], color="tab:gray", lw=1, alpha=0.8, label="relative change")
-        twin.axhline(tol, color="tab:red", ls="--", lw=1, label=f"tol = {tol:g}")
-        twin.set_yscale("log")
-        twin.set_ylabel("relative change")
-        twin.legend(loc="upper right", fontsize="small")
     ax.set_ylabel(summary.get("objective", "objective"))
     ax.set_title(f"{summary.get('model')} on {os.path.basename(os.path.normpath(str(summary.get('input'))))} "
                  f"{tuple(summary.get('shape', ()))}, rank {summary.get('rank')}"

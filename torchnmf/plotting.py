@@ -1,4 +1,4 @@
-"""Drawing fitted components: as images (parts of pictures) or as bars of their top features."""
+"""Drawing fits: objective histories, and components as images (parts of pictures) or as bars of their top features."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["plot_components", "component_order", "check_image_shape"]
+__all__ = ["plot_components", "plot_objective", "component_order", "check_image_shape"]
 
 
 def check_image_shape(image_shape, n_features: int) -> Optional[Tuple[int, int]]:
@@ -72,7 +72,8 @@ def plot_components(W, *, image_shape: Optional[Sequence[int]] = None, names: Op
     order : sequence of int, optional
         Which components to draw, in order (default all, by :func:`component_order`).
     max_components : int, default 16
-        At most this many are drawn.
+        At most this many are drawn; when fewer than ``K`` are, the figure's title says
+        "16 of 25 components shown".
     axes : sequence of matplotlib Axes, optional
         Draw into these (at least as many as components drawn); default: a new figure with
         ``cols`` axes per row.
@@ -131,4 +132,108 @@ def plot_components(W, *, image_shape: Optional[Sequence[int]] = None, names: Op
             a.tick_params(axis="x", labelsize=6)
             a.set_xlabel("weight", fontsize=7)
         a.set_title(f"component {k}", fontsize=8)
-    return axes[0].figure if axes else plt.figure()
+    fig = axes[0].figure if axes else plt.figure()
+    if len(order) < K:  # say so: a grid of 16 reads as "all of them"
+        fig.suptitle(f"{len(order)} of {K} components shown", fontsize="medium")
+    return fig
+
+
+def _limits(lo: float, hi: float, bottom: float, top: float, log: bool) -> Tuple[float, float]:
+    """Axis limits that put the data range ``[lo, hi]`` at axes fractions ``[bottom, top]``."""
+    f = np.log10 if log else (lambda v: v)
+    a, b = float(f(lo)), float(f(hi))
+    if not b > a:  # a flat curve: give it a unit (or one decade) of room
+        pad = 0.5 if log or a == 0 else 0.05 * abs(a)
+        a, b = a - pad, b + pad
+    span = (b - a) / (top - bottom)
+    low = a - bottom * span
+    high = low + span
+    return (10.0 ** low, 10.0 ** high) if log else (low, high)
+
+
+def plot_objective(ax, steps, values, *, name: str = "objective", changes=None, tol: Optional[float] = None,
+                   maximize: bool = False, logy: Optional[bool] = None):
+    """Draw an objective history on ``ax`` and the stop rule's view on a right axis.
+
+    Two things keep the curve readable: a start far outside the later values (the first
+    objective of a fit is often orders of magnitude above the rest) is left off the axis,
+    whose range starts after the first step, with its value written in a corner; and with a
+    tolerance the relative change and the ``tol`` line get a right axis of their own whose
+    band (top for a minimised objective, bottom for a maximised one) does not overlap the
+    objective's, so the ``tol`` line never sits on the objective curve.
+
+    Parameters
+    ----------
+    ax : matplotlib Axes
+    steps : sequence of int, shape (n,)
+        The step of each value.
+    values : sequence of float, shape (n,)
+    name : str, default 'objective'
+        Label of the curve and the left axis.
+    changes : sequence of float, shape (n,), optional
+        The relative change per step the stop rule read at each value (``nan`` where none).
+    tol : float, optional
+        The tolerance; drawn (with ``changes``) on the right axis.
+    maximize : bool, default False
+        The objective is maximised (an ELBO).
+    logy : bool, optional
+        Log scale for the objective; default when every value is positive and ``maximize`` is False.
+
+    Returns
+    -------
+    matplotlib Axes or None
+        The right axis holding the relative change and the ``tol`` line (``None`` when not drawn).
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    steps = np.asarray(steps, dtype=np.float64).ravel()
+    if logy is None:
+        logy = bool(values.size) and not maximize and bool((values > 0).all())
+    ax.plot(steps, values, label=name)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(name)
+    twin = None
+    ok = np.zeros(0, dtype=bool)
+    if changes is not None and tol:
+        changes = np.asarray(changes, dtype=np.float64).ravel()
+        ok = np.isfinite(changes) & (changes > 0)
+    if ok.any():
+        twin = ax.twinx()
+        twin.plot(steps[ok], changes[ok], color="tab:gray", lw=1, alpha=0.8, label="relative change")
+        twin.axhline(tol, color="tab:red", ls="--", lw=1, label=f"tol = {tol:g}")
+        twin.set_yscale("log")
+        twin.set_ylabel("relative change per step (right)", color="tab:gray")
+        twin.tick_params(axis="y", colors="tab:gray")
+        band = (0.03, 0.34) if maximize else (0.66, 0.97)
+        lo, hi = min(changes[ok].min(), tol), max(changes[ok].max(), tol)
+        limits = _limits(lo, hi, *band, log=True)
+        first, last = int(math.floor(math.log10(lo))), int(math.ceil(math.log10(hi)))
+        every = max(1, (last - first + 4) // 5)  # ticks in the band only, at most about 5 of them
+        twin.set_yticks([10.0 ** e for e in range(first, last + 1, every)])
+        twin.minorticks_off()
+        twin.set_ylim(*limits)
+    finite = values[np.isfinite(values)]
+    if finite.size:
+        f = np.log10 if logy else (lambda v: v)
+        rest = values[1:][np.isfinite(values[1:])] if values.size >= 3 else finite
+        rest = rest if rest.size else finite
+        lo, hi = float(rest.min()), float(rest.max())
+        first, span = float(f(values[0])) if np.isfinite(values[0]) else np.nan, float(f(hi) - f(lo))
+        off = values.size >= 3 and np.isfinite(first) and (first > f(hi) + span or first < f(lo) - span)
+        if not off:
+            lo, hi = float(finite.min()), float(finite.max())
+        band = (0.04, 0.96) if twin is None else ((0.42, 0.97) if maximize else (0.03, 0.58))
+        if off or twin is not None:
+            ax.set_ylim(*_limits(lo, hi, *band, log=logy))
+        if off:
+            where = "above" if first > f(hi) else "below"
+            ax.text(0.01, 0.99 if where == "above" else 0.01, f"start {values[0]:.3g} ({where} the axis)",
+                    transform=ax.transAxes, fontsize="x-small", color="tab:blue",
+                    va="top" if where == "above" else "bottom", ha="left")
+    handles, labels = ax.get_legend_handles_labels()
+    if twin is not None:
+        h2, l2 = twin.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    (twin or ax).legend(handles, labels, loc="center right", fontsize="small", framealpha=0.8)
+    return twin
