@@ -238,19 +238,21 @@ def _check_input(M: "tio.Matrix", args, source: str):
 
 
 def _top_features(W: np.ndarray, H: np.ndarray, names) -> list:
-    """Per component (by contribution): its share of the total and its top features by name."""
-    from .plotting import component_order
+    """Per component (by contribution): its share, its top features by specificity and by raw loading."""
+    from .plotting import component_order, top_features
 
     weight = W.sum(0) * H.sum(0)
     total = float(weight.sum()) or 1.0
     out = []
     for k in component_order(W, H):
-        idx = np.argsort(-W[:, k], kind="stable")[:TOP_FEATURES]
+        idx = top_features(W, k, TOP_FEATURES, "specificity")
+        raw = top_features(W, k, TOP_FEATURES, "loading")
         out.append({
             "component": int(k),
             "share": round(float(weight[k]) / total, 6),
             "top_features": [str(names[j]) if names is not None else int(j) for j in idx],
             "weights": [float(f"{W[j, k]:.6g}") for j in idx],
+            "top_features_by_loading": [str(names[j]) if names is not None else int(j) for j in raw],
         })
     return out
 
@@ -356,6 +358,7 @@ def _fit(args) -> int:
         "row_names": M.row_names is not None,
         "col_names": M.col_names is not None,
         "image_shape": image_shape,
+        "feature_ranking": "specificity",  # of "top_features"; see torchnmf.plotting.feature_scores
         "components": _top_features(W, H, M.col_names),
     }
     # Each file goes to a temporary file beside it and is renamed: a killed run leaves the

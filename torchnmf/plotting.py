@@ -6,7 +6,11 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["plot_components", "plot_objective", "component_order", "check_image_shape"]
+__all__ = ["plot_components", "plot_objective", "component_order", "check_image_shape", "feature_scores",
+           "top_features", "RANKINGS"]
+
+#: How :func:`top_features` ranks a component's features: by ``'specificity'`` (the default) or raw ``'loading'``.
+RANKINGS = ("specificity", "loading")
 
 
 def check_image_shape(image_shape, n_features: int) -> Optional[Tuple[int, int]]:
@@ -53,9 +57,67 @@ def component_order(W: np.ndarray, H: Optional[np.ndarray] = None) -> np.ndarray
     return np.argsort(-weight, kind="stable")
 
 
+def feature_scores(W, ranking: str = "specificity") -> np.ndarray:
+    """Each feature's score in each component, by which :func:`top_features` ranks them.
+
+    ``'loading'``: the loading ``W[j, k]`` itself. Raw loadings put features that are large
+    everywhere (housekeeping genes such as FTL, B2M; stop words) at the top of every component.
+
+    ``'specificity'``: with every component scaled to total 1 (``P = W / W.sum(0)``, so a
+    component's scale, which NMF leaves to ``H``, does not matter), the feature's share in the
+    component times the part of the feature's total over components that lies in it,
+    ``P[j, k] * P[j, k] / sum_l P[j, l]``. A feature spread evenly over ``K`` components is
+    discounted ``K``-fold; a marker found in one component keeps its share. The share alone
+    (``P[j, k] / sum_l P[j, l]``) would rank a barely used feature that happens to sit in one
+    component as high as a real marker, and cNMF's z-scored program scores need the data and
+    a regression, not just the factors; the product needs only ``W``.
+
+    Parameters
+    ----------
+    W : array-like, shape (n_features, K)
+        One component per column (``components_.T`` of an estimator). Non-negative.
+    ranking : {'specificity', 'loading'}, default 'specificity'
+
+    Returns
+    -------
+    ndarray, shape (n_features, K)
+    """
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
+    W = np.asarray(W, dtype=np.float64)
+    if W.ndim != 2:
+        raise ValueError(f"W must have shape (n_features, n_components), got {W.shape}")
+    if ranking == "loading":
+        return W
+    with np.errstate(invalid="ignore", divide="ignore"):
+        P = np.nan_to_num(W / W.sum(0, keepdims=True))
+        share = np.nan_to_num(P / P.sum(1, keepdims=True))
+    return P * share
+
+
+def top_features(W, k: int, top: int = 10, ranking: str = "specificity") -> np.ndarray:
+    """The indices of component ``k``'s ``top`` features, best first.
+
+    Parameters
+    ----------
+    W : array-like, shape (n_features, K)
+    k : int
+        The component (column of ``W``).
+    top : int, default 10
+    ranking : {'specificity', 'loading'}, default 'specificity'
+        See :func:`feature_scores`.
+
+    Returns
+    -------
+    ndarray of int, shape (min(top, n_features),)
+        Ties keep the features' order.
+    """
+    return np.argsort(-feature_scores(W, ranking)[:, k], kind="stable")[:top]
+
+
 def plot_components(W, *, image_shape: Optional[Sequence[int]] = None, names: Optional[Sequence[str]] = None,
                     top: int = 10, order: Optional[Sequence[int]] = None, max_components: int = 16,
-                    axes=None, cols: int = 8, cmap: str = "gray_r"):
+                    axes=None, cols: int = 8, cmap: str = "gray_r", ranking: str = "specificity"):
     """Draw components as images or as horizontal bars of their ``top`` features.
 
     Parameters
@@ -79,6 +141,10 @@ def plot_components(W, *, image_shape: Optional[Sequence[int]] = None, names: Op
         ``cols`` axes per row.
     cols : int, default 8
     cmap : str, default 'gray_r'
+    ranking : {'specificity', 'loading'}, default 'specificity'
+        How the bar charts pick and draw their features (:func:`feature_scores`): by
+        specificity, so that markers, not features large in every component, lead; or by
+        raw loading (the bars then show the loadings).
 
     Returns
     -------
@@ -95,6 +161,7 @@ def plot_components(W, *, image_shape: Optional[Sequence[int]] = None, names: Op
         raise ValueError(f"W must have shape (n_features, n_components), got {W.shape}")
     n_features, K = W.shape
     shape = check_image_shape(image_shape, n_features)
+    scores = feature_scores(W, ranking) if shape is None else W
     for value, label in ((top, "top"), (max_components, "max_components"), (cols, "cols")):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
@@ -124,13 +191,14 @@ def plot_components(W, *, image_shape: Optional[Sequence[int]] = None, names: Op
             a.set_xticks([])
             a.set_yticks([])
         else:
-            idx = np.argsort(-w, kind="stable")[:top][::-1]  # largest at the top
-            a.barh(np.arange(len(idx)), w[idx], color="tab:blue")
+            s = scores[:, k]
+            idx = np.argsort(-s, kind="stable")[:top][::-1]  # best at the top
+            a.barh(np.arange(len(idx)), s[idx], color="tab:blue")
             a.set_yticks(np.arange(len(idx)))
             labels = [str(names[j]) if names is not None else f"feature {j}" for j in idx]
             a.set_yticklabels(labels, fontsize=7)
             a.tick_params(axis="x", labelsize=6)
-            a.set_xlabel("weight", fontsize=7)
+            a.set_xlabel("weight" if ranking == "loading" else "specificity", fontsize=7)
         a.set_title(f"component {k}", fontsize=8)
     fig = axes[0].figure if axes else plt.figure()
     if len(order) < K:  # say so: a grid of 16 reads as "all of them"
