@@ -9,6 +9,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from torchnmf.cli import main, read_fit, read_matrix
+from torchnmf.plotting import top_features
 
 
 def counts(n=25, c=9, seed=0):
@@ -201,9 +202,11 @@ def test_labelled_csv_names_reach_the_outputs(tmp_path, data, model, capsys):
     assert summary["row_names"] and summary["col_names"] and summary["rounded"] == 0
     comps = summary["components"]
     assert len(comps) == 2 and sum(c["share"] for c in comps) == pytest.approx(1, abs=1e-5)
-    for c in comps:  # the top features are the names of the largest loadings
+    assert summary["feature_ranking"] == "specificity"
+    for c in comps:  # the top features by specificity, and by raw loading
         k = c["component"]
-        assert c["top_features"] == [f"Gene{j}" for j in np.argsort(-W[:, k], kind="stable")[:9]]
+        assert c["top_features"] == [f"Gene{j}" for j in top_features(W, k, 10, "specificity")]
+        assert c["top_features_by_loading"] == [f"Gene{j}" for j in np.argsort(-W[:, k], kind="stable")[:9]]
 
 
 def test_transpose_and_ten_x_directory(tmp_path, data, capsys):
@@ -358,7 +361,7 @@ def test_plot_image_shape_and_named_bars(tmp_path, data, monkeypatch):
     assert len(bars) == 2
     labels = [t.get_text() for t in bars[0].get_yticklabels()]
     assert len(labels) == 4 and all(t.startswith("Gene") for t in labels)
-    assert bars[0].get_xlabel() == "weight"
+    assert bars[0].get_xlabel() == "specificity"  # the default ranking of the bars
     assert main(["plot", str(out), "--image-shape", "2", "4"]) == 2
 
 

@@ -388,3 +388,45 @@ def test_warmup_only_delays_convergence():
     h = History()
     res = run(flat, max_iter=50, tol=1e-6, history=h, model="toy", window=2, warmup=10)
     assert res.converged and res.n_iter == 10
+
+
+# -- defaults that finish, warnings at the user's line ---------------------------------------
+README_EXAMPLE = '''
+import torch
+from sklearn.datasets import load_digits
+from torchnmf import NMF
+from torchnmf.estimators import BetaNMF
+
+X = load_digits().data
+est = BetaNMF(n_components=16, beta_loss="kullback-leibler", random_state=0, device="cpu")
+H = est.fit_transform(X)
+parts = est.components_
+
+net = NMF(X.shape, rank=16).double()
+net.fit(torch.from_numpy(X), beta=1)
+'''
+
+
+def test_readme_ten_lines_converge_without_a_warning():
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.rst").read_text()
+    for line in README_EXAMPLE.strip().splitlines():  # the example here is the README's, less comments
+        code = line.split("#")[0].strip().replace(', device="cpu"', "")
+        assert code in readme, f"README's example changed: {code!r}"
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exec(compile(README_EXAMPLE, "README.rst", "exec"), {})
+
+
+def test_convergence_warning_through_set_output_points_at_the_callers_line():
+    # fit_transform is wrapped by scikit-learn's set_output (sklearn/utils/_set_output.py)
+    from torchnmf.estimators import BetaNMF, GammaPoissonFactorization
+
+    X = np.random.RandomState(0).poisson(3.0, size=(30, 8)).astype(float)
+    for est in (BetaNMF(3, max_iter=2, random_state=0, device="cpu"),
+                GammaPoissonFactorization(3, max_iter=2, random_state=0, device="cpu")):
+        with pytest.warns(ConvergenceWarning) as rec:
+            est.fit_transform(X)
+        assert [w.filename for w in rec if issubclass(w.category, ConvergenceWarning)] == [__file__]

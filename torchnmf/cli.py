@@ -83,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--rank", "-k", type=int, required=True,
                    help="number of components K, at most min(n_samples, n_features)")
     f.add_argument("--beta", type=float, default=1.0, help="beta of the divergence for --model nmf (default: 1, KL)")
-    f.add_argument("--max-iter", type=int, default=200, help="maximum iterations (default: 200)")
+    f.add_argument("--max-iter", type=int, default=None,
+                   help="maximum iterations (default: the model's, 2000 nmf, 1000 gamma-poisson, 500 pnmf)")
     f.add_argument("--tol", type=float, default=None,
                    help="stop when the objective changes by at most this, relative to its value, per iteration "
                         "(default: the model's, 1e-5 nmf and pnmf, 1e-6 gamma-poisson; 0 runs --max-iter)")
@@ -172,8 +173,9 @@ def _finite_or_none(x: float):
 
 
 def _estimator(args):
-    common = dict(n_components=args.rank, max_iter=args.max_iter, random_state=args.seed,
-                  device=args.device, verbose=not args.quiet)
+    common = dict(n_components=args.rank, random_state=args.seed, device=args.device, verbose=not args.quiet)
+    if args.max_iter is not None:  # otherwise the estimator's own default (docs/choosing.rst)
+        common["max_iter"] = args.max_iter
     if args.tol is not None:  # otherwise the estimator's own default
         common["tol"] = args.tol
     if args.model == "nmf":
@@ -245,19 +247,21 @@ def _check_input(M: "tio.Matrix", args, source: str):
 
 
 def _top_features(W: np.ndarray, H: np.ndarray, names) -> list:
-    """Per component (by contribution): its share of the total and its top features by name."""
-    from .plotting import component_order
+    """Per component (by contribution): its share, its top features by specificity and by raw loading."""
+    from .plotting import component_order, top_features
 
     weight = W.sum(0) * H.sum(0)
     total = float(weight.sum()) or 1.0
     out = []
     for k in component_order(W, H):
-        idx = np.argsort(-W[:, k], kind="stable")[:TOP_FEATURES]
+        idx = top_features(W, k, TOP_FEATURES, "specificity")
+        raw = top_features(W, k, TOP_FEATURES, "loading")
         out.append({
             "component": int(k),
             "share": round(float(weight[k]) / total, 6),
             "top_features": [str(names[j]) if names is not None else int(j) for j in idx],
             "weights": [float(f"{W[j, k]:.6g}") for j in idx],
+            "top_features_by_loading": [str(names[j]) if names is not None else int(j) for j in raw],
         })
     return out
 
@@ -267,7 +271,7 @@ def _fit(args) -> int:
 
     if args.rank <= 0:
         raise CLIError(f"--rank must be a positive integer, got {args.rank}")
-    if args.max_iter <= 0:
+    if args.max_iter is not None and args.max_iter <= 0:
         raise CLIError(f"--max-iter must be a positive integer, got {args.max_iter}")
     if args.tol is not None and (not math.isfinite(args.tol) or args.tol < 0):
         raise CLIError(f"--tol must be >= 0, got {args.tol}")
@@ -357,7 +361,7 @@ def _fit(args) -> int:
         "maximize": bool(est.history_.maximize),
         "final_objective": float(history[-1]) if len(history) else None,
         "n_iter": n_iter,
-        "max_iter": int(args.max_iter),
+        "max_iter": int(est.max_iter),
         "tol": float(est.tol),
         "converged": bool(est.history_.converged_),
         "last_relative_change": _finite_or_none(est.history_.changes[-1] if len(history) else float("nan")),
@@ -370,6 +374,7 @@ def _fit(args) -> int:
         "row_names": M.row_names is not None,
         "col_names": M.col_names is not None,
         "image_shape": image_shape,
+        "feature_ranking": "specificity",  # of "top_features"; see torchnmf.plotting.feature_scores
         "components": _top_features(W, H, M.col_names),
     }
     # Both files are written to temporary files beside them and renamed only once both are
@@ -497,7 +502,7 @@ def _plot(args) -> int:
         raise CLIError(str(err)) from err
     W, H, history = fit["W"], fit["H"], fit["history"]
     z_steps, z_changes, names = fit.get("history_steps"), fit.get("history_changes"), fit.get("col_names")
-    from .plotting import check_image_shape, component_order, plot_components
+    from .plotting import check_image_shape, component_order, plot_components, plot_objective
 
     shape = args.image_shape if args.image_shape is not None else summary.get("image_shape")
     try:
@@ -522,22 +527,10 @@ def _plot(args) -> int:
     grid = fig.add_gridspec(rows + 1, cols, height_ratios=[3.0 / cell_h] + [1.0] * rows)
     ax = fig.add_subplot(grid[0, :])
     steps = z_steps if z_steps is not None and len(z_steps) == len(history) else np.arange(len(history))
-    objective = str(summary.get("objective", "objective"))
-    ax.plot(steps, history, label=objective)
-    if len(history) and history.min() > 0 and not summary.get("maximize"):
-        ax.set_yscale("log")
+    plot_objective(ax, steps, history, name=summary.get("objective", "objective"), changes=z_changes,
+                   tol=summary.get("tol"), maximize=bool(summary.get("maximize")))
     ax.set_xlabel("iteration")
-    tol = summary.get("tol")
-    if tol and z_changes is not None and np.isfinite(z_changes).any():
-        # the stop rule's view: relative change per iteration against the tolerance
-        twin = ax.twinx()
-        ok = np.isfinite(z_changes) & (z_changes > 0)
-        twin.plot(steps[ok], z_changes[ok], color="tab:gray", lw=1, alpha=0.8, label="relative change")
-        twin.axhline(tol, color="tab:red", ls="--", lw=1, label=f"tol = {tol:g}")
-        twin.set_yscale("log")
-        twin.set_ylabel("relative change")
-        twin.legend(loc="upper right", fontsize="small")
-    ax.set_ylabel(objective)
+    ax.set_ylabel(summary.get("objective", "objective"))
     size = summary.get("shape")
     size = tuple(size) if isinstance(size, list) else (size if size is not None else ())
     ax.set_title(f"{summary.get('model')} on {os.path.basename(os.path.normpath(str(summary.get('input'))))} "

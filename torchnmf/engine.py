@@ -40,7 +40,6 @@ measurements relative to the first measured objective, ``(f_old - f_new) / f_0 <
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 import warnings
@@ -168,12 +167,22 @@ def _check_finite(record: Record, model: str, step: int) -> None:
 
 
 def _user_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside torchnmf: warnings point at the user's call."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    """The ``stacklevel`` of the first frame outside torchnmf and scikit-learn.
+
+    Warnings then point at the user's line: an estimator's ``fit_transform`` is reached
+    through scikit-learn's ``set_output`` wrapper (``sklearn/utils/_set_output.py``), and
+    through ``cross_val_score`` or a ``Pipeline`` from deeper inside scikit-learn. Frames are
+    recognised by their module's name, not their file, so installed and source checkouts
+    (and zip imports) read the same.
+    """
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+    while frame is not None and frame.f_back is not None and _internal(frame.f_globals.get("__name__", "")):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _internal(module: str) -> bool:
+    return module.split(".", 1)[0] in ("torchnmf", "sklearn")
 
 
 def _agree_flag(flag: bool, agree: Optional[Callable[[bool], bool]]) -> bool:

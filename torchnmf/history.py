@@ -276,41 +276,30 @@ def plot_history(history, ax=None, parts: bool = False, logy: Optional[bool] = N
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover - optional dependency
         raise ImportError("plotting needs matplotlib: pip install matplotlib") from None
+    from .plotting import plot_objective
+
     records = history.snapshot() if isinstance(history, History) else list(history)
     name = history.name if isinstance(history, History) else "objective"
     values = [float(r) for r in records]
     steps = history.steps if isinstance(history, History) else list(range(len(values)))
+    elbo = bool(records) and isinstance(records[0], ELBO)
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, values, label="total" if parts else name)
-    if parts and records and isinstance(records[0], ELBO):
+    if logy is None:
+        logy = bool(values) and not elbo and min(values) > 0
+    tol = getattr(history, "tol", None) if isinstance(history, History) else None
+    # the stop rule's view (relative change per step against the tolerance) on its own right axis
+    plot_objective(ax, steps, values, name="total" if parts else name, logy=logy,
+                   changes=history.changes if tol and not parts else None, tol=None if parts else tol,
+                   maximize=bool(getattr(history, "maximize", False)) or elbo)
+    ax.set_ylabel(name)
+    if parts and elbo:
         twin = ax.twinx()
         for key in records[0].to_dict():
             if key == "total":
                 continue
             twin.plot(steps, [r.to_dict()[key] for r in records], "--", label=key, alpha=0.6)
         twin.legend(loc="center right")
-    if logy is None:
-        logy = bool(values) and not isinstance(records[0], ELBO) and min(values) > 0
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(name)
-    handles, labels = ax.get_legend_handles_labels()
-    tol = getattr(history, "tol", None) if isinstance(history, History) else None
-    if tol and not parts:
-        # the stop rule's view: relative change per step against the tolerance it had to meet
-        changes = [(s, c) for s, c in zip(steps, history.changes) if math.isfinite(c) and c > 0]
-        if changes:
-            twin = ax.twinx()
-            twin.plot([s for s, _ in changes], [c for _, c in changes], color="tab:gray", lw=1, alpha=0.8,
-                      label="relative change")
-            twin.axhline(tol, color="tab:red", ls="--", lw=1, label=f"tol = {tol:g}")
-            twin.set_yscale("log")
-            twin.set_ylabel("relative change per step")
-            h2, l2 = twin.get_legend_handles_labels()
-            handles, labels = handles + h2, labels + l2
     if getattr(history, "converged_", None) is False:
         ax.set_title(f"{name}: max_iter reached before tol", fontsize="medium")
-    ax.legend(handles, labels, loc="best")
     return ax

@@ -194,7 +194,7 @@ class BaseComponent(nn.Module):
         data.check_positive(alpha, "alpha", allow_zero=True)
         data.check_real(l1_ratio, "l1_ratio", 0, 1)
 
-    def fit(self, V, beta: float = 1, tol: float = 1e-4, max_iter: int = 200, verbose: bool = False,
+    def fit(self, V, beta: float = 1, tol: float = 1e-5, max_iter: int = 2000, verbose: bool = False,
             alpha: float = 0, l1_ratio: float = 0, *, mask=None, history: Optional[History] = None,
             check_every: Optional[int] = None, stop_rule: str = "relative") -> int:
         r"""Fit the trainable factors to ``V`` by beta-divergence multiplicative updates.
@@ -214,12 +214,16 @@ class BaseComponent(nn.Module):
             Converted to the module's dtype and device; never modified.
         beta : float, default 1
             Beta-divergence (2 Euclidean, 1 KL, 0 Itakura-Saito).
-        tol : float, default 1e-4
+        tol : float, default 1e-5
             Stop when the change of the divergence per iteration, relative to its current
             value, is at most ``tol`` (see :mod:`torchnmf.engine`); 0 runs ``max_iter``
             iterations. Reaching ``max_iter`` with ``tol > 0`` warns with
-            :class:`~torchnmf.engine.ConvergenceWarning`.
-        max_iter : int, default 200
+            :class:`~torchnmf.engine.ConvergenceWarning`. The same defaults as
+            :class:`~torchnmf.estimators.BetaNMF`'s (the same updates); every fit's defaults
+            are compared in :ref:`default-tolerances`.
+        max_iter : int, default 2000
+            Enough for typical data to meet the default ``tol`` (scikit-learn's digits at
+            KL: 960 iterations), so the warning marks a fit that really did not converge.
         verbose : bool, default False
             Show a progress bar with the current divergence.
         alpha, l1_ratio : float, default 0

@@ -54,15 +54,16 @@ class BetaNMF(TorchFactorization):
         strictly positive ``X``.
     init : {'nndsvda', 'nndsvd', 'nndsvdar', 'random', 'k-means'}, optional
         See :func:`torchnmf.init.initialize`; ``None`` picks as scikit-learn does.
-    max_iter : int, default 200
+    max_iter : int, default 2000
         Maximum number of updates (of both factors) in :meth:`fit`; the number of updates
-        of ``H`` in :meth:`transform`.
+        of ``H`` in :meth:`transform`. Large enough for typical data to meet the default
+        ``tol`` (scikit-learn's digits at KL: 960 updates; a 1500 x 800 single-cell-like count
+        matrix: 160), so the warning marks a fit that really did not converge.
     tol : float, default 1e-5
         Stop :meth:`fit` when the divergence changes by at most ``tol`` per iteration,
         relative to its current value (see ``stop_rule``); 0 runs ``max_iter`` updates.
         Reaching ``max_iter`` first warns with :class:`~torchnmf.engine.ConvergenceWarning`
-        (on real data the default 200 updates of the multiplicative rule usually do). The
-        default is smaller than scikit-learn's 1e-4 because the rule is per iteration and
+        (see :ref:`default-tolerances` for every fit's defaults). The default is smaller than scikit-learn's 1e-4 because the rule is per iteration and
         multiplicative updates slow down gradually: with ``tol=1e-4`` a fit of scikit-learn's
         digits given ``max_iter=1000`` would stop at iteration 269 with its divergence 2.7%
         above the 1000-iteration one; with 1e-5 it stops at iteration 960, 0.04% above the
@@ -126,7 +127,7 @@ class BetaNMF(TorchFactorization):
     """
 
     def __init__(self, n_components: Optional[int] = None, *, beta_loss="kullback-leibler", init: Optional[str] = None,
-                 max_iter: int = 200, tol: float = 1e-5, alpha: float = 0.0, l1_ratio: float = 0.0,
+                 max_iter: int = 2000, tol: float = 1e-5, alpha: float = 0.0, l1_ratio: float = 0.0,
                  layer: str = "nmf", T: int = 1, random_state=None, device="auto", dtype=None,
                  check_every: Optional[int] = None, verbose: bool = False, stop_rule: str = "relative"):
         self.n_components = n_components

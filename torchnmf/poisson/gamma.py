@@ -984,7 +984,7 @@ class GammaPoisson(nn.Module):
             return ELBO(z.to(dtype), {"U_kls": kl_u.to(dtype), "alpha_kls": kl_a.to(dtype)})
 
     # -- fitting -----------------------------------------------------------------
-    def fit(self, X, max_iter: int = 200, tol: float = 1e-6, verbose: bool = False, history=None,
+    def fit(self, X, max_iter: int = 1000, tol: float = 1e-6, verbose: bool = False, history=None,
             callback: Optional[Callable] = None, chunk_size: Optional[int] = None, trainer=None):
         """Fit by coordinate ascent (:class:`torchnmf.trainer.CAVI`) until the ELBO settles.
 
@@ -992,8 +992,9 @@ class GammaPoisson(nn.Module):
         ----------
         X : counts, shape (n_rows, n_cols)
             Dense or sparse tensor, numpy array, scipy.sparse matrix or CountMatrix; never modified.
-        max_iter : int, default 200
-            Maximum number of sweeps.
+        max_iter : int, default 1000
+            Maximum number of sweeps (typical data meets the default ``tol`` well before; see
+            :ref:`default-tolerances`).
         tol : float, default 1e-6
             Stop when the ELBO changes by at most ``tol`` relative to ``|ELBO|`` over a sweep
             (the rule of :mod:`torchnmf.engine`; 0 runs ``max_iter``); reaching ``max_iter``
