@@ -159,6 +159,10 @@ def test_deep_poisson_levels_factor_the_same_rates():
     assert len(elbo) == 30 and (np.diff(elbo) >= -1e-9 * np.abs(elbo[1:])).all()  # CAVI never lowers it
     with pytest.raises(ValueError, match=r"ranks=\(50, 2\)"):
         ntl.deep_poisson(adata, (50, 2), layer="counts")
+    with pytest.raises(ValueError, match="init"):
+        ntl.deep_poisson(adata, (4, 2), layer="counts", init="kmeans")
+    rand = ntl.deep_poisson(adata, (4,), layer="counts", copy=True, init="random", max_iter=3, tol=0, device="cpu")
+    assert rand.obsm["X_deep_poisson"].shape == (40, 4) and "X_deep_poisson_level2" not in rand.obsm
 
 
 def test_a_path_is_read_and_the_result_returned(tmp_path):
