@@ -82,3 +82,14 @@ def test_deep_topics():
     supers = [line for line in out.splitlines() if line.startswith("super-topic")]
     assert len(supers) == 3 and all(len(t.split(":", 1)[1].split()) == 8 for t in supers)
     assert len([line for line in out.splitlines() if line.strip().startswith("topic")]) == 6
+
+
+def test_single_cell_anndata(tmp_path):
+    pytest.importorskip("anndata")
+    out = run("single_cell_anndata.py", "--out", str(tmp_path), "--device", "cpu")
+    rows = [line for line in out.splitlines() if line.startswith("| tl.")]
+    assert len(rows) == 3
+    for row in rows:
+        r, acc = (float(v) for v in row.split("|")[3:5])
+        assert r > 0.8 and acc > 0.9  # simulated programs and cell types recovered (0.88-0.99, 1.0 at --quick)
+    assert (tmp_path / "single_cell.h5ad").stat().st_size > 1000
