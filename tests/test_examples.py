@@ -92,3 +92,14 @@ def test_consensus_digits(tmp_path):
     assert header.split() == ["k", "stability", "error", "cophenetic", "kept"]
     for name in ("consensus_k_selection.png", "consensus_clustering.png", "consensus_parts.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_single_cell_anndata(tmp_path):
+    pytest.importorskip("anndata")
+    out = run("single_cell_anndata.py", "--out", str(tmp_path), "--device", "cpu")
+    rows = [line for line in out.splitlines() if line.startswith("| tl.")]
+    assert len(rows) == 3
+    for row in rows:
+        r, acc = (float(v) for v in row.split("|")[3:5])
+        assert r > 0.8 and acc > 0.9  # simulated programs and cell types recovered (0.88-0.99, 1.0 at --quick)
+    assert (tmp_path / "single_cell.h5ad").stat().st_size > 1000

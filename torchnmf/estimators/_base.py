@@ -9,6 +9,7 @@ a tensor on the input's device for tensor input, or whatever :meth:`set_output` 
 from __future__ import annotations
 
 import copy
+import os
 from typing import Optional, Union
 
 import numpy as np
@@ -117,6 +118,10 @@ class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     -----------
     - ``X`` has shape ``(n_samples, n_features)``: numpy, scipy.sparse, pandas DataFrame or a
       torch tensor (dense or sparse, cpu or cuda). It is never modified.
+    - An :class:`anndata.AnnData` (or an ``.h5ad`` path) is read by :mod:`torchnmf.anndata_io`:
+      ``fit``/``transform`` take ``layer=`` (default ``X``) and ``use_highly_variable=``
+      (default: ``var['highly_variable']`` when present, as :func:`scanpy.tl.pca`), and the gene
+      names become ``feature_names_in_``; ``transform`` takes the fitted genes by name.
     - ``device='auto'`` computes on cuda when available; ``None`` follows a tensor input's
       device (cpu for other input).
     - ``dtype=None`` keeps float32 / float64 input as it is and computes other input in
@@ -130,6 +135,10 @@ class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     def _check_X(self, X, *, reset: bool, counts: bool = False, allow_noninteger: bool = True) -> Tensor:
         """Validate and convert ``X`` to a tensor on the estimator's device and dtype."""
         device = resolve_device(getattr(self, "device", "auto"))
+        X = self._adata_in(X, reset=reset)
+        names = None
+        if getattr(X, "_torchnmf_adata", False):  # an AnnData's matrix (torchnmf.anndata_io.Selection)
+            X, names = X.tensor(), X.feature_names
         if isinstance(X, Tensor):
             T = as_tensor(X, "X", ndim=2, float_only=False)
             if 0 in T.shape:
@@ -139,6 +148,8 @@ class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
                 self.n_features_in_ = int(T.shape[1])
                 if hasattr(self, "feature_names_in_"):
                     del self.feature_names_in_
+                if names is not None:
+                    self.feature_names_in_ = names
             elif T.shape[1] != self.n_features_in_:
                 raise ValueError(
                     f"X has {T.shape[1]} features, but {type(self).__name__} is expecting "
@@ -166,6 +177,22 @@ class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
             check_nonnegative(T, "X")
         check_magnitude(T, "X")
         return T
+
+    def _adata_in(self, X, layer: Optional[str] = None, use_highly_variable: Optional[bool] = None, *,
+                  reset: bool, counts: bool = False):
+        """``X`` itself, or for an AnnData (or an .h5ad path) its matrix with the gene names.
+
+        The conversion lives in :mod:`torchnmf.anndata_io`, imported only when it is needed.
+        """
+        is_path = isinstance(X, (str, os.PathLike)) and os.fspath(X).lower().endswith(".h5ad")
+        if type(X).__module__.split(".")[0] == "anndata" or is_path:
+            from ..anndata_io import estimator_input
+
+            return estimator_input(self, X, layer, use_highly_variable, reset=reset, counts=counts)
+        if layer is not None or use_highly_variable is not None:
+            raise TypeError(f"layer= and use_highly_variable= apply to AnnData input only, got X of type "
+                            f"{type(X).__name__}")
+        return X
 
     # -- output ----------------------------------------------------------------
     def _output(self, T: Tensor, like, method: str = "transform"):

@@ -155,18 +155,27 @@ class GammaPoissonFactorization(TorchFactorization):
         scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
         return H * scale, W / scale
 
-    def fit(self, X, y=None):
-        """Fit the posterior to counts ``X`` of shape ``(n_samples, n_features)``; return ``self``."""
-        self.fit_transform(X)
+    def fit(self, X, y=None, *, layer: Optional[str] = None, use_highly_variable: Optional[bool] = None):
+        """Fit the posterior to counts ``X`` of shape ``(n_samples, n_features)``; return ``self``.
+
+        ``X`` may be an :class:`anndata.AnnData` (``layer``, ``use_highly_variable`` as in
+        :meth:`fit_transform`).
+        """
+        self.fit_transform(X, layer=layer, use_highly_variable=use_highly_variable)
         return self
 
-    def fit_transform(self, X, y=None):
+    def fit_transform(self, X, y=None, *, layer: Optional[str] = None, use_highly_variable: Optional[bool] = None):
         """Fit and return the posterior means of the row factors ``E[U]``.
 
         Parameters
         ----------
-        X : counts, array-like, sparse matrix or Tensor, shape (n_samples, n_features)
+        X : counts, array-like, sparse matrix, Tensor or AnnData, shape (n_samples, n_features)
         y : ignored
+        layer : str, optional
+            AnnData input only: the layer to factorize (default ``adata.X``).
+        use_highly_variable : bool, optional
+            AnnData input only: fit the genes flagged in ``var['highly_variable']`` (default:
+            when that column exists, as :func:`scanpy.tl.pca`).
 
         Returns
         -------
@@ -175,6 +184,7 @@ class GammaPoissonFactorization(TorchFactorization):
         from ..poisson.gamma import GammaPoisson
 
         rank = self._check_params()
+        X = self._adata_in(X, layer, use_highly_variable, reset=True, counts=not self.allow_noninteger)
         V = self._check_X(X, reset=True, counts=True, allow_noninteger=bool(self.allow_noninteger))
         if rank > min(V.shape):
             raise ValueError(f"n_components={rank} is larger than min(n_samples, n_features) = {min(V.shape)} "
@@ -198,18 +208,22 @@ class GammaPoissonFactorization(TorchFactorization):
             U = layer.mean_U()
         return self._output(U, X)
 
-    def transform(self, X):
+    def transform(self, X, *, layer: Optional[str] = None):
         """Posterior means ``E[U]`` of the row factors of new rows, column factors fixed.
 
         Parameters
         ----------
         X : counts, shape (n_samples, n_features)
+        layer : str, optional
+            AnnData input only: the layer to read (default ``adata.X``); the fitted genes are
+            taken by name.
 
         Returns
         -------
         ndarray or Tensor, shape (n_samples, n_components)
         """
         check_is_fitted(self, "module_")
+        X = self._adata_in(X, layer, reset=False, counts=not self.allow_noninteger)
         V = self._check_X(X, reset=False, counts=True, allow_noninteger=bool(self.allow_noninteger))
         V = V.to(device=self.module_.device, dtype=self.module_.dtype)
         U = self.module_.transform(V, max_iter=self.transform_max_iter, tol=0.0, chunk_size=self.chunk_size)

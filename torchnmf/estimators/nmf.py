@@ -193,27 +193,38 @@ class BetaNMF(TorchFactorization):
         return H if self.layer == "nmf" else H[0].t()
 
     # -- fitting ---------------------------------------------------------------
-    def fit(self, X, y=None):
-        """Fit the factorization to ``X`` of shape ``(n_samples, n_features)``; return ``self``."""
-        self.fit_transform(X)
+    def fit(self, X, y=None, *, layer: Optional[str] = None, use_highly_variable: Optional[bool] = None):
+        """Fit the factorization to ``X`` of shape ``(n_samples, n_features)``; return ``self``.
+
+        ``X`` may be an :class:`anndata.AnnData` (``layer``, ``use_highly_variable`` as in
+        :meth:`fit_transform`).
+        """
+        self.fit_transform(X, layer=layer, use_highly_variable=use_highly_variable)
         return self
 
-    def fit_transform(self, X, y=None, W=None, H=None):
+    def fit_transform(self, X, y=None, W=None, H=None, *, layer: Optional[str] = None,
+                      use_highly_variable: Optional[bool] = None):
         """Fit and return ``H`` of shape ``(n_samples, n_components)``.
 
         Parameters
         ----------
-        X : array-like, sparse matrix or Tensor, shape (n_samples, n_features)
+        X : array-like, sparse matrix, Tensor or AnnData, shape (n_samples, n_features)
         y : ignored
         W : array-like, shape (n_features, n_components), optional
             Initial column factors (with ``H``, replaces ``init``).
         H : array-like, shape (n_samples, n_components), optional
             Initial row factors.
+        layer : str, optional
+            AnnData input only: the layer to factorize (default ``adata.X``).
+        use_highly_variable : bool, optional
+            AnnData input only: fit the genes flagged in ``var['highly_variable']`` (default:
+            when that column exists, as :func:`scanpy.tl.pca`).
 
         Returns
         -------
         ndarray or Tensor, shape (n_samples, n_components)
         """
+        X = self._adata_in(X, layer, use_highly_variable, reset=True)
         V = self._check_X(X, reset=True)
         beta, rank, T = self._check_params(V)
         n_samples, n_features = V.shape
@@ -247,7 +258,7 @@ class BetaNMF(TorchFactorization):
         self.components_ = self._to_numpy((Wf if Wf.dim() == 2 else Wf.sum(-1)).t())
         return self._output(self._rows(module), X, "fit_transform")
 
-    def transform(self, X):
+    def transform(self, X, *, layer: Optional[str] = None):
         """Row factors ``H`` of new data with ``W`` fixed: shape ``(n_samples, n_components)``.
 
         Runs exactly ``max_iter`` multiplicative updates of ``H`` alone from the constant
@@ -256,13 +267,17 @@ class BetaNMF(TorchFactorization):
 
         Parameters
         ----------
-        X : array-like, sparse matrix or Tensor, shape (n_samples, n_features)
+        X : array-like, sparse matrix, Tensor or AnnData, shape (n_samples, n_features)
+        layer : str, optional
+            AnnData input only: the layer to read (default ``adata.X``); the fitted genes are
+            taken by name.
 
         Returns
         -------
         ndarray or Tensor, shape (n_samples, n_components)
         """
         check_is_fitted(self, "module_")
+        X = self._adata_in(X, layer, reset=False)
         V = self._check_X(X, reset=False)
         beta, _, T = self._check_params(V)
         W = self.module_.W.detach().to(device=V.device, dtype=V.dtype).clone()

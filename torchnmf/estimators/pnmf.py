@@ -276,12 +276,12 @@ class PNMF(TorchFactorization):
         return [b.to(device) for b in order.split(int(size))]
 
     def fit(self, X, y=None, return_history: bool = False, callback: Optional[Callable] = None,
-            callback_interval: int = 1):
+            callback_interval: int = 1, *, layer: Optional[str] = None, use_highly_variable: Optional[bool] = None):
         """Fit the factorization.
 
         Parameters
         ----------
-        X : array-like, scipy.sparse or tensor of shape (n_samples, n_features)
+        X : array-like, scipy.sparse, tensor or AnnData of shape (n_samples, n_features)
             Non-negative (counts; non-integers give a quasi-likelihood). Never modified.
         y : ignored
         return_history : bool, default False
@@ -291,11 +291,17 @@ class PNMF(TorchFactorization):
             ``elbo`` a :class:`torchnmf.ELBO`; returning ``False`` (or calling
             ``estimator.history_.request_stop()``) stops the fit after that epoch.
         callback_interval : int, default 1
+        layer : str, optional
+            AnnData input only: the layer to factorize (default ``adata.X``).
+        use_highly_variable : bool, optional
+            AnnData input only: fit the genes flagged in ``var['highly_variable']`` (default:
+            when that column exists, as :func:`scanpy.tl.pca`).
 
         Returns
         -------
         self, or the History if ``return_history``.
         """
+        X = self._adata_in(X, layer, use_highly_variable, reset=True)
         T = self._check_X(X, reset=True)
         N, D = T.shape
         self._check_params(N, D)
@@ -430,13 +436,16 @@ class PNMF(TorchFactorization):
         self.elbo_ = float(history[-1]) if len(history) else float("nan")
         self.components_ = self._to_numpy(layer.W.detach().t())
 
-    def fit_transform(self, X, y=None, **fit_params):
+    def fit_transform(self, X, y=None, *, layer: Optional[str] = None, use_highly_variable: Optional[bool] = None,
+                      **fit_params):
         """Fit, then return ``E_q[exp F]`` for ``X``, shape (n_samples, n_components).
 
         ``q(F)`` is refitted with the fitted ``W`` exactly as :meth:`transform` does, so
         ``fit_transform(X)`` equals ``fit(X).transform(X)``; the posterior of the joint fit
-        itself is :meth:`log_factors` / :meth:`factor_uncertainty`.
+        itself is :meth:`log_factors` / :meth:`factor_uncertainty`. ``layer``,
+        ``use_highly_variable`` and ``fit_params`` as in :meth:`fit`.
         """
+        X = self._adata_in(X, layer, use_highly_variable, reset=True)
         out = self.fit(X, **fit_params)
         if isinstance(out, History):
             raise ValueError("fit_transform does not take return_history; call fit instead")
@@ -483,14 +492,17 @@ class PNMF(TorchFactorization):
         F = (mu + var.sqrt() * eps).transpose(1, 2)
         return self._fitted_output(torch.exp(F) if exp else F)
 
-    def transform_F(self, X, max_iter: Optional[int] = None) -> Tuple:
+    def transform_F(self, X, max_iter: Optional[int] = None, *, layer: Optional[str] = None) -> Tuple:
         """Variational fit of ``q(F)`` for new samples with ``W`` fixed.
 
         Parameters
         ----------
-        X : array-like or tensor of shape (n_new, n_features)
+        X : array-like, tensor or AnnData of shape (n_new, n_features)
         max_iter : int, optional
             Default ``transform_max_iter``.
+        layer : str, optional
+            AnnData input only: the layer to read (default ``adata.X``); the fitted genes are
+            taken by name.
 
         Returns
         -------
@@ -498,6 +510,7 @@ class PNMF(TorchFactorization):
             Posterior mean and standard deviation of the log-factors.
         """
         check_is_fitted(self, "layer_")
+        X = self._adata_in(X, layer, reset=False)
         T = self._check_X(X, reset=False)
         max_iter = self._transform_steps(max_iter)
         factors = self._fit_factors(T, max_iter)
@@ -576,9 +589,14 @@ class PNMF(TorchFactorization):
                     bar.close()
         return factors
 
-    def transform(self, X):
-        """``E_q[exp F]`` for new samples (``q(F)`` refitted with ``W`` fixed), shape (n_new, n_components)."""
+    def transform(self, X, *, layer: Optional[str] = None):
+        """``E_q[exp F]`` for new samples (``q(F)`` refitted with ``W`` fixed), shape (n_new, n_components).
+
+        For AnnData input, ``layer`` is the layer to read (default ``adata.X``) and the fitted
+        genes are taken by name.
+        """
         check_is_fitted(self, "layer_")
+        X = self._adata_in(X, layer, reset=False)
         T = self._check_X(X, reset=False)
         factors = self._fit_factors(T, self._transform_steps())
         return self._output(self._expected_factors(factors), X)

@@ -16,6 +16,13 @@ from .pnmf import PNMF
 __all__ = ["SpatialPNMF"]
 
 
+def _obsm_spatial(X, coordinates, spatial: bool):
+    """``coordinates``, or by default an AnnData's ``obsm['spatial']`` when the prior is spatial."""
+    if coordinates is None and spatial and type(X).__module__.split(".")[0] == "anndata" and "spatial" in X.obsm:
+        return np.asarray(X.obsm["spatial"])
+    return coordinates
+
+
 class _NormalUnderPredictive(IndependentNormal):
     """Mean-field ``q(F)`` for new samples whose prior is the GP predictive ``N(mean, var)`` (K, N)."""
 
@@ -193,18 +200,25 @@ class SpatialPNMF(PNMF):
         return C, codes.astype(np.int64)
 
     # -- fitting ---------------------------------------------------------------------
-    def fit(self, X, y=None, coordinates=None, groups=None, **fit_params):
+    def fit(self, X, y=None, coordinates=None, groups=None, *, layer: Optional[str] = None,
+            use_highly_variable: Optional[bool] = None, **fit_params):
         """Fit the factorization.
 
         Parameters
         ----------
-        X : array-like, scipy.sparse or tensor of shape (n_samples, n_features)
+        X : array-like, scipy.sparse, tensor or AnnData of shape (n_samples, n_features)
             Non-negative counts. Never modified.
         y : ignored
         coordinates : array-like of shape (n_samples, n_dims)
-            Spot coordinates (required with ``spatial=True``; finite).
+            Spot coordinates (required with ``spatial=True``; finite). Default for an AnnData:
+            its ``obsm['spatial']`` (squidpy's key), when present.
         groups : array-like of shape (n_samples,)
             Group labels of any hashable type (required with ``multigroup=True``).
+        layer : str, optional
+            AnnData input only: the layer to factorize (default ``adata.X``).
+        use_highly_variable : bool, optional
+            AnnData input only: fit the genes flagged in ``var['highly_variable']`` (default:
+            when that column exists, as :func:`scanpy.tl.pca`).
         **fit_params
             ``return_history``, ``callback``, ``callback_interval`` as in :meth:`PNMF.fit`.
 
@@ -212,6 +226,8 @@ class SpatialPNMF(PNMF):
         -------
         self, or the History if ``return_history``.
         """
+        coordinates = _obsm_spatial(X, coordinates, self.spatial)
+        X = self._adata_in(X, layer, use_highly_variable, reset=True)
         C, codes = self._covariates(X, coordinates, groups, fitting=True)
         self._fit_coordinates, self._fit_groups = C, codes
         try:
@@ -295,15 +311,18 @@ class SpatialPNMF(PNMF):
         g = None if codes is None else torch.as_tensor(codes, device=C.device)
         return factors.marginals(coordinates=C, groups=g)
 
-    def transform(self, X, coordinates=None, groups=None):
+    def transform(self, X, coordinates=None, groups=None, *, layer: Optional[str] = None):
         """``E_q[exp F]`` for new samples, shape (n_new, n_components).
 
         With ``spatial=True`` the GP predictive at ``coordinates`` is the prior of the new
         samples' log-factors, and ``q(F)`` is fitted to ``X`` under it with ``W`` fixed
         (``transform_max_iter`` steps; 0 steps would return the predictive alone, see
-        :meth:`predict_factors`).
+        :meth:`predict_factors`). For an AnnData: ``layer`` as in :meth:`fit`, the fitted genes
+        taken by name, ``coordinates`` by default its ``obsm['spatial']``.
         """
         self._check_fitted()
+        coordinates = _obsm_spatial(X, coordinates, self.spatial)
+        X = self._adata_in(X, layer, reset=False)
         C, codes = self._covariates(X, coordinates, groups, fitting=False)
         if not self.spatial:
             return super().transform(X)
@@ -312,9 +331,12 @@ class SpatialPNMF(PNMF):
         factors = self._fit_under_predictive(T, mean, var, self.transform_max_iter)
         return self._output(self._expected_factors(factors), X)
 
-    def transform_F(self, X, max_iter: Optional[int] = None, coordinates=None, groups=None):
+    def transform_F(self, X, max_iter: Optional[int] = None, coordinates=None, groups=None, *,
+                    layer: Optional[str] = None):
         """Posterior mean and standard deviation of the log-factors of new samples (see :meth:`transform`)."""
         self._check_fitted()
+        coordinates = _obsm_spatial(X, coordinates, self.spatial)
+        X = self._adata_in(X, layer, reset=False)
         C, codes = self._covariates(X, coordinates, groups, fitting=False)
         if not self.spatial:
             return super().transform_F(X, max_iter)

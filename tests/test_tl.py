@@ -1,0 +1,178 @@
+"""torchnmf.tl: scanpy-style functions that write their results into an AnnData (issue 21, item 2)."""
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+anndata = pytest.importorskip("anndata")
+pd = pytest.importorskip("pandas")
+
+import torchnmf.tl as ntl  # noqa: E402
+from torchnmf.estimators import BetaNMF, GammaPoissonFactorization  # noqa: E402
+
+from test_anndata_io import make_adata, same, snapshot  # noqa: E402
+
+QUIET = dict(max_iter=15, tol=0, device="cpu")
+
+
+def test_nmf_writes_the_keys_of_sc_tl_pca():
+    adata = make_adata(n=30, d=12)
+    hvg = adata.var["highly_variable"].to_numpy()
+    assert ntl.nmf(adata, 3, layer="counts", **QUIET) is None
+    est = BetaNMF(3, random_state=0, **QUIET)
+    U = est.fit_transform(adata.layers["counts"][:, hvg])
+    np.testing.assert_array_equal(adata.obsm["X_nmf"], U)
+    W = adata.varm["nmf"]
+    assert W.shape == (12, 3) and not W[~hvg].any()
+    np.testing.assert_array_equal(W[hvg], est.components_.T)
+    for k in range(3):
+        np.testing.assert_array_equal(adata.obs[f"nmf_{k + 1}"].to_numpy(), U[:, k])
+    uns = adata.uns["nmf"]
+    assert uns["objective"] == "beta-divergence" and uns["n_iter"] == 15 and uns["converged"] is False
+    assert uns["history"].shape == (len(est.history_),) and np.isfinite(uns["history"]).all()
+    assert uns["params"]["layer"] == "counts" and uns["params"]["use_highly_variable"] is True
+    assert uns["params"]["n_components"] == 3 and uns["params"]["beta_loss"] == "kullback-leibler"
+    top = uns["top_features"]
+    assert list(top.columns) == ["nmf_1", "nmf_2", "nmf_3"] and len(top) == int(hvg.sum())
+    assert top["nmf_1"][0] == adata.var_names[hvg][np.argmax(est.components_[0])]
+    assert set(top["nmf_2"]) <= set(adata.var_names[hvg])
+
+
+def test_results_survive_an_h5ad_round_trip(tmp_path):
+    adata = make_adata(n=20, d=8)
+    ntl.nmf(adata, 2, layer="counts", **QUIET)
+    ntl.gamma_poisson(adata, 2, layer="counts", key_added="gp", **QUIET)
+    ntl.deep_poisson(adata, (3, 2), layer="counts", key_added="deep", max_iter=5, tol=0, device="cpu")
+    adata.write_h5ad(tmp_path / "r.h5ad")
+    back = anndata.read_h5ad(tmp_path / "r.h5ad")
+    np.testing.assert_array_equal(back.obsm["X_gp_sd"], adata.obsm["X_gp_sd"])
+    pd.testing.assert_frame_equal(back.uns["deep"]["top_features_level2"], adata.uns["deep"]["top_features_level2"])
+    assert back.uns["nmf"]["params"]["model"] == "BetaNMF"
+
+
+def test_copy_returns_a_copy_and_leaves_adata_alone():
+    adata = make_adata()
+    before = snapshot(adata)
+    out = ntl.nmf(adata, 2, layer="counts", copy=True, **QUIET)
+    same(before, snapshot(adata))
+    assert "X_nmf" not in adata.obsm and "nmf" not in adata.uns and "nmf_1" not in adata.obs
+    assert out.obsm["X_nmf"].shape == (adata.n_obs, 2) and out is not adata
+
+
+def test_existing_results_are_kept_unless_overwrite():
+    adata = make_adata()
+    ntl.nmf(adata, 3, layer="counts", **QUIET)
+    first = adata.obsm["X_nmf"].copy()
+    with pytest.raises(ValueError, match=r"already holds results under key_added='nmf'.*overwrite=True"):
+        ntl.nmf(adata, 2, layer="counts", random_state=1, **QUIET)
+    np.testing.assert_array_equal(adata.obsm["X_nmf"], first)
+    ntl.nmf(adata, 2, layer="counts", overwrite=True, random_state=1, **QUIET)
+    assert adata.obsm["X_nmf"].shape[1] == 2 and "nmf_3" not in adata.obs.columns  # stale column removed
+    # results of another kind under the key: their extra entries go too
+    ntl.gamma_poisson(adata, 2, layer="counts", key_added="nmf", overwrite=True, **QUIET)
+    assert "X_nmf_sd" in adata.obsm
+    ntl.nmf(adata, 2, layer="counts", overwrite=True, **QUIET)
+    assert "X_nmf_sd" not in adata.obsm and "nmf_sd" not in adata.varm
+    # something else under the key (another tool's entry) is refused too
+    adata.uns["pnmf"] = {"from": "elsewhere"}
+    with pytest.raises(ValueError, match=r"uns\['pnmf'\]"):
+        ntl.pnmf(adata, 2, layer="counts", **QUIET)
+
+
+def test_a_failed_fit_leaves_adata_untouched(monkeypatch):
+    adata = make_adata()
+    before = snapshot(adata)
+    with pytest.raises(ValueError, match="n_components=50 is larger"):
+        ntl.nmf(adata, 50, layer="counts", **QUIET)
+    same(before, snapshot(adata))
+
+    def boom(self, *args, **kwargs):
+        raise FloatingPointError("the ELBO became nan")
+
+    monkeypatch.setattr(GammaPoissonFactorization, "fit_transform", boom)
+    with pytest.raises(FloatingPointError):
+        ntl.gamma_poisson(adata, 2, layer="counts", **QUIET)
+    same(before, snapshot(adata))
+
+
+def test_bad_input_messages():
+    adata = make_adata()
+    before = snapshot(adata)
+    with pytest.raises(ValueError, match=r"no layer 'raw'; layers: 'counts'"):
+        ntl.nmf(adata, 2, layer="raw")
+    for f in (ntl.gamma_poisson, ntl.pnmf, ntl.deep_poisson):
+        with pytest.raises(ValueError, match=r"adata.X holds non-integer values.*layer='counts'"):
+            f(adata, **({"ranks": (2,)} if f is ntl.deep_poisson else {"n_components": 2}))
+    with pytest.raises(TypeError, match="adata must be an anndata.AnnData or the path"):
+        ntl.nmf(adata.X, 2)
+    with pytest.raises(TypeError, match="key_added must be a non-empty string"):
+        ntl.nmf(adata, 2, key_added="")
+    with pytest.raises(TypeError, match="ranks must be a non-empty sequence"):
+        ntl.deep_poisson(adata, ranks=5, layer="counts")
+    same(before, snapshot(adata))
+
+
+def test_duplicate_names_warn_and_the_callers_names_stay():
+    adata = make_adata(n=20, d=8, hvg=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata.var_names = ["a", "a", "b", "b", "c", "c", "d", "d"]
+        adata.obs_names = ["x"] * 20
+    with pytest.warns(UserWarning, match="var names are not unique"):
+        ntl.nmf(adata, 2, layer="counts", **QUIET)
+    assert list(adata.var_names[:2]) == ["a", "a"] and list(adata.obs_names[:2]) == ["x", "x"]
+    assert set(adata.uns["nmf"]["top_features"]["nmf_1"]) <= {"a", "a-1", "b", "b-1", "c", "c-1", "d", "d-1"}
+    assert adata.obsm["X_nmf"].shape == (20, 2)
+
+
+def test_gamma_poisson_writes_posterior_standard_deviations():
+    adata = make_adata()
+    hvg = adata.var["highly_variable"].to_numpy()
+    out = ntl.gamma_poisson(adata, 2, layer="counts", copy=True, **QUIET)
+    est = GammaPoissonFactorization(2, random_state=0, **QUIET).fit(adata.layers["counts"][:, hvg])
+    with torch.no_grad():
+        np.testing.assert_allclose(out.obsm["X_gamma_poisson_sd"], est.module_.q_U().stddev.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(out.varm["gamma_poisson_sd"][hvg], est.module_.q_alpha().stddev.numpy(), rtol=1e-6)
+    assert not out.varm["gamma_poisson_sd"][~hvg].any() and (out.obsm["X_gamma_poisson_sd"] > 0).all()
+    assert out.uns["gamma_poisson"]["objective"] == "elbo" and np.isfinite(out.uns["gamma_poisson"]["elbo"])
+
+
+def test_pnmf_writes_the_fits_own_posterior():
+    adata = make_adata(hvg=False)
+    out = ntl.pnmf(adata, 2, layer="counts", copy=True, max_iter=10, tol=0)
+    U, sd = out.obsm["X_pnmf"], out.obsm["X_pnmf_log_sd"]
+    assert U.shape == sd.shape == (adata.n_obs, 2) and (U > 0).all() and (sd > 0).all()
+    assert out.uns["pnmf"]["n_iter"] == 10 and out.varm["pnmf"].shape == (adata.n_vars, 2)
+
+
+def test_deep_poisson_levels_factor_the_same_rates():
+    adata = make_adata(n=40, d=15, hvg=False)
+    out = ntl.deep_poisson(adata, (4, 2), layer="counts", copy=True, max_iter=30, tol=0, device="cpu")
+    fine = out.obsm["X_deep_poisson"] @ out.varm["deep_poisson"].T
+    coarse = out.obsm["X_deep_poisson_level2"] @ out.varm["deep_poisson_level2"].T
+    np.testing.assert_allclose(fine, coarse, rtol=1e-10)
+    assert out.uns["deep_poisson"]["mixing_level2"].shape == (4, 2)
+    assert [c for c in out.obs.columns if c.startswith("deep_poisson_")] == [f"deep_poisson_{k}" for k in range(1, 5)]
+    elbo = out.uns["deep_poisson"]["history"]
+    assert len(elbo) == 30 and (np.diff(elbo) >= -1e-9 * np.abs(elbo[1:])).all()  # CAVI never lowers it
+    with pytest.raises(ValueError, match=r"ranks=\(50, 2\)"):
+        ntl.deep_poisson(adata, (50, 2), layer="counts")
+    with pytest.raises(ValueError, match="init"):
+        ntl.deep_poisson(adata, (4, 2), layer="counts", init="kmeans")
+    rand = ntl.deep_poisson(adata, (4,), layer="counts", copy=True, init="random", max_iter=3, tol=0, device="cpu")
+    assert rand.obsm["X_deep_poisson"].shape == (40, 4) and "X_deep_poisson_level2" not in rand.obsm
+
+
+def test_a_path_is_read_and_the_result_returned(tmp_path):
+    adata = make_adata(n=20, d=8)
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    out = ntl.nmf(str(tmp_path / "in.h5ad"), 2, layer="counts", **QUIET)
+    assert out.obsm["X_nmf"].shape == (20, 2)
+    backed = anndata.read_h5ad(tmp_path / "in.h5ad", backed="r")
+    with pytest.raises(ValueError, match="adata is backed"):
+        ntl.nmf(backed, 2, layer="counts", **QUIET)
+    out = ntl.nmf(backed, 2, layer="counts", copy=True, **QUIET)
+    np.testing.assert_array_equal(out.obsm["X_nmf"], ntl.nmf(adata, 2, layer="counts", copy=True, **QUIET).obsm["X_nmf"])
+    backed.file.close()
