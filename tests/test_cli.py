@@ -472,3 +472,34 @@ def test_huge_claimed_size_is_one_line(tmp_path, capsys):
     assert main(["fit", str(path), "--rank", "1", "-o", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "huge.mtx: the header claims 300000000 x 5 with 1 entries" in err
+
+
+# -- issue 23.6 / 23.7: a fast command line, passive OpenMP threads ------------------------------
+def _cli_subprocess(code, env_extra=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    code = ("import sys; from torchnmf.cli import main; codes = [main(['--help']), main(['fit', '--help']), "
+            "main(['fit', '--rank', '2', '-o', 'x', '--max-iters', '5']), main(['fitt'])]; "
+            "print(codes, 'torch' in sys.modules, 'sklearn' in sys.modules)")
+    out = _cli_subprocess(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[0, 0, 2, 2] False False"
+    # a flag the subcommand does not know points at the subcommand's help
+    assert "unrecognized arguments: --max-iters (see 'torchnmf fit --help')" in out.stderr
+
+
+def test_openmp_threads_sleep_unless_the_user_chose():
+    code = "import os; from torchnmf.cli import main; main(['--version']); print(os.environ.get('OMP_WAIT_POLICY'))"
+    assert _cli_subprocess(code).stdout.strip().splitlines()[-1] == "PASSIVE"
+    assert _cli_subprocess(code, {"OMP_WAIT_POLICY": "ACTIVE"}).stdout.strip().splitlines()[-1] == "ACTIVE"
+    # too late once torch is imported (OpenMP has read it): left alone
+    late = "import torch; " + code
+    assert _cli_subprocess(late).stdout.strip().splitlines()[-1] == "None"

@@ -46,13 +46,12 @@ import sys
 import time
 import uuid
 import warnings
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
 from . import __version__
-from . import io as tio
-from .engine import ConvergenceWarning
+from . import io as tio  # numpy only at import: help and argument errors need no torch (issue 23.6)
 
 __all__ = ["main", "read_matrix", "read_fit", "MODELS", "FORMATS", "CLIError"]
 
@@ -268,6 +267,8 @@ def _top_features(W: np.ndarray, H: np.ndarray, names) -> list:
 
 def _fit(args) -> int:
     import torch
+
+    from .engine import ConvergenceWarning  # here, not at import: help needs no torch
 
     if args.rank <= 0:
         raise CLIError(f"--rank must be a positive integer, got {args.rank}")
@@ -550,12 +551,34 @@ def _plot(args) -> int:
     return 0
 
 
+def _passive_openmp() -> None:
+    """Let idle OpenMP threads sleep unless the user chose: on a machine shared with other jobs,
+    torch's spinning threads slowed fits several-fold (``benchmarks/omp_wait.py``). OpenMP reads
+    the variable when torch starts, so this only acts before torch is imported."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _parse(argv: List[str]) -> argparse.Namespace:
+    """Parse ``argv``; a flag the subcommand does not know points at that subcommand's help."""
+    args, extra = _parser().parse_known_args(argv)
+    if extra:
+        raise CLIError(f"unrecognized arguments: {' '.join(extra)} (see 'torchnmf {args.command} --help')")
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``torchnmf`` console script; returns the exit status."""
+    """Entry point of the ``torchnmf`` console script; returns the exit status.
+
+    Arguments are parsed, and help and argument errors answered, before torch or scikit-learn
+    is imported. Unless ``OMP_WAIT_POLICY`` is set (or torch is already imported), it is set to
+    ``PASSIVE`` for the run.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        args = _parser().parse_args(argv)
+        _passive_openmp()
+        args = _parse(argv)
         if args.command == "consensus":
             from .consensus.cli import run as consensus
 
