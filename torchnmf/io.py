@@ -670,9 +670,10 @@ def remove_stale(path: Union[str, os.PathLike]) -> List[str]:
     """Delete the temporary files that killed writes of ``path`` left beside it.
 
     :func:`atomic_write` and :func:`atomic_write_all` name their temporary files
-    ``.NAME.<pid>.<random>.tmp``; those of processes that no longer run (and those of older
-    versions, ``.NAME.<random>.tmp``) are deleted, those of a running writer are kept. Each
-    write calls this first, so leftovers never pile up.
+    ``.NAME.<pid>.<random>.tmp``; those of processes that no longer run, of this process (an
+    interrupted earlier write) and of older versions (``.NAME.<random>.tmp``) are deleted,
+    those of another running process are kept. Each write calls this first, so leftovers
+    never pile up.
 
     Parameters
     ----------
@@ -697,8 +698,8 @@ def remove_stale(path: Union[str, os.PathLike]) -> List[str]:
             continue
         middle = name[len(prefix):-len(".tmp")]
         pid, _, rest = middle.partition(".")
-        if rest and pid.isdigit() and (int(pid) == os.getpid() or _alive(int(pid))):
-            continue  # a write in progress
+        if rest and pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another process's write in progress (ours are done: one write at a time)
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(directory, name))
             removed.append(os.path.join(directory, name))
