@@ -493,11 +493,10 @@ def test_bad_values_raise_a_named_error_or_give_finite_results(name, V, data):
 
 
 # issue 22: IO and CLI
-_WORDS = ["1O", "-", "x", "O", "1.2.3", "e5", "--1", "abc"]
-
-
+@pytest.mark.parametrize("token", ["1O", "-", "x", "1.2.3", "NA", ""])
+@settings(max_examples=3 if PROFILE == "ci" else 50)
 @given(V=counts(), data=st.data())
-def test_csv_one_odd_cell_never_changes_the_shape(V, data, tmp_path_factory):
+def test_csv_one_odd_cell_never_changes_the_shape(token, V, data, tmp_path_factory):
     """A word in any data cell (first column included) is an error naming its line, row and column;
     a missing token reads as NaN there; labelled or not, the matrix never loses a column."""
     from torchnmf.io import ReadError, read_matrix
@@ -507,9 +506,12 @@ def test_csv_one_odd_cell_never_changes_the_shape(V, data, tmp_path_factory):
     header = data.draw(st.booleans(), label="header")
     labels = data.draw(st.booleans(), label="labels")
     i, j = data.draw(st.integers(0, n - 1), label="i"), data.draw(st.integers(0, m - 1), label="j")
-    token = data.draw(st.sampled_from(_WORDS + ["NA", ""]), label="token")
     cells = [[f"{v:g}" for v in row] for row in X]
     cells[i][j] = token
+    # ",0,1,..." is how pandas writes a header of default names: a first line that is
+    # exactly that is one, even when it was meant as data with its first cell missing
+    hypothesis.assume(header or labels or (i, j) != (0, 0) or token
+                      or cells[0][1:] != [str(k) for k in range(m - 1)])
     lines = ([("," if labels else "") + ",".join(f"g{c}" for c in range(m))] if header else [])
     lines += [(f"r{r}," if labels else "") + ",".join(row) for r, row in enumerate(cells)]
     path = tmp_path_factory.mktemp("csv") / "x.csv"
@@ -539,9 +541,10 @@ class _Killed(BaseException):
     """A kill at this point: nothing after it runs (the clean-up of temporary files included)."""
 
 
-@settings(max_examples=4 if PROFILE == "ci" else 40)
-@given(V=counts(), fault=st.sampled_from(["npz write", "json write", "rename 1", "rename 2"]))
-def test_cli_output_pair_under_failures_and_kills(V, fault, tmp_path_factory):
+@pytest.mark.parametrize("fault", ["npz write", "json write", "rename 1", "rename 2"])
+@settings(max_examples=2 if PROFILE == "ci" else 20)
+@given(V=counts())
+def test_cli_output_pair_under_failures_and_kills(fault, V, tmp_path_factory):
     """Whatever fails or is killed while writing, the outputs are the previous pair or (a kill
     between the renames) a pair read_fit refuses; the next run removes the leftovers."""
     from torchnmf import io as tio
@@ -625,9 +628,10 @@ _DAMAGE = ["json list", "json number", "json null", "1-D W", "3-D W", "0 compone
            "other fit_id", "no fit_id in json"]
 
 
-@settings(max_examples=8 if PROFILE == "ci" else 60)
-@given(V=counts(), how=st.sampled_from(_DAMAGE))
-def test_cli_plot_of_damaged_outputs_is_one_line(V, how, tmp_path_factory):
+@pytest.mark.parametrize("how", _DAMAGE)
+@settings(max_examples=1 if PROFILE == "ci" else 10)
+@given(V=counts())
+def test_cli_plot_of_damaged_outputs_is_one_line(how, V, tmp_path_factory):
     from torchnmf.cli import main
 
     tmp = tmp_path_factory.mktemp("damaged")

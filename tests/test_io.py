@@ -230,6 +230,9 @@ def test_table_missing_first_cell_is_nan_not_a_label(tmp_path):
         M = read_matrix(tmp_path / "na.csv")
         assert M.shape == (2, 3) and M.row_names is None and list(M.col_names) == ["a", "b", "c"]
         assert np.isnan(M.X[0, 0]) and np.array_equal(M.X[1], [4, 5, 6])
+    (tmp_path / "first.csv").write_text(",2,3\n4,5,6\n")  # no header: an empty corner before numbers
+    M = read_matrix(tmp_path / "first.csv")
+    assert M.shape == (2, 3) and M.col_names is None and M.row_names is None and np.isnan(M.X[0, 0])
 
 
 def test_table_labels_from_the_whole_first_column(tmp_path):

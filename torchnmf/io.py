@@ -432,12 +432,16 @@ def _read_table(path: str, sep: str) -> Matrix:
     first, second, head_lines = _first_rows(path, sep)
     if not first:
         raise ReadError(f"{path} is empty")
-    # A header line: an empty corner cell (pandas/R with row labels), or words after the first
-    # cell and no number anywhere. A line of numbers with a word (a typo such as 1O) is data,
-    # so the word is reported below; the first cell alone never decides.
+    # A header line: words after the first cell and no number anywhere, or an empty corner cell
+    # (pandas/R with row labels) before words or pandas' default names 0, 1, ... A line of
+    # numbers with a word (a typo such as 1O) or an empty first cell is data, so the word or
+    # the missing value is reported below; the first cell alone never decides.
     numbers = [_is_number(v) and v.strip() not in MISSING for v in first]
-    header = first[0].strip() == "" or (not any(numbers) and (len(first) == 1 or
-                                                              any(not _is_number(v) for v in first[1:])))
+    words = [not _is_number(v) for v in first]
+    if first[0].strip() == "":
+        header = any(words[1:]) or [v.strip() for v in first[1:]] == [str(k) for k in range(len(first) - 1)]
+    else:
+        header = not any(numbers) and (len(first) == 1 or any(words[1:]))
     body = second if header else first
     if body is None:
         raise ReadError(f"{path} has a header line but no data")
