@@ -194,26 +194,65 @@ def _check_mtx_header(path: str) -> None:
         _check_claim(path, what, 16 * rows * cols)
 
 
-def _check_npy_header(path: str) -> None:
-    """Check a .npy header's shape against the file's size and the machine."""
+def _npy_header(fh) -> Optional[Tuple[tuple, np.dtype]]:
+    """``(shape, dtype)`` from a .npy header at the file position, ``None`` if it is not one."""
     from numpy.lib import format as npf
 
+    try:
+        version = npf.read_magic(fh)
+        read = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
+        shape, _, dtype = read(fh)
+    except Exception:  # not a header to check: np.load's message says what is wrong
+        return None
+    return tuple(shape), dtype
+
+
+def _check_npy_header(path: str) -> None:
+    """Check a .npy header's shape against the file's size and the machine."""
     with open(path, "rb") as fh:
-        try:
-            version = npf.read_magic(fh)
-            read = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
-            shape, _, dtype = read(fh)
-        except Exception:  # not a header to check: np.load's message says what is wrong
-            return
+        header = _npy_header(fh)
         offset = fh.tell()
-    if dtype.hasobject:
-        return  # np.load refuses pickled objects itself
+    if header is None or header[1].hasobject:  # np.load refuses pickled objects itself
+        return
+    shape, dtype = header
     need = int(np.prod(shape, dtype=object)) * dtype.itemsize
-    what = f"shape {tuple(shape)} of {dtype}"
-    if need > os.path.getsize(path) - offset:
-        raise ReadError(f"{path}: the header claims {what} ({need} bytes), but the file holds "
-                        f"{os.path.getsize(path) - offset} bytes of data")
+    what = f"shape {shape} of {dtype}"
+    held = os.path.getsize(path) - offset
+    if need > held:
+        raise ReadError(f"{path}: the header claims {what} ({need} bytes), but the file holds {held} bytes of data")
     _check_claim(path, what, need)
+
+
+def _check_npz_headers(path: str) -> None:
+    """Check each array's header in a .npz against its size in the archive, and a sparse shape."""
+    import zipfile
+
+    shapes, total = {}, 0
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as fh:
+                header = _npy_header(fh)
+                offset = fh.tell()
+            if header is None or header[1].hasobject:
+                continue
+            shape, dtype = header
+            name = info.filename[:-4]
+            need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if need > info.file_size - offset:
+                raise ReadError(f"{path}: array {name!r} claims shape {shape} of {dtype} ({need} bytes), but the "
+                                f"archive holds {info.file_size - offset} bytes of it")
+            shapes[name], total = shape, total + need
+    if {"shape", "format"} <= set(shapes) and ("data" in shapes):  # scipy.sparse.save_npz
+        with np.load(path, allow_pickle=False) as z:
+            claim = [int(v) for v in np.asarray(z["shape"]).ravel()]
+        nnz = int(np.prod(shapes["data"], dtype=object))
+        if len(claim) == 2:  # CSR/COO row pointers are allocated from the claimed shape
+            _check_claim(path, f"{claim[0]} x {claim[1]} with {nnz} entries", 16 * (sum(claim) + 2) + 40 * nnz,
+                         (claim[0], claim[1], nnz))
+    else:
+        _check_claim(path, f"arrays of {total} bytes", total)
 
 
 def read_matrix(path: Union[str, os.PathLike], *, layer: Optional[str] = None, transpose: bool = False) -> Matrix:
@@ -305,6 +344,7 @@ def read_matrix(path: Union[str, os.PathLike], *, layer: Optional[str] = None, t
 def _read_npz(path: str) -> Matrix:
     import scipy.sparse as sp
 
+    _check_npz_headers(path)
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.keys())
         rows = _names(z["row_names"]) if "row_names" in keys else None
@@ -319,12 +359,6 @@ def _read_npz(path: str) -> Matrix:
         else:
             raise ReadError(f"{path} holds arrays {sorted(keys)}; name the matrix 'X' or save a single array")
     if X is None:
-        with np.load(path, allow_pickle=False) as z:
-            shape = [int(v) for v in np.asarray(z["shape"]).ravel()]
-            nnz = int(z["data"].shape[0]) if "data" in z.files else 0
-        if len(shape) == 2:  # COO's row pointers would be allocated from the claimed shape
-            _check_claim(path, f"{shape[0]} x {shape[1]} with {nnz} entries", 16 * (sum(shape) + 2) + 40 * nnz,
-                         (shape[0], shape[1], nnz))
         X = sp.load_npz(path).tocsr()
     return Matrix(X, rows, cols)
 
