@@ -547,14 +547,13 @@ class _Killed(BaseException):
 def test_cli_output_pair_under_failures_and_kills(fault, V, tmp_path_factory):
     """Whatever fails or is killed while writing, the outputs are the previous pair or (a kill
     between the renames) a pair read_fit refuses; the next run removes the leftovers."""
-    from torchnmf import io as tio
     from torchnmf.cli import read_fit
 
     tmp = tmp_path_factory.mktemp("pair")
     out = tmp / "res"
     assert _cli_fit(tmp, V.numpy(), out)[0] == 0
     before, summary = read_fit(str(out))
-    real_replace, real_unlink, calls = os.replace, os.unlink, []
+    real_replace, calls = os.replace, []
 
     def replace(a, b):
         calls.append(b)
@@ -569,8 +568,10 @@ def test_cli_output_pair_under_failures_and_kills(fault, V, tmp_path_factory):
         mp.setattr(os, "replace", replace)
         if fault.startswith("rename"):
             mp.setattr(os, "unlink", lambda p: None)  # a killed process cleans nothing up
-        mp.setattr(np, "savez_compressed", fail) if fault == "npz write" else None
-        mp.setattr(json, "dump", fail) if fault == "json write" else None
+        if fault == "npz write":
+            mp.setattr(np, "savez_compressed", fail)
+        if fault == "json write":
+            mp.setattr(json, "dump", fail)
         try:
             rc, err = _cli_fit(tmp, V.numpy() + 1, out, seed=1)
             assert rc == 2 and err.count("\n") == 1 and "No space left" in err

@@ -45,7 +45,7 @@ import sys
 import time
 import uuid
 import warnings
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -403,7 +403,7 @@ def _one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def read_fit(out: str):
+def read_fit(out: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     """Read the ``OUT.npz`` / ``OUT.json`` pair ``torchnmf fit -o OUT`` wrote, checked.
 
     Parameters
