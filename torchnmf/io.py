@@ -516,13 +516,13 @@ def _read_table(path: str, sep: str) -> Matrix:
         data[0] = np.where(missing0, np.nan, num0)
     # the first cell (in file order) that is not a number
     bad = None
-    for j in range(data.shape[1]):
-        c = data.iloc[:, j]
+    for j, kind in enumerate(d.kind for d in data.dtypes):
         if j == 0 and not labels:
             wrong = text0
-        elif c.dtype.kind in "iufb":
+        elif kind in "iufb":
             continue
         else:
+            c = data.iloc[:, j]
             wrong = (pd.to_numeric(c, errors="coerce").isna() & c.notna()).to_numpy()
         hits = np.flatnonzero(wrong)
         if len(hits) and (bad is None or hits[0] < bad[0]):
