@@ -313,6 +313,15 @@ def test_mismatched_output_pair_is_refused(tmp_path, data, capsys):
     assert not os.path.exists(f"{out}.png")
     with pytest.raises(ValueError, match="different fits"):
         read_fit(str(out))
+    # a pair written before fit_id existed (neither file has one) is still read
+    with np.load(f"{out}.npz") as z:
+        arrays = {k: z[k] for k in z.files if k != "fit_id"}
+    np.savez(f"{out}.npz", **arrays)
+    summary = json.loads(old_json)
+    del summary["fit_id"]
+    with open(f"{out}.json", "w") as fh:
+        json.dump(summary, fh)
+    assert read_fit(str(out))[0]["W"].shape == (9, 2)
 
 
 def test_stale_temporary_outputs_are_removed(tmp_path, data):

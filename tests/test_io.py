@@ -230,6 +230,9 @@ def test_table_missing_first_cell_is_nan_not_a_label(tmp_path):
         M = read_matrix(tmp_path / "na.csv")
         assert M.shape == (2, 3) and M.row_names is None and list(M.col_names) == ["a", "b", "c"]
         assert np.isnan(M.X[0, 0]) and np.array_equal(M.X[1], [4, 5, 6])
+    (tmp_path / "first.csv").write_text(",2,3\n4,5,6\n")  # no header: an empty corner before numbers
+    M = read_matrix(tmp_path / "first.csv")
+    assert M.shape == (2, 3) and M.col_names is None and M.row_names is None and np.isnan(M.X[0, 0])
 
 
 def test_table_labels_from_the_whole_first_column(tmp_path):
@@ -363,3 +366,26 @@ def test_sizes_beyond_available_memory_and_memory_errors(tmp_path, monkeypatch):
     with pytest.raises(ReadError, match="ok.mtx: it does not fit in this machine's memory"):
         read_matrix(tmp_path / "ok.mtx")
     np.testing.assert_array_equal(read_matrix(tmp_path / "ok.npy").X, X)
+
+
+def test_npz_claiming_huge_sizes_fails_fast(tmp_path):
+    import zipfile
+    from numpy.lib import format as npf
+
+    def member(shape, payload=b"\0" * 16):
+        buf = __import__("io").BytesIO()
+        npf.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": shape})
+        return buf.getvalue() + payload
+
+    with zipfile.ZipFile(tmp_path / "dense.npz", "w") as zf:
+        zf.writestr("X.npy", member((300000000, 5)))
+    err, peak = _light(lambda: read_matrix(tmp_path / "dense.npz"))
+    assert "dense.npz: array 'X' claims shape (300000000, 5) of float64" in str(err) and peak < 20 * 2**20
+    # scipy.sparse.save_npz layout (COO): a shape claiming 300,000,000 rows for one entry
+    sp.save_npz(tmp_path / "coo.npz", sp.coo_matrix(np.eye(2)), compressed=False)
+    with np.load(tmp_path / "coo.npz") as z:
+        arrays = dict(z)
+    arrays["shape"] = np.array([300000000, 2])
+    np.savez(tmp_path / "coo.npz", **arrays)
+    err, peak = _light(lambda: read_matrix(tmp_path / "coo.npz"))
+    assert "coo.npz: the header claims 300000000 x 2 with 2 entries" in str(err) and peak < 20 * 2**20

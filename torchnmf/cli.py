@@ -46,7 +46,7 @@ import sys
 import time
 import uuid
 import warnings
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -413,7 +413,7 @@ def _one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def read_fit(out: str):
+def read_fit(out: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     """Read the ``OUT.npz`` / ``OUT.json`` pair ``torchnmf fit -o OUT`` wrote, checked.
 
     Parameters

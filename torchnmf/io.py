@@ -194,26 +194,65 @@ def _check_mtx_header(path: str) -> None:
         _check_claim(path, what, 16 * rows * cols)
 
 
-def _check_npy_header(path: str) -> None:
-    """Check a .npy header's shape against the file's size and the machine."""
+def _npy_header(fh) -> Optional[Tuple[tuple, np.dtype]]:
+    """``(shape, dtype)`` from a .npy header at the file position, ``None`` if it is not one."""
     from numpy.lib import format as npf
 
+    try:
+        version = npf.read_magic(fh)
+        read = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
+        shape, _, dtype = read(fh)
+    except Exception:  # not a header to check: np.load's message says what is wrong
+        return None
+    return tuple(shape), dtype
+
+
+def _check_npy_header(path: str) -> None:
+    """Check a .npy header's shape against the file's size and the machine."""
     with open(path, "rb") as fh:
-        try:
-            version = npf.read_magic(fh)
-            read = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
-            shape, _, dtype = read(fh)
-        except Exception:  # not a header to check: np.load's message says what is wrong
-            return
+        header = _npy_header(fh)
         offset = fh.tell()
-    if dtype.hasobject:
-        return  # np.load refuses pickled objects itself
+    if header is None or header[1].hasobject:  # np.load refuses pickled objects itself
+        return
+    shape, dtype = header
     need = int(np.prod(shape, dtype=object)) * dtype.itemsize
-    what = f"shape {tuple(shape)} of {dtype}"
-    if need > os.path.getsize(path) - offset:
-        raise ReadError(f"{path}: the header claims {what} ({need} bytes), but the file holds "
-                        f"{os.path.getsize(path) - offset} bytes of data")
+    what = f"shape {shape} of {dtype}"
+    held = os.path.getsize(path) - offset
+    if need > held:
+        raise ReadError(f"{path}: the header claims {what} ({need} bytes), but the file holds {held} bytes of data")
     _check_claim(path, what, need)
+
+
+def _check_npz_headers(path: str) -> None:
+    """Check each array's header in a .npz against its size in the archive, and a sparse shape."""
+    import zipfile
+
+    shapes, total = {}, 0
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as fh:
+                header = _npy_header(fh)
+                offset = fh.tell()
+            if header is None or header[1].hasobject:
+                continue
+            shape, dtype = header
+            name = info.filename[:-4]
+            need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if need > info.file_size - offset:
+                raise ReadError(f"{path}: array {name!r} claims shape {shape} of {dtype} ({need} bytes), but the "
+                                f"archive holds {info.file_size - offset} bytes of it")
+            shapes[name], total = shape, total + need
+    if {"shape", "format"} <= set(shapes) and ("data" in shapes):  # scipy.sparse.save_npz
+        with np.load(path, allow_pickle=False) as z:
+            claim = [int(v) for v in np.asarray(z["shape"]).ravel()]
+        nnz = int(np.prod(shapes["data"], dtype=object))
+        if len(claim) == 2:  # CSR/COO row pointers are allocated from the claimed shape
+            _check_claim(path, f"{claim[0]} x {claim[1]} with {nnz} entries", 16 * (sum(claim) + 2) + 40 * nnz,
+                         (claim[0], claim[1], nnz))
+    else:
+        _check_claim(path, f"arrays of {total} bytes", total)
 
 
 def read_matrix(path: Union[str, os.PathLike], *, layer: Optional[str] = None, transpose: bool = False) -> Matrix:
@@ -305,6 +344,7 @@ def read_matrix(path: Union[str, os.PathLike], *, layer: Optional[str] = None, t
 def _read_npz(path: str) -> Matrix:
     import scipy.sparse as sp
 
+    _check_npz_headers(path)
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.keys())
         rows = _names(z["row_names"]) if "row_names" in keys else None
@@ -319,12 +359,6 @@ def _read_npz(path: str) -> Matrix:
         else:
             raise ReadError(f"{path} holds arrays {sorted(keys)}; name the matrix 'X' or save a single array")
     if X is None:
-        with np.load(path, allow_pickle=False) as z:
-            shape = [int(v) for v in np.asarray(z["shape"]).ravel()]
-            nnz = int(z["data"].shape[0]) if "data" in z.files else 0
-        if len(shape) == 2:  # COO's row pointers would be allocated from the claimed shape
-            _check_claim(path, f"{shape[0]} x {shape[1]} with {nnz} entries", 16 * (sum(shape) + 2) + 40 * nnz,
-                         (shape[0], shape[1], nnz))
         X = sp.load_npz(path).tocsr()
     return Matrix(X, rows, cols)
 
@@ -432,12 +466,16 @@ def _read_table(path: str, sep: str) -> Matrix:
     first, second, head_lines = _first_rows(path, sep)
     if not first:
         raise ReadError(f"{path} is empty")
-    # A header line: an empty corner cell (pandas/R with row labels), or words after the first
-    # cell and no number anywhere. A line of numbers with a word (a typo such as 1O) is data,
-    # so the word is reported below; the first cell alone never decides.
+    # A header line: words after the first cell and no number anywhere, or an empty corner cell
+    # (pandas/R with row labels) before words or pandas' default names 0, 1, ... A line of
+    # numbers with a word (a typo such as 1O) or an empty first cell is data, so the word or
+    # the missing value is reported below; the first cell alone never decides.
     numbers = [_is_number(v) and v.strip() not in MISSING for v in first]
-    header = first[0].strip() == "" or (not any(numbers) and (len(first) == 1 or
-                                                              any(not _is_number(v) for v in first[1:])))
+    words = [not _is_number(v) for v in first]
+    if first[0].strip() == "":
+        header = any(words[1:]) or [v.strip() for v in first[1:]] == [str(k) for k in range(len(first) - 1)]
+    else:
+        header = not any(numbers) and (len(first) == 1 or any(words[1:]))
     body = second if header else first
     if body is None:
         raise ReadError(f"{path} has a header line but no data")
@@ -478,13 +516,13 @@ def _read_table(path: str, sep: str) -> Matrix:
         data[0] = np.where(missing0, np.nan, num0)
     # the first cell (in file order) that is not a number
     bad = None
-    for j in range(data.shape[1]):
-        c = data.iloc[:, j]
+    for j, kind in enumerate(d.kind for d in data.dtypes):
         if j == 0 and not labels:
             wrong = text0
-        elif c.dtype.kind in "iufb":
+        elif kind in "iufb":
             continue
         else:
+            c = data.iloc[:, j]
             wrong = (pd.to_numeric(c, errors="coerce").isna() & c.notna()).to_numpy()
         hits = np.flatnonzero(wrong)
         if len(hits) and (bad is None or hits[0] < bad[0]):
@@ -670,9 +708,10 @@ def remove_stale(path: Union[str, os.PathLike]) -> List[str]:
     """Delete the temporary files that killed writes of ``path`` left beside it.
 
     :func:`atomic_write` and :func:`atomic_write_all` name their temporary files
-    ``.NAME.<pid>.<random>.tmp``; those of processes that no longer run (and those of older
-    versions, ``.NAME.<random>.tmp``) are deleted, those of a running writer are kept. Each
-    write calls this first, so leftovers never pile up.
+    ``.NAME.<pid>.<random>.tmp``; those of processes that no longer run, of this process (an
+    interrupted earlier write) and of older versions (``.NAME.<random>.tmp``) are deleted,
+    those of another running process are kept. Each write calls this first, so leftovers
+    never pile up.
 
     Parameters
     ----------
@@ -697,8 +736,8 @@ def remove_stale(path: Union[str, os.PathLike]) -> List[str]:
             continue
         middle = name[len(prefix):-len(".tmp")]
         pid, _, rest = middle.partition(".")
-        if rest and pid.isdigit() and (int(pid) == os.getpid() or _alive(int(pid))):
-            continue  # a write in progress
+        if rest and pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another process's write in progress (ours are done: one write at a time)
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(directory, name))
             removed.append(os.path.join(directory, name))
