@@ -483,3 +483,22 @@ def test_float32_depth_one_follows_gamma_poisson_float32():
         np.testing.assert_allclose(float(b.total), float(a.total), rtol=1e-6)
     for p, q in zip(gamma_params(ref), [layer.H_shape, layer.H_rate, layer.W_shape, layer.W_rate]):
         np.testing.assert_allclose(q.detach().numpy(), p, rtol=1e-9)
+
+
+def _huge_float32(kind="one", n=6, m=5):
+    """Finite float32 counts too large for float32 arithmetic (issue 22 item 5)."""
+    X = torch.poisson(torch.full((n, m), 3.0), generator=torch.Generator().manual_seed(0))
+    if kind == "scaled":
+        return X * 1e20
+    X[1, 2] = 3e38
+    return X
+
+
+def test_float32_counts_too_large_are_refused_by_the_elbo():
+    # issue 22 item 5: the ELBO of a chain was NaN without an error
+    X = _huge_float32()
+    model = nn.Sequential(GammaNMF((6, 3), rank=2, dtype=torch.float32), GammaNMF(W=(5, 3), dtype=torch.float32))
+    with pytest.raises(ValueError, match="X is too large for float32"):
+        chain_elbo(X, model)
+    with pytest.raises(ValueError, match="X is too large for float32"):
+        GammaNMF((6, 5), rank=2, dtype=torch.float32).elbo(X)
