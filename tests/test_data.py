@@ -101,3 +101,14 @@ def test_as_tensor_converts_non_native_arrays(kind, dtype):
         S = data.as_tensor(sp.csr_matrix(A), "V")
         assert S.dtype == dtype
         np.testing.assert_array_equal(S.to_dense().numpy(), A.astype(np.float64))
+
+
+def test_check_magnitude_reads_x_to_the_beta():
+    # issue 22 item 5: beta = 2 overflows float32 through Σ x² long before Σ x log x does
+    X = torch.full((6, 5), 3e20)
+    assert data.check_magnitude(X, "V") is X
+    assert data.check_magnitude(X, "V", beta=1) is X
+    with pytest.raises(ValueError, match=r"V is too large for float32 .*Σ x\^2"):
+        data.check_magnitude(X, "V", beta=2)
+    data.check_magnitude(X, "V", torch.float64, beta=2)
+    data.check_magnitude(torch.full((6, 5), 1e3), "V", beta=2)

@@ -76,3 +76,22 @@ def test_poisson_nll_matches_scipy():
 def test_sparseness_of_zero_vector_is_an_error():
     with pytest.raises(ValueError, match="all-zero"):
         sparseness(torch.zeros(5))
+
+
+def test_overflowing_divergences_raise_naming_the_arguments():
+    # issue 22 item 5: inf/NaN returned without an error for finite float32 arguments
+    pred = torch.rand(6, 5, generator=torch.Generator().manual_seed(0)) + 0.1
+    big = torch.poisson(torch.full((6, 5), 3.0), generator=torch.Generator().manual_seed(0)) + 1
+    one = big.clone()
+    one[1, 2] = 3e38
+    cases = [(euclidean, big * 1e20), (lambda x, y: beta_div(x, y, 3), big * 1e20),
+             (poisson_nll, one), (lambda x, y: is_div(x / 100, y), one), (kl_div, one),
+             (lambda x, y: beta_div(x, y, 1.5), one)]
+    for fn, target in cases:
+        with pytest.raises(ValueError, match="overflow float32.*input and target|overflow float32.*rate and counts"):
+            fn(pred, target)
+        assert torch.isfinite(fn(pred.double(), target.double()))  # float64 has the range
+    with pytest.raises(ValueError, match="zero in input and target"):
+        is_div(pred, torch.zeros(6, 5))  # a zero target: the divergence is infinite
+    # NaN or inf in, NaN or inf out (documented)
+    assert torch.isnan(euclidean(pred, torch.full((6, 5), math.nan)))

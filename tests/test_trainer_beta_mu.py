@@ -205,3 +205,28 @@ def test_cuda():
     run(m, V, 1, 5)
     run(c, V.cuda(), 1, 5)
     torch.testing.assert_close(c.W.cpu(), m.W, rtol=1e-6, atol=1e-9)
+
+
+def _huge_float32(kind="one", n=6, m=5):
+    """Finite float32 counts too large for float32 arithmetic (issue 22 item 5)."""
+    X = torch.poisson(torch.full((n, m), 3.0), generator=torch.Generator().manual_seed(0))
+    if kind == "scaled":
+        return X * 1e20
+    X[1, 2] = 3e38
+    return X
+
+
+@pytest.mark.parametrize("beta, kind", [(2, "scaled"), (2, "one"), (1, "one"), (0, "one")])
+def test_float32_target_too_large_is_refused(beta, kind):
+    # issue 22 item 5: the step turned W and H into NaN without an error (beta=2 overflows
+    # its Gram products already at 1e20: Σ x² is checked too)
+    X = _huge_float32(kind)
+    m = NMF(W=torch.rand(5, 2) + 0.1, H=torch.rand(6, 2) + 0.1)
+    W0 = m.W.detach().clone()
+    with pytest.raises(ValueError, match="target is too large for float32"):
+        BetaMu(m.parameters(), beta=beta).step(lambda: (X, m(None)))
+    assert torch.equal(m.W.detach(), W0)
+    # float64 has the range for it
+    m = NMF(W=torch.rand(5, 2, dtype=torch.float64) + 0.1, H=torch.rand(6, 2, dtype=torch.float64) + 0.1)
+    BetaMu(m.parameters(), beta=beta).step(lambda: (X.double(), m(None)))
+    assert torch.isfinite(m.W).all() and torch.isfinite(m.H).all()

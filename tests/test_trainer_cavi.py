@@ -232,3 +232,27 @@ def test_same_data_object_is_indexed_once(monkeypatch):
     assert len(raw) == 1 and raw[0] is X
     trainer.step(lambda: X.clone())  # a new object is indexed again
     assert len([c for c in calls if not isinstance(c, CountMatrix)]) == 2
+
+
+def _huge_float32(kind="one", n=6, m=5):
+    """Finite float32 counts too large for float32 arithmetic (issue 22 item 5)."""
+    X = torch.poisson(torch.full((n, m), 3.0), generator=torch.Generator().manual_seed(0))
+    if kind == "scaled":
+        return X * 1e20
+    X[1, 2] = 3e38
+    return X
+
+
+def test_float32_counts_too_large_are_refused_by_the_step():
+    # issue 22 item 5: CAVI.step returned NaN (GammaPoisson and GammaNMF chains) while fit raised
+    from torch import nn
+    from torchnmf.poisson import GammaNMF
+    X = _huge_float32()
+    layer = GammaPoisson(6, 5, 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="X is too large for float32"):
+        CAVI(layer).step(lambda: X)
+    model = nn.Sequential(GammaNMF((6, 3), rank=2, dtype=torch.float32), GammaNMF(W=(5, 3), dtype=torch.float32))
+    with pytest.raises(ValueError, match="X is too large for float32"):
+        CAVI(model.parameters()).step(lambda: (X, model(None)))
+    record = CAVI(GammaPoisson(6, 5, 2, dtype=DT)).step(lambda: X.double())  # float64 has the range
+    assert torch.isfinite(record.total)

@@ -288,3 +288,25 @@ def test_float32_step_with_cache_equals_recomputing(monkeypatch):
     assert float(ea.total) == float(eb.total)
     for p, q in zip(params(a), params(b)):
         np.testing.assert_array_equal(p, q)
+
+
+def _huge_float32(kind="one", n=6, m=5):
+    """Finite float32 counts too large for float32 arithmetic (issue 22 item 5)."""
+    X = torch.poisson(torch.full((n, m), 3.0), generator=torch.Generator().manual_seed(0))
+    if kind == "scaled":
+        return X * 1e20
+    X[1, 2] = 3e38
+    return X
+
+
+def test_float32_counts_too_large_are_refused_by_the_step():
+    # issue 22 item 5: NaturalGradient.step returned NaN (GammaPoisson and GammaNMF chains)
+    from torch import nn
+    from torchnmf.poisson import GammaNMF, GammaPoisson
+    X = _huge_float32()
+    layer = GammaPoisson(6, 5, 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="X is too large for float32"):
+        NaturalGradient(layer, tau0=2.0).step(lambda: (X, torch.arange(6)))
+    model = nn.Sequential(GammaNMF((6, 3), rank=2, dtype=torch.float32), GammaNMF(W=(5, 3), dtype=torch.float32))
+    with pytest.raises(ValueError, match="X is too large for float32"):
+        NaturalGradient(model.parameters(), tau0=2.0).step(lambda: (X, model(None)))

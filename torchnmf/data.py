@@ -209,13 +209,16 @@ def check_nonnegative(X: Tensor, name: str = "X") -> Tensor:
     return X
 
 
-def check_magnitude(X: Tensor, name: str = "X", dtype: Optional[torch.dtype] = None) -> Tensor:
+def check_magnitude(X: Tensor, name: str = "X", dtype: Optional[torch.dtype] = None,
+                    beta: Optional[float] = None) -> Tensor:
     """Raise ``ValueError`` if ``X`` is too large for a factorization's arithmetic in ``dtype``.
 
     Objectives sum ``x log x`` (or ``x``, ``x²``) over every entry and reconstructions sum
     products over the rank: a float32 ``X`` whose entries approach 3.4e38 gives infinite
     objectives and NaN factors. ``X`` is refused, with its size and the dtype's range, when
-    ``Σ |x| (1 + log max(|x|, 1))`` (accumulated in float64) exceeds ``finfo(dtype).max / 1024``.
+    ``Σ |x| (1 + log max(|x|, 1))`` (accumulated in float64) exceeds ``finfo(dtype).max / 1024``;
+    with ``beta > 1`` also when ``Σ |x|^beta`` does (the beta-divergence's terms, and the
+    Gram products of its multiplicative updates: ``Σ x²`` for beta = 2).
 
     Parameters
     ----------
@@ -225,6 +228,8 @@ def check_magnitude(X: Tensor, name: str = "X", dtype: Optional[torch.dtype] = N
         Argument name for the message.
     dtype : torch.dtype, optional
         Dtype the computation runs in; default ``X.dtype``.
+    beta : float, optional
+        The beta-divergence the computation evaluates (default: ``x log x`` terms only).
 
     Returns
     -------
@@ -240,10 +245,17 @@ def check_magnitude(X: Tensor, name: str = "X", dtype: Optional[torch.dtype] = N
     amax = max(abs(lo), abs(hi))
     # no |v| temporary for the usual non-negative data (V may be large)
     total = float((v if lo >= 0 else v.abs()).sum(dtype=torch.float64)) * (1.0 + math.log(max(amax, 1.0)))
+    terms = "Σ x log x"
+    if beta is not None and beta > 1 and amax > 0 and total <= limit:
+        # Σ |x|^beta as amax^beta Σ (|x| / amax)^beta, in float64 and in logs (no overflow here)
+        rel = (v if lo >= 0 else v.abs()).to(torch.float64) / amax
+        log_total = beta * math.log(amax) + math.log(max(float(rel.pow(beta).sum()), 1e-300))
+        total = math.exp(min(log_total, 709.0))
+        terms = f"Σ x^{beta:g}"
     if total > limit:
         raise ValueError(
             f"{name} is too large for {str(dtype).replace('torch.', '')} arithmetic: its largest entry is "
-            f"{amax:.3g} and its objective terms (Σ x log x) reach {total:.3g}, which overflows the dtype "
+            f"{amax:.3g} and its objective terms ({terms}) reach {total:.3g}, which overflows the dtype "
             f"(max {torch.finfo(dtype).max:.3g}); divide {name} by a constant or use float64"
         )
     return X

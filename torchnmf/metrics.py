@@ -2,6 +2,11 @@
 
 Every function takes the prediction (``input``) first and the target second, like
 :mod:`torch.nn.functional`, and returns a 0-dim tensor that is differentiable in both.
+
+A divergence that comes out NaN or infinite for finite arguments raises ``ValueError``
+naming them (entries too large for the dtype's arithmetic, e.g. float32 data near 1e20
+under ``euclidean``, or a zero where the divergence is infinite) instead of returning it;
+NaN or infinite arguments still give NaN or inf.
 """
 from __future__ import annotations
 
@@ -13,6 +18,22 @@ from torch import Tensor
 from .data import check_beta
 
 __all__ = ["beta_div", "kl_div", "is_div", "euclidean", "sparseness", "poisson_nll"]
+
+
+def _finite(result: Tensor, what: str, **args: Tensor) -> Tensor:
+    """``result``, or ``ValueError`` when it is not finite although every argument is."""
+    if bool(torch.isfinite(result)):
+        return result
+    values = {k: v.detach() for k, v in args.items()}
+    if not all(bool(torch.isfinite(v).all()) for v in values.values()):
+        return result  # NaN or inf in, NaN or inf out (documented)
+    names = " and ".join(values)
+    big = max(values, key=lambda k: float(values[k].abs().max()) if values[k].numel() else 0.0)
+    amax = float(values[big].abs().max()) if values[big].numel() else 0.0
+    dtype = str(result.dtype).replace("torch.", "")
+    raise ValueError(f"{what} is {float(result)} for finite {names}: either their entries (largest {amax:.3g}, in "
+                     f"{big}) overflow {dtype} arithmetic (divide {names} by a constant or use float64), or a "
+                     f"zero in {names} makes the divergence infinite")
 
 
 def euclidean(input: Tensor, target: Tensor) -> Tensor:
@@ -29,7 +50,7 @@ def euclidean(input: Tensor, target: Tensor) -> Tensor:
     -------
     Tensor, shape ()
     """
-    return 0.5 * (input - target).pow(2).sum()
+    return _finite(0.5 * (input - target).pow(2).sum(), "euclidean", input=input, target=target)
 
 
 def kl_div(input: Tensor, target: Tensor) -> Tensor:
@@ -48,7 +69,8 @@ def kl_div(input: Tensor, target: Tensor) -> Tensor:
     -------
     Tensor, shape ()
     """
-    return (torch.xlogy(target, target) - torch.xlogy(target, input) - target + input).sum()
+    return _finite((torch.xlogy(target, target) - torch.xlogy(target, input) - target + input).sum(), "kl_div",
+                   input=input, target=target)
 
 
 def is_div(input: Tensor, target: Tensor) -> Tensor:
@@ -66,7 +88,7 @@ def is_div(input: Tensor, target: Tensor) -> Tensor:
     Tensor, shape ()
     """
     ratio = target / input
-    return (ratio - torch.log(ratio) - 1).sum()
+    return _finite((ratio - torch.log(ratio) - 1).sum(), "is_div", input=input, target=target)
 
 
 def beta_div(input: Tensor, target: Tensor, beta: float = 2) -> Tensor:
@@ -103,6 +125,10 @@ def beta_div(input: Tensor, target: Tensor, beta: float = 2) -> Tensor:
     gradient loses float32 precision under small targets).
     """
     beta = check_beta(beta)  # NaN/inf would give NaN silently
+    return _finite(_beta_div(input, target, beta), f"beta_div (beta={beta:g})", input=input, target=target)
+
+
+def _beta_div(input: Tensor, target: Tensor, beta: float) -> Tensor:
     if beta == 2:
         return euclidean(input, target)
     if beta == 1:
@@ -172,4 +198,5 @@ def poisson_nll(rate: Tensor, counts: Tensor) -> Tensor:
     -------
     Tensor, shape ()
     """
-    return (rate - torch.xlogy(counts, rate) + torch.lgamma(counts + 1)).sum()
+    return _finite((rate - torch.xlogy(counts, rate) + torch.lgamma(counts + 1)).sum(), "poisson_nll",
+                   rate=rate, counts=counts)

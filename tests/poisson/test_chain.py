@@ -452,3 +452,53 @@ def test_contraction_split_is_planned():
     # a wide top rank: split where the rank is small
     s, _, _ = _plan(((1000, 50), (4, 50), (300, 4)), 100000)
     assert s == 1
+
+
+def test_float32_chain_elbo_record_never_decreases():
+    # issue 22 item 7: the float32 ELBO pass's rounding exceeded the change near convergence
+    # (here it fell at sweeps 199, 205, 230, 245, ...); the pass now runs in float64
+    X = simulate_deep(12, 10, 2, 3)[0].float()
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(GammaNMF((12, 3), rank=2, dtype=torch.float32, generator=g),
+                          GammaNMF(W=(10, 3), dtype=torch.float32, generator=g))
+    records = run(CAVI(model.parameters()), model, X, 300)
+    assert records[-1].total.dtype == torch.float64
+    values = totals(records)
+    assert (np.diff(values) >= 0).all(), np.nonzero(np.diff(values) < 0)[0]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    np.testing.assert_allclose(float(chain_elbo(X, model).total), values[-1], rtol=1e-12)
+
+
+def test_float32_depth_one_follows_gamma_poisson_float32():
+    # issue 22 item 7: GammaPoisson's float32 layer computes its ELBO pass (and the counts the
+    # next sweep starts from) in float64; the chain did it in float32 and drifted away
+    X = simulate_gamma(30, 20, 3)[0].float()
+    ref = make_gamma(X, 3).float()
+    model = nn.Sequential(GammaNMF(X.shape, rank=3, dtype=DT, generator=torch.Generator().manual_seed(0))).float()
+    layer = model[0]
+    ref_trainer, trainer = CAVI(ref), CAVI(model.parameters())
+    for _ in range(60):
+        a = ref_trainer.step(lambda: X)
+        b = trainer.step(lambda: (X, model(None)))
+        np.testing.assert_allclose(float(b.total), float(a.total), rtol=1e-6)
+    for p, q in zip(gamma_params(ref), [layer.H_shape, layer.H_rate, layer.W_shape, layer.W_rate]):
+        np.testing.assert_allclose(q.detach().numpy(), p, rtol=1e-9)
+
+
+def _huge_float32(kind="one", n=6, m=5):
+    """Finite float32 counts too large for float32 arithmetic (issue 22 item 5)."""
+    X = torch.poisson(torch.full((n, m), 3.0), generator=torch.Generator().manual_seed(0))
+    if kind == "scaled":
+        return X * 1e20
+    X[1, 2] = 3e38
+    return X
+
+
+def test_float32_counts_too_large_are_refused_by_the_elbo():
+    # issue 22 item 5: the ELBO of a chain was NaN without an error
+    X = _huge_float32()
+    model = nn.Sequential(GammaNMF((6, 3), rank=2, dtype=torch.float32), GammaNMF(W=(5, 3), dtype=torch.float32))
+    with pytest.raises(ValueError, match="X is too large for float32"):
+        chain_elbo(X, model)
+    with pytest.raises(ValueError, match="X is too large for float32"):
+        GammaNMF((6, 5), rank=2, dtype=torch.float32).elbo(X)

@@ -544,3 +544,20 @@ def test_cuda_matches_cpu():
     hg = gpu.fit(X.cuda(), max_iter=10, tol=0)
     assert gpu.U_shape.device.type == "cuda"
     np.testing.assert_allclose(hg.values, hc.values, rtol=1e-4)
+
+
+def _huge_float32(kind="one", n=6, m=5):
+    """Finite float32 counts too large for float32 arithmetic (issue 22 item 5)."""
+    X = torch.poisson(torch.full((n, m), 3.0), generator=torch.Generator().manual_seed(0))
+    if kind == "scaled":
+        return X * 1e20
+    X[1, 2] = 3e38
+    return X
+
+
+def test_float32_counts_too_large_are_refused_by_the_elbo():
+    # issue 22 item 5: elbo returned NaN without an error
+    X = _huge_float32()
+    with pytest.raises(ValueError, match="X is too large for float32"):
+        GammaPoisson(6, 5, 2, dtype=torch.float32).elbo(X)
+    assert torch.isfinite(GammaPoisson(6, 5, 2, dtype=DT).elbo(X.double()).total)

@@ -215,3 +215,19 @@ def test_bad_input_and_input_not_modified():
     with pytest.raises(ValueError, match=r"idx must lie in \[0, 12\)"):
         m.elbo(X[:2], idx=torch.tensor([0, 12]))
     assert m().shape == (12, 7)
+
+
+def _huge_float32(kind="one", n=6, m=5):
+    """Finite float32 counts too large for float32 arithmetic (issue 22 item 5)."""
+    X = torch.poisson(torch.full((n, m), 3.0), generator=torch.Generator().manual_seed(0))
+    if kind == "scaled":
+        return X * 1e20
+    X[1, 2] = 3e38
+    return X
+
+
+def test_float32_counts_too_large_are_refused_by_the_elbo():
+    # issue 22 item 5: elbo returned NaN without an error
+    X = _huge_float32()
+    with pytest.raises(ValueError, match="X is too large for float32"):
+        SparsePoissonFA(6, 5, 2, dtype=torch.float32, generator=torch.Generator().manual_seed(0)).elbo(X)

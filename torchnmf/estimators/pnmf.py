@@ -363,6 +363,7 @@ class PNMF(TorchFactorization):
         history = self._new_history("elbo", maximize=True, total=self.max_iter)
         self.history_ = history
         norm = float(N * D)
+        x_max = float(counts.values.max()) if counts.values.numel() else 0.0  # for the error message
 
         def batch_step(idx, fidx) -> ELBO:
             batch = counts.select(idx, fidx)
@@ -397,8 +398,9 @@ class PNMF(TorchFactorization):
             if not math.isfinite(float(record)):
                 raise FloatingPointError(
                     f"{type(self).__name__}: the ELBO became {float(record)} at "
-                    f"{'iteration' if per_batch else 'epoch'} {i + 1}; lower learning_rate (now {lr}) or use "
-                    f"mode='lower-bound'")
+                    f"{'iteration' if per_batch else 'epoch'} {i + 1}; lower learning_rate (now {lr}), use "
+                    f"mode='lower-bound', or divide X by a constant (its largest entry is {x_max:.3g}; float64 "
+                    f"has more range)")
             for kind, sch in schedulers:
                 if kind == "epoch":
                     sch.step(float(record))
@@ -554,8 +556,9 @@ class PNMF(TorchFactorization):
         """Steps of ``layer.factors`` (``q(F)``) on ``counts`` with ``W`` fixed; return them.
 
         At most ``max_iter`` steps through :func:`torchnmf.engine.run`; with ``tol > 0`` they
-        stop once the ELBO's relative change per step is at most ``tol`` (no warning when
-        ``max_iter`` comes first: a transform's budget is its own choice).
+        stop once the ELBO's relative change per step is at most ``tol`` (read over windows
+        of steps for the Monte Carlo modes; no warning when ``max_iter`` comes first: a
+        transform's budget is its own choice).
         """
         factors = layer.factors
         with _seeded(self._generator(), layer.W.device):
@@ -583,7 +586,8 @@ class PNMF(TorchFactorization):
 
             try:
                 engine.run(step, max_iter=max_iter, tol=tol, history=History(name="elbo", maximize=True),
-                           model=f"{type(self).__name__}.transform", dtype=layer.W.dtype, callback=show, warn=False)
+                           model=f"{type(self).__name__}.transform", dtype=layer.W.dtype, callback=show, warn=False,
+                           window=1 if self.mode == "lower-bound" else _STOCHASTIC_WINDOW)  # Monte Carlo: noisy
             finally:
                 if bar is not None:
                     bar.close()

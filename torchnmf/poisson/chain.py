@@ -359,7 +359,7 @@ class _Factor:
     def trainable(self, params: Optional[set]) -> bool:
         return False
 
-    def kl(self, rows=None) -> Optional[Tensor]:
+    def kl(self, rows=None, dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
         return None
 
     def update_prior(self, rows=None) -> None:
@@ -390,9 +390,10 @@ class _GammaFactor(_Factor):
         b = getattr(self.layer, f"{self.name}_prior_rate")
         return tuple(t._version for t in (*self._params(), b))
 
-    def _get(self, part: str, rows):
+    def _get(self, part: str, rows, dtype: Optional[torch.dtype] = None):
         v = getattr(self.layer, f"{self.name}_{part}")
-        return v if rows is None else v[rows]
+        v = v if rows is None else v[rows]
+        return v if dtype is None else v.to(dtype)
 
     @property
     def dtype(self):
@@ -402,11 +403,11 @@ class _GammaFactor(_Factor):
     def device(self):
         return self.layer.device
 
-    def log_value(self, rows=None) -> Tensor:
-        return torch.digamma(self._get("shape", rows)) - torch.log(self._get("rate", rows))
+    def log_value(self, rows=None, dtype: Optional[torch.dtype] = None) -> Tensor:
+        return torch.digamma(self._get("shape", rows, dtype)) - torch.log(self._get("rate", rows, dtype))
 
-    def mean(self, rows=None) -> Tensor:
-        return self._get("shape", rows) / self._get("rate", rows)
+    def mean(self, rows=None, dtype: Optional[torch.dtype] = None) -> Tensor:
+        return self._get("shape", rows, dtype) / self._get("rate", rows, dtype)
 
     def prior_rate(self, rows=None) -> Tensor:
         b = getattr(self.layer, f"{self.name}_prior_rate")
@@ -435,10 +436,12 @@ class _GammaFactor(_Factor):
         else:
             b[rows] = new
 
-    def kl(self, rows=None) -> Tensor:
-        q = Gamma(self._get("shape", rows), self._get("rate", rows), validate_args=False)
+    def kl(self, rows=None, dtype: Optional[torch.dtype] = None) -> Tensor:
+        q = Gamma(self._get("shape", rows, dtype), self._get("rate", rows, dtype), validate_args=False)
         b = self.prior_rate(rows)
         a = getattr(self.layer, f"{self.name}_prior_shape")
+        if dtype is not None:
+            a, b = a.to(dtype), b.to(dtype)
         return kl_divergence(q, Gamma(a.expand(b.shape[0], 1), b[:, None], validate_args=False)).sum()
 
 
@@ -468,12 +471,13 @@ class _PointFactor(_Factor):
     def versions(self) -> tuple:
         return (self.param._version,)
 
-    def mean(self, rows=None) -> Tensor:
+    def mean(self, rows=None, dtype: Optional[torch.dtype] = None) -> Tensor:
         v = self.param.detach()
-        return v if rows is None else v[rows]
+        v = v if rows is None else v[rows]
+        return v if dtype is None else v.to(dtype)
 
-    def log_value(self, rows=None) -> Tensor:
-        return torch.log(self.mean(rows).clamp_min(torch.finfo(self.param.dtype).tiny))
+    def log_value(self, rows=None, dtype: Optional[torch.dtype] = None) -> Tensor:
+        return torch.log(self.mean(rows, dtype).clamp_min(torch.finfo(self.param.dtype).tiny))
 
     @torch.no_grad()
     def update(self, stat: Tensor, rate: Tensor, rows=None, rho: float = 1.0) -> None:
@@ -692,6 +696,10 @@ class ChainStatistics:
     need : set of int
         Indices of the factors whose statistics are wanted.
     chunk_size : int, optional
+    dtype : torch.dtype, optional
+        Dtype of the pass (default the factors'): ``torch.float64`` for the ELBO pass of a
+        float32 chain, as :meth:`GammaPoisson.statistics` does; ``counts`` are cast back to
+        the factors' dtype, ``log_norm`` stays in ``dtype``.
 
     Attributes
     ----------
@@ -702,11 +710,12 @@ class ChainStatistics:
         ``Σ X log(chain at G)`` over the nonzeros.
     """
 
-    def __init__(self, data: CountMatrix, chain: FactorChain, rows: Optional[Tensor], need, chunk_size=None):
+    def __init__(self, data: CountMatrix, chain: FactorChain, rows: Optional[Tensor], need, chunk_size=None,
+                 dtype: Optional[torch.dtype] = None):
         factors = chain.factors
         need = set(need)
         with torch.no_grad():
-            logs = [f.log_value(rows if i == 0 else None).detach() for i, f in enumerate(factors)]
+            logs = [f.log_value(rows if i == 0 else None, dtype).detach() for i, f in enumerate(factors)]
         s, left, right = _plan(tuple(tuple(lg.shape) for lg in logs), max(data.nnz, 1))
         leaves = [lg.requires_grad_(True) if i in need else lg for i, lg in enumerate(logs)]
         with torch.enable_grad():
@@ -730,7 +739,7 @@ class ChainStatistics:
         idx = sorted(need)
         got = torch.autograd.grad(outs, [leaves[i] for i in idx], grads, allow_unused=True)
         for i, g in zip(idx, got):
-            self.counts[i] = torch.zeros_like(logs[i]) if g is None else g.detach()
+            self.counts[i] = (torch.zeros_like(logs[i]) if g is None else g.detach()).to(factors[i].dtype)
 
 
 def _sum_vectors(means: List[Tensor]):
@@ -772,11 +781,11 @@ def rate_statistics(chain: FactorChain, index: int, rows: Optional[Tensor] = Non
         return g * scale if scale != 1.0 else g
 
 
-def total_mean(chain: FactorChain, rows: Optional[Tensor] = None) -> Tensor:
-    """``Σ_nc (chain at the posterior means)`` over the batch ``rows``: shape ()."""
+def total_mean(chain: FactorChain, rows: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``Σ_nc (chain at the posterior means)`` over the batch ``rows``, in ``dtype``: shape ()."""
     factors = chain.factors
     with torch.no_grad():
-        means = [f.mean(rows if i == 0 else None) for i, f in enumerate(factors)]
+        means = [f.mean(rows if i == 0 else None, dtype) for i, f in enumerate(factors)]
         left, right = _sum_vectors(means)
         return (left[1] * right[0]).sum()
 
@@ -816,16 +825,21 @@ def elbo_from(data: CountMatrix, chain: FactorChain, log_norm: Tensor, rows: Opt
               scale: float = 1.0) -> ELBO:
     """The ELBO record from a pass's ``log_norm``: ``data`` term and one KL per Gamma factor.
 
-    For a batch, the data term and the first factor's KL are multiplied by ``scale``.
+    For a batch, the data term and the first factor's KL are multiplied by ``scale``. The
+    terms are computed and kept in ``log_norm``'s dtype: float64 from the float64 pass the
+    trainers and :func:`chain_elbo` run for a float32 chain (the ELBO is a small difference
+    of large terms, whose float32 rounding exceeds its change near convergence; rounding the
+    parts to float32 one by one would let their total fall by an ulp between sweeps).
     """
+    dt = out = log_norm.dtype
     with torch.no_grad():
-        z = (log_norm - data.log_factorial - total_mean(chain, rows)) * scale
+        z = (log_norm - data.log_factorial_in(dt) - total_mean(chain, rows, dt)) * scale
         kls = {}
         for i, f in enumerate(chain.factors):
-            kl = f.kl(rows if i == 0 else None)
+            kl = f.kl(rows if i == 0 else None, dt)
             if kl is not None:
-                kls[f"{f.label}_kls"] = kl * scale if i == 0 else kl
-        return ELBO(z, kls)
+                kls[f"{f.label}_kls"] = (kl * scale if i == 0 else kl).to(out)
+        return ELBO(z.to(out), kls)
 
 
 def chain_elbo(X, model: nn.Module, input: Optional[Tensor] = None, chunk_size: Optional[int] = None) -> ELBO:
@@ -849,8 +863,9 @@ def chain_elbo(X, model: nn.Module, input: Optional[Tensor] = None, chunk_size: 
     Returns
     -------
     ELBO
+        In float64 whatever the chain's dtype (computed in float64, see :func:`elbo_from`).
     """
     _, chain = collect(lambda: (None, model(input)), "model")
     data = chain_data(X, chain)
-    stats = ChainStatistics(data, chain, None, (), chunk_size)
+    stats = ChainStatistics(data, chain, None, (), chunk_size, dtype=torch.float64)  # see elbo_from
     return elbo_from(data, chain, stats.log_norm)

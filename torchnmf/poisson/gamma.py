@@ -55,8 +55,8 @@ from torch.nn.utils import parametrize
 
 from .. import constraints
 from .._special import digamma_positive
-from ..data import (as_tensor, check_counts, check_option, check_positive, check_positive_vector, check_rank,
-                    check_shape, nonzeros)
+from ..data import (as_tensor, check_counts, check_magnitude, check_option, check_positive, check_positive_vector,
+                    check_rank, check_shape, nonzeros)
 from ..kernels.sparse import csr_tensor
 from .elbo import ELBO
 
@@ -245,7 +245,8 @@ class CountMatrix:
         ------
         TypeError, ValueError
             Through :mod:`torchnmf.data`: non-numeric input, wrong dimensions, NaN/inf,
-            negative or (without ``allow_noninteger``) non-integer counts, wrong shape.
+            negative or (without ``allow_noninteger``) non-integer counts, wrong shape, counts
+            too large for the dtype (:func:`~torchnmf.data.check_magnitude`).
         """
         if isinstance(X, CountMatrix):
             if shape is not None:
@@ -255,6 +256,9 @@ class CountMatrix:
         if shape is not None:
             check_shape(T, shape, name)
         check_counts(T, name, allow_noninteger=allow_noninteger)
+        # the fits' check: counts too large for the dtype's arithmetic (one float32 entry of
+        # 3e38) gave NaN from the trainers' steps and the ELBO without an error
+        check_magnitude(T, name, T.dtype)
         rows, cols, vals = nonzeros(T)
         return cls(rows, cols, vals, tuple(T.shape))
 

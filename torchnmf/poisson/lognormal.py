@@ -69,7 +69,8 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 
 from .. import constraints
-from ..data import as_tensor, check_finite, check_nonnegative, check_option, check_positive, check_rank, nonzeros
+from ..data import (as_tensor, check_finite, check_magnitude, check_nonnegative, check_option, check_positive,
+                    check_rank, nonzeros)
 from .elbo import ELBO
 
 __all__ = ["FactorPosterior", "IndependentNormal", "LogNormalPoisson", "Counts", "ELBO_MODES", "inv_softplus",
@@ -581,7 +582,10 @@ class LogNormalPoisson(nn.Module):
     def _counts(self, X, check: bool) -> Counts:
         if isinstance(X, Counts):
             return X
-        return Counts(X, check=check)
+        C = Counts(X, check=check)
+        if check:  # too large for the layer's arithmetic: NaN ELBOs without an error otherwise
+            check_magnitude(C.values, "X", self._raw_W().dtype)
+        return C
 
     def _check_batch(self, C: Counts, idx, feature_idx) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         idx = _check_idx(idx, self.n_samples, "idx")

@@ -2,8 +2,10 @@
 
 The trainers see parameters and a closure returning ``(X, model(None)[, rows[, scale]])``;
 the closure runs under the chain mode of :mod:`torchnmf.poisson.chain`, so ``model(None)``
-is the list of the chain's factors. Schedule of one sweep (every step is the exact
-coordinate maximiser of the ELBO, so the ELBO never decreases):
+is the list of the chain's factors. Schedule of one sweep (each step is the exact coordinate
+maximiser of the bound at the path split it uses: of the ELBO itself for the first factor, of
+the bound at the split from before ``W_1``'s update for ``W_2 .. W_L``; that bound is at most the
+ELBO, so the ELBO never decreases over a sweep):
 
 1. the path split ``φ`` at the current posterior, then the first factor (rows, ``H``);
 2. ``φ`` again, then every other factor in chain order with that ``φ`` — given ``φ`` each
@@ -12,7 +14,9 @@ coordinate maximiser of the ELBO, so the ELBO never decreases):
 
 So a sweep costs two passes over the nonzeros whatever the depth (plus the ELBO's pass,
 which the next sweep reuses for step 1), and for one layer it is exactly the
-``GammaPoisson`` CAVI sweep.
+``GammaPoisson`` CAVI sweep. As there, the ELBO's pass runs in float64 for a float32 chain
+(the record's float32 rounding exceeds its change near convergence); its counts are cast
+back to the chain's dtype.
 """
 from __future__ import annotations
 
@@ -114,7 +118,9 @@ class ChainRunner:
         if update_hyper:
             for i in train:
                 factors[i].update_prior()
-        stats = ChainStatistics(data, chain, None, {0} if 0 in train else set(), chunk_size)
+        # the ELBO's pass in float64 whatever the chain's dtype (as GammaPoisson's): its counts,
+        # cast back, are those of the next sweep's first step
+        stats = ChainStatistics(data, chain, None, {0} if 0 in train else set(), chunk_size, dtype=torch.float64)
         self.cache = (data, self._key(chain), stats.counts.get(0))
         return elbo_from(data, chain, stats.log_norm)
 
@@ -145,7 +151,7 @@ class ChainRunner:
                         break
                     before = after
         rest = [i for i in train if i > 0]
-        stats = ChainStatistics(data, chain, r, set(rest), chunk)
+        stats = ChainStatistics(data, chain, r, set(rest), chunk, dtype=torch.float64 if elbo else None)
         estimate = elbo_from(data, chain, stats.log_norm, r, scale) if elbo else None
         for i in rest:
             factors[i].update(stats.counts[i] * scale, rate_statistics(chain, i, r, scale), rho=rho)

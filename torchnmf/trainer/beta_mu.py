@@ -105,12 +105,19 @@ class BetaMu(Optimizer):
         # it, such as the ``V.t()`` of a closure) is checked once, a new or modified one again
         self._checked = None
 
-    def _check_target(self, target: Tensor) -> None:
-        """The layers' checks of ``V`` on the closure's target, once per distinct target data."""
+    def _check_target(self, target: Tensor, dtype: torch.dtype) -> None:
+        """The layers' checks of ``V`` on the closure's target, once per distinct target data.
+
+        ``dtype`` is the prediction's, in which the updates run: a target too large for it
+        (float32 data near 1e20 under beta = 2, one entry of 3e38 under any beta) is refused
+        here rather than turning the factors into NaN.
+        """
         if _same_data(getattr(self, "_checked", None), target):  # absent after unpickling
             return
         data.as_tensor(target, "target", float_only=False)  # bool and complex: TypeError
         data.check_nonnegative(target, "target")  # NaN, inf, negative: ValueError
+        beta = max(g["beta"] for g in self.param_groups)
+        data.check_magnitude(target, "target", dtype if dtype.is_floating_point else None, beta=beta)
         self._checked = _data_key(target)
 
     def _unpack(self, out) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -120,7 +127,7 @@ class BetaMu(Optimizer):
         mask = out[2] if len(out) == 3 else None
         if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
             raise TypeError("the closure's target and prediction must be tensors")
-        self._check_target(target)
+        self._check_target(target, pred.dtype)
         if target.layout != torch.strided:
             target = target.to_dense()
         if target.shape != pred.shape:
