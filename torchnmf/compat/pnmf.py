@@ -162,11 +162,16 @@ class PNMF(TransformerMixin, BaseEstimator):
     neighbors : {'knn'}, default 'knn'
         How LCGP neighbours are found.
     scale_ll_D, scale_kl_NM : bool, default True
-        The reference document names these in the signature only and states no meaning.
-        By their names, scalings of the log-likelihood (by ``D``) and of the KL (by
-        ``N M``) in the loss; torchnmf always divides the negative ELBO by
-        ``n_samples * n_features`` for gradient steps (the optimum is the same), so these
-        are accepted and checked (True/False) for PNMF code's sake and change nothing.
+        Normalisation of the two parts of the loss, after their names (the document gives
+        the names only; its ``M`` is the feature dimension ``D``). With ``ll`` the expected
+        log-likelihood of all the data and ``kl`` the KL of ``q(F)`` from ``p(F)``, gradient
+        steps minimise ``-ll / (N a) + kl / b``: ``scale_ll_D=True`` sets ``a = D`` (False:
+        1), ``scale_kl_NM=True`` sets ``b = N M = N D`` (False: 1). Both True (the default)
+        is the negative ELBO per data entry, ``-(ll - kl) / (N D)``, with the ELBO's optimum;
+        ``scale_ll_D=False`` weighs the log-likelihood ``D`` times more against the KL,
+        ``scale_kl_NM=False`` the KL ``N D`` times more (tempered objectives; natural steps
+        follow the same objective rescaled to a KL of weight 1). ``elbo_`` and the history
+        always record the ELBO itself.
 
     Attributes
     ----------
@@ -274,6 +279,10 @@ class PNMF(TransformerMixin, BaseEstimator):
         else:
             core = _Plain(**common)
         core._compat_knobs = knobs
+        # the documented loss -ll / (N a) + kl / b (a = D or 1, b = N D or 1) is the core's
+        # -(w_ll ll - w_kl kl) / (N D) with w_ll = D / a and w_kl = N D / b
+        core._ll_weight = 1.0 if self.scale_ll_D else float(n_features)
+        core._kl_weight = 1.0 if self.scale_kl_NM else float(n_samples * n_features)
         return core
 
     # -- scikit-learn API ----------------------------------------------------------------
