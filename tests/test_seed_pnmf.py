@@ -547,3 +547,30 @@ def test_scale_ll_D_and_scale_kl_NM_weigh_the_loss():
     assert kl2 > kl0  # the likelihood weighs D times more: q(F) moves further from p(F)
     # elbo_ is the ELBO itself whatever the weights: the ELBO's own fit has the best one
     assert base.elbo_ > heavy_kl.elbo_ and base.elbo_ > heavy_ll.elbo_
+
+
+def test_poisson_factorization_spatial_forward():
+    from torchnmf.poisson.spatial import LCGP, SVGP
+
+    y = torch.as_tensor(_counts()).t().contiguous()  # (D=20, N=60)
+    xy = torch.as_tensor(np.random.default_rng(2).random((60, 2)))
+    for gp in (SVGP(xy, 3, num_inducing=10, diagonal_only=True, random_state=0),
+               SVGP(xy, 3, num_inducing=10, random_state=0), LCGP(xy, 3, n_neighbors=5, random_state=0)):
+        model = compat.PoissonFactorization(gp, y, L=3, mode="lower-bound")
+        terms, qF, qU, pU = model(spatial=True)
+        assert tuple(qF.mean.shape) == (3, 60) and pU is None
+        assert qU.mean.shape[0] == 3
+        mean, var = gp.marginals()
+        torch.testing.assert_close(qF.mean, mean)
+        assert bool(torch.isfinite(terms["elbo"])) and tuple(terms["rate"].shape) == (20, 60)
+        (-terms["elbo"]).backward()
+        assert gp.q_loc.grad is not None and bool(gp.q_loc.grad.abs().sum() > 0)
+        idx = torch.tensor([1, 5, 9])
+        terms_b, qF_b, _, _ = model(idx=idx, spatial=True)
+        torch.testing.assert_close(qF_b.mean, mean[:, idx])
+        new, qF_new, _, _ = model(coordinates=xy[:4] + 0.01, spatial=True)
+        assert tuple(qF_new.mean.shape) == (3, 4) and tuple(new["rate"].shape) == (20, 4)
+        with pytest.raises(ValueError, match="spatial=True"):
+            model()
+    with pytest.raises(ValueError, match="spatial=True needs a GP prior"):
+        compat.PoissonFactorization(GaussianPrior(y, L=3), y, L=3)(spatial=True)
