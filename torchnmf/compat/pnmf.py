@@ -8,7 +8,12 @@ Code written for PNMF runs with its import lines changed to this module::
 :class:`PNMF` has PNMF's signature and defaults and translates them to
 :class:`torchnmf.estimators.PNMF` (``spatial=False``) or
 :class:`torchnmf.estimators.SpatialPNMF` (``spatial=True``), which do the work; the functions
-read the fitted estimator. torchnmf's own estimators keep their own defaults.
+read the fitted estimator. torchnmf's own estimators keep their own defaults. Where the
+document's behaviour differs from torchnmf's, this module follows the document and keeps
+torchnmf's beside it: :meth:`PNMF.transform` runs the document's NNLS multiplicative updates
+(``method='variational'`` refits ``q(F)``), with mini-batches one iteration is one batch step
+(torchnmf's estimators count epochs), ``n_components`` above ``min(n_samples, n_features)``
+warns instead of failing, and results are ndarrays for tensor input too.
 
 Which options to use: this :class:`PNMF` keeps the document's defaults (Adam with the
 one-cycle schedule at ``learning_rate=0.01``, ``mode='expanded'``, ``tol=1e-4``), which
