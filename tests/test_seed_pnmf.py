@@ -562,3 +562,51 @@ def test_minibatch_iteration_is_one_batch():
         mp.setattr(LogNormalPoisson, "elbo", counting)
         CorePNMF(n_components=2, batch_size=20, max_iter=2, tol=0, random_state=0).fit(X)
     assert steps["n"] == 6
+
+
+def test_scale_ll_D_and_scale_kl_NM_weigh_the_loss():
+    X = _counts(n=40, d=10)
+    core = PNMF(scale_ll_D=False, scale_kl_NM=False)._core(40, 10)
+    assert (core._ll_weight, core._kl_weight) == (10.0, 400.0)
+    assert (PNMF()._core(40, 10)._ll_weight, PNMF()._core(40, 10)._kl_weight) == (1.0, 1.0)
+
+    def fit(**kw):
+        m = PNMF(n_components=2, mode="lower-bound", max_iter=150, tol=0, learning_rate=0.05, scheduler=None,
+                 random_state=0, device="cpu", **kw).fit(X)
+        prior = get_prior(m)
+        return m, float(prior.factors.kl()), m.estimator_.layer_
+
+    base, kl0, _ = fit()
+    heavy_kl, kl1, _ = fit(scale_kl_NM=False)
+    assert kl1 < 0.5 * kl0  # the KL weighs N D times more: q(F) is pulled to p(F)
+    heavy_ll, kl2, layer = fit(scale_ll_D=False)
+    assert kl2 > kl0  # the likelihood weighs D times more: q(F) moves further from p(F)
+    # elbo_ is the ELBO itself whatever the weights: the ELBO's own fit has the best one
+    assert base.elbo_ > heavy_kl.elbo_ and base.elbo_ > heavy_ll.elbo_
+
+
+def test_poisson_factorization_spatial_forward():
+    from torchnmf.poisson.spatial import LCGP, SVGP
+
+    y = torch.as_tensor(_counts()).t().contiguous()  # (D=20, N=60)
+    xy = torch.as_tensor(np.random.default_rng(2).random((60, 2)))
+    for gp in (SVGP(xy, 3, num_inducing=10, diagonal_only=True, random_state=0),
+               SVGP(xy, 3, num_inducing=10, random_state=0), LCGP(xy, 3, n_neighbors=5, random_state=0)):
+        model = compat.PoissonFactorization(gp, y, L=3, mode="lower-bound")
+        terms, qF, qU, pU = model(spatial=True)
+        assert tuple(qF.mean.shape) == (3, 60) and pU is None
+        assert qU.mean.shape[0] == 3
+        mean, var = gp.marginals()
+        torch.testing.assert_close(qF.mean, mean)
+        assert bool(torch.isfinite(terms["elbo"])) and tuple(terms["rate"].shape) == (20, 60)
+        (-terms["elbo"]).backward()
+        assert gp.q_loc.grad is not None and bool(gp.q_loc.grad.abs().sum() > 0)
+        idx = torch.tensor([1, 5, 9])
+        terms_b, qF_b, _, _ = model(idx=idx, spatial=True)
+        torch.testing.assert_close(qF_b.mean, mean[:, idx])
+        new, qF_new, _, _ = model(coordinates=xy[:4] + 0.01, spatial=True)
+        assert tuple(qF_new.mean.shape) == (3, 4) and tuple(new["rate"].shape) == (20, 4)
+        with pytest.raises(ValueError, match="spatial=True"):
+            model()
+    with pytest.raises(ValueError, match="spatial=True needs a GP prior"):
+        compat.PoissonFactorization(GaussianPrior(y, L=3), y, L=3)(spatial=True)

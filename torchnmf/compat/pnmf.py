@@ -8,7 +8,12 @@ Code written for PNMF runs with its import lines changed to this module::
 :class:`PNMF` has PNMF's signature and defaults and translates them to
 :class:`torchnmf.estimators.PNMF` (``spatial=False``) or
 :class:`torchnmf.estimators.SpatialPNMF` (``spatial=True``), which do the work; the functions
-read the fitted estimator. torchnmf's own estimators keep their own defaults.
+read the fitted estimator. torchnmf's own estimators keep their own defaults. Where the
+document's behaviour differs from torchnmf's, this module follows the document and keeps
+torchnmf's beside it: :meth:`PNMF.transform` runs the document's NNLS multiplicative updates
+(``method='variational'`` refits ``q(F)``), with mini-batches one iteration is one batch step
+(torchnmf's estimators count epochs), ``n_components`` above ``min(n_samples, n_features)``
+warns instead of failing, and results are ndarrays for tensor input too.
 
 Which options to use: this :class:`PNMF` keeps the document's defaults (Adam with the
 one-cycle schedule at ``learning_rate=0.01``, ``mode='expanded'``, ``tol=1e-4``), which
@@ -167,11 +172,16 @@ class PNMF(TransformerMixin, BaseEstimator):
     neighbors : {'knn'}, default 'knn'
         How LCGP neighbours are found.
     scale_ll_D, scale_kl_NM : bool, default True
-        The reference document names these in the signature only and states no meaning.
-        By their names, scalings of the log-likelihood (by ``D``) and of the KL (by
-        ``N M``) in the loss; torchnmf always divides the negative ELBO by
-        ``n_samples * n_features`` for gradient steps (the optimum is the same), so these
-        are accepted and checked (True/False) for PNMF code's sake and change nothing.
+        Normalisation of the two parts of the loss, after their names (the document gives
+        the names only; its ``M`` is the feature dimension ``D``). With ``ll`` the expected
+        log-likelihood of all the data and ``kl`` the KL of ``q(F)`` from ``p(F)``, gradient
+        steps minimise ``-ll / (N a) + kl / b``: ``scale_ll_D=True`` sets ``a = D`` (False:
+        1), ``scale_kl_NM=True`` sets ``b = N M = N D`` (False: 1). Both True (the default)
+        is the negative ELBO per data entry, ``-(ll - kl) / (N D)``, with the ELBO's optimum;
+        ``scale_ll_D=False`` weighs the log-likelihood ``D`` times more against the KL,
+        ``scale_kl_NM=False`` the KL ``N D`` times more (tempered objectives; natural steps
+        follow the same objective rescaled to a KL of weight 1). ``elbo_`` and the history
+        always record the ELBO itself.
 
     Attributes
     ----------
@@ -279,6 +289,10 @@ class PNMF(TransformerMixin, BaseEstimator):
         else:
             core = _Plain(**common)
         core._compat_knobs = knobs
+        # the documented loss -ll / (N a) + kl / b (a = D or 1, b = N D or 1) is the core's
+        # -(w_ll ll - w_kl kl) / (N D) with w_ll = D / a and w_kl = N D / b
+        core._ll_weight = 1.0 if self.scale_ll_D else float(n_features)
+        core._kl_weight = 1.0 if self.scale_kl_NM else float(n_samples * n_features)
         return core
 
     # -- scikit-learn API ----------------------------------------------------------------
@@ -1012,8 +1026,9 @@ class PoissonFactorization(nn.Module):
 
     Parameters
     ----------
-    prior : GaussianPrior
-        ``q(F)`` and ``p(F)``, (L, N).
+    prior : GaussianPrior, or torchnmf.poisson.spatial.SVGP / LCGP
+        ``q(F)`` and ``p(F)``, (L, N); a GP prior (over the samples' coordinates) makes this a
+        spatial model, whose :meth:`forward` takes ``spatial=True``.
     y : Tensor of shape (D, N)
         Data (features x samples). Non-negative counts for the likelihood terms of
         :meth:`forward`; other data only fixes the shapes (as in PNMF's example).
@@ -1047,27 +1062,35 @@ class PoissonFactorization(nn.Module):
         from .. import constraints
         from ..poisson.lognormal import ELBO_MODES
 
-        if not isinstance(prior, GaussianPrior):
-            raise TypeError(f"prior must be a GaussianPrior, got {type(prior).__name__}")
+        from ..poisson.spatial import SVGP, LCGP
+
+        if isinstance(prior, GaussianPrior):
+            factors = prior.factors
+        elif isinstance(prior, (SVGP, LCGP)):
+            factors = prior  # a GP prior: forward(spatial=True)
+        else:
+            raise TypeError(f"prior must be a GaussianPrior (or a torchnmf.poisson.spatial SVGP/LCGP for "
+                            f"spatial=True), got {type(prior).__name__}")
         Y = as_tensor(y, "y", ndim=2, sparse="dense", float_only=False)
         L = check_rank(L, "L")
-        factors = prior.factors
         if L != factors.n_components:
             raise ValueError(f"L={L} but the prior has L={factors.n_components}")
         if int(Y.shape[1]) != factors.n_samples:
             raise ValueError(f"y has {Y.shape[1]} samples (columns), the prior has N={factors.n_samples}")
         check_option(loadings_mode, constraints.MODES, "loadings_mode")
         check_option(mode, ELBO_MODES, "mode")
-        dtype = factors.loc.dtype
+        ref = next(factors.parameters())
+        dtype, device = ref.dtype, ref.device
         self.prior = prior
+        self._factors = factors
         self.D, self.N, self.L = int(Y.shape[0]), factors.n_samples, L
         self.mode = mode
-        Yf = Y.detach().to(dtype=dtype, device=factors.loc.device)
+        Yf = Y.detach().to(dtype=dtype, device=device)
         self.register_buffer("y", Yf.clone())
         self._counts = bool(torch.isfinite(Yf).all()) and bool((Yf >= 0).all())
-        W0 = (torch.rand(self.D, L, dtype=dtype, device=factors.loc.device) + 0.5) / L
+        W0 = (torch.rand(self.D, L, dtype=dtype, device=device) + 0.5) / L
         self.layer = LogNormalPoisson(self.D, self.N, L, mode=mode, loadings_mode=loadings_mode, factors=factors,
-                                      W=W0, dtype=dtype, device=factors.loc.device)
+                                      W=W0, dtype=dtype, device=device)
         self.W = PositiveParameter((self.D, L), loadings_mode, mode, raw=self.layer._raw_W())
 
     @property
@@ -1096,9 +1119,12 @@ class PoissonFactorization(nn.Module):
             Monte Carlo draws (unused by ``'lower-bound'``).
         X : Tensor of shape (D_b, B), optional
             The batch's counts; default ``y[idy][:, idx]``.
-        coordinates, groups, spatial
-            For GP priors, which this adapter does not hold (``spatial=True`` is refused; use
-            ``PNMF(spatial=True)``).
+        coordinates : array-like of shape (B, 2), optional
+            ``spatial=True``: new locations (the GP predictive; not with ``idx``).
+        groups : array-like of shape (B,), optional
+            Their groups (multi-group GPs).
+        spatial : bool, default False
+            The GP forward pass; True exactly when the prior is a GP (``SVGP``/``LCGP``).
 
         Returns
         -------
@@ -1110,19 +1136,47 @@ class PoissonFactorization(nn.Module):
             ``'rate_term'``, ``'lgamma'``, ``'log_likelihood'`` (scaled to the full data) and
             ``'elbo'`` (all shape ()).
         qF, pF : torch.distributions.Normal
-            ``q(F)`` and ``p(F)`` of the batch, (L, B).
+            ``q(F)`` and ``p(F)`` of the batch, (L, B) (non-spatial).
+        qF, qU, pU
+            Spatial: ``q(F)``'s marginals from the GP (L, B); ``q`` of the inducing values
+            (an SVGP's whitened ``v``, a ``MultivariateNormal`` (L, M); an LCGP's values at
+            every sample, low-rank plus diagonal); ``pU`` is None (whitened, as documented).
+            At new ``coordinates`` the terms hold the rates and draws only (no counts, no ELBO).
         """
         from ..poisson.lognormal import _check_idx
 
-        if _bool(spatial, "spatial") or coordinates is not None or groups is not None:
-            raise ValueError("this PoissonFactorization has a GaussianPrior (no GP): spatial=True, coordinates "
-                             "and groups need a spatial model, PNMF(spatial=True)")
+        gp = not isinstance(self.prior, GaussianPrior)
+        if _bool(spatial, "spatial") != gp:
+            raise ValueError("spatial=True needs a GP prior (PoissonFactorization(SVGP(...) or LCGP(...), y)), "
+                             "spatial=False a GaussianPrior; this model's prior is a "
+                             f"{type(self.prior).__name__}")
+        if not gp and (coordinates is not None or groups is not None):
+            raise ValueError("coordinates and groups are for spatial=True (a GP prior)")
         E = check_rank(E, "E")
         idx_t = _check_idx(idx, self.N, "idx")
-        qF, pF = self.prior() if idx_t is None else self.prior.forward_batched(idx_t)
-        return self.compute_log_likelihood_terms(qF, X=X, idx=idx_t, idy=idy, E=E, return_samples=True), qF, pF
+        if not gp:
+            qF, pF = self.prior() if idx_t is None else self.prior.forward_batched(idx_t)
+            return self.compute_log_likelihood_terms(qF, X=X, idx=idx_t, idy=idy, E=E, return_samples=True), qF, pF
+        if coordinates is not None and idx_t is not None:
+            raise ValueError("give idx (training samples) or coordinates (new locations), not both")
+        covariates = {} if coordinates is None else dict(coordinates=coordinates, groups=groups)
+        mean, var = self.prior.marginals(idx_t, **covariates)
+        qF = Normal(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt())
+        if hasattr(self.prior, "q_scale_tril"):  # SVGP: whitened inducing values v, u = chol(K_uu) v
+            qU = torch.distributions.MultivariateNormal(self.prior.q_loc, scale_tril=self.prior.q_scale_tril)
+        elif self.prior.diagonal_only:  # LCGP: every sample is inducing, low-rank + diagonal covariance
+            qU = Normal(self.prior.q_loc, self.prior.q_scale)
+        else:
+            qU = torch.distributions.LowRankMultivariateNormal(self.prior.q_loc, self.prior.q_factor,
+                                                               self.prior.q_scale.square())
+        if coordinates is not None:  # new locations: no counts of them are held
+            return self.compute_log_likelihood_terms(qF, X=X, idx=None, idy=idy, E=E, return_samples=True,
+                                                     _covariates=covariates), qF, qU, None
+        terms = self.compute_log_likelihood_terms(qF, X=X, idx=idx_t, idy=idy, E=E, return_samples=True)
+        return terms, qF, qU, None
 
-    def compute_log_likelihood_terms(self, qF, X=None, idx=None, idy=None, E=10, return_samples=False) -> dict:
+    def compute_log_likelihood_terms(self, qF, X=None, idx=None, idy=None, E=10, return_samples=False,
+                                     *, _covariates=None) -> dict:
         """The likelihood terms of a batch under ``q(F)`` (what :meth:`forward` returns first).
 
         Parameters
@@ -1151,6 +1205,14 @@ class PoissonFactorization(nn.Module):
         idx_t = _check_idx(idx, self.N, "idx")
         idy_t = _check_idx(idy, self.D, "idy")
         mu, var = qF.mean, qF.variance
+        if _covariates:  # new locations of a GP prior: rates and draws only
+            W = self.W.data if idy_t is None else self.W.data[idy_t]
+            terms = dict(exp_mu=torch.exp(mu), exp_mu_sigma=torch.exp(mu + var / 2))
+            terms["rate"], terms["rate_mean"] = W @ terms["exp_mu_sigma"], W @ terms["exp_mu"]
+            if self.mode != "lower-bound" and return_samples:
+                terms["exp_F_samples"] = torch.exp(qF.rsample((E,)))
+            terms["kl"] = self._factors.kl()
+            return terms
         if tuple(mu.shape) != (self.L, self.N if idx_t is None else idx_t.numel()):
             raise ValueError(f"qF has shape {tuple(mu.shape)}, expected (L, batch) = "
                              f"{(self.L, self.N if idx_t is None else idx_t.numel())}")
@@ -1160,7 +1222,7 @@ class PoissonFactorization(nn.Module):
         terms["rate_mean"] = W @ terms["exp_mu"]
         if self.mode != "lower-bound" and _bool(return_samples, "return_samples"):
             terms["exp_F_samples"] = torch.exp(qF.rsample((E,)))
-        terms["kl"] = self.prior.factors.kl(idx_t)
+        terms["kl"] = self._factors.kl(idx_t)
         if X is None and self._counts:
             X = self.y if idy_t is None else self.y[idy_t]
             X = X if idx_t is None else X[:, idx_t]

@@ -188,6 +188,10 @@ class PNMF(TorchFactorization):
     #: one fit iteration (max_iter, n_iter_, history_, callbacks, schedules) is one mini-batch
     #: step instead of an epoch (the PNMF package's API)
     _batch_iterations = False
+    #: weights of the log-likelihood and of the KL in the objective the steps follow (the
+    #: recorded ELBO is unweighted); 1 and 1 is the ELBO
+    _ll_weight = 1.0
+    _kl_weight = 1.0
 
     def _check_params(self, N: int, D: int):
         rank = check_rank(self.n_components, "n_components")
@@ -371,7 +375,13 @@ class PNMF(TorchFactorization):
                 if opt is not None:
                     opt.zero_grad()
             elbo = layer.elbo(batch, idx, fidx, check=False)
-            loss = -elbo.total
+            if self._ll_weight == 1 and self._kl_weight == 1:
+                loss = -elbo.total
+            else:  # a tempered objective (the PNMF package's scale_ll_D / scale_kl_NM = False);
+                # natural steps are sized for a KL of weight 1
+                w_ll, w_kl = ((self._ll_weight / self._kl_weight, 1.0) if natural
+                              else (self._ll_weight, self._kl_weight))
+                loss = w_kl * sum(elbo.kls.values()) - w_ll * elbo.data
             (loss if natural else loss / norm).backward()
             if nat is not None:
                 # the ELBO is scaled by N / B, so a local step of lr * B / N is
