@@ -90,12 +90,15 @@ def test_other_betas_equal_separate_fits(beta):
         assert _close(fit.W[r], W) and _close(fit.H[r], H)
 
 
-def test_tiles_equal_one_tile():
-    """Dense beta != 2 in small tiles of replicates and rows equals one tile (and NMF.fit)."""
-    X = _data()
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_tiles_equal_one_tile(kind):
+    """beta=1 in small tiles (dense: replicates x rows; sparse: replicates x non-zeros) equals one tile."""
+    X = _as(_data(), kind)
     kw = dict(beta=1, tol=0, max_iter=25, check_every=5, random_state=3)
     whole = fit_replicates(X, K, R, **kw)
-    for block in (F * N * 2, F * 7, 1):  # 2 replicates a tile; 7 rows; one row
+    nnz = int((_data() != 0).sum())
+    blocks = (F * N * 2, F * 7, 1) if kind == "dense" else (nnz * 2, nnz * 3, 1)  # 2 or 3 replicates a chunk; 1 row
+    for block in blocks:
         tiled = fit_replicates(X, K, R, block_elems=block, **kw)
         assert _close(tiled.W, whole.W, 1e-12) and _close(tiled.H, whole.H, 1e-12)
         assert torch.allclose(tiled.loss, whole.loss, rtol=1e-12)
