@@ -117,6 +117,20 @@ def test_several_ranks_equal_per_rank_calls():
         assert _close(f.W, s.W) and _close(f.H, s.H)
 
 
+def test_max_columns_batches_equal_one_batch():
+    X = _data()
+    kw = dict(beta=2, tol=1e-4, max_iter=100, random_state=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        one = fit_replicates(X, [2, 3], 3, **kw)
+        parts = fit_replicates(X, [2, 3], 3, max_columns=5, **kw)  # parts of 2+2, 2+3, 3, 3 columns
+    for a, b in zip(parts, one):
+        assert a.n_iter.tolist() == b.n_iter.tolist()
+        assert _close(a.W, b.W, 1e-10) and _close(a.H, b.H, 1e-10)
+    assert rep._columns_split([(2, 0), (2, 1), (2, 2), (3, 0)], 5) == [[(2, 0), (2, 1)], [(2, 2), (3, 0)]]
+    assert rep._columns_split([(4, 0)], 3) == [[(4, 0)]]
+
+
 def test_seeding_does_not_depend_on_the_number_of_replicates():
     X = _data()
     W3, H3 = init_replicates(X, K, range(3), seed=7)
@@ -233,6 +247,9 @@ def test_progress_bar_shows_active_replicates(capsys):
     (lambda X: fit_replicates(X, 2, l1_ratio=2), ValueError, "l1_ratio"),
     (lambda X: fit_replicates(X, 2, dtype=torch.int64), TypeError, "dtype"),
     (lambda X: fit_replicates(X, 2, random_state=-1), ValueError, "random_state"),
+    (lambda X: fit_replicates(X, 2, max_columns=0), ValueError, "max_columns"),
+    (lambda X: fit_replicates(X, 2, block_elems=0), ValueError, "block_elems"),
+    (lambda X: fit_replicates(X, 2, stop_rule="x"), ValueError, "stop_rule"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):

@@ -44,7 +44,7 @@ from torch import Tensor
 from . import data
 from ._csr import csr_tensor, to_csr
 from .distributed import all_reduce_stats, get_rank, get_world_size
-from .engine import ConvergenceWarning, STOP_RULES, has_converged, relative_change
+from .engine import ConvergenceWarning, STOP_RULES, _user_stacklevel, has_converged, relative_change
 from .init import _mean, check_random_state
 from .updates import EPSILON, _big_mm, _sparse_parts, mu_apply, mu_statistics
 
@@ -178,7 +178,7 @@ def init_replicates(X, rank: int, replicates: Sequence[int], seed: int, *, dtype
 class _Group:
     """Replicates of one rank in the stacked factors: columns ``[offset, offset + len(ids) * k)``."""
 
-    def __init__(self, k: int, ids: List[int], offset: int):
+    def __init__(self, k: int, ids: List[Tuple[int, int]], offset: int):
         self.k, self.ids, self.offset = k, ids, offset
 
     @property
@@ -267,7 +267,8 @@ class _Batch:
             num, den, loss = self._sparse(side, W, H, groups, measure)
         else:
             num, den, loss = self._dense(side, W, H, groups, measure)
-        return mu_apply(B, num, den, self.beta, self.l1, self.l2), loss
+        # row-major, so that every rank's block of columns views as (n, R_g, k)
+        return mu_apply(B, num, den, self.beta, self.l1, self.l2).contiguous(), loss
 
     def _frobenius(self, side, W, H, groups, measure):
         """beta = 2: one product with X for all replicates, Gram terms batched per rank."""
@@ -474,7 +475,8 @@ def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *
                    init: str = "random", W0=None, H0=None, random_state=None, device=None,
                    dtype: Optional[torch.dtype] = None, alpha: float = 0, l1_ratio: float = 0,
                    verbose: bool = False, process_group=None, stop_rule: str = "relative",
-                   block_elems: Optional[int] = None) -> Union[ReplicateFit, List[ReplicateFit]]:
+                   block_elems: Optional[int] = None,
+                   max_columns: Optional[int] = None) -> Union[ReplicateFit, List[ReplicateFit]]:
     r"""Fit ``n_replicates`` restarts of NMF at each rank as one tensor program.
 
     Replicate ``r`` at rank ``k`` is the fit of :meth:`NMF.fit <torchnmf.nmf.BaseComponent.fit>`
@@ -530,6 +532,11 @@ def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *
         a CPU, 2**27 on a GPU), or of one chunk (replicates x non-zeros) for a sparse ``X``
         with beta = 1 (default 2**19 on a CPU, 2**25 on a GPU). Temporaries take a few times
         this many entries; no ``R x n_samples x n_features`` tensor is ever made.
+    max_columns : int, optional
+        Stack at most this many columns (the sum of the replicates' ranks) at once: the
+        (rank, replicate) pairs of a process are then fitted in consecutive batches. The
+        stacked factors and their updates take about ``6 (n_samples + n_features)`` entries
+        per column; default: every replicate in one batch.
 
     Returns
     -------
@@ -576,6 +583,8 @@ def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *
         raise TypeError(f"verbose must be True or False, got {verbose!r}")
     if block_elems is not None:
         block_elems = data.check_int(block_elems, "block_elems", low=1)
+    if max_columns is not None:
+        max_columns = data.check_int(max_columns, "max_columns", low=1)
     N, F = X.shape
     if (W0 is not None or H0 is not None) and not single:
         raise ValueError("W0 and H0 need a single rank: fit several ranks without them, or one rank per call")
@@ -599,9 +608,12 @@ def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *
            for k in ranks}
     error: Optional[BaseException] = None
     try:
-        if mine:
-            _fit_local(X, mine, out, W0, H0, seed, beta, tol, max_iter, check_every, l1, l2, stop_rule,
-                       block_elems, verbose and me == 0)
+        batch = _Batch(X, beta, l1, l2, block_elems)
+        parts = _columns_split(mine, max_columns)
+        for n, part in enumerate(parts):
+            desc = f"fit_replicates ({len(part)} replicates" + (f", part {n + 1}/{len(parts)})" if len(parts) > 1 else ")")
+            _fit_local(batch, part, out, W0, H0, seed, tol, max_iter, check_every, stop_rule,
+                       _bar(verbose and me == 0, max_iter, len(part), desc))
     except (FloatingPointError, RuntimeError) as err:
         if world == 1:
             raise
@@ -612,7 +624,7 @@ def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *
     if tol > 0 and unconverged:
         warnings.warn(f"fit_replicates: {unconverged} of {len(pairs)} replicates reached max_iter={max_iter} "
                       f"before converging (tol={tol:g}, {stop_rule} rule). Increase max_iter, or raise tol.",
-                      ConvergenceWarning, stacklevel=2)
+                      ConvergenceWarning, stacklevel=_user_stacklevel())
     return out[ranks[0]] if single else [out[k] for k in ranks]
 
 
@@ -631,34 +643,44 @@ def _gather(out: Dict[int, ReplicateFit], ranks: List[int], error: Optional[Base
         f.converged = s["converged"] > 0
 
 
-def _fit_local(X, mine, out, W0, H0, seed, beta, tol, max_iter, check_every, l1, l2, rule, block_elems,
-               verbose) -> None:
+def _columns_split(pairs: List[Tuple[int, int]], max_columns: Optional[int]) -> List[List[Tuple[int, int]]]:
+    """``pairs`` (rank, replicate) in consecutive parts of at most ``max_columns`` stacked columns."""
+    if max_columns is None:
+        return [pairs] if pairs else []
+    parts: List[List[Tuple[int, int]]] = []
+    width = 0
+    for pair in pairs:
+        if not parts or width + pair[0] > max_columns:
+            parts.append([])
+            width = 0
+        parts[-1].append(pair)
+        width += pair[0]
+    return parts
+
+
+def _fit_local(batch: "_Batch", mine, out, W0, H0, seed, tol, max_iter, check_every, rule, bar) -> None:
     """Fit the replicates ``mine`` (pairs (rank, replicate)) in one batch, writing into ``out``."""
+    X, beta = batch.X, batch.beta
     dtype, device = X.dtype, X.device
-    # the stacked factors: ranks in increasing order of first appearance, replicates in order
+    # the stacked factors: ranks in order of first appearance, replicates in order
     Ws, Hs, groups, offset = [], [], [], 0
     by_rank: Dict[int, List[int]] = {}
     for k, r in mine:
         by_rank.setdefault(k, []).append(r)
     for k, reps in by_rank.items():
-        if W0 is not None or H0 is not None:
-            Wr, Hr = init_replicates(X, k, reps, seed) if (W0 is None or H0 is None) else (None, None)
-            Wk = W0[reps] if W0 is not None else Wr
-            Hk = H0[reps] if H0 is not None else Hr
-        else:
-            Wk, Hk = init_replicates(X, k, reps, seed)
+        Wk, Hk = (None, None) if (W0 is not None and H0 is not None) else init_replicates(X, k, reps, seed)
+        Wk = W0[reps] if W0 is not None else Wk
+        Hk = H0[reps] if H0 is not None else Hk
         Ws.append(Wk.permute(1, 0, 2).reshape(X.shape[1], -1))  # (F, R_k k), replicate-major columns
         Hs.append(Hk.permute(1, 0, 2).reshape(X.shape[0], -1))
         groups.append(_Group(k, [(k, r) for r in reps], offset))
         offset += len(reps) * k
     W = torch.cat(Ws, 1).to(device=device, dtype=dtype).contiguous()
     H = torch.cat(Hs, 1).to(device=device, dtype=dtype).contiguous()
-    batch = _Batch(X, beta, l1, l2, block_elems)
     prev: Dict[Tuple[int, int], float] = {}
     first: Dict[Tuple[int, int], float] = {}
     prev_step = None
     tiny = torch.finfo(torch.float64).eps
-    bar = _bar(verbose, max_iter, len(mine))
 
     def finish(g: _Group, j: int, i: int, converged: bool, value: float):
         k, r = g.ids[j]
@@ -724,11 +746,11 @@ def _fit_local(X, mine, out, W0, H0, seed, beta, tol, max_iter, check_every, l1,
             bar.close()
 
 
-def _bar(verbose: bool, total: int, n: int):
+def _bar(verbose: bool, total: int, n: int, desc: str):
     if not verbose:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is an optional dependency
         raise ImportError("verbose progress bars need tqdm: pip install tqdm") from None
-    return tqdm(total=total, desc=f"fit_replicates ({n} replicates)", leave=False, postfix={"active": n})
+    return tqdm(total=total, desc=desc, leave=False, postfix={"active": n})
