@@ -3,7 +3,6 @@ import os
 import time
 import warnings
 
-import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
@@ -265,6 +264,18 @@ def _entry(rank, world, port, out):
             warnings.simplefilter("ignore", ConvergenceWarning)
             result = {"fits": fit_replicates(_data(), [2, 3], 3, beta=1, tol=1e-4, max_iter=100, random_state=4),
                       "none": fit_replicates(_data(), 2, 3, tol=0, max_iter=3).W}  # random_state=None: one seed
+        if rank == 1:  # a non-finite objective on one process: both raise, neither hangs
+            real = rep._Batch.update
+
+            def update(self, side, W, H, groups, measure):
+                B, loss = real(self, side, W, H, groups, measure)
+                return B, (loss * float("nan") if measure else loss)
+            rep._Batch.update = update
+        try:
+            fit_replicates(_data(), 2, 4, tol=0, max_iter=3, random_state=0)
+            result["nan"] = "no error"
+        except FloatingPointError as err:
+            result["nan"] = str(err)
     except BaseException as err:
         result = {"error": f"{type(err).__name__}: {err}"}
     path = os.path.join(out, f"rank{rank}.pt")
@@ -301,3 +312,5 @@ def test_two_processes_equal_one(tmp_path):
             assert _close(f.W, g.W, 1e-10) and _close(f.H, g.H, 1e-10)
             assert torch.allclose(f.loss, g.loss, rtol=1e-10)
     assert torch.equal(res[0]["none"], res[1]["none"])
+    assert "another process" in res[0]["nan"]
+    assert "replicate 1 at rank 2" in res[1]["nan"]  # rank 1 fits replicates 1 and 3

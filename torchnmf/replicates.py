@@ -611,7 +611,8 @@ def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *
         batch = _Batch(X, beta, l1, l2, block_elems)
         parts = _columns_split(mine, max_columns)
         for n, part in enumerate(parts):
-            desc = f"fit_replicates ({len(part)} replicates" + (f", part {n + 1}/{len(parts)})" if len(parts) > 1 else ")")
+            desc = f"fit_replicates ({len(part)} replicates"
+            desc += f", part {n + 1}/{len(parts)})" if len(parts) > 1 else ")"
             _fit_local(batch, part, out, W0, H0, seed, tol, max_iter, check_every, stop_rule,
                        _bar(verbose and me == 0, max_iter, len(part), desc))
     except (FloatingPointError, RuntimeError) as err:
