@@ -155,7 +155,7 @@ def test_inputs_not_modified():
     X = _data()
     W0, H0 = init_replicates(X, K, range(2), seed=1)
     copies = [t.clone() for t in (X, W0, H0)]
-    Xs = X.to_sparse_csr()
+    Xs = to_csr(X)
     vals = Xs.values().clone()
     fit = fit_replicates(X, K, 2, beta=1, tol=0, max_iter=12, W0=W0, H0=H0)
     fit_replicates(Xs, K, 2, beta=2, tol=0, max_iter=12, W0=W0, H0=H0)
@@ -163,6 +163,11 @@ def test_inputs_not_modified():
         assert torch.equal(a, b)
     assert torch.equal(Xs.values(), vals)
     assert fit.W.data_ptr() != W0.data_ptr()
+    # starts that require grad: no autograd graph through the iterations, the starts untouched
+    W0g = W0.clone().requires_grad_()
+    fit = fit_replicates(X, K, 2, beta=1, tol=0, max_iter=3, W0=W0g, H0=H0)
+    assert not fit.W.requires_grad and not fit.H.requires_grad and W0g.grad is None
+    assert torch.equal(W0g.detach(), W0)
 
 
 @pytest.mark.parametrize("beta", [1, 2])

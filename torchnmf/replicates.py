@@ -659,6 +659,7 @@ def _columns_split(pairs: List[Tuple[int, int]], max_columns: Optional[int]) -> 
     return parts
 
 
+@torch.no_grad()
 def _fit_local(batch: "_Batch", mine, out, W0, H0, seed, tol, max_iter, check_every, rule, bar) -> None:
     """Fit the replicates ``mine`` (pairs (rank, replicate)) in one batch, writing into ``out``."""
     X, beta = batch.X, batch.beta
