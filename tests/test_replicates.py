@@ -238,6 +238,7 @@ def test_progress_bar_shows_active_replicates(capsys):
     (lambda X: fit_replicates(X[:0], 2), ValueError, "X is empty"),
     (lambda X: fit_replicates(X[0], 2), ValueError, "X must have 2"),
     (lambda X: fit_replicates(X, 2, 3, W0=torch.rand(3, F, 3, dtype=F64)), ValueError, "W0 has shape"),
+    (lambda X: fit_replicates(X, 2, W0=torch.rand(3, F, 2, dtype=F64)), ValueError, "pass n_replicates=3"),
     (lambda X: fit_replicates(X, 2, 3, H0=torch.rand(2, N, 2, dtype=F64)), ValueError, "H0 has shape"),
     (lambda X: fit_replicates(X, 2, 2, W0=-torch.rand(2, F, 2, dtype=F64)), ValueError, "W0 must be non-negative"),
     (lambda X: fit_replicates(X, [2, 3], 2, W0=torch.rand(2, F, 2, dtype=F64)), ValueError, "single rank"),
