@@ -4,7 +4,7 @@
 
     torchnmf consensus FILE --ranks 5 6 7 8 [--replicates 100] [--genes 2000 | --no-prepare]
                        [--beta-loss {frobenius,kullback-leibler}] [--density-threshold 0.5]
-                       [--local-neighborhood-size 0.3] [--max-iter 1000] [--tol 1e-4]
+                       [--local-neighborhood-size 0.3] [--max-iter 1000] [--tol 1e-6]
                        [--device auto] [--seed 0] [--transpose] [--layer NAME] [--top 30]
                        [--overwrite] [--quiet] [--debug] -o OUTDIR
 
@@ -60,7 +60,7 @@ def add_parser(sub) -> None:
     c.add_argument("--local-neighborhood-size", type=float, default=0.3,
                    help="neighbours for the local density, as a fraction of --replicates (default: 0.3)")
     c.add_argument("--max-iter", type=int, default=1000, help="iteration limit of each fit (default: 1000)")
-    c.add_argument("--tol", type=float, default=1e-4, help="stop rule of each fit (default: 1e-4)")
+    c.add_argument("--tol", type=float, default=1e-6, help="stop rule of each fit (default: 1e-6)")
     c.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1'... (default: auto)")
     c.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     c.add_argument("--transpose", action="store_true", help="the file is stored features x samples")

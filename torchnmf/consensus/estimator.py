@@ -95,9 +95,13 @@ class ConsensusNMF(BaseEstimator):
         Neighbours for the local density, as a fraction of ``n_replicates``.
     max_iter : int, default 1000
         Iteration limit of each replicate (and, at least 1000, of the usage refit).
-    tol : float, default 1e-4
+    tol : float, default 1e-6
         Stop rule of each fit (relative change of the divergence per iteration, see
-        :mod:`torchnmf.engine`).
+        :mod:`torchnmf.engine`). Tighter than cNMF's 1e-4 because the rules differ:
+        multiplicative updates slow down long before their optimum, and stopping them at 1e-4
+        leaves replicates apart that would converge together, which lowers the stability
+        (simulated 800 x 300, rank 6: silhouette 0.60 at 1e-4, 0.87 at 1e-6, 0.91 at 1e-7;
+        scikit-learn's coordinate descent as cNMF runs it: 0.98).
     random_state : int or None, default None
         Seed of the replicates, k-means and refits (``None``: drawn once per fit, see ``seed_``).
     device : str or torch.device, optional
@@ -143,7 +147,7 @@ class ConsensusNMF(BaseEstimator):
     def __init__(self, ranks: Union[int, Sequence[int]] = (5, 6, 7, 8, 9, 10), n_replicates: int = 100, *,
                  beta_loss: Union[str, float] = "frobenius", n_top_features: Optional[int] = 2000,
                  prepare: Union[str, bool] = "auto", density_threshold: float = 0.5,
-                 local_neighborhood_size: float = 0.3, max_iter: int = 1000, tol: float = 1e-4,
+                 local_neighborhood_size: float = 0.3, max_iter: int = 1000, tol: float = 1e-6,
                  random_state: Optional[int] = None, device=None, dtype=None, verbose: bool = False):
         self.ranks = ranks
         self.n_replicates = n_replicates
