@@ -39,7 +39,7 @@ def test_pnmf_transform_no_longer_than_fit(capsys):
     est.fit_transform(X)
     assert est.n_iter_ == 3
     err = capsys.readouterr().err
-    assert "PNMF.transform" in err and "3/3" in err and "200" not in err
+    assert "PNMF: inferring factors (W fixed)" in err and "3/3" in err and "200" not in err
     est.set_params(transform_max_iter=7)
     est.transform(X)
     assert "7/7" in capsys.readouterr().err
@@ -77,3 +77,29 @@ def test_sparse_input_leaks_no_user_warning(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "UserWarning" not in res.stderr
+
+
+# -- no silent phases: every phase of a verbose fit has a labelled bar ------------------------
+def test_gamma_poisson_phases_have_labelled_bars(capsys):
+    from torchnmf.estimators import GammaPoissonFactorization
+
+    X = counts(30, 8)
+    est = GammaPoissonFactorization(n_components=2, max_iter=3, tol=0, init_max_iter=4, random_state=0,
+                                    device="cpu", verbose=True)
+    est.fit(X)
+    err = capsys.readouterr().err
+    assert "GammaPoissonFactorization: initialising from KL-NMF:   0%" in err and "0/4" in err  # init_max_iter
+    assert err.index("initialising from KL-NMF") < err.rindex("/3 [")  # the start bar, then the sweeps
+    est.set_params(transform_max_iter=5)
+    est.transform(X)
+    assert "GammaPoissonFactorization: inferring row factors (components fixed)" in capsys.readouterr().err
+    est.set_params(verbose=False).fit(X)  # quiet means quiet, every phase
+    assert capsys.readouterr().err == ""
+
+
+def test_pnmf_loadings_phase_has_a_labelled_bar(capsys):
+    X = counts(20, 6)
+    est = PNMF(n_components=2, max_iter=2, tol=0, random_state=0, verbose=True).fit(X)
+    capsys.readouterr()
+    est.transform_W(X[:, :3], max_iter=2)  # new features of the training samples
+    assert "PNMF: inferring loadings (F fixed)" in capsys.readouterr().err
