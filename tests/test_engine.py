@@ -398,3 +398,18 @@ def test_convergence_warning_through_set_output_points_at_the_callers_line():
         with pytest.warns(ConvergenceWarning) as rec:
             est.fit_transform(X)
         assert [w.filename for w in rec if issubclass(w.category, ConvergenceWarning)] == [__file__]
+
+
+def test_progress_bar_shows_the_objective_just_recorded(monkeypatch):
+    import io
+
+    import tqdm.auto
+
+    out = io.StringIO()
+    real = tqdm.auto.tqdm
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: real(*a, **k, file=out, mininterval=0, miniters=1))
+    h = History(verbose=True, total=3, name="loss")
+    for value in (30.5, 20.25, 10.125):
+        h.append(value)
+        assert f"loss={value:.6g}" in out.getvalue().split("\r")[-1]  # the bar as drawn now
+    h.close()

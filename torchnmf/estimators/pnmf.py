@@ -503,10 +503,10 @@ class PNMF(TorchFactorization):
             bar = self._bar(max_iter, "inferring factors (W fixed)")
 
             def show(i, record):
-                if bar is not None:
-                    bar.update(1)
+                if bar is not None:  # the value before update(), which draws the bar
                     if i % 10 == 0 or i == max_iter - 1:
-                        bar.set_postfix(elbo=f"{float(record):.6g}")
+                        bar.set_postfix(elbo=f"{float(record):.6g}", refresh=False)
+                    bar.update(1)
 
             try:
                 engine.run(step, max_iter=max_iter, tol=tol, history=History(name="elbo", maximize=True),
