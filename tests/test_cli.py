@@ -326,3 +326,15 @@ def test_plot_image_shape_and_named_bars(tmp_path, data, monkeypatch):
     assert len(labels) == 4 and all(t.startswith("Gene") for t in labels)
     assert bars[0].get_xlabel() == "specificity"  # the default ranking of the bars
     assert main(["plot", str(out), "--image-shape", "2", "4"]) == 2
+
+
+@pytest.mark.parametrize("device, advice", [("cuda", "cuda is not available here; use --device auto"),
+                                            ("quantum", "use auto, cpu or cuda"), ("meta", "use auto, cpu or cuda")])
+def test_device_advice_in_command_line_words(tmp_path, data, capsys, monkeypatch, device, advice):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    np.save(tmp_path / "x.npy", data)
+    assert main(["fit", str(tmp_path / "x.npy"), "--rank", "2", "--device", device, "-o", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}: " in err and advice in err and "device=" not in err

@@ -304,8 +304,10 @@ def _fit(args) -> int:
         from .estimators._base import resolve_device
 
         resolve_device(args.device)
-    except ValueError as err:
-        raise CLIError(f"--device: {err}") from None
+    except ValueError as err:  # the library's advice is in Python syntax (device='auto'): say it as flags
+        advice = ("cuda is not available here; use --device auto (cuda when available) or --device cpu"
+                  if "not available" in str(err) else "not a device with data; use auto, cpu or cuda (e.g. cuda:0)")
+        raise CLIError(f"--device {args.device}: {advice}") from None
     est = _estimator(args)
     t0 = time.perf_counter()
     try:
