@@ -15,6 +15,7 @@
 a directory                          10x layout: ``matrix.mtx(.gz)`` (features x barcodes),
                                      ``features.tsv(.gz)`` or ``genes.tsv(.gz)``,
                                      ``barcodes.tsv(.gz)``; read as barcodes x features
+                                     (repeated gene symbols made unique, with a warning)
 ``.h5ad``                            AnnData (needs :mod:`anndata`): ``X``, a layer, or ``raw``
 ===================================  ==========================================================
 
