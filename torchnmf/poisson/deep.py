@@ -67,7 +67,7 @@ class GammaChain(nn.Sequential):
             Maximum number of sweeps.
         tol : float, default 1e-6
             Stop when the ELBO changes by at most ``tol`` relative to ``|ELBO|`` over a sweep
-            (the rule of :mod:`torchnmf.engine`, the default of every ELBO fit; see
+            (the rule of :mod:`torchnmf.engine`, Gamma-Poisson's default; see
             :ref:`default-tolerances`); reaching ``max_iter`` first warns with
             :class:`~torchnmf.engine.ConvergenceWarning`. 0 runs ``max_iter`` sweeps.
         verbose : bool, default False
