@@ -12,16 +12,17 @@ Run::
 
     python examples/deep_topics.py            # 16 topics, 4 super-topics, 300 sweeps, 3 restarts
     python examples/deep_topics.py --quick    # 8 topics, 3 super-topics, 40 sweeps, 1500 words (CI)
+    python examples/deep_topics.py --out out/examples   # also writes deep_topics.json
 """
 import argparse
+import json
+import os
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch import nn
 
-from torchnmf.poisson import CountMatrix, GammaNMF
-from torchnmf.trainer import CAVI
+from torchnmf.poisson import CountMatrix, GammaChain, GammaNMF
 
 
 def load_corpus():
@@ -34,10 +35,9 @@ def load_corpus():
 
 def fit(data, topics, supers, sweeps, seed):
     g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(GammaNMF((data.shape[0], topics), rank=supers, dtype=torch.float64, generator=g),
-                          GammaNMF(W=(data.shape[1], topics), dtype=torch.float64, generator=g))
-    trainer = CAVI(model.parameters())
-    elbos = [float(trainer.step(lambda: (data, model(None))).total) for _ in range(sweeps)]
+    model = GammaChain(GammaNMF((data.shape[0], topics), rank=supers, dtype=torch.float64, generator=g),
+                       GammaNMF(W=(data.shape[1], topics), dtype=torch.float64, generator=g))
+    elbos = model.fit(data, max_iter=sweeps, tol=0).values  # CAVI sweeps through the fit engine
     assert all(b >= a - 1e-9 * abs(a) for a, b in zip(elbos, elbos[1:])), "the ELBO decreased"
     return model, elbos[-1]
 
@@ -49,6 +49,7 @@ def main(argv=None):
     p.add_argument("--supers", type=int, default=None)
     p.add_argument("--sweeps", type=int, default=None)
     p.add_argument("--restarts", type=int, default=None)
+    p.add_argument("--out", default=None, help="folder for deep_topics.json (super-topics, their words and topics)")
     args = p.parse_args(argv)
     topics = args.topics or (8 if args.quick else 16)
     supers = args.supers or (3 if args.quick else 4)
@@ -63,17 +64,28 @@ def main(argv=None):
           f"{topics} topics, {supers} super-topics")
     model, elbo = max((fit(data, topics, supers, sweeps, seed) for seed in range(restarts)), key=lambda r: r[1])
     print(f"{sweeps} CAVI sweeps x {restarts} restart(s), best ELBO {elbo:.1f}")
-    with torch.no_grad():
-        H, W1, W2 = model[0].H, model[0].W, model[1].W
-        words = (W2 @ W1).numpy()  # (words, super-topics)
-        share = (H.sum(0) * torch.as_tensor(words.sum(0))).numpy()
+    H, W1, W2 = model[0].H.numpy(), model[0].W.numpy(), model[1].W.numpy()  # posterior means
+    words = W2 @ W1  # (words, super-topics)
+    share = H.sum(0) * words.sum(0)
+    result = []
     for s in np.argsort(-share):
         top = vocab[np.argsort(-words[:, s])[:8]]
-        mix = W1[:, s].numpy() * W2.sum(0).numpy()  # expected words from each topic
+        mix = W1[:, s] * W2.sum(0)  # expected words from each topic
         main = np.argsort(-mix)[:2]
         print(f"super-topic {s} ({share[s] / share.sum():5.1%}): {' '.join(top)}")
+        result.append({"super_topic": int(s), "share": float(share[s] / share.sum()), "top_words": top.tolist(),
+                       "topics": []})
         for k in main:
-            print(f"    topic {k:2d} ({mix[k] / mix.sum():5.1%}): {' '.join(vocab[np.argsort(-W2[:, k].numpy())[:6]])}")
+            words_k = vocab[np.argsort(-W2[:, k])[:6]]
+            print(f"    topic {k:2d} ({mix[k] / mix.sum():5.1%}): {' '.join(words_k)}")
+            result[-1]["topics"].append({"topic": int(k), "share": float(mix[k] / mix.sum()),
+                                         "top_words": words_k.tolist()})
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "deep_topics.json")
+        with open(path, "w") as fh:
+            json.dump({"shape": list(X.shape), "elbo": elbo, "super_topics": result}, fh, indent=2)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,11 @@ Run::
 
     python examples/topics_compare.py            # 10 topics, as in benchmarks/README.md
     python examples/topics_compare.py --quick    # 6 topics, 1500 words, short fits (CI)
+    python examples/topics_compare.py --out out/examples   # also writes topics_compare.json
 """
 import argparse
+import json
+import os
 import time
 
 import numpy as np
@@ -97,6 +100,7 @@ def main(argv=None):
     p.add_argument("--init", default="nmf", choices=("nmf", "nndsvda", "random"),
                    help="start of the Gamma-Poisson fit (default 'nmf', the estimator's default)")
     p.add_argument("--seed", type=int, default=0, help="random_state of both models (default 0)")
+    p.add_argument("--out", default=None, help="folder for topics_compare.json (the scores and top words)")
     args = p.parse_args(argv)
     from sklearn.decomposition import LatentDirichletAllocation
 
@@ -120,14 +124,24 @@ def main(argv=None):
     rows.append(("torchnmf GammaPoissonFactorization", gp.components_, time.perf_counter() - t0))
     print(f"| model | UMass | NPMI | distinct top words | seconds |")
     print(f"|---|---|---|---|---|")
+    scores = []
     for name, comps, seconds in rows:
         top = top_words(comps, args.top)
-        print(f"| {name} | {umass(top, df, co):.3f} | {npmi(top, df, co, n_docs):.3f} | "
-              f"{distinct(top):.2f} | {seconds:.1f} |")
+        scores.append({"model": name, "umass": float(umass(top, df, co)), "npmi": float(npmi(top, df, co, n_docs)),
+                       "distinct": float(distinct(top)), "seconds": round(seconds, 2),
+                       "top_words": [vocab[t].tolist() for t in top_words(comps, 8)]})
+        print(f"| {name} | {scores[-1]['umass']:.3f} | {scores[-1]['npmi']:.3f} | "
+              f"{scores[-1]['distinct']:.2f} | {seconds:.1f} |")
     for name, comps, _ in rows:
         print(f"\n{name}:")
         for k, t in enumerate(top_words(comps, 8)):
             print(f"  topic {k:2d}: {' '.join(vocab[t])}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "topics_compare.json")
+        with open(path, "w") as fh:
+            json.dump({"shape": list(X.shape), "topics": K, "top": args.top, "scores": scores}, fh, indent=2)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

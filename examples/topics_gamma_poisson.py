@@ -22,8 +22,11 @@ Run::
 
     python examples/topics_gamma_poisson.py            # 10 topics, 150 sweeps
     python examples/topics_gamma_poisson.py --quick    # 6 topics, 15 sweeps, 1500 words (CI)
+    python examples/topics_gamma_poisson.py --out out/examples   # also writes topics_gamma_poisson.json
 """
 import argparse
+import json
+import os
 
 import numpy as np
 import scipy.sparse as sp
@@ -49,6 +52,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--max-df", type=float, default=0.2,
                    help="drop words in more than this fraction of the stories (default 0.2; 1 keeps all)")
+    p.add_argument("--out", default=None, help="folder for topics_gamma_poisson.json (the topics' top words)")
     args = p.parse_args(argv)
     n_topics = args.topics or (6 if args.quick else 10)
     X, vocab, titles = load_corpus()
@@ -66,14 +70,23 @@ def main(argv=None):
     U = est.fit_transform(X)  # (stories, topics) posterior means
     print(f"{est.n_iter_} CAVI sweeps, ELBO {est.elbo_:.1f}")
     order = np.argsort(-U.sum(0))
+    topics = []
     for k in order:
         top = vocab[np.argsort(-est.components_[k])[:8]]
         print(f"topic {k:2d} ({U[:, k].sum() / U.sum():5.1%}): {' '.join(top)}")
+        topics.append({"topic": int(k), "share": float(U[:, k].sum() / U.sum()), "top_words": top.tolist()})
     print()
     for d in range(0, X.shape[0], X.shape[0] // 5)[:5]:
         k = int(np.argmax(U[d]))
         title = titles[d].split(" ", 1)[-1][:60]
         print(f"story {d:3d} -> topic {k:2d}: {title}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "topics_gamma_poisson.json")
+        with open(path, "w") as fh:
+            json.dump({"shape": list(X.shape), "n_iter": int(est.n_iter_), "elbo": float(est.elbo_),
+                       "topics": topics}, fh, indent=2)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -512,3 +512,15 @@ def test_openmp_threads_sleep_unless_the_user_chose():
     # too late once torch is imported (OpenMP has read it): left alone
     late = "import torch; " + code
     assert _cli_subprocess(late).stdout.strip().splitlines()[-1] == "None"
+
+
+@pytest.mark.parametrize("device, advice", [("cuda", "cuda is not available here; use --device auto"),
+                                            ("quantum", "use auto, cpu or cuda"), ("meta", "use auto, cpu or cuda")])
+def test_device_advice_in_command_line_words(tmp_path, data, capsys, monkeypatch, device, advice):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    np.save(tmp_path / "x.npy", data)
+    assert main(["fit", str(tmp_path / "x.npy"), "--rank", "2", "--device", device, "-o", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}: " in err and advice in err and "device=" not in err

@@ -430,3 +430,36 @@ def test_convergence_warning_through_set_output_points_at_the_callers_line():
         with pytest.warns(ConvergenceWarning) as rec:
             est.fit_transform(X)
         assert [w.filename for w in rec if issubclass(w.category, ConvergenceWarning)] == [__file__]
+
+
+def test_progress_bar_shows_the_objective_just_recorded(monkeypatch):
+    import io
+
+    import tqdm.auto
+
+    out = io.StringIO()
+    real = tqdm.auto.tqdm
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: real(*a, **k, file=out, mininterval=0, miniters=1))
+    h = History(verbose=True, total=3, name="loss")
+    for value in (30.5, 20.25, 10.125):
+        h.append(value)
+        assert f"loss={value:.6g}" in out.getvalue().split("\r")[-1]  # the bar as drawn now
+    h.close()
+
+
+def test_betanmf_defaults_converge_on_single_cell_like_counts():
+    # programs of sparse gene usage, negative-binomial noise, a few housekeeping genes
+    from torchnmf.estimators import BetaNMF
+
+    rs = np.random.RandomState(1)
+    programs = rs.gamma(0.3, 1.0, size=(4, 80))
+    programs /= programs.sum(1, keepdims=True)
+    housekeeping = rs.gamma(2, 1, size=80) * (rs.rand(80) < 0.05)
+    usage = rs.dirichlet(np.full(4, 0.2), size=120)
+    mu = rs.lognormal(np.log(2000), 0.4, size=(120, 1)) * (0.8 * usage @ programs
+                                                           + 0.2 * housekeeping / housekeeping.sum())
+    X = rs.poisson(rs.gamma(2.0, mu / 2.0)).astype(float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = BetaNMF(4, random_state=0, device="cpu").fit(X)
+    assert est.history_.converged_ and est.n_iter_ < est.max_iter

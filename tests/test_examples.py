@@ -1,4 +1,5 @@
 """Each example runs end to end with --quick in its own process (as a user would run it)."""
+import json
 import os
 import subprocess
 import sys
@@ -26,16 +27,21 @@ def test_digits_parts(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
 
 
-def test_topics_gamma_poisson():
+def test_topics_gamma_poisson(tmp_path):
     pytest.importorskip("lda")
-    out = run("topics_gamma_poisson.py", "--device", "cpu")
+    out = run("topics_gamma_poisson.py", "--device", "cpu", "--out", str(tmp_path))
     topics = [line for line in out.splitlines() if line.startswith("topic")]
     assert len(topics) == 6 and all(len(t.split(":", 1)[1].split()) == 8 for t in topics)
+    saved = json.loads((tmp_path / "topics_gamma_poisson.json").read_text())
+    assert [" ".join(t["top_words"]) for t in saved["topics"]] == [t.split(": ", 1)[1] for t in topics]
 
 
-def test_topics_compare():
+def test_topics_compare(tmp_path):
     pytest.importorskip("lda")
-    out = run("topics_compare.py")
+    out = run("topics_compare.py", "--out", str(tmp_path))
+    saved = json.loads((tmp_path / "topics_compare.json").read_text())
+    assert [s["model"] for s in saved["scores"]] == ["sklearn LatentDirichletAllocation",
+                                                     "torchnmf GammaPoissonFactorization"]
     rows = [line for line in out.splitlines() if line.startswith("| sklearn") or line.startswith("| torchnmf")]
     assert len(rows) == 2
     scores = []
@@ -76,9 +82,11 @@ def test_audio_nmfd(tmp_path):
     assert (tmp_path / "audio_nmfd.png").stat().st_size > 1000
 
 
-def test_deep_topics():
+def test_deep_topics(tmp_path):
     pytest.importorskip("lda")
-    out = run("deep_topics.py")
+    out = run("deep_topics.py", "--out", str(tmp_path))
+    saved = json.loads((tmp_path / "deep_topics.json").read_text())
+    assert len(saved["super_topics"]) == 3 and all(len(s["topics"]) == 2 for s in saved["super_topics"])
     supers = [line for line in out.splitlines() if line.startswith("super-topic")]
     assert len(supers) == 3 and all(len(t.split(":", 1)[1].split()) == 8 for t in supers)
     assert len([line for line in out.splitlines() if line.strip().startswith("topic")]) == 6

@@ -33,16 +33,34 @@ def test_betanmf_default_rank_is_min_shape():
     assert est.n_components_ == 3
 
 
-def test_pnmf_transform_no_longer_than_fit(capsys):
+def bars(monkeypatch):
+    """Record every tqdm bar made (label, total, final count): robust to the terminal's width and refresh rate."""
+    import tqdm.auto
+
+    made, real = [], tqdm.auto.tqdm
+
+    def make(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", make)
+    return made
+
+
+def seen(made):
+    return [(b.desc, b.total, b.n) for b in made]
+
+
+def test_pnmf_transform_no_longer_than_fit(monkeypatch):
+    made = bars(monkeypatch)
     X = counts(20, 6)
     est = PNMF(n_components=2, max_iter=3, tol=0, random_state=0, verbose=True)
     est.fit_transform(X)
     assert est.n_iter_ == 3
-    err = capsys.readouterr().err
-    assert "PNMF.transform" in err and "3/3" in err and "200" not in err
+    assert seen(made) == [("PNMF", 3, 3), ("PNMF: inferring factors (W fixed)", 3, 3)]  # not 200
     est.set_params(transform_max_iter=7)
     est.transform(X)
-    assert "7/7" in capsys.readouterr().err
+    assert seen(made)[-1] == ("PNMF: inferring factors (W fixed)", 7, 7)
     with pytest.raises(ValueError, match="transform_max_iter"):
         PNMF(n_components=2, transform_max_iter=0).fit(X)
 
@@ -91,3 +109,31 @@ def test_import_torchnmf_is_light_and_names_resolve():
     import torchnmf
     with pytest.raises(AttributeError, match="has no attribute 'NotAName'"):
         torchnmf.NotAName
+
+
+# -- no silent phases: every phase of a verbose fit has a labelled bar ------------------------
+def test_gamma_poisson_phases_have_labelled_bars(monkeypatch):
+    from torchnmf.estimators import GammaPoissonFactorization
+
+    made = bars(monkeypatch)
+    X = counts(30, 8)
+    est = GammaPoissonFactorization(n_components=2, max_iter=3, tol=0, init_max_iter=4, random_state=0,
+                                    device="cpu", verbose=True)
+    est.fit(X)
+    (start, total, _), sweeps = seen(made)
+    assert start == "GammaPoissonFactorization: initialising from KL-NMF" and total == 4  # init_max_iter
+    assert sweeps == ("GammaPoissonFactorization", 3, 3)
+    est.set_params(transform_max_iter=5)
+    est.transform(X)
+    assert seen(made)[-1] == ("GammaPoissonFactorization: inferring row factors (components fixed)", 5, 5)
+    est.set_params(verbose=False).fit(X)  # quiet means quiet, every phase
+    est.transform(X)
+    assert len(made) == 3
+
+
+def test_pnmf_loadings_phase_has_a_labelled_bar(monkeypatch):
+    made = bars(monkeypatch)
+    X = counts(20, 6)
+    est = PNMF(n_components=2, max_iter=2, tol=0, random_state=0, verbose=True).fit(X)
+    est.transform_W(X[:, :3], max_iter=2)  # new features of the training samples
+    assert seen(made)[-1] == ("PNMF: inferring loadings (F fixed)", 2, 2)

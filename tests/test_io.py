@@ -1,5 +1,6 @@
 import gzip
 import os
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -389,3 +390,20 @@ def test_npz_claiming_huge_sizes_fails_fast(tmp_path):
     np.savez(tmp_path / "coo.npz", **arrays)
     err, peak = _light(lambda: read_matrix(tmp_path / "coo.npz"))
     assert "coo.npz: the header claims 300000000 x 2 with 2 entries" in str(err) and peak < 20 * 2**20
+
+
+def test_10x_duplicate_symbols_are_made_unique_with_a_warning(tmp_path):
+    X = counts(5, 6)
+    write_10x(tmp_path / "tenx", X)
+    symbols = ["TBCE", "Gene1", "TBCE", "MATR3", "MATR3", "TBCE"]
+    with open(tmp_path / "tenx" / "features.tsv", "w") as fh:
+        fh.writelines(f"ENSG{j:05d}\t{s}\tGene Expression\n" for j, s in enumerate(symbols))
+    with pytest.warns(UserWarning, match=r"2 feature names appear more than once \('MATR3', 'TBCE'\); the repeats "
+                                         r"were renamed NAME-1, NAME-2") as rec:
+        M = read_matrix(tmp_path / "tenx")
+    assert rec[0].filename == __file__  # points at the caller's line
+    assert list(M.col_names) == ["TBCE", "Gene1", "TBCE-1", "MATR3", "MATR3-1", "TBCE-2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_10x(tmp_path / "clean", X)
+        assert len(set(read_matrix(tmp_path / "clean").col_names)) == 6  # unique names: no warning

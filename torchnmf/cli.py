@@ -314,8 +314,10 @@ def _fit(args) -> int:
         from .estimators._base import resolve_device
 
         device = resolve_device(args.device)
-    except ValueError as err:
-        raise CLIError(f"--device: {err}") from None
+    except ValueError as err:  # the library's advice is in Python syntax (device='auto'): say it as flags
+        advice = ("cuda is not available here; use --device auto (cuda when available) or --device cpu"
+                  if "not available" in str(err) else "not a device with data; use auto, cpu or cuda (e.g. cuda:0)")
+        raise CLIError(f"--device {args.device}: {advice}") from None
     try:  # a device torch knows by name may still be missing here (mps off macOS, cuda:7 on one GPU)
         torch.empty(1, device=device)
     except Exception as err:

@@ -92,8 +92,9 @@ class History:
             self._meta.append((len(self._records) if step is None else int(step), elapsed, change))
             self._records.append(record)
         if self._bar is not None:
-            self._bar.update(1 if done is None else max(0, int(done) - self._bar.n))
+            # the value first: update() draws the bar, which would otherwise show the previous record's
             self._bar.set_postfix({self.name: f"{float(record):.6g}"}, refresh=False)
+            self._bar.update(1 if done is None else max(0, int(done) - self._bar.n))
         return not self._stop.is_set()
 
     def snapshot(self) -> List[Record]:

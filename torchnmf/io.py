@@ -15,6 +15,7 @@
 a directory                          10x layout: ``matrix.mtx(.gz)`` (features x barcodes),
                                      ``features.tsv(.gz)`` or ``genes.tsv(.gz)``,
                                      ``barcodes.tsv(.gz)``; read as barcodes x features
+                                     (repeated gene symbols made unique, with a warning)
 ``.h5ad``                            AnnData (needs :mod:`anndata`): ``X``, a layer, or ``raw``
 ===================================  ==========================================================
 
@@ -30,6 +31,7 @@ import csv
 import gzip
 import io as _io
 import os
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -416,6 +418,7 @@ def _read_10x(directory: str, mtx: Optional[str] = None) -> Matrix:
         cols = _names(line[1] if len(line) > 1 else line[0] for line in lines)
         if len(cols) != X.shape[1]:
             raise ReadError(f"{feats} lists {len(cols)} features but {mtx} has {X.shape[1]}")
+        cols = _unique_names(cols, feats)
     if barcodes is not None:
         rows = _names(line[0] for line in _read_lines(barcodes))
         if len(rows) != X.shape[0]:
@@ -426,6 +429,43 @@ def _read_10x(directory: str, mtx: Optional[str] = None) -> Matrix:
 MISSING = frozenset({"", "NA", "N/A", "n/a", "NaN", "nan", "-nan", "-NaN", "NULL", "null", "None",
                      "#N/A", "<NA>"})
 """Table cells read as missing values (NaN), as pandas reads them; ``torchnmf fit`` refuses NaN."""
+
+
+def _unique_names(names: np.ndarray, source: str) -> np.ndarray:
+    """Names made unique as scanpy's ``var_names_make_unique`` does (``TBCE``, ``TBCE-1``, ...), with a warning.
+
+    Gene symbols repeat in 10x feature lists (a symbol for several Ensembl ids): kept as they are,
+    a name would point at two columns, in the summary's top features and in any lookup by name.
+    """
+    values, counts = np.unique(names, return_counts=True)
+    repeated = values[counts > 1]
+    if not len(repeated):
+        return names
+    seen = set(names.tolist())
+    out, n = names.tolist(), {}  # a list: the suffixes may not fit the array's fixed-width strings
+    for j, name in enumerate(names.tolist()):
+        if name in n:
+            k = n[name]
+            while f"{name}-{k}" in seen:
+                k += 1
+            out[j] = f"{name}-{k}"
+            seen.add(out[j])
+            n[name] = k + 1
+        else:
+            n[name] = 1
+    shown = ", ".join(repr(str(v)) for v in repeated[:3]) + (", ..." if len(repeated) > 3 else "")
+    warnings.warn(f"{source}: {len(repeated)} feature name{'s' if len(repeated) != 1 else ''} appear more than once "
+                  f"({shown}); the repeats were renamed NAME-1, NAME-2, ... in file order (as scanpy's "
+                  "var_names_make_unique), so every column has its own name", UserWarning, stacklevel=_caller_level())
+    return _names(out)
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside torchnmf (as the engine's, without importing torch)."""
+    frame, level = sys._getframe(2), 2
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").split(".")[0] == "torchnmf":
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _is_number(s: str) -> bool:

@@ -215,8 +215,19 @@ class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         return check_random_state(getattr(self, "random_state", None))
 
     def _new_history(self, name: str, maximize: bool = False, total: Optional[int] = None) -> History:
+        # ``_phase``: the label an estimator fitted as a step of another gives this bar (no silent phases)
         return History(verbose=bool(getattr(self, "verbose", False)), total=total,
-                       desc=type(self).__name__, name=name, maximize=maximize)
+                       desc=getattr(self, "_phase", None) or type(self).__name__, name=name, maximize=maximize)
+
+    def _bar(self, total: int, what: str):
+        """A tqdm bar over ``total`` steps labelled ``'<estimator>: <what>'`` when ``verbose``, else ``None``."""
+        if not getattr(self, "verbose", False):
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover - tqdm is an optional dependency
+            raise ImportError("verbose progress bars need tqdm: pip install tqdm") from None
+        return tqdm(total=total, desc=f"{type(self).__name__}: {what}", leave=False)
 
     def plot_history(self, ax=None, **kwargs):
         """Plot ``history_`` with matplotlib (see :func:`torchnmf.history.plot_history`).

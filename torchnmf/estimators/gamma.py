@@ -67,7 +67,8 @@ class GammaPoissonFactorization(TorchFactorization):
     dtype : None, 'float32' or 'float64'
         ``None``: float32 for float32 input, float64 otherwise.
     verbose : bool, default False
-        tqdm progress bar with the ELBO.
+        tqdm progress bars, one per phase, labelled: the KL-NMF start (``init='nmf'``), the
+        CAVI sweeps (with the ELBO), and the row factors of :meth:`transform`.
 
     Attributes
     ----------
@@ -143,7 +144,9 @@ class GammaPoissonFactorization(TorchFactorization):
             # tol 1e-4 (fixed, not BetaNMF's default): a rough start leaves the ascent room to
             # move; longer NMF runs gave less coherent topics (benchmarks/README.md)
             nmf = BetaNMF(rank, beta_loss="kullback-leibler", init="nndsvda", max_iter=self.init_max_iter,
-                          tol=1e-4, random_state=self._generator(), device=V.device, dtype=V.dtype)
+                          tol=1e-4, random_state=self._generator(), device=V.device, dtype=V.dtype,
+                          verbose=self.verbose)
+            nmf._phase = f"{type(self).__name__}: initialising from KL-NMF"  # the start can take long: say so
             with warnings.catch_warnings():
                 # a start, not a result: stopping at init_max_iter is intended
                 warnings.filterwarnings("ignore", category=ConvergenceWarning)
@@ -226,7 +229,13 @@ class GammaPoissonFactorization(TorchFactorization):
         X = self._adata_in(X, layer, reset=False, counts=not self.allow_noninteger)
         V = self._check_X(X, reset=False, counts=True, allow_noninteger=bool(self.allow_noninteger))
         V = V.to(device=self.module_.device, dtype=self.module_.dtype)
-        U = self.module_.transform(V, max_iter=self.transform_max_iter, tol=0.0, chunk_size=self.chunk_size)
+        bar = self._bar(self.transform_max_iter, "inferring row factors (components fixed)")
+        try:
+            U = self.module_.transform(V, max_iter=self.transform_max_iter, tol=0.0, chunk_size=self.chunk_size,
+                                       progress=None if bar is None else lambda: bar.update(1))
+        finally:
+            if bar is not None:
+                bar.close()
         return self._output(U, X)
 
     def inverse_transform(self, X):

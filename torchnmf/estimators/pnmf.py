@@ -88,7 +88,9 @@ class PNMF(TorchFactorization):
         Seeds initialization, shuffling and Monte Carlo draws (the global torch RNG is
         left untouched).
     verbose : bool, default False
-        Progress bar.
+        Progress bars, one per phase, labelled: the fit's epochs (with the ELBO), and the
+        refit of ``q(F)`` with ``W`` fixed that :meth:`fit_transform` and :meth:`transform`
+        run after it ("inferring factors").
     device : 'auto', str, torch.device or None, default None
         ``None`` follows a tensor input's device.
     dtype : {None, 'float32', 'float64'}
@@ -537,15 +539,6 @@ class PNMF(TorchFactorization):
             return check_rank(self.transform_max_iter, "transform_max_iter")
         return max(1, min(200, int(getattr(self, "n_iter_", 200))))
 
-    def _progress(self, total: int, what: str):
-        """A tqdm bar over ``total`` steps when ``verbose``, else ``None``."""
-        if not self.verbose:
-            return None
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            raise ImportError("verbose progress bars need tqdm: pip install tqdm") from None
-        return tqdm(total=total, desc=f"{type(self).__name__}.{what}", leave=False)
 
     def _fit_factors(self, T: Tensor, max_iter: int, tol: float = 0.0) -> IndependentNormal:
         N, D = T.shape
@@ -586,13 +579,13 @@ class PNMF(TorchFactorization):
                 opt.step()
                 return elbo.detach()
 
-            bar = self._progress(max_iter, "transform")
+            bar = self._bar(max_iter, "inferring factors (W fixed)")
 
             def show(i, record):
-                if bar is not None:
-                    bar.update(1)
+                if bar is not None:  # the value before update(), which draws the bar
                     if i % 10 == 0 or i == max_iter - 1:
-                        bar.set_postfix(elbo=f"{float(record):.6g}")
+                        bar.set_postfix(elbo=f"{float(record):.6g}", refresh=False)
+                    bar.update(1)
 
             try:
                 engine.run(step, max_iter=max_iter, tol=tol, history=History(name="elbo", maximize=True),
@@ -659,7 +652,7 @@ class PNMF(TorchFactorization):
                                  / self.n_components_, dtype=W.dtype, device=W.device)
         counts = Counts.from_samples(T)
         with _seeded(self._generator(), W.device):
-            bar = self._progress(max_iter, "transform_W")
+            bar = self._bar(max_iter, "inferring loadings (F fixed)")
             for _ in range(max_iter):
                 layer.update_W_(counts, check=False)
                 if bar is not None:

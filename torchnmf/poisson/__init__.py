@@ -6,3 +6,4 @@ from .spatial import LCGP, SVGP  # noqa: F401
 from .gamma import CountMatrix, GammaPoisson  # noqa: F401
 from .spfa import SparsePoissonFA  # noqa: F401
 from .chain import FactorChain, GammaNMF, chain_elbo  # noqa: F401
+from .deep import GammaChain  # noqa: F401

@@ -109,7 +109,8 @@ class GammaNMF(nn.Module):
     Attributes
     ----------
     H, W : Tensor or None
-        Posterior means, shapes ``(N, R)`` and ``(C, R)``.
+        Posterior means, shapes ``(N, R)`` and ``(C, R)``: detached tensors (``.numpy()``
+        converts them); :meth:`mean` gives them differentiable.
     rank : int
 
     Examples
@@ -275,13 +276,13 @@ class GammaNMF(nn.Module):
 
     @property
     def H(self) -> Optional[Tensor]:  # noqa: N802 - NMF's name
-        """Posterior mean of H, shape ``(N, R)``, or None."""
-        return self.mean("H") if self.has("H") else None
+        """Posterior mean of H, shape ``(N, R)``, or None; detached (``.numpy()`` works; :meth:`mean` is differentiable)."""
+        return self.mean("H").detach() if self.has("H") else None
 
     @property
     def W(self) -> Optional[Tensor]:  # noqa: N802 - NMF's name
-        """Posterior mean of W, shape ``(C, R)``, or None."""
-        return self.mean("W") if self.has("W") else None
+        """Posterior mean of W, shape ``(C, R)``, or None; detached (``.numpy()`` works; :meth:`mean` is differentiable)."""
+        return self.mean("W").detach() if self.has("W") else None
 
     # -- reconstruction -------------------------------------------------------------
     def forward(self, H: Optional[Tensor] = None, W: Optional[Tensor] = None) -> Tensor:
@@ -302,10 +303,10 @@ class GammaNMF(nn.Module):
         mode = _active_mode()
         if mode is not None:
             return mode.link(H if H is not None else self._slot("H"), W if W is not None else self._slot("W"), self)
-        if H is None:
-            H = self.H
-        if W is None:
-            W = self.W
+        if H is None and self.has("H"):
+            H = self.mean("H")
+        if W is None and self.has("W"):
+            W = self.mean("W")
         if H is None or W is None:
             raise ValueError(f"GammaNMF: {'H' if H is None else 'W'} was not given and the layer has none")
         if H.shape[-1] != W.shape[-1]:

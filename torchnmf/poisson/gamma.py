@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -1044,7 +1044,8 @@ class GammaPoisson(nn.Module):
         return history
 
     @torch.no_grad()
-    def transform(self, X, max_iter: int = 100, tol: float = 1e-6, chunk_size: Optional[int] = None) -> Tensor:
+    def transform(self, X, max_iter: int = 100, tol: float = 1e-6, chunk_size: Optional[int] = None,
+                  progress: Optional[Callable[[], Any]] = None) -> Tensor:
         """Posterior means of the row factors of new rows, with ``q(α)`` (and ``λ``) fixed.
 
         Coordinate ascent on the new rows' ``q(U)`` (and their ``κ`` when learned, starting
@@ -1057,6 +1058,8 @@ class GammaPoisson(nn.Module):
         tol : float, default 1e-6
             Stop when the largest relative change of the posterior means is below ``tol``.
         chunk_size : int, optional
+        progress : callable, optional
+            Called after each iteration (e.g. a progress bar's ``update``).
 
         Returns
         -------
@@ -1085,6 +1088,8 @@ class GammaPoisson(nn.Module):
             new = shape / rate
             change = max_relative_change(mean, new)
             mean = new
+            if progress is not None:
+                progress()
             if change < tol:
                 break
         return mean
