@@ -212,6 +212,8 @@ def pnmf(adata, n_components: int = 10, *, layer: Optional[str] = None, use_high
     """
     from ..estimators import PNMF
 
+    if "allow_noninteger" in PNMF._get_param_names():  # where PNMF checks counts itself
+        kwargs["allow_noninteger"] = allow_noninteger
     est = PNMF(n_components, random_state=random_state, **kwargs)
 
     def fit(sel):
