@@ -171,8 +171,86 @@ def test_a_path_is_read_and_the_result_returned(tmp_path):
     out = ntl.nmf(str(tmp_path / "in.h5ad"), 2, layer="counts", **QUIET)
     assert out.obsm["X_nmf"].shape == (20, 2)
     backed = anndata.read_h5ad(tmp_path / "in.h5ad", backed="r")
-    with pytest.raises(ValueError, match="adata is backed"):
-        ntl.nmf(backed, 2, layer="counts", **QUIET)
-    out = ntl.nmf(backed, 2, layer="counts", copy=True, **QUIET)
+    out = ntl.nmf(backed, 2, layer="counts", copy=True, **QUIET)  # a layer: in memory; the copy too
+    assert not out.isbacked and "X_nmf" not in backed.obsm
     np.testing.assert_array_equal(out.obsm["X_nmf"], ntl.nmf(adata, 2, layer="counts", copy=True, **QUIET).obsm["X_nmf"])
+    backed.file.close()
+
+
+# -- backed files: row blocks from disk (item 4) ---------------------------------------------
+def write_backed(tmp_path, adata, name="b.h5ad"):
+    adata.X = adata.layers["counts"].copy()
+    path = tmp_path / name
+    adata.write_h5ad(path)
+    return path
+
+
+def test_backed_rows_read_blocks_of_the_file(tmp_path):
+    from torchnmf.anndata_io import backed_rows
+
+    adata = make_adata(n=25, d=9)
+    backed = anndata.read_h5ad(write_backed(tmp_path, adata), backed="r")
+    source, sel = backed_rows(backed)
+    hvg = adata.var["highly_variable"].to_numpy()
+    M = adata.layers["counts"][:, hvg].toarray()
+    assert source.shape == (25, int(hvg.sum())) and list(sel.feature_names) == list(adata.var_names[hvg])
+    for rows in ([0, 1, 2, 3], [5, 6, 20, 21, 3], [24]):
+        batch = source.batch(rows)
+        assert batch.X.layout == torch.sparse_csr and batch.rows.tolist() == rows
+        np.testing.assert_array_equal(batch.X.to_dense().numpy(), M[rows])
+    with pytest.raises(ValueError, match="only X stays on disk"):
+        backed_rows(backed, layer="counts")
+    backed.file.close()
+
+
+def test_backed_x_is_streamed_by_blocks_and_written_into_the_object(tmp_path, monkeypatch):
+    from torchnmf.anndata_io import BackedRows
+    from torchnmf.streaming import SparseRows
+    from torchnmf.tl import _backed
+
+    adata = make_adata(n=60, d=12)
+    path = write_backed(tmp_path, adata)
+    backed = anndata.read_h5ad(path, backed="r")
+    sizes = []
+    batch = BackedRows.batch
+    monkeypatch.setattr(BackedRows, "batch", lambda self, rows: sizes.append(len(rows)) or batch(self, rows))
+    assert ntl.nmf(backed, 2, batch_size=16, epochs=2, max_iter=10, device="cpu") is None
+    assert sizes and max(sizes) <= 16  # never more than a block of rows at once
+    assert backed.isbacked and backed.obsm["X_nmf"].shape == (60, 2) and backed.varm["nmf"].shape == (12, 2)
+    assert backed.uns["nmf"]["params"]["fit"] == "fit_nmf_online" and len(backed.uns["nmf"]["history"]) == 2
+    # the same fit on the matrix in memory
+    hvg = adata.var["highly_variable"].to_numpy()
+    ref = _backed.nmf_online(SparseRows(adata.layers["counts"][:, hvg].tocsr()), None,
+                             BetaNMF(2, max_iter=10, device="cpu"), batch_size=16, epochs=2, seed=0)
+    np.testing.assert_allclose(backed.obsm["X_nmf"], ref.usages, rtol=1e-5)
+    np.testing.assert_allclose(backed.varm["nmf"][hvg], ref.loadings, rtol=1e-5)
+    ntl.gamma_poisson(backed, 2, batch_size=16, epochs=2, device="cpu", key_added="gp")
+    assert backed.obsm["X_gp"].shape == backed.obsm["X_gp_sd"].shape == (60, 2)
+    assert np.isfinite(backed.uns["gp"]["history"]).all() and backed.uns["gp"]["params"]["fit"] == "fit_gamma_svi"
+    # a path is opened backed and returned with the results
+    out = ntl.gamma_poisson(str(path), 2, batch_size=32, epochs=1, device="cpu")
+    assert out.isbacked and out.obsm["X_gamma_poisson"].shape == (60, 2)
+    out.file.close()
+    backed.file.close()
+
+
+def test_backed_refusals_and_layers(tmp_path):
+    adata = make_adata(n=30, d=10)
+    adata.layers["lognorm"] = adata.X.copy()
+    path = write_backed(tmp_path, adata)
+    backed = anndata.read_h5ad(path, backed="r")
+    with pytest.raises(ValueError, match="fits in memory: pass adata.to_memory"):
+        ntl.pnmf(backed, 2)
+    with pytest.raises(ValueError, match="copy=True would read the backed X"):
+        ntl.nmf(backed, 2, copy=True)
+    assert "X_nmf" not in backed.obsm
+    # a layer is in memory already (anndata loads layers even when backed): an ordinary fit
+    ntl.nmf(backed, 2, layer="lognorm", **QUIET)
+    assert backed.uns["nmf"]["params"]["layer"] == "lognorm" and backed.isbacked
+    backed.file.close()
+    adata.X = adata.layers["lognorm"]
+    adata.write_h5ad(tmp_path / "log.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "log.h5ad", backed="r")
+    with pytest.raises(ValueError, match=r"adata.X \(its first rows\) holds non-integer values.*layer='counts'"):
+        ntl.gamma_poisson(backed, 2)
     backed.file.close()

@@ -23,8 +23,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from .streaming import RowBatch, SparseRows
+
 __all__ = ["is_anndata", "require_anndata", "read_anndata", "Selection", "select", "estimator_input",
-           "check_integer_counts", "check_key", "written_keys", "write_results", "top_features"]
+           "check_integer_counts", "check_key", "written_keys", "write_results", "top_features", "backed_rows",
+           "BackedRows"]
 
 
 def is_anndata(obj) -> bool:
@@ -407,3 +410,129 @@ def write_results(adata, key: str, usages, loadings, uns: Optional[Mapping[str, 
     for k, c in enumerate(columns):
         adata.obs[c] = U[:, k]
     adata.uns[key] = record
+
+
+# -- matrices larger than memory: row blocks straight from the .h5ad file ----------------------
+def _csr_group(adata, layer: Optional[str]):
+    """The h5py group of a backed AnnData's CSR ``X`` (layers are in memory even when backed)."""
+    if layer is not None:
+        raise ValueError(f"layer={layer!r}: anndata reads layers into memory even for a backed file; only X "
+                         "stays on disk, so only X is streamed")
+    file = getattr(adata.file, "_file", None)
+    group = None if file is None else file.get("X")
+    if group is None or not hasattr(group, "attrs") or group.attrs.get("encoding-type") != "csr_matrix":
+        kind = None if group is None else group.attrs.get("encoding-type", type(group).__name__)
+        raise ValueError(f"streaming needs a backed X stored as a CSR matrix, got {kind!r}; write the file with a "
+                         "scipy.sparse.csr_matrix X (adata.X = scipy.sparse.csr_matrix(adata.X))")
+    return group
+
+
+def backed_rows(adata, layer: Optional[str] = None, use_highly_variable: Optional[bool] = None, *,
+                dtype: Optional[torch.dtype] = None):
+    """A row source over a backed AnnData's ``X`` for the streaming fits, and what it selects.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Opened with ``anndata.read_h5ad(path, backed='r')`` (or ``'r+'``), ``X`` a CSR matrix.
+    layer : None
+        Only ``X`` stays on disk in a backed AnnData (anndata loads layers into memory).
+    use_highly_variable : bool, optional
+        As in :func:`select`; the columns are dropped block by block.
+    dtype : torch.dtype, optional
+        Of the batches' values.
+
+    Returns
+    -------
+    (BackedRows, Selection)
+        The source, and a :class:`Selection` whose ``matrix`` is the backed dataset (for the
+        feature mask and names).
+    """
+    group = _csr_group(adata, layer)
+    sel = select(adata, None, use_highly_variable, load=False)
+    columns = None if sel.feature_mask is None else np.flatnonzero(sel.feature_mask)
+    return BackedRows(group, columns, dtype=dtype), sel
+
+
+class BackedRows(SparseRows):
+    """Rows of a CSR matrix inside an open ``.h5ad`` (HDF5) file, read one block at a time.
+
+    A :class:`~torchnmf.streaming.SparseRows` whose arrays stay in the file: a batch of
+    consecutive rows is one read of their nonzeros (scattered rows: one read per run of
+    consecutive rows, so stream in order: ``shuffle=False``). Only ``indptr`` (one integer
+    per row) is held in memory. ``columns`` keeps those columns only (the highly variable
+    genes), dropped block by block.
+
+    Parameters
+    ----------
+    group : h5py.Group
+        A CSR matrix as anndata writes it (``data``, ``indices``, ``indptr``, ``shape`` attribute).
+    columns : array of int, optional
+        Increasing column indices to keep.
+    dtype : torch.dtype, optional
+        Of the batches' values (default: float64 for float64 data, else the default dtype).
+    """
+
+    def __init__(self, group, columns: Optional[np.ndarray] = None, dtype: Optional[torch.dtype] = None):
+        n_rows, n_cols = (int(s) for s in group.attrs["shape"])
+        data = group["data"]
+        self.layout, self._path, self._memory, self._dense = "csr", None, None, False
+        self._arrays = {"data": data, "indices": group["indices"], "shape": (n_rows, n_cols), "canonical": False,
+                        "indptr": np.asarray(group["indptr"][:], dtype=np.int64)}
+        if np.dtype(data.dtype).kind not in "iuf":
+            raise TypeError(f"X must hold real numbers, got dtype {data.dtype}")
+        self._remap = None
+        width = n_cols
+        if columns is not None:
+            columns = np.asarray(columns, dtype=np.int64)
+            self._remap = np.full(n_cols, -1, dtype=np.int64)
+            self._remap[columns] = np.arange(len(columns))
+            width = len(columns)
+        self.shape = (n_rows, width)
+        self.dtype = dtype or (torch.float64 if np.dtype(data.dtype) == np.float64 else torch.get_default_dtype())
+        self.rows = range(n_rows)
+
+    def __getstate__(self):
+        raise TypeError("BackedRows reads an open HDF5 file and cannot be sent to DataLoader workers; "
+                        "use num_workers=0")
+
+    def batch(self, rows):
+        """The given global rows as a :class:`~torchnmf.streaming.RowBatch` (CSR, kept columns only)."""
+        from ._csr import csr_tensor
+
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        n_rows = self._arrays["shape"][0]
+        if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
+            raise IndexError(f"row index out of range for a matrix of {n_rows} rows")
+        indptr, a = self._arrays["indptr"], self._arrays
+        cols, vals, lens = [], [], []
+        for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if rows.size else []:
+            lo, hi = int(indptr[run[0]]), int(indptr[run[-1] + 1])
+            cols.append(np.asarray(a["indices"][lo:hi], dtype=np.int64))
+            vals.append(np.asarray(a["data"][lo:hi]))
+            lens.append(np.diff(indptr[run[0]:run[-1] + 2]))
+        c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+        v = np.concatenate(vals) if vals else np.zeros(0)
+        n = np.concatenate(lens) if lens else np.zeros(0, np.int64)
+        if not np.isfinite(v).all() or (v.size and v.min() < 0):
+            what = "NaN or infinity" if not np.isfinite(v).all() else "negative values"
+            raise ValueError(f"X holds {what} in rows {rows.min()}..{rows.max()}")
+        if self._remap is not None:
+            row_of = np.repeat(np.arange(len(rows)), n)
+            new = self._remap[c]
+            keep = new >= 0
+            c, v = new[keep], v[keep]
+            n = np.bincount(row_of[keep], minlength=len(rows))
+        import scipy.sparse as sp
+
+        crow = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(n, out=crow[1:])
+        M = sp.csr_matrix((v, c, crow), shape=(len(rows), self.shape[1]))
+        M.sum_duplicates()  # sorted columns, repeats summed, as SparseRows does for non-canonical files
+        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+        X = csr_tensor(torch.from_numpy(M.indptr.astype(np.int64)), torch.from_numpy(M.indices.astype(np.int64)),
+                       torch.from_numpy(M.data.astype(np_dtype, copy=False)).to(self.dtype), M.shape)
+        return RowBatch(torch.from_numpy(rows), X)
+
+    def __repr__(self) -> str:
+        return f"BackedRows(shape={self.shape}, rows={self.rows.start}..{self.rows.stop})"

@@ -53,24 +53,41 @@ def plain_params(params: Dict[str, Any]) -> Dict[str, Any]:
 
 def run(adata, fit: Callable[[Selection], Result], *, model: str, layer: Optional[str],
         use_highly_variable: Optional[bool], key_added: str, copy: bool, overwrite: bool, counts: bool,
-        n_top_features: int, obs_columns: bool):
+        n_top_features: int, obs_columns: bool, stream: Optional[Callable] = None, batch_size: int = 1024):
     """Select the matrix, check it, ``fit`` it, and only then write the results (see :mod:`torchnmf.tl`).
 
+    A backed AnnData (or a path) whose ``X`` is factorized goes to ``stream(source, selection)``
+    instead, with ``source`` a :class:`~torchnmf.anndata_io.BackedRows` reading row blocks
+    from the file; without ``stream`` the function needs the matrix in memory.
     Returns the AnnData written to when ``copy`` (or when ``adata`` was a path), else ``None``.
     """
     from ..data import check_rank
 
     n_top = check_rank(n_top_features, "n_top_features")
     from_path = not hasattr(adata, "obs")
-    adata = read_anndata(adata)
-    if getattr(adata, "isbacked", False) and not copy and not from_path:
-        raise ValueError("adata is backed (opened with backed=...): torchnmf.tl reads it into memory; pass "
-                         "adata.to_memory(), or copy=True for an in-memory copy with the results")
+    adata = read_anndata(adata, backed="r" if from_path and stream is not None and layer is None else None)
+    streamed = getattr(adata, "isbacked", False) and layer is None
+    if streamed and stream is None:
+        raise ValueError(f"adata is backed (X on disk) and {model} fits in memory: pass adata.to_memory() "
+                         "(torchnmf.tl.nmf and torchnmf.tl.gamma_poisson stream a backed X by row blocks)")
+    if streamed and copy and not from_path:
+        raise ValueError("copy=True would read the backed X into memory: leave copy=False, the results are "
+                         "written into the AnnData object (in memory, beside the X on disk)")
     check_key(adata, key_added, overwrite)  # before any work: refuse early
-    sel = select(adata, layer, use_highly_variable)
-    if counts:
-        check_integer_counts(sel, adata, model, escape=", or allow_noninteger=True for a quasi-likelihood fit")
-    res = fit(sel)  # raises before anything is written: a failed fit leaves adata as it was
+    if streamed:
+        from ..anndata_io import backed_rows
+
+        source, sel = backed_rows(adata, None, use_highly_variable)
+        if counts:
+            first = source.batch(range(min(source.shape[0], check_rank(batch_size, "batch_size")))).X
+            head = Selection(first.values().numpy(), None, None, None, "adata.X (its first rows)")
+            check_integer_counts(head, adata, model, escape=", or allow_noninteger=True for a quasi-likelihood fit")
+        res = stream(source, sel)
+    else:
+        sel = select(adata, layer, use_highly_variable)
+        if counts:
+            check_integer_counts(sel, adata, model, escape=", or allow_noninteger=True for a quasi-likelihood fit")
+        res = fit(sel)  # raises before anything is written: a failed fit leaves adata as it was
     K = res.usages.shape[1]
     columns = [f"{key_added}_{k + 1}" for k in range(K)]
     uns = {
@@ -85,8 +102,10 @@ def run(adata, fit: Callable[[Selection], Result], *, model: str, layer: Optiona
         "top_features": top_features(np.asarray(res.loadings), sel.feature_names, n_top, columns),
         **res.uns,
     }
-    if from_path or copy:  # a new object: an in-memory one for a backed file
-        target = adata.to_memory() if adata.isbacked else (adata if from_path else adata.copy())
+    if from_path:
+        target = adata
+    elif copy:  # a new object: an in-memory one for a backed file (its X read whole)
+        target = adata.to_memory() if adata.isbacked else adata.copy()
     else:
         target = adata
     write_results(target, key_added, res.usages, res.loadings, uns, sel.feature_mask, obsm=res.obsm,

@@ -4,7 +4,9 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+import torch
 
+from ..data import check_rank
 from ._common import Result, run
 
 __all__ = ["nmf", "gamma_poisson", "pnmf"]
@@ -31,12 +33,28 @@ _COMMON = """
     random_state : int, generator or None, default 0
         As in scanpy, a fixed seed by default: the same call gives the same result."""
 
+_STREAM = """
+    batch_size : int, default 1024
+        Backed ``X`` only: rows per block read from the file.
+    epochs : int, default 10
+        Backed ``X`` only: passes over the file."""
+
 
 def _doc(key: str):
     def deco(f):
-        f.__doc__ = f.__doc__.replace("    {common}", _COMMON.format(key=key).strip("\n"))
+        doc = f.__doc__.replace("    {common}", _COMMON.format(key=key).strip("\n"))
+        f.__doc__ = doc.replace("    {stream}", _STREAM.strip("\n"))
         return f
     return deco
+
+
+def _seed(random_state) -> int:
+    """An int seed for the streaming fits from ``random_state`` (an int is kept)."""
+    if isinstance(random_state, (int, np.integer)) and not isinstance(random_state, bool):
+        return int(random_state)
+    from ..init import check_random_state
+
+    return int(torch.randint(0, 2 ** 31 - 1, (1,), generator=check_random_state(random_state)))
 
 
 def _converged(est) -> bool:
@@ -46,11 +64,15 @@ def _converged(est) -> bool:
 @_doc("nmf")
 def nmf(adata, n_components: int = 10, *, beta_loss="kullback-leibler", layer: Optional[str] = None,
         use_highly_variable: Optional[bool] = None, key_added: str = "nmf", copy: bool = False,
-        overwrite: bool = False, n_top_features: int = 20, obs_columns: bool = True, random_state=0, **kwargs):
+        overwrite: bool = False, n_top_features: int = 20, obs_columns: bool = True, random_state=0,
+        batch_size: int = 1024, epochs: int = 10, **kwargs):
     """Non-negative matrix factorization of an AnnData (:class:`~torchnmf.estimators.BetaNMF`).
 
     Fits ``X ≈ U Wᵀ`` with usages ``U`` (cells x components) and loadings ``W`` (genes x
-    components) by multiplicative updates of a beta-divergence.
+    components) by multiplicative updates of a beta-divergence. A backed ``X``
+    (``anndata.read_h5ad(path, backed='r')``, or a path) is streamed from the file by row blocks
+    instead: online NMF (:func:`torchnmf.parallel.fit_nmf_online`, ``epochs`` passes in file
+    order), then each block's usages with the loadings fixed.
 
     Parameters
     ----------
@@ -59,6 +81,7 @@ def nmf(adata, n_components: int = 10, *, beta_loss="kullback-leibler", layer: O
     n_components : int, default 10
     beta_loss : float or {'frobenius', 'kullback-leibler', 'itakura-saito'}, default 'kullback-leibler'
     {common}
+    {stream}
     **kwargs
         Further :class:`~torchnmf.estimators.BetaNMF` parameters (``max_iter``, ``tol``,
         ``init``, ``device``, ``dtype``, ``alpha``...).
@@ -89,21 +112,29 @@ def nmf(adata, n_components: int = 10, *, beta_loss="kullback-leibler", layer: O
         return Result(U, est.components_.T, est.history_, "beta-divergence", _converged(est), est.n_iter_,
                       params, uns={"reconstruction_err": float(est.reconstruction_err_)})
 
+    def stream(source, sel):
+        from ._backed import nmf_online
+
+        return nmf_online(source, sel, est, batch_size=batch_size, epochs=check_rank(epochs, "epochs"),
+                          seed=_seed(random_state))
+
     return run(adata, fit, model="BetaNMF", layer=layer, use_highly_variable=use_highly_variable,
                key_added=key_added, copy=copy, overwrite=overwrite, counts=False, n_top_features=n_top_features,
-               obs_columns=obs_columns)
+               obs_columns=obs_columns, stream=stream, batch_size=batch_size)
 
 
 @_doc("gamma_poisson")
 def gamma_poisson(adata, n_components: int = 10, *, layer: Optional[str] = None,
                   use_highly_variable: Optional[bool] = None, key_added: str = "gamma_poisson", copy: bool = False,
                   overwrite: bool = False, n_top_features: int = 20, obs_columns: bool = True, random_state=0,
-                  allow_noninteger: bool = False, **kwargs):
+                  allow_noninteger: bool = False, batch_size: int = 1024, epochs: int = 10, **kwargs):
     """Bayesian Gamma-Poisson factorization of counts (:class:`~torchnmf.estimators.GammaPoissonFactorization`).
 
     ``X ~ Poisson(U αᵀ)`` with Gamma priors, fitted by coordinate ascent on the nonzeros.
     The usages and loadings written are posterior means; their posterior standard
-    deviations go beside them.
+    deviations go beside them. A backed ``X`` (``anndata.read_h5ad(path, backed='r')``, or a
+    path) is streamed from the file by row blocks instead: stochastic variational inference
+    (:func:`torchnmf.parallel.fit_gamma_svi`, ``epochs`` passes in file order, random start).
 
     Parameters
     ----------
@@ -114,6 +145,7 @@ def gamma_poisson(adata, n_components: int = 10, *, layer: Optional[str] = None,
     allow_noninteger : bool, default False
         Fit non-integer values as a quasi-likelihood; otherwise they raise ``ValueError``
         naming a layer of counts.
+    {stream}
     **kwargs
         Further :class:`~torchnmf.estimators.GammaPoissonFactorization` parameters (``a``,
         ``b``, ``max_iter``, ``tol``, ``init``, ``device``...).
@@ -140,9 +172,15 @@ def gamma_poisson(adata, n_components: int = 10, *, layer: Optional[str] = None,
         return Result(U, est.components_.T, est.history_, "elbo", _converged(est), est.n_iter_, est.get_params(),
                       obsm={"sd": sd_U}, varm={"sd": sd_a}, uns={"elbo": float(est.elbo_)})
 
+    def stream(source, sel):
+        from ._backed import gamma_svi
+
+        return gamma_svi(source, sel, est, batch_size=batch_size, epochs=check_rank(epochs, "epochs"),
+                         seed=_seed(random_state))
+
     return run(adata, fit, model="GammaPoissonFactorization", layer=layer, use_highly_variable=use_highly_variable,
                key_added=key_added, copy=copy, overwrite=overwrite, counts=not allow_noninteger,
-               n_top_features=n_top_features, obs_columns=obs_columns)
+               n_top_features=n_top_features, obs_columns=obs_columns, stream=stream, batch_size=batch_size)
 
 
 @_doc("pnmf")
@@ -174,6 +212,8 @@ def pnmf(adata, n_components: int = 10, *, layer: Optional[str] = None, use_high
     """
     from ..estimators import PNMF
 
+    if "allow_noninteger" in PNMF._get_param_names():  # where PNMF checks counts itself
+        kwargs["allow_noninteger"] = allow_noninteger
     est = PNMF(n_components, random_state=random_state, **kwargs)
 
     def fit(sel):

@@ -1,0 +1,86 @@
+"""Fits of a backed AnnData's ``X`` from row blocks on disk (the streaming fits of :mod:`torchnmf.parallel`)."""
+from __future__ import annotations
+
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ._common import Result
+
+__all__ = ["blocks", "nmf_online", "gamma_svi"]
+
+
+def blocks(source, size: int) -> Iterator[range]:
+    """Consecutive row ranges of ``size`` rows covering ``source``."""
+    n = source.shape[0]
+    for lo in range(0, n, size):
+        yield range(lo, min(n, lo + size))
+
+
+def nmf_online(source, sel, est, *, batch_size: int, epochs: int, seed: int) -> Result:
+    """Online NMF of ``source`` (:func:`torchnmf.parallel.fit_nmf_online`), ``W`` started by NMF of the first block.
+
+    The usages of every block are then fitted with ``W`` fixed (``est.max_iter`` updates from
+    scikit-learn's constant start, so a cell's usages do not depend on its block).
+    """
+    from ..engine import ConvergenceWarning
+    from ..estimators._base import resolve_device, resolve_dtype
+    from ..estimators.nmf import beta_from_loss
+    from ..history import History
+    from ..nmf import NMF
+    from ..parallel import fit_nmf_online
+
+    beta = beta_from_loss(est.beta_loss)
+    K = int(est.n_components)
+    device = resolve_device(est.device) or torch.device("cpu")
+    dtype = resolve_dtype(est.dtype, source.dtype)
+    first = source.batch(next(blocks(source, batch_size))).X.to_dense().to(device=device, dtype=dtype)
+    from sklearn.base import clone
+
+    start = clone(est).set_params(max_iter=min(est.max_iter, 100), tol=1e-4, device=device, dtype=dtype)
+    with warnings.catch_warnings():  # a start, not a result
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        start.fit(first)
+    model = NMF(W=start.module_.W.detach().clone(), rank=K)
+    history = History(name="beta-divergence")
+    fit_nmf_online(model, source, batch_size=batch_size, epochs=epochs, beta=beta, alpha=est.alpha,
+                   l1_ratio=est.l1_ratio, shuffle=False, seed=seed, history=history)
+    W = model.W.detach()
+    parts = []
+    for rows in blocks(source, batch_size):
+        V = source.batch(rows).X.to(device=device, dtype=dtype)
+        mean = float(V.values().sum()) / (V.shape[0] * V.shape[1])
+        H0 = torch.full((V.shape[0], K), max(mean / K, 1e-12) ** 0.5, dtype=dtype, device=device)
+        parts.append(model.transform(V, beta=beta, tol=0.0, max_iter=est.max_iter, alpha=est.alpha,
+                                     l1_ratio=est.l1_ratio, H=H0).cpu().numpy())
+    params = {k: v for k, v in est.get_params().items() if k not in ("layer", "T", "init", "tol")}
+    params.update(batch_size=batch_size, epochs=epochs, fit="fit_nmf_online")
+    return Result(np.concatenate(parts), W.cpu().numpy(), history, "beta-divergence", False, epochs, params)
+
+
+def gamma_svi(source, sel, est, *, batch_size: int, epochs: int, seed: int) -> Result:
+    """Gamma-Poisson by stochastic variational inference on row blocks (:func:`torchnmf.parallel.fit_gamma_svi`)."""
+    from ..estimators._base import resolve_device, resolve_dtype
+    from ..history import History
+    from ..init import check_random_state
+    from ..parallel import fit_gamma_svi
+    from ..poisson.gamma import GammaPoisson
+
+    device = resolve_device(est.device) or torch.device("cpu")
+    dtype = resolve_dtype(est.dtype, torch.float64)
+    N, C = source.shape
+    layer = GammaPoisson(N, C, int(est.n_components), a=est.a, b=est.b, learn_kappa=est.learn_kappa,
+                         learn_lambda=est.learn_lambda, allow_noninteger=bool(est.allow_noninteger),
+                         generator=check_random_state(seed), dtype=dtype, device=device)
+    history = History(name="elbo", maximize=True)
+    fit_gamma_svi(layer, source, batch_size=batch_size, epochs=epochs, shuffle=False, seed=seed, history=history,
+                  chunk_size=est.chunk_size)
+    with torch.no_grad():
+        U, A = layer.mean_U().cpu().numpy(), layer.mean_alpha().cpu().numpy()
+        sd_U, sd_A = layer.q_U().stddev.cpu().numpy(), layer.q_alpha().stddev.cpu().numpy()
+    params = {k: v for k, v in est.get_params().items() if k not in ("init", "init_max_iter", "tol", "max_iter")}
+    params.update(batch_size=batch_size, epochs=epochs, fit="fit_gamma_svi")
+    return Result(U, A, history, "elbo", False, epochs, params, obsm={"sd": sd_U}, varm={"sd": sd_A},
+                  uns={"elbo": float(history[-1])})
