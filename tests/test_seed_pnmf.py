@@ -106,7 +106,9 @@ def _counts(n=60, d=20, k=3, seed=0):
 
 
 def test_main_interface_example():
-    X = np.random.default_rng(0).random((100, 50))
+    # the document feeds np.random.rand(100, 50); a count model refuses non-counts (issue 22.11,
+    # tested below), so its example runs on counts
+    X = np.random.default_rng(0).poisson(1.0, (100, 50)).astype(np.float64)
     X0 = X.copy()
     model = PNMF(n_components=5, random_state=42, max_iter=10, device="cpu")
     transformed = model.fit_transform(X)
@@ -120,13 +122,20 @@ def test_main_interface_example():
 
 
 def test_minibatch_example_and_return_history():
-    X_large = np.random.default_rng(1).random((400, 30))
+    X_large = np.random.default_rng(1).poisson(1.0, (400, 30)).astype(np.float64)
     model = PNMF(n_components=4, batch_size=100, shuffle=True, max_iter=4, random_state=0)
     assert model.fit(X_large) is model
     history, same = PNMF(n_components=3, max_iter=15, random_state=0, optimizer="NAdam",
                          scheduler="plateau").fit(_counts(), return_history=True)
     assert isinstance(history, list) and len(history) == same.n_iter_ and all(isinstance(v, float) for v in history)
     assert history[-1] > history[0]  # the ELBO rises
+
+
+def test_document_example_data_is_refused_as_not_counts():
+    # the document's np.random.rand data: one rule for every count model (issue 22.11)
+    X = np.random.default_rng(0).random((20, 8))
+    with pytest.raises(ValueError, match=r"X must hold counts .* row 0, column 0 holds 0\.63.*round it"):
+        PNMF(n_components=2, max_iter=2).fit(X)
 
 
 @pytest.mark.parametrize("optimizer", ["Adam", "AdamW", "NAdam", "SGD", "RMSprop"])

@@ -36,7 +36,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import Tensor, nn
 from torch.distributions import Normal
 
-from ..data import as_tensor, check_int, check_nonnegative, check_option, check_positive, check_rank, check_real
+from ..data import as_tensor, check_counts, check_int, check_nonnegative, check_option, check_positive, check_rank, check_real
 from ..estimators.pnmf import PNMF as _CorePNMF
 from ..estimators.spatial import SpatialPNMF as _CoreSpatialPNMF
 from ..init import initialize
@@ -365,8 +365,7 @@ def initialize_factors(X, n_components, init=None, random_state=None, scale_log_
     W : ndarray of shape (n_features, n_components)
     exp_F : ndarray of shape (n_samples, n_components)
     """
-    T = as_tensor(X, "X", ndim=2, sparse="dense", float_only=False).to(torch.float64)
-    check_nonnegative(T, "X")
+    T = check_counts(as_tensor(X, "X", ndim=2, sparse="dense", float_only=False).to(torch.float64), "X")
     K = check_rank(n_components, "n_components")
     target_std = check_positive(target_std, "target_std")
     _bool(scale_log_mu, "scale_log_mu")

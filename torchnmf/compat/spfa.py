@@ -24,7 +24,7 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 
 from .. import engine
-from ..data import check_int, check_rank
+from ..data import as_tensor, check_counts, check_finite, check_int, check_rank
 from ..history import History
 from ..poisson.spfa import spike_slab_kl
 
@@ -109,13 +109,15 @@ class _Model(nn.Module):
             writer.add_scalar('loss/err', err, global_step)
             writer.add_scalar('loss/elbo', elbo, global_step)
 
-    def _check_x(self, x) -> Tensor:
+    def _check_x(self, x, counts: bool = False) -> Tensor:
         if not torch.is_tensor(x):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         if tuple(x.shape) != (self.n, self.p):
             raise ValueError(f"x must have shape {(self.n, self.p)}, got {tuple(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x must be finite")
+        x = as_tensor(x, "x", ndim=2, sparse="dense", float_only=False)  # refuses complex x by name
+        check_finite(x, "x")
+        if counts:  # in x's own dtype, before the parameters' (float32) could hide a non-integer
+            x = check_counts(x, "x")
         return x.to(self.l.mean.dtype)
 
     def _init(self, init):
@@ -251,13 +253,12 @@ class SPFA(_Model):
         -------
         self
         """
-        x = self._check_x(x)
-        if bool((x < 0).any()):
-            raise ValueError("x must be non-negative counts")
+        x = self._check_x(x, counts=True)
         if not torch.is_tensor(s):
             raise TypeError(f"s must be a tensor, got {type(s).__name__}")
         if tuple(s.shape) != (self.n, 1):
             raise ValueError(f"s must have shape {(self.n, 1)}, got {tuple(s.shape)}")
+        s = as_tensor(s, "s", sparse="dense", float_only=False)  # refuses complex s by name
         if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
             raise ValueError("s must be finite and positive")
         s = s.to(x.dtype)

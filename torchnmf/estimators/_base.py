@@ -127,7 +127,8 @@ class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     """
 
     # -- input -----------------------------------------------------------------
-    def _check_X(self, X, *, reset: bool, counts: bool = False, allow_noninteger: bool = True) -> Tensor:
+    def _check_X(self, X, *, reset: bool, counts: bool = False, allow_noninteger: bool = False,
+                 escape: Optional[str] = None) -> Tensor:
         """Validate and convert ``X`` to a tensor on the estimator's device and dtype."""
         device = resolve_device(getattr(self, "device", "auto"))
         if isinstance(X, Tensor):
@@ -161,7 +162,7 @@ class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         if counts:
             from ..data import check_counts
 
-            check_counts(T, "X", allow_noninteger=allow_noninteger)
+            T = check_counts(T, "X", allow_noninteger=allow_noninteger, escape=escape)
         else:
             check_nonnegative(T, "X")
         check_magnitude(T, "X")

@@ -173,7 +173,8 @@ class GammaPoissonFactorization(TorchFactorization):
         from ..poisson.gamma import GammaPoisson
 
         rank = self._check_params()
-        V = self._check_X(X, reset=True, counts=True, allow_noninteger=bool(self.allow_noninteger))
+        V = self._check_X(X, reset=True, counts=True, allow_noninteger=bool(self.allow_noninteger),
+                         escape="allow_noninteger=True")
         if rank > min(V.shape):
             raise ValueError(f"n_components={rank} is larger than min(n_samples, n_features) = {min(V.shape)} "
                              f"(n_samples={V.shape[0]}, n_features={V.shape[1]})")
@@ -208,7 +209,8 @@ class GammaPoissonFactorization(TorchFactorization):
         ndarray or Tensor, shape (n_samples, n_components)
         """
         check_is_fitted(self, "module_")
-        V = self._check_X(X, reset=False, counts=True, allow_noninteger=bool(self.allow_noninteger))
+        V = self._check_X(X, reset=False, counts=True, allow_noninteger=bool(self.allow_noninteger),
+                         escape="allow_noninteger=True")
         V = V.to(device=self.module_.device, dtype=self.module_.dtype)
         U = self.module_.transform(V, max_iter=self.transform_max_iter, tol=0.0, chunk_size=self.chunk_size)
         return self._output(U, X)

@@ -6,6 +6,7 @@ import copy
 import math
 from typing import Callable, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -100,6 +101,10 @@ class PNMF(TorchFactorization):
         :meth:`transform_W`. Default: as many as the fit took (``n_iter_``), at most 200,
         so a transform never takes longer than its fit by default. ``verbose`` shows their
         progress bar.
+    allow_noninteger : bool, default False
+        Accept any non-negative ``X`` (the Poisson likelihood is then a quasi-likelihood).
+        By default ``X`` holds counts: values within 1e-6 of an integer are rounded (with a
+        warning), others refused (:func:`torchnmf.data.check_counts`).
 
     Attributes
     ----------
@@ -147,7 +152,8 @@ class PNMF(TorchFactorization):
                  learning_rate: Optional[float] = None, optimizer="adam", random_state=None, verbose: bool = False,
                  device=None, dtype=None, init: Optional[str] = None, scheduler: Optional[str] = None,
                  batch_size: Optional[int] = None, y_batch_size: Optional[int] = None, shuffle: bool = True,
-                 prior_scale: float = 1.0, init_scale: float = 0.1, transform_max_iter: Optional[int] = None):
+                 prior_scale: float = 1.0, init_scale: float = 0.1, transform_max_iter: Optional[int] = None,
+                 allow_noninteger: bool = False):
         self.n_components = n_components
         self.loadings_mode = loadings_mode
         self.mode = mode
@@ -169,6 +175,13 @@ class PNMF(TorchFactorization):
         self.prior_scale = prior_scale
         self.init_scale = init_scale
         self.transform_max_iter = transform_max_iter
+        self.allow_noninteger = allow_noninteger
+
+    def _count_rule(self) -> dict:
+        """How :func:`torchnmf.data.check_counts` treats non-integers for this estimator."""
+        if not isinstance(self.allow_noninteger, (bool, np.bool_)):
+            raise TypeError(f"allow_noninteger must be True or False, got {self.allow_noninteger!r}")
+        return dict(allow_noninteger=bool(self.allow_noninteger), escape="allow_noninteger=True")
 
     # -- parameter checks ------------------------------------------------------------
     def _check_params(self, N: int, D: int):
@@ -261,7 +274,8 @@ class PNMF(TorchFactorization):
         Parameters
         ----------
         X : array-like, scipy.sparse or tensor of shape (n_samples, n_features)
-            Non-negative (counts; non-integers give a quasi-likelihood). Never modified.
+            Counts: values within 1e-6 of an integer are rounded (with a warning), others
+            refused (see :func:`torchnmf.data.check_counts`). Never modified.
         y : ignored
         return_history : bool, default False
             Return ``history_`` instead of ``self``.
@@ -275,7 +289,7 @@ class PNMF(TorchFactorization):
         -------
         self, or the History if ``return_history``.
         """
-        T = self._check_X(X, reset=True)
+        T = self._check_X(X, reset=True, counts=True, **self._count_rule())
         N, D = T.shape
         self._check_params(N, D)
         if callback is not None and not callable(callback):
@@ -387,7 +401,7 @@ class PNMF(TorchFactorization):
         out = self.fit(X, **fit_params)
         if isinstance(out, History):
             raise ValueError("fit_transform does not take return_history; call fit instead")
-        T = self._check_X(X, reset=False)
+        T = self._check_X(X, reset=False, counts=True, **self._count_rule())
         factors = self._fit_factors(T, self._transform_steps())
         return self._output(self._expected_factors(factors), X, "fit_transform")
 
@@ -445,7 +459,7 @@ class PNMF(TorchFactorization):
             Posterior mean and standard deviation of the log-factors.
         """
         check_is_fitted(self, "layer_")
-        T = self._check_X(X, reset=False)
+        T = self._check_X(X, reset=False, counts=True, **self._count_rule())
         max_iter = self._transform_steps(max_iter)
         factors = self._fit_factors(T, max_iter)
         mu, var = factors.marginals()
@@ -526,7 +540,7 @@ class PNMF(TorchFactorization):
     def transform(self, X):
         """``E_q[exp F]`` for new samples (``q(F)`` refitted with ``W`` fixed), shape (n_new, n_components)."""
         check_is_fitted(self, "layer_")
-        T = self._check_X(X, reset=False)
+        T = self._check_X(X, reset=False, counts=True, **self._count_rule())
         factors = self._fit_factors(T, self._transform_steps())
         return self._output(self._expected_factors(factors), X)
 
@@ -556,10 +570,9 @@ class PNMF(TorchFactorization):
             Like :attr:`components_`.
         """
         check_is_fitted(self, "layer_")
-        T = as_tensor(X, "X", ndim=2, float_only=False)
-        from ..data import check_nonnegative
+        from ..data import check_counts
 
-        check_nonnegative(T, "X")
+        T = check_counts(as_tensor(X, "X", ndim=2, float_only=False), "X", **self._count_rule())
         N = self.layer_.n_samples
         if T.shape[0] != N:
             raise ValueError(f"X has {T.shape[0]} samples, expected the {N} training samples")

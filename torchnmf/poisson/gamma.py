@@ -251,10 +251,13 @@ class CountMatrix:
             if shape is not None:
                 check_shape(torch.empty(X.shape, device="meta"), shape, name)
             return X.to(device=device, dtype=dtype)
-        T = as_tensor(X, name, dtype=dtype, device=device, ndim=2, float_only=False)
+        T = as_tensor(X, name, device=device, ndim=2, float_only=False)
         if shape is not None:
             check_shape(T, shape, name)
-        check_counts(T, name, allow_noninteger=allow_noninteger)
+        # checked in the input's own dtype: a float32 cast could hide a non-integer or its noise
+        T = check_counts(T, name, allow_noninteger=allow_noninteger, escape="allow_noninteger=True")
+        if dtype is not None:
+            T = as_tensor(T, name, dtype=dtype)
         rows, cols, vals = nonzeros(T)
         return cls(rows, cols, vals, tuple(T.shape))
 
