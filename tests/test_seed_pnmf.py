@@ -381,3 +381,16 @@ def test_natural_training_under_the_documented_one_cycle_schedule():
     m = PNMF(n_components=2, training_mode="natural", loadings_mode="multiplicative", max_iter=8,
              random_state=0).fit(_counts())
     assert m.n_iter_ <= 8 and np.isfinite(m.elbo_)
+
+
+def test_messages_name_pnmf_not_the_internal_core():
+    # issue 22.10: the compat estimator's core class (_Plain) showed in messages
+    X = _counts()
+    with pytest.raises(ValueError, match=r"^Negative values in data passed to PNMF"):
+        PNMF(n_components=2, max_iter=2).fit(-X)
+    model = PNMF(n_components=2, max_iter=2, random_state=0).fit(X)
+    with pytest.raises(ValueError, match=r"but PNMF is expecting") as err:
+        model.transform(X[:, :3])
+    assert "_Plain" not in str(err.value)
+    with pytest.raises(ValueError, match=r"required by PNMF") as err:
+        PNMF(n_components=2, max_iter=2).fit(X[:0])

@@ -156,3 +156,14 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="k"):
         SFA(n=6, p=5, k=0)
     assert torch.equal(x, x0)
+
+
+# -- issue 22.10: complex input is refused, not cut to its real part ----------------------------
+def test_complex_input_is_refused_by_name():
+    x = torch.ones(6, 4, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="x must hold real numbers, got dtype torch.complex64"):
+        SFA(6, 4, 2).fit(x, n_epochs=1)
+    with pytest.raises(TypeError, match="x must hold real numbers"):
+        SPFA(6, 4, 2).fit(x, torch.ones(6, 1), n_epochs=1)
+    with pytest.raises(TypeError, match="s must hold real numbers"):
+        SPFA(6, 4, 2).fit(torch.ones(6, 4), torch.ones(6, 1, dtype=torch.complex64), n_epochs=1)

@@ -544,3 +544,15 @@ def test_cuda_matches_cpu():
     hg = gpu.fit(X.cuda(), max_iter=10, tol=0)
     assert gpu.U_shape.device.type == "cuda"
     np.testing.assert_allclose(hg.values, hc.values, rtol=1e-4)
+
+
+# -- issue 22.10: set_means with denormal means --------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_set_means_with_denormal_means_leaves_finite_rates(dtype):
+    tiny = torch.finfo(dtype).tiny
+    layer = GammaPoisson(4, 3, 2, dtype=dtype)
+    layer.set_means(torch.full((4, 2), tiny * 2.0 ** -20, dtype=dtype), torch.ones(3, 2, dtype=dtype))
+    for name in ("U_rate", "alpha_rate", "U_shape", "alpha_shape"):
+        assert bool(torch.isfinite(getattr(layer, name)).all()), name
+    X = torch.poisson(torch.full((4, 3), 3.0, dtype=dtype), generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(float(layer.elbo(X)))

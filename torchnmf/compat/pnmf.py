@@ -76,11 +76,11 @@ class _Knobs:
 
 
 class _Plain(_Knobs, _CorePNMF):
-    pass
+    _display_name = "PNMF"  # messages and progress bars name the class the user made
 
 
 class _Spatial(_Knobs, _CoreSpatialPNMF):
-    pass
+    _display_name = "PNMF"
 
 
 def _bool(value, name: str) -> bool:

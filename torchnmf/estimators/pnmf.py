@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import constraints, engine
-from ..data import as_tensor, check_option, check_positive, check_rank
+from ..data import as_tensor, check_finite, check_option, check_positive, check_rank
 from ..history import History
 from ..init import METHODS as INIT_METHODS
 from ..init import initialize
@@ -367,7 +367,7 @@ class PNMF(TorchFactorization):
                           {k: torch.stack([p.kls[k] for p in parts]).mean() for k in parts[0].kls})
             if not math.isfinite(float(record)):
                 raise FloatingPointError(
-                    f"{type(self).__name__}: the ELBO became {float(record)} at epoch {epoch + 1}; lower "
+                    f"{self._public_name}: the ELBO became {float(record)} at epoch {epoch + 1}; lower "
                     f"learning_rate (now {lr}) or use mode='lower-bound'")
             for kind, sch in schedulers:
                 if kind == "epoch":
@@ -382,7 +382,7 @@ class PNMF(TorchFactorization):
 
         try:
             n_iter = engine.run(epoch_step, max_iter=self.max_iter, tol=self.tol, history=history,
-                                model=type(self).__name__, dtype=T.dtype, callback=on_record).n_iter
+                                model=self._public_name, dtype=T.dtype, callback=on_record).n_iter
         finally:
             history.close()
         self.layer_ = layer
@@ -481,7 +481,7 @@ class PNMF(TorchFactorization):
             from tqdm.auto import tqdm
         except ImportError:
             raise ImportError("verbose progress bars need tqdm: pip install tqdm") from None
-        return tqdm(total=total, desc=f"{type(self).__name__}.{what}", leave=False)
+        return tqdm(total=total, desc=f"{self._public_name}.{what}", leave=False)
 
     def _fit_factors(self, T: Tensor, max_iter: int, tol: float = 0.0) -> IndependentNormal:
         N, D = T.shape
@@ -531,7 +531,7 @@ class PNMF(TorchFactorization):
 
             try:
                 engine.run(step, max_iter=max_iter, tol=tol, history=History(name="elbo", maximize=True),
-                           model=f"{type(self).__name__}.transform", dtype=layer.W.dtype, callback=show, warn=False)
+                           model=f"{self._public_name}.transform", dtype=layer.W.dtype, callback=show, warn=False)
             finally:
                 if bar is not None:
                     bar.close()
@@ -550,6 +550,7 @@ class PNMF(TorchFactorization):
         Y = as_tensor(X, "X", ndim=2, sparse="dense", float_only=False)
         if Y.shape[1] != self.n_components_:
             raise ValueError(f"X has {Y.shape[1]} columns, expected n_components={self.n_components_}")
+        check_finite(Y, "X")
         W = self.layer_.W.detach()
         out = Y.to(device=W.device, dtype=W.dtype) @ W.t()
         return self._output(out, X, "inverse_transform")
