@@ -15,6 +15,15 @@ from .data import check_beta
 __all__ = ["beta_div", "kl_div", "is_div", "euclidean", "sparseness", "poisson_nll"]
 
 
+def _tensors(**named: Tensor) -> None:
+    """Refuse arguments that are not tensors, by name, before any arithmetic: a scipy matrix
+    would reach scipy's operators (``target == 0`` sorts its indices in place) or fail obscurely."""
+    for name, value in named.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}: convert it with "
+                            f"torch.as_tensor({name}) (a scipy.sparse matrix: torch.as_tensor({name}.toarray()))")
+
+
 def euclidean(input: Tensor, target: Tensor) -> Tensor:
     r"""Half the squared Frobenius distance, :math:`\frac12\sum (x - y)^2` (beta = 2).
 
@@ -29,6 +38,7 @@ def euclidean(input: Tensor, target: Tensor) -> Tensor:
     -------
     Tensor, shape ()
     """
+    _tensors(input=input, target=target)
     return 0.5 * (input - target).pow(2).sum()
 
 
@@ -48,6 +58,7 @@ def kl_div(input: Tensor, target: Tensor) -> Tensor:
     -------
     Tensor, shape ()
     """
+    _tensors(input=input, target=target)
     return (torch.xlogy(target, target) - torch.xlogy(target, input) - target + input).sum()
 
 
@@ -65,6 +76,7 @@ def is_div(input: Tensor, target: Tensor) -> Tensor:
     -------
     Tensor, shape ()
     """
+    _tensors(input=input, target=target)
     ratio = target / input
     return (ratio - torch.log(ratio) - 1).sum()
 
@@ -100,6 +112,7 @@ def beta_div(input: Tensor, target: Tensor, beta: float = 2) -> Tensor:
     rounding); NaN or infinite input still gives NaN or inf.
     """
     beta = check_beta(beta)  # NaN/inf would give NaN silently
+    _tensors(input=input, target=target)
     if beta == 2:
         return euclidean(input, target)
     if beta == 1:
@@ -161,4 +174,5 @@ def poisson_nll(rate: Tensor, counts: Tensor) -> Tensor:
     -------
     Tensor, shape ()
     """
+    _tensors(rate=rate, counts=counts)
     return (rate - torch.xlogy(counts, rate) + torch.lgamma(counts + 1)).sum()
