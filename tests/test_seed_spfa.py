@@ -167,3 +167,8 @@ def test_complex_input_is_refused_by_name():
         SPFA(6, 4, 2).fit(x, torch.ones(6, 1), n_epochs=1)
     with pytest.raises(TypeError, match="s must hold real numbers"):
         SPFA(6, 4, 2).fit(torch.ones(6, 4), torch.ones(6, 1, dtype=torch.complex64), n_epochs=1)
+    with pytest.raises(TypeError, match="init l must hold real numbers"):
+        SFA(6, 4, 2).fit(torch.ones(6, 4), init=(torch.ones(6, 2, dtype=torch.complex64), torch.ones(4, 2)),
+                         n_epochs=1)
+    with pytest.raises(ValueError, match="init f contains NaN"):
+        SFA(6, 4, 2).fit(torch.ones(6, 4), init=(torch.ones(6, 2), torch.full((4, 2), float("nan"))), n_epochs=1)

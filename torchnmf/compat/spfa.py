@@ -129,6 +129,8 @@ class _Model(nn.Module):
             if not torch.is_tensor(value) or tuple(value.shape) != (rows, self.k):
                 raise ValueError(f"init {name} must be a tensor of shape {(rows, self.k)}, "
                                  f"got {getattr(value, 'shape', type(value).__name__)}")
+            value = as_tensor(value, f"init {name}", sparse="dense", float_only=False)  # complex refused
+            check_finite(value, f"init {name}")
             with torch.no_grad():  # copied in the parameters' dtype; the caller's tensor is not shared
                 mod.mean.copy_(value.to(mod.mean))
 
