@@ -172,3 +172,11 @@ def test_complex_input_is_refused_by_name():
                          n_epochs=1)
     with pytest.raises(ValueError, match="init f contains NaN"):
         SFA(6, 4, 2).fit(torch.ones(6, 4), init=(torch.ones(6, 2), torch.full((4, 2), float("nan"))), n_epochs=1)
+
+
+def test_size_errors_use_the_model_s_argument_names():
+    # issue 22.10: SPFA(0, 4, 2) said "p must be a positive integer" (the name inside SpikeSlab)
+    for cls in (SFA, SPFA):
+        for args, name in (((0, 4, 2), "n"), ((6, 0, 2), "p"), ((6, 4, 0), "k")):
+            with pytest.raises(ValueError, match=rf"^{name} must be a positive integer, got 0"):
+                cls(*args)

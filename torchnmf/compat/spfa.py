@@ -89,6 +89,8 @@ class SpikeSlab(nn.Module):
 class _Model(nn.Module):
     def __init__(self, n: int, p: int, k: int):
         super().__init__()
+        # checked here, by the caller's names (SpikeSlab(n, k) would call n "p")
+        n, p, k = check_rank(n, "n"), check_rank(p, "p"), check_rank(k, "k")
         self.l = SpikeSlab(n, k)
         self.f = SpikeSlab(p, k)
         self.n, self.p, self.k = int(n), int(p), int(k)
