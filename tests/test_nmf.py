@@ -423,3 +423,6 @@ def test_factor_shapes_and_bad_factor_values():
         NMF(W=[[1.0, float("nan")], [0.5, 1.0]])
     with pytest.raises(ValueError, match="W must have 2 dimensions"):
         NMF(W=np.ones((5, 3, 2)))
+    for bad_shape in ((5, 3.0), [5, 0], (5, 3, 1)):  # flat sequences are shapes, checked as such
+        with pytest.raises(ValueError, match="W shape must be 2 positive ints"):
+            NMF(W=bad_shape)

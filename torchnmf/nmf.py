@@ -65,9 +65,9 @@ def _check_vshape(Vshape, ndim: int) -> Tuple[int, ...]:
 
 
 def _is_shape(value) -> bool:
-    """A tuple, list or ``torch.Size`` of ints is a shape (pytorch-NMF 0.3.5); arrays are values."""
-    return isinstance(value, (tuple, list, torch.Size)) and all(
-        isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in value)
+    """A flat tuple, list or ``torch.Size`` (of ints, else refused as a shape) is a shape, as in
+    pytorch-NMF 0.3.5; arrays and nested sequences are values."""
+    return isinstance(value, (tuple, list, torch.Size)) and all(isinstance(s, numbers.Number) for s in value)
 
 
 def _factor_values(value, name: str, fdim: int) -> Optional[Tensor]:
