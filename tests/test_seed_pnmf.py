@@ -394,3 +394,25 @@ def test_messages_name_pnmf_not_the_internal_core():
     assert "_Plain" not in str(err.value)
     with pytest.raises(ValueError, match=r"required by PNMF") as err:
         PNMF(n_components=2, max_iter=2).fit(X[:0])
+
+
+def test_transform_F_and_multiplicative_update_apply_the_count_rule():
+    # issue 22.11: the compat PNMF's other count inputs follow the same rule
+    X = _counts()
+    model = PNMF(n_components=2, max_iter=3, random_state=0).fit(X)
+    W = model.components_.T
+    bad = X[:5].copy()
+    bad[1, 2] = 0.5
+    with pytest.raises(ValueError, match=r"X must hold counts .* row 1, column 2 holds 0.5"):
+        transform_F(bad, W, max_iter=2)
+    with pytest.warns(UserWarning, match="rounded 1 value within"):
+        noisy = X[:5].copy()
+        noisy[0, 0] += 1e-11
+        transform_F(noisy, W, max_iter=2)
+    Y = torch.as_tensor(X.T.copy())  # (D, N) counts
+    pf = compat.PoissonFactorization(GaussianPrior(Y, L=2), Y, L=2, mode="lower-bound")
+    terms, _, _ = pf(E=2)
+    Yb = Y.clone()
+    Yb[3, 4] = 2.5
+    with pytest.raises(ValueError, match=r"X must hold counts .* row 3, column 4 holds 2.5"):
+        pf.W.multiplicative_update(Yb, terms)

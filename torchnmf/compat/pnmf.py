@@ -550,7 +550,7 @@ def transform_F(X, W, n_components=None, mode='expanded', E=3, max_iter=200, tol
     check_positive(tol, "tol", allow_zero=True)
     core = _CorePNMF(n_components=K, mode=mode, E=E, learning_rate=learning_rate, verbose=verbose, device=device,
                      transform_max_iter=max_iter)
-    T = core._check_X(X, reset=True)
+    T = core._check_X(X, reset=True, counts=True, **core._count_rule())
     if T.shape[1] != Wt.shape[0]:
         raise ValueError(f"X has {T.shape[1]} features, W has {Wt.shape[0]} rows")
     dtype = T.dtype if T.is_floating_point() else torch.get_default_dtype()
@@ -830,8 +830,7 @@ class PositiveParameter(ConstrainedParameter):
 
         W_all = self.data.detach()
         W = W_all if idy is None else W_all[torch.as_tensor(idy, device=W_all.device)]
-        Xt = as_tensor(X, "X", ndim=2, sparse="dense", dtype=W.dtype, device=W.device)
-        check_nonnegative(Xt, "X")
+        Xt = check_counts(as_tensor(X, "X", ndim=2, sparse="dense", device=W.device), "X").to(W.dtype)
         if self.elbo_mode == "lower-bound":
             expF = terms["exp_mu"][None]
         else:
