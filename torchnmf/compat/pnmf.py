@@ -36,7 +36,8 @@ from sklearn.utils.validation import check_is_fitted
 from torch import Tensor, nn
 from torch.distributions import Normal
 
-from ..data import as_tensor, check_counts, check_int, check_nonnegative, check_option, check_positive, check_rank, check_real
+from ..data import (as_tensor, check_counts, check_int, check_nonnegative, check_option, check_positive, check_rank,
+                    check_real)
 from ..estimators.pnmf import PNMF as _CorePNMF
 from ..estimators.spatial import SpatialPNMF as _CoreSpatialPNMF
 from ..init import initialize

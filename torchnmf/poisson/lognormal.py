@@ -69,7 +69,8 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 
 from .. import constraints
-from ..data import as_tensor, check_counts, check_finite, check_nonnegative, check_option, check_positive, check_rank, nonzeros
+from ..data import (as_tensor, check_counts, check_finite, check_nonnegative, check_option, check_positive, check_rank,
+                    nonzeros)
 from .elbo import ELBO
 
 __all__ = ["FactorPosterior", "IndependentNormal", "LogNormalPoisson", "Counts", "ELBO_MODES", "inv_softplus",
