@@ -136,7 +136,7 @@ def test_bad_content(tmp_path, capsys):
     frac = tmp_path / "frac.npy"
     np.save(frac, np.full((3, 3), 0.5))
     assert main(["fit", str(frac), "--rank", "1", "--model", "gamma-poisson", "-o", str(tmp_path / "o")]) == 2
-    assert "not counts, first at row 0, column 0: 0.5" in capsys.readouterr().err
+    assert "must hold counts (non-negative integers), but row 0, column 0 holds 0.5" in capsys.readouterr().err
     assert not (tmp_path / "o.npz").exists()
 
 

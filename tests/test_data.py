@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -41,7 +43,7 @@ def test_checks_name_the_argument():
         data.check_finite(torch.tensor([float("nan")]), "V")
     with pytest.raises(ValueError, match="V contains NaN"):
         data.check_nonnegative(torch.tensor([float("inf")]).to_sparse(), "V")
-    with pytest.raises(ValueError, match="integer counts"):
+    with pytest.raises(ValueError, match=r"X must hold counts \(non-negative integers\), but entry 0 holds 0.5"):
         data.check_counts(torch.tensor([0.5]), "X")
     with pytest.raises(ValueError, match=r"X has shape \(2, 3\), expected \(2, 4\)"):
         data.check_shape(torch.rand(2, 3), (2, 4))
@@ -112,3 +114,83 @@ def test_check_magnitude_reads_x_to_the_beta():
         data.check_magnitude(X, "V", beta=2)
     data.check_magnitude(X, "V", torch.float64, beta=2)
     data.check_magnitude(torch.full((6, 5), 1e3), "V", beta=2)
+
+
+# -- issue 22.11 / 23.2: one rule for float-valued counts in every count model ---------------
+def _count_models():
+    from torchnmf.compat import fireyfish
+    from torchnmf.compat import pnmf as compat_pnmf
+    from torchnmf.compat.spfa import SPFA
+    from torchnmf.estimators import PNMF, GammaPoissonFactorization, SpatialPNMF
+    from torchnmf.poisson import GammaPoisson
+    from torchnmf.poisson.lognormal import LogNormalPoisson
+    from torchnmf.poisson.spfa import SparsePoissonFA
+
+    xy = np.random.default_rng(0).uniform(size=(6, 2))
+    # name -> call on the (6, 5) matrix the model receives
+    return {
+        "GammaPoisson.fit": lambda X: GammaPoisson(6, 5, 2).fit(X, max_iter=2),
+        "GammaPoissonFactorization": lambda X: GammaPoissonFactorization(2, max_iter=2, random_state=0).fit(X),
+        "PNMF": lambda X: PNMF(2, max_iter=2, random_state=0).fit(X),
+        "SpatialPNMF": lambda X: SpatialPNMF(2, num_inducing=4, max_iter=2, random_state=0).fit(X, coordinates=xy),
+        "compat.pnmf.PNMF": lambda X: compat_pnmf.PNMF(2, max_iter=2, random_state=0, device="cpu").fit(X),
+        "compat.pnmf.initialize_factors": lambda X: compat_pnmf.initialize_factors(X, 2, random_state=0),
+        "LogNormalPoisson.elbo": lambda X: LogNormalPoisson(6, 5, 2).elbo(X),  # features x samples
+        "SparsePoissonFA.elbo": lambda X: SparsePoissonFA(6, 5, 2).elbo(X),
+        "compat.spfa.SPFA.fit": lambda X: SPFA(6, 5, 2).fit(X, torch.ones(6, 1, dtype=X.dtype), n_epochs=2),
+        "compat.fireyfish.PoisModel": lambda X: fireyfish.PoisModel(X, 2),
+    }
+
+
+def _pandas_counts():
+    """Counts as pandas reads them after arithmetic: 1e-11 off the integers in a few entries."""
+    X = torch.tensor(np.random.default_rng(1).poisson(2.0, size=(6, 5)) + 1.0, dtype=torch.float64)
+    noisy = X.clone()
+    noisy[0, 0] += 1e-11
+    noisy[2, 3] -= 1e-11
+    noisy[5, 4] += 3e-12
+    return X, noisy
+
+
+@pytest.mark.parametrize("model", list(_count_models()))
+def test_count_models_round_near_integers_with_a_warning(model):
+    call = _count_models()[model]
+    X, noisy = _pandas_counts()
+    before = noisy.clone()
+    with pytest.warns(UserWarning, match=r"X?: rounded 3 values within 1e-06 of an integer"):
+        call(noisy)
+    assert torch.equal(noisy, before)  # the caller's matrix is not rounded in place
+
+
+@pytest.mark.parametrize("model", list(_count_models()))
+def test_count_models_refuse_non_integers_naming_the_first(model):
+    call = _count_models()[model]
+    X, _ = _pandas_counts()
+    X[1, 2] = 0.5
+    X[4, 0] = 2.25
+    name = "x" if "spfa.SPFA" in model else "countmatrix" if "fireyfish" in model else "X"
+    with pytest.raises(ValueError, match=rf"^{name} must hold counts \(non-negative integers\), but row 1, column 2 "
+                                         r"holds 0.5, which is not within 1e-06 of an integer: .*round it"):
+        call(X)
+
+
+def test_check_counts_sparse_layouts_and_escape():
+    X = torch.tensor([[0.0, 2.0, 1.0 + 1e-9], [3.0, 0.0, 4.0]], dtype=torch.float64)
+    for T in (X, X.to_sparse(), X.to_sparse_csr(), X.to_sparse_csc()):
+        with pytest.warns(UserWarning, match="rounded 1 value within"):
+            R = data.check_counts(T, "V")
+        assert R.layout == T.layout
+        torch.testing.assert_close(R.to_dense(), X.round(), rtol=0, atol=0)
+        bad = T.to_dense().clone()
+        bad[1, 2] = 4.5
+        bad = bad.to_sparse() if T.layout == torch.sparse_coo else bad
+        with pytest.raises(ValueError, match=r"V must hold counts .* row 1, column 2 holds 4.5.*"
+                                             r"V.round\(\).*or pass allow_noninteger=True"):
+            data.check_counts(bad, "V", escape="allow_noninteger=True")
+        assert data.check_counts(bad, "V", allow_noninteger=True) is bad
+    # integer and exact float counts come back as they are, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.check_counts(X.round(), "V") is not None
+        I = torch.tensor([[1, 2]])
+        assert data.check_counts(I, "V") is I

@@ -236,3 +236,12 @@ def test_nmf_start_reaches_a_higher_elbo_than_random_starts():
         rand = GammaPoissonFactorization(4, init="random", random_state=seed, **kw).fit(X).elbo_
         gaps.append((nmf - rand) / abs(rand))
     assert np.mean(gaps) > 0, gaps
+
+
+def test_all_zero_counts_are_named_as_X():
+    # issue 22.10: was "U is all zero", the name of set_means' argument, not the user's
+    for X in (np.zeros((4, 3)), sp.csr_matrix((4, 3))):
+        with pytest.raises(ValueError, match=r"X is all zero: init='nmf' .* init='random'"):
+            GammaPoissonFactorization(2).fit(X)
+    est = GammaPoissonFactorization(2, init="random", max_iter=2, random_state=0).fit(np.zeros((4, 3)))
+    assert np.isfinite(est.elbo_)

@@ -245,3 +245,33 @@ def test_cuda_matches_cpu():
     np.testing.assert_allclose(H_gpu, H_cpu, rtol=1e-6, atol=1e-9)
     out = BetaNMF(device="auto", **kw).fit_transform(torch.tensor(X, device="cuda"))
     assert out.is_cuda
+
+
+# -- issue 22.10: named errors for what scikit-learn's checks say without a name ---------------
+@pytest.mark.parametrize("bad, message", [
+    (np.float64(3.0), "Expected 2D array, got scalar array"),
+    (np.ones(3), "Expected 2D array, got 1D array"),
+    (np.ones((0, 3)), "Found array with 0 sample"),
+    (np.ones((3, 3, 3)), "Found array with dim 3"),
+    ([[1.0, 2.0], [3.0]], "inhomogeneous"),
+])
+def test_sklearn_input_errors_name_X(bad, message):
+    from torchnmf.estimators import PNMF, GammaPoissonFactorization
+
+    for est in (BetaNMF(2, max_iter=2), GammaPoissonFactorization(2, max_iter=2), PNMF(2, max_iter=2)):
+        with pytest.raises(ValueError, match=rf"^X \(shape \(n_samples, n_features\)\): .*{message}"):
+            est.fit(bad)
+
+
+def test_inverse_transform_refuses_non_finite_factors():
+    from torchnmf.estimators import PNMF, GammaPoissonFactorization
+
+    X = np.random.default_rng(0).poisson(3.0, (8, 5)).astype(np.float64)
+    for est in (BetaNMF(2, max_iter=5, random_state=0), GammaPoissonFactorization(2, max_iter=2, random_state=0),
+                PNMF(2, max_iter=2, random_state=0)):
+        H = est.fit_transform(X)
+        for value in (np.nan, np.inf):
+            bad = H.copy()
+            bad[1, 0] = value
+            with pytest.raises(ValueError, match="X contains NaN or infinity"):
+                est.inverse_transform(bad)

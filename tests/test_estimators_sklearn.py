@@ -23,7 +23,7 @@ ESTIMATORS = [
     # check_estimator feeds uniform floats, so the count model accepts them here
     GammaPoissonFactorization(n_components=2, max_iter=3, transform_max_iter=3, allow_noninteger=True,
                               random_state=0, device="cpu"),
-    PNMF(n_components=2, max_iter=10, random_state=0, device="cpu"),
+    PNMF(n_components=2, max_iter=10, random_state=0, device="cpu", allow_noninteger=True),
 ]
 
 

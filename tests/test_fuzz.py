@@ -536,110 +536,6 @@ def test_csv_one_odd_cell_never_changes_the_shape(token, V, data, tmp_path_facto
     OUTCOMES[("io.read_matrix(csv)", "word cell", "raised")] += 1
 
 
-# issue 22: silent fits
-def _requires_grad(V, kind):
-    x = V.clone()
-    return torch.nn.Parameter(x) if kind == "parameter" else x.requires_grad_(True)
-
-
-@pytest.mark.parametrize("name", [n for n in CASES if "transposed" in CASES[n][2]])
-@pytest.mark.parametrize("kind", ["requires_grad", "parameter"])
-@given(V=counts())
-def test_inputs_that_require_grad_are_data(name, kind, V):
-    # issue 22 item 6: a requires-grad input crashed fits ("backward through the graph a
-    # second time") or received the fit's gradients in its .grad
-    fn = CASES[name][0]
-    ref = _call(fn, V)
-    x = _requires_grad(V, kind)
-    got = _call(fn, x)
-    assert x.grad is None and x.requires_grad, f"{name}: the fit wrote into the caller's .grad"
-    torch.testing.assert_close(x.detach(), V, rtol=0, atol=0)
-    _compare(name, kind, got, ref)
-
-
-# issue 22: clear errors
-# Non-native numpy arrays (big-endian, longdouble) are converted by data.as_tensor: every entry
-# point that takes numpy input gives the native array's result. Half-precision tensors give
-# finite results or a named error, never one of torch's internal errors.
-NON_NATIVE = {
-    "big-endian >f8": lambda V: V.numpy().astype(">f8"),
-    "big-endian >i4": lambda V: V.numpy().astype(">i4"),
-    "longdouble": lambda V: V.numpy().astype(np.longdouble),
-}
-HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@pytest.mark.parametrize("form", list(NON_NATIVE))
-@pytest.mark.parametrize("name", [n for n in CASES if "numpy" in CASES[n][2]])
-@settings(max_examples=2)
-@given(V=counts())
-def test_non_native_numpy_arrays_match_the_dense_float64_result(name, form, V):
-    fn = CASES[name][0]
-    native = NON_NATIVE[form](V).astype(NON_NATIVE[form](V).dtype.newbyteorder("="))
-    if native.dtype == np.longdouble:
-        native = native.astype(np.float64)
-    ref = _call(fn, native)
-    x = NON_NATIVE[form](V)
-    before = _snapshot(x)
-    got = _call(fn, x)
-    _unchanged(x, before)
-    _compare(name, form, got, ref)
-    OUTCOMES[(name, form, "equal")] += 1
-
-
-# BetaMu at beta=0 on a float16 model overflows float16 (a trainer's non-finite result: issue 22.5)
-@pytest.mark.parametrize("dtype", list(HALF))
-@pytest.mark.parametrize("name", [n for n in CASES if "float32" in CASES[n][2] and n != "BetaMu.step(beta=0)"])
-@settings(max_examples=2)
-@given(V=counts())
-def test_half_precision_tensors_give_finite_results_or_a_named_error(name, dtype, V):
-    fn, arg = CASES[name][:2]
-    x = V.to(HALF[dtype])
-
-
-def _huge(V, kind, draw):
-    """Finite float32 data too large for float32 arithmetic: all entries near 1e20, or one of 3e38."""
-    X = V.to(F32) + 1
-    if kind == "scaled":
-        return X * 1e20
-    X[draw(st.integers(0, V.shape[0] - 1)), draw(st.integers(0, V.shape[1] - 1))] = 3e38
-    return X
-
-
-# left out: randomized_svd (torch's LinAlgError on one entry of 3e38) and parallel.fit_nmf_online
-# (non-finite results without an error on one entry of 3e38): outside this change, see issue 22
-HUGE_CASES = {**{n: CASES[n] for n in CASES
-                 if "float32" in CASES[n][2] and n not in ("randomized_svd", "parallel.fit_nmf_online")},
-              "BetaMu.step(beta=2)": (beta_mu_step(2), "target", TENSOR_FORMS),
-              # the closure's metric raises, naming its own arguments
-              "SparsityProj.step": (sparsity_step, "target", DENSE_TENSOR_FORMS),
-              # the streamed rows are checked by the layer, as X
-              "parallel.fit_gamma_svi": (par_fit_gamma_svi, "X", ALL_FORMS)}
-
-
-@pytest.mark.parametrize("name", list(HUGE_CASES))
-@pytest.mark.parametrize("kind", ["scaled", "one"])
-@given(V=counts(), data=st.data())
-def test_float32_data_of_large_magnitude_raises_or_stays_finite(name, kind, V, data):
-    # issue 22 item 5: trainers, ELBOs and metrics returned NaN/inf without an error
-    fn, arg = HUGE_CASES[name][:2]
-    x = _huge(V, kind, data.draw)
-    before = _snapshot(x)
-    try:
-        got = _call(fn, x)
-    except ALLOWED as err:
-        _unchanged(x, before)
-        # the Gamma-Poisson layers, made in V's dtype here, refuse a half-precision dtype
-        named = _names_argument(err, arg) or _names_argument(err, "dtype")
-        assert named, f"{name} on {dtype}: {type(err).__name__} does not name {arg!r}: {err}"
-        OUTCOMES[(name, dtype, "raised")] += 1
-        return
-    _unchanged(x, before)
-    for a in _flatten(got):
-        assert np.isfinite(a).all(), f"{name} on {dtype}: succeeded with non-finite results"
-    OUTCOMES[(name, dtype, "finite")] += 1
-
-
 def _cli_fit(tmp, X, out, seed=0):
     from torchnmf.cli import main
 
@@ -782,6 +678,59 @@ def test_cli_plot_of_damaged_outputs_is_one_line(how, V, tmp_path_factory):
     OUTCOMES[("cli.main(plot)", how, "raised")] += 1
 
 
+# issue 22: silent fits
+def _requires_grad(V, kind):
+    x = V.clone()
+    return torch.nn.Parameter(x) if kind == "parameter" else x.requires_grad_(True)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if "transposed" in CASES[n][2]])
+@pytest.mark.parametrize("kind", ["requires_grad", "parameter"])
+@given(V=counts())
+def test_inputs_that_require_grad_are_data(name, kind, V):
+    # issue 22 item 6: a requires-grad input crashed fits ("backward through the graph a
+    # second time") or received the fit's gradients in its .grad
+    fn = CASES[name][0]
+    ref = _call(fn, V)
+    x = _requires_grad(V, kind)
+    got = _call(fn, x)
+    assert x.grad is None and x.requires_grad, f"{name}: the fit wrote into the caller's .grad"
+    torch.testing.assert_close(x.detach(), V, rtol=0, atol=0)
+    _compare(name, kind, got, ref)
+
+
+def _huge(V, kind, draw):
+    """Finite float32 data too large for float32 arithmetic: all entries near 1e20, or one of 3e38."""
+    X = V.to(F32) + 1
+    if kind == "scaled":
+        return X * 1e20
+    X[draw(st.integers(0, V.shape[0] - 1)), draw(st.integers(0, V.shape[1] - 1))] = 3e38
+    return X
+
+
+# left out: randomized_svd (torch's LinAlgError on one entry of 3e38) and parallel.fit_nmf_online
+# (non-finite results without an error on one entry of 3e38): outside this change, see issue 22
+HUGE_CASES = {**{n: CASES[n] for n in CASES
+                 if "float32" in CASES[n][2] and n not in ("randomized_svd", "parallel.fit_nmf_online")},
+              "BetaMu.step(beta=2)": (beta_mu_step(2), "target", TENSOR_FORMS),
+              # the closure's metric raises, naming its own arguments
+              "SparsityProj.step": (sparsity_step, "target", DENSE_TENSOR_FORMS),
+              # the streamed rows are checked by the layer, as X
+              "parallel.fit_gamma_svi": (par_fit_gamma_svi, "X", ALL_FORMS)}
+
+
+@pytest.mark.parametrize("name", list(HUGE_CASES))
+@pytest.mark.parametrize("kind", ["scaled", "one"])
+@given(V=counts(), data=st.data())
+def test_float32_data_of_large_magnitude_raises_or_stays_finite(name, kind, V, data):
+    # issue 22 item 5: trainers, ELBOs and metrics returned NaN/inf without an error
+    fn, arg = HUGE_CASES[name][:2]
+    x = _huge(V, kind, data.draw)
+    before = _snapshot(x)
+    try:
+        got = _call(fn, x)
+    except ALLOWED as err:
+        _unchanged(x, before)
         assert _names_argument(err, arg), f"{name} on {kind}: {type(err).__name__} does not name {arg!r}: {err}"
         OUTCOMES[(name, f"huge-{kind}", "raised")] += 1
         return
@@ -789,3 +738,57 @@ def test_cli_plot_of_damaged_outputs_is_one_line(how, V, tmp_path_factory):
     for a in _flatten(got):
         assert np.isfinite(a).all(), f"{name} on {kind}: succeeded with non-finite results"
     OUTCOMES[(name, f"huge-{kind}", "finite")] += 1
+
+
+# issue 22: clear errors
+# Non-native numpy arrays (big-endian, longdouble) are converted by data.as_tensor: every entry
+# point that takes numpy input gives the native array's result. Half-precision tensors give
+# finite results or a named error, never one of torch's internal errors.
+NON_NATIVE = {
+    "big-endian >f8": lambda V: V.numpy().astype(">f8"),
+    "big-endian >i4": lambda V: V.numpy().astype(">i4"),
+    "longdouble": lambda V: V.numpy().astype(np.longdouble),
+}
+HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("form", list(NON_NATIVE))
+@pytest.mark.parametrize("name", [n for n in CASES if "numpy" in CASES[n][2]])
+@settings(max_examples=2)
+@given(V=counts())
+def test_non_native_numpy_arrays_match_the_dense_float64_result(name, form, V):
+    fn = CASES[name][0]
+    native = NON_NATIVE[form](V).astype(NON_NATIVE[form](V).dtype.newbyteorder("="))
+    if native.dtype == np.longdouble:
+        native = native.astype(np.float64)
+    ref = _call(fn, native)
+    x = NON_NATIVE[form](V)
+    before = _snapshot(x)
+    got = _call(fn, x)
+    _unchanged(x, before)
+    _compare(name, form, got, ref)
+    OUTCOMES[(name, form, "equal")] += 1
+
+
+# BetaMu at beta=0 on a float16 model overflows float16 (a trainer's non-finite result: issue 22.5)
+@pytest.mark.parametrize("dtype", list(HALF))
+@pytest.mark.parametrize("name", [n for n in CASES if "float32" in CASES[n][2] and n != "BetaMu.step(beta=0)"])
+@settings(max_examples=2)
+@given(V=counts())
+def test_half_precision_tensors_give_finite_results_or_a_named_error(name, dtype, V):
+    fn, arg = CASES[name][:2]
+    x = V.to(HALF[dtype])
+    before = _snapshot(x)
+    try:
+        got = _call(fn, x)
+    except ALLOWED as err:
+        _unchanged(x, before)
+        # the Gamma-Poisson layers, made in V's dtype here, refuse a half-precision dtype
+        named = _names_argument(err, arg) or _names_argument(err, "dtype")
+        assert named, f"{name} on {dtype}: {type(err).__name__} does not name {arg!r}: {err}"
+        OUTCOMES[(name, dtype, "raised")] += 1
+        return
+    _unchanged(x, before)
+    for a in _flatten(got):
+        assert np.isfinite(a).all(), f"{name} on {dtype}: succeeded with non-finite results"
+    OUTCOMES[(name, dtype, "finite")] += 1

@@ -173,7 +173,7 @@ def test_round_counts_names_first_offender(sparse):
     X[5, 1] = 3.25
     X[2, 4] = 0.5  # first in row-major order
     A = sp.csr_matrix(X) if sparse else X
-    with pytest.raises(ValueError, match=r"first at row 2 \(r2\), column 4 \(c4\): 0.5"):
+    with pytest.raises(ValueError, match=r"X must hold counts .*, but row 2 \(r2\), column 4 \(c4\) holds 0.5"):
         round_counts(A, row_names=[f"r{i}" for i in range(7)], col_names=[f"c{j}" for j in range(5)])
     R, n = round_counts(A, force=True)
     R = R.toarray() if sparse else R
@@ -407,3 +407,26 @@ def test_10x_duplicate_symbols_are_made_unique_with_a_warning(tmp_path):
         warnings.simplefilter("error")
         write_10x(tmp_path / "clean", X)
         assert len(set(read_matrix(tmp_path / "clean").col_names)) == 6  # unique names: no warning
+
+
+# -- issue 22.8/22.10/22.11: round_counts on every dtype, non-finite values, the shared rule ---
+@pytest.mark.parametrize("kind", [np.float16, ">f8", np.longdouble, np.float32])
+def test_round_counts_any_float_dtype(kind):
+    X = np.array([[1.0, 2.0], [3.0, 0.0]]).astype(kind)
+    X[0, 1] += np.asarray(1e-7 if np.dtype(kind).itemsize > 2 else 0, dtype=kind)
+    R, n = round_counts(X)
+    np.testing.assert_array_equal(np.asarray(R, dtype=np.float64), [[1, 2], [3, 0]])
+    bad = X.copy()
+    bad[1, 0] = 2.5
+    with pytest.raises(ValueError, match=r"row 1, column 0 holds 2.5"):
+        round_counts(bad)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, -1.0])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_round_counts_refuses_nan_inf_and_negative(value, sparse):
+    X = counts()
+    X[3, 2] = value
+    A = sp.csr_matrix(X) if sparse else X
+    with pytest.raises(ValueError, match=r"row 3, column 2"):
+        round_counts(A, force=True)

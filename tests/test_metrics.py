@@ -95,3 +95,31 @@ def test_overflowing_divergences_raise_naming_the_arguments():
         is_div(pred, torch.zeros(6, 5))  # a zero target: the divergence is infinite
     # NaN or inf in, NaN or inf out (documented)
     assert torch.isnan(euclidean(pred, torch.full((6, 5), math.nan)))
+
+
+# -- issue 22.10: arguments that are not tensors -------------------------------------------------
+@pytest.mark.parametrize("beta", [2, 1, 0.5, 0, 1.5, 3, -1])
+@pytest.mark.parametrize("which", ["input", "target"])
+def test_beta_div_refuses_scipy_by_name_without_touching_it(beta, which):
+    import scipy.sparse as sp
+
+    A = sp.csr_matrix((np.array([5.0, 7.0, 1.0, 2.0]), np.array([2, 0, 1, 0]), np.array([0, 2, 3, 4])), shape=(3, 3))
+    assert not A.has_sorted_indices
+    indices, data = A.indices.copy(), A.data.copy()
+    T = torch.ones(3, 3, dtype=torch.float64)
+    args = (A, T) if which == "input" else (T, A)
+    with pytest.raises(TypeError, match=rf"^{which} must be a torch.Tensor, got csr_matrix"):
+        beta_div(*args, beta=beta)
+    # scipy's own operators (target == 0) sorted the caller's indices in place
+    np.testing.assert_array_equal(A.indices, indices)
+    np.testing.assert_array_equal(A.data, data)
+
+
+def test_metrics_name_non_tensor_arguments():
+
+    T = torch.ones(2, 2)
+    for fn in (kl_div, is_div, euclidean):
+        with pytest.raises(TypeError, match="target must be a torch.Tensor, got ndarray"):
+            fn(T, np.ones((2, 2)))
+    with pytest.raises(TypeError, match="counts must be a torch.Tensor, got list"):
+        poisson_nll(T, [[1.0, 2.0], [0.0, 1.0]])

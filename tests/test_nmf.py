@@ -388,3 +388,41 @@ def test_vshape_with_given_factor_and_custom_component():
     h = History()
     s.fit(V, max_iter=10, tol=0, history=h)  # the generic BetaMu path
     assert all(b <= a * (1 + 1e-12) for a, b in zip(h.values, h.values[1:]))
+
+
+# -- issue 22.10: factors given as arrays are values; empty factors are refused ---------------
+@pytest.mark.parametrize("kind", ["ndarray", "list", "DataFrame", "scipy"])
+def test_array_factors_are_values_not_shapes(kind):
+    import pandas as pd
+    import scipy.sparse as sp
+
+    A = np.random.default_rng(0).random((5, 3)) + 0.1
+    W = {"ndarray": A, "list": A.tolist(), "DataFrame": pd.DataFrame(A), "scipy": sp.csr_matrix(A)}[kind]
+    m = NMF(W=W, H=(4, 3))
+    assert m.rank == 3 and m.W.dtype == torch.float64
+    np.testing.assert_array_equal(m.W.detach().numpy(), A)
+    assert NMF((4, 5), W=W).rank == 3  # the rank of given values, as for a tensor
+    if kind == "ndarray":
+        A[0, 0] = 99.0  # a copy: the caller's array is not the parameter
+        assert float(m.W[0, 0]) != 99.0
+
+
+def test_factor_shapes_and_bad_factor_values():
+    for shape in ((5, 3), [5, 3], torch.Size([5, 3])):
+        assert NMF(W=shape, H=(4, 3)).W.shape == (5, 3)
+    for empty in (torch.ones(5, 0), np.ones((0, 3)), torch.ones(0, 2)):
+        with pytest.raises(ValueError, match=r"W has shape \((5, 0|0, 3|0, 2)\): every dimension of a factor"):
+            NMF(W=empty)
+    with pytest.raises(ValueError, match=r"H has shape \(4, 0\)"):
+        NMF(W=(5, 2), H=np.ones((4, 0)))
+    with pytest.raises(TypeError, match="W must hold real numbers"):
+        NMF(W=np.ones((5, 3), dtype=complex))
+    with pytest.raises(ValueError, match="W must be non-negative"):
+        NMF(W=-np.ones((5, 3)))
+    with pytest.raises(ValueError, match="W contains NaN"):
+        NMF(W=[[1.0, float("nan")], [0.5, 1.0]])
+    with pytest.raises(ValueError, match="W must have 2 dimensions"):
+        NMF(W=np.ones((5, 3, 2)))
+    for bad_shape in ((5, 3.0), [5, 0], (5, 3, 1)):  # flat sequences are shapes, checked as such
+        with pytest.raises(ValueError, match="W shape must be 2 positive ints"):
+            NMF(W=bad_shape)

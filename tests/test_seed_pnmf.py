@@ -106,7 +106,9 @@ def _counts(n=60, d=20, k=3, seed=0):
 
 
 def test_main_interface_example():
-    X = np.random.default_rng(0).random((100, 50))
+    # the document feeds np.random.rand(100, 50); a count model refuses non-counts (issue 22.11,
+    # tested below), so its example runs on counts
+    X = np.random.default_rng(0).poisson(1.0, (100, 50)).astype(np.float64)
     X0 = X.copy()
     model = PNMF(n_components=5, random_state=42, max_iter=10, device="cpu")
     transformed = model.fit_transform(X)
@@ -120,13 +122,20 @@ def test_main_interface_example():
 
 
 def test_minibatch_example_and_return_history():
-    X_large = np.random.default_rng(1).random((400, 30))
+    X_large = np.random.default_rng(1).poisson(1.0, (400, 30)).astype(np.float64)
     model = PNMF(n_components=4, batch_size=100, shuffle=True, max_iter=4, random_state=0)
     assert model.fit(X_large) is model
     history, same = PNMF(n_components=3, max_iter=15, random_state=0, optimizer="NAdam",
                          scheduler="plateau").fit(_counts(), return_history=True)
     assert isinstance(history, list) and len(history) == same.n_iter_ and all(isinstance(v, float) for v in history)
     assert history[-1] > history[0]  # the ELBO rises
+
+
+def test_document_example_data_is_refused_as_not_counts():
+    # the document's np.random.rand data: one rule for every count model (issue 22.11)
+    X = np.random.default_rng(0).random((20, 8))
+    with pytest.raises(ValueError, match=r"X must hold counts .* row 0, column 0 holds 0\.63.*round it"):
+        PNMF(n_components=2, max_iter=2).fit(X)
 
 
 @pytest.mark.parametrize("optimizer", ["Adam", "AdamW", "NAdam", "SGD", "RMSprop"])
@@ -610,3 +619,38 @@ def test_poisson_factorization_spatial_forward():
             model()
     with pytest.raises(ValueError, match="spatial=True needs a GP prior"):
         compat.PoissonFactorization(GaussianPrior(y, L=3), y, L=3)(spatial=True)
+
+
+def test_messages_name_pnmf_not_the_internal_core():
+    # issue 22.10: the compat estimator's core class (_Plain) showed in messages
+    X = _counts()
+    with pytest.raises(ValueError, match=r"^Negative values in data passed to PNMF"):
+        PNMF(n_components=2, max_iter=2).fit(-X)
+    model = PNMF(n_components=2, max_iter=2, random_state=0).fit(X)
+    with pytest.raises(ValueError, match=r"but PNMF is expecting") as err:
+        model.transform(X[:, :3])
+    assert "_Plain" not in str(err.value)
+    with pytest.raises(ValueError, match=r"required by PNMF") as err:
+        PNMF(n_components=2, max_iter=2).fit(X[:0])
+
+
+def test_transform_F_and_multiplicative_update_apply_the_count_rule():
+    # issue 22.11: the compat PNMF's other count inputs follow the same rule
+    X = _counts()
+    model = PNMF(n_components=2, max_iter=3, random_state=0).fit(X)
+    W = model.components_.T
+    bad = X[:5].copy()
+    bad[1, 2] = 0.5
+    with pytest.raises(ValueError, match=r"X must hold counts .* row 1, column 2 holds 0.5"):
+        transform_F(bad, W, max_iter=2)
+    with pytest.warns(UserWarning, match="rounded 1 value within"):
+        noisy = X[:5].copy()
+        noisy[0, 0] += 1e-11
+        transform_F(noisy, W, max_iter=2)
+    Y = torch.as_tensor(X.T.copy())  # (D, N) counts
+    pf = compat.PoissonFactorization(GaussianPrior(Y, L=2), Y, L=2, mode="lower-bound")
+    terms, _, _ = pf(E=2)
+    Yb = Y.clone()
+    Yb[3, 4] = 2.5
+    with pytest.raises(ValueError, match=r"X must hold counts .* row 3, column 4 holds 2.5"):
+        pf.W.multiplicative_update(Yb, terms)

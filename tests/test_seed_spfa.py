@@ -276,3 +276,27 @@ def test_errors_are_the_notes_types_and_ours():
         m.mean[0, 0] = float("nan")
     with pytest.raises(AssertionError, match="NaN"):
         m()
+
+
+# -- issue 22.10: complex input is refused, not cut to its real part ----------------------------
+def test_complex_input_is_refused_by_name():
+    x = torch.ones(6, 4, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="x must hold real numbers, got dtype torch.complex64"):
+        SFA(6, 4, 2).fit(x, n_epochs=1)
+    with pytest.raises(TypeError, match="x must hold real numbers"):
+        SPFA(6, 4, 2).fit(x, torch.ones(6, 1), n_epochs=1)
+    with pytest.raises(TypeError, match="s must hold real numbers"):
+        SPFA(6, 4, 2).fit(torch.ones(6, 4), torch.ones(6, 1, dtype=torch.complex64), n_epochs=1)
+    with pytest.raises(TypeError, match="init l must hold real numbers"):
+        SFA(6, 4, 2).fit(torch.ones(6, 4), init=(torch.ones(6, 2, dtype=torch.complex64), torch.ones(4, 2)),
+                         n_epochs=1)
+    with pytest.raises(ValueError, match="init f contains NaN"):
+        SFA(6, 4, 2).fit(torch.ones(6, 4), init=(torch.ones(6, 2), torch.full((4, 2), float("nan"))), n_epochs=1)
+
+
+def test_size_errors_use_the_model_s_argument_names():
+    # issue 22.10: SPFA(0, 4, 2) said "p must be a positive integer" (the name inside SpikeSlab)
+    for cls in (SFA, SPFA):
+        for args, name in (((0, 4, 2), "n"), ((6, 0, 2), "p"), ((6, 4, 0), "k")):
+            with pytest.raises(ValueError, match=rf"^{name} must be a positive integer, got 0"):
+                cls(*args)

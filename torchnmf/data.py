@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ._csr import csr_tensor
+
 __all__ = [
     "as_tensor",
     "check_finite",
     "check_nonnegative",
     "check_counts",
+    "count_rule",
+    "COUNT_TOL",
     "check_not_meta",
     "check_magnitude",
     "check_shape",
@@ -40,6 +47,16 @@ ArrayLike = Union[Tensor, np.ndarray, "scipy.sparse.spmatrix", Sequence]  # noqa
 def is_sparse(X: Tensor) -> bool:
     """Whether ``X`` is a torch sparse tensor (COO, CSR, CSC, BSR or BSC)."""
     return isinstance(X, Tensor) and X.layout != torch.strided
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside torchnmf, so a warning points at the user's call
+    (as engine's; data is a leaf module and does not import it)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _native(A: np.ndarray) -> np.ndarray:
@@ -261,17 +278,127 @@ def check_magnitude(X: Tensor, name: str = "X", dtype: Optional[torch.dtype] = N
     return X
 
 
-def check_counts(X: Tensor, name: str = "X", allow_noninteger: bool = False) -> Tensor:
-    """Check ``X`` holds finite non-negative counts (integers unless ``allow_noninteger``)."""
+#: Values within this distance of an integer are counts stored as floats (the noise of a saved
+#: or pandas-read count, e.g. 3.0000000000004) and are rounded; farther ones are not counts.
+COUNT_TOL = 1e-6
+
+
+def count_rule(values: Tensor, tol: float = COUNT_TOL) -> Tuple[Tensor, Tensor, Tensor]:
+    """The one rule for float-valued counts, used by every count model and the command line.
+
+    A value within ``tol`` of an integer (or within a few float64 ulps of it, for values so
+    large that ``tol`` is below their spacing) is that integer stored as a float; any other
+    value is not a count.
+
+    Parameters
+    ----------
+    values : Tensor, shape (n,)
+        Finite floating values (any dtype; float16/bfloat16 are checked in float32).
+    tol : float, default COUNT_TOL (1e-6)
+
+    Returns
+    -------
+    rounded : Tensor, shape (n,)
+        The nearest integers, in the dtype of ``values``.
+    changed : BoolTensor, shape (n,)
+        Values that rounding changes.
+    bad : BoolTensor, shape (n,)
+        Values farther than ``tol`` from every integer.
+    """
+    v = values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+    r = torch.round(v)
+    d = (v - r).abs()
+    slack = torch.clamp(v.abs() * (8 * float(np.finfo(np.float64).eps)), min=tol)
+    return r.to(values.dtype), d > 0, d > slack
+
+
+def _first(X: Tensor, mask: Tensor) -> Tuple[int, int, float]:
+    """Row, column and value of the first (row-major) entry of 2-D ``X`` whose stored value is in ``mask``."""
+    v = _values(X)
+    if X.layout == torch.strided:
+        flat = int(torch.nonzero(mask.reshape(-1))[0])
+        i, j = divmod(flat, X.shape[-1]) if X.dim() == 2 else (flat, 0)
+        return i, j, float(v.reshape(-1)[flat])
+    k = torch.nonzero(mask).reshape(-1)
+    if X.layout == torch.sparse_coo:
+        rows, cols = X.coalesce().indices()[:2]
+    elif X.layout == torch.sparse_csr:
+        crow, cols = X.crow_indices(), X.col_indices()
+        rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
+    elif X.layout == torch.sparse_csc:
+        ccol, rows = X.ccol_indices(), X.row_indices()
+        cols = torch.repeat_interleave(torch.arange(ccol.numel() - 1, device=ccol.device), ccol.diff())
+    else:  # blocked layouts: report the first block's entry
+        return 0, 0, float(v.reshape(-1)[int(k[0])])
+    key = rows[k].long() * int(X.shape[1]) + cols[k].long()
+    m = int(k[int(torch.argmin(key))])
+    return int(rows[m]), int(cols[m]), float(v[m])
+
+
+def _with_values(X: Tensor, values: Tensor) -> Tensor:
+    """A new tensor with ``X``'s layout and pattern and ``values`` as its stored values."""
+    if X.layout == torch.strided:
+        return values
+    if X.layout == torch.sparse_coo:
+        C = X.coalesce()
+        return torch.sparse_coo_tensor(C.indices(), values, C.shape, check_invariants=False).coalesce()
+    if X.layout == torch.sparse_csr:
+        return csr_tensor(X.crow_indices(), X.col_indices(), values, tuple(X.shape))
+    if X.layout == torch.sparse_csc:
+        return torch.sparse_csc_tensor(X.ccol_indices(), X.row_indices(), values, X.shape)
+    return _with_values(X.to_sparse_coo(), values)
+
+
+def _not_counts_message(name: str, where: str, value: float) -> str:
+    """What is wrong with a value that is not a count (shared by the library and the command line,
+    which add their own advice)."""
+    return (f"{name} must hold counts (non-negative integers), but {where} holds {value!r}, which is not "
+            f"within {COUNT_TOL:g} of an integer")
+
+
+def check_counts(X: Tensor, name: str = "X", allow_noninteger: bool = False, *,
+                 escape: Optional[str] = None) -> Tensor:
+    """Check ``X`` holds finite non-negative counts; round counts stored as floats.
+
+    The rule of :func:`count_rule`: values within :data:`COUNT_TOL` of an integer are rounded
+    (with a ``UserWarning`` saying how many), any other non-integer is refused with a
+    ``ValueError`` naming the first one (row, column, value) and the argument.
+
+    Parameters
+    ----------
+    X : Tensor, shape (n_rows, n_cols)
+        Dense or sparse; never modified.
+    name : str
+        Argument name for the messages.
+    allow_noninteger : bool, default False
+        Accept any non-negative values unchanged (a quasi-likelihood fit).
+    escape : str, optional
+        The model's own way to accept non-integers (e.g. ``"allow_noninteger=True"``), named
+        in the message after the advice to round.
+
+    Returns
+    -------
+    Tensor
+        ``X`` itself, or a new tensor (same layout) with near-integers rounded.
+    """
     check_nonnegative(X, name)
-    if not allow_noninteger:
-        v = _values(X)
-        if v.numel() and not bool((v == torch.round(v)).all()):
-            raise ValueError(
-                f"{name} must hold integer counts; pass allow_noninteger=True to fit "
-                "non-integer data (the Poisson likelihood is then a quasi-likelihood)"
-            )
-    return X
+    v = _values(X)
+    if allow_noninteger or not v.numel() or not v.is_floating_point():
+        return X
+    rounded, changed, bad = count_rule(v)
+    if bool(bad.any()):
+        i, j, value = _first(X, bad)
+        where = f"row {i}, column {j}" if X.dim() == 2 else f"entry {i}"
+        hint = f"; or pass {escape} to fit non-integer data (a quasi-likelihood)" if escape else ""
+        raise ValueError(f"{_not_counts_message(name, where, value)}: if {name} holds counts, round it "
+                         f"(e.g. {name}.round()); for data that are not counts use NMF (a model for "
+                         f"real values){hint}")
+    n = int(changed.sum())
+    if not n:
+        return X
+    warnings.warn(f"{name}: rounded {n} value{'s' if n != 1 else ''} within {COUNT_TOL:g} of an integer to "
+                  "that integer (counts stored as floats)", UserWarning, stacklevel=_user_stacklevel())
+    return _with_values(X, rounded)
 
 
 def check_shape(X: Tensor, expected: Sequence[Optional[int]], name: str = "X") -> Tensor:

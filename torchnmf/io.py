@@ -696,22 +696,40 @@ def round_counts(X, *, tol: float = 1e-6, force: bool = False, row_names=None, c
         vals = np.asarray(X)
     if vals.dtype.kind in "iu":
         return X, 0
-    r = np.rint(vals)
-    d = np.abs(vals - r)
-    if not force:
-        slack = np.maximum(tol, 8 * np.finfo(np.float64).eps * np.abs(vals))
-        bad = d > slack
-        if bad.any():
-            raise ReadError(f"{name} holds values that are not counts, first at {_describe(X, bad, row_names, col_names)}")
-    changed = int(np.count_nonzero(d > 0))
-    if not changed:
+    if vals.dtype.kind != "f":
+        raise ReadError(f"{name} must hold real numbers, got dtype {vals.dtype}")
+    bad = ~np.isfinite(vals)
+    if bad.any():
+        raise ReadError(f"{name} holds NaN or infinity, which are not counts, first at "
+                        f"{_describe(X, bad, row_names, col_names)}")
+    bad = vals < 0
+    if bad.any():
+        raise ReadError(f"{name} holds negative values, which are not counts, first at "
+                        f"{_describe(X, bad, row_names, col_names)}")
+    import torch
+
+    from .data import _not_counts_message, count_rule
+
+    # the library's rule (data.count_rule), checked in float64 unless float32 (float16,
+    # longdouble and big-endian arrays included)
+    t = torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float32 if vals.dtype == np.float32 else np.float64))
+    r, changed, bad = count_rule(t, tol)
+    if not force and bool(bad.any()):
+        i, j, v = first_entry(X, bad.numpy())
+        rn = f" ({row_names[i]})" if row_names is not None else ""
+        cn = f" ({col_names[j]})" if col_names is not None else ""
+        raise ReadError(_not_counts_message(name, f"row {i}{rn}, column {j}{cn}", v))
+    changed = changed.numpy()
+    n_changed = int(np.count_nonzero(changed))
+    if not n_changed:
         return X, 0
+    r = r.numpy().astype(vals.dtype)
     if sp.issparse(X):
         out = X.copy()
-        out.data = r.astype(X.dtype)
+        out.data = r
         out.eliminate_zeros()
-        return out, changed
-    return r.astype(vals.dtype), changed
+        return out, n_changed
+    return r, n_changed
 
 
 # -- writing -----------------------------------------------------------------------------

@@ -36,6 +36,15 @@ def _finite(result: Tensor, what: str, **args: Tensor) -> Tensor:
                      f"zero in {names} makes the divergence infinite")
 
 
+def _tensors(**named: Tensor) -> None:
+    """Refuse arguments that are not tensors, by name, before any arithmetic: a scipy matrix
+    would reach scipy's operators (``target == 0`` sorts its indices in place) or fail obscurely."""
+    for name, value in named.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}: convert it with "
+                            f"torch.as_tensor({name}) (a scipy.sparse matrix: torch.as_tensor({name}.toarray()))")
+
+
 def euclidean(input: Tensor, target: Tensor) -> Tensor:
     r"""Half the squared Frobenius distance, :math:`\frac12\sum (x - y)^2` (beta = 2).
 
@@ -50,6 +59,7 @@ def euclidean(input: Tensor, target: Tensor) -> Tensor:
     -------
     Tensor, shape ()
     """
+    _tensors(input=input, target=target)
     return _finite(0.5 * (input - target).pow(2).sum(), "euclidean", input=input, target=target)
 
 
@@ -69,6 +79,7 @@ def kl_div(input: Tensor, target: Tensor) -> Tensor:
     -------
     Tensor, shape ()
     """
+    _tensors(input=input, target=target)
     return _finite((torch.xlogy(target, target) - torch.xlogy(target, input) - target + input).sum(), "kl_div",
                    input=input, target=target)
 
@@ -87,6 +98,7 @@ def is_div(input: Tensor, target: Tensor) -> Tensor:
     -------
     Tensor, shape ()
     """
+    _tensors(input=input, target=target)
     ratio = target / input
     return _finite((ratio - torch.log(ratio) - 1).sum(), "is_div", input=input, target=target)
 
@@ -125,6 +137,7 @@ def beta_div(input: Tensor, target: Tensor, beta: float = 2) -> Tensor:
     gradient loses float32 precision under small targets).
     """
     beta = check_beta(beta)  # NaN/inf would give NaN silently
+    _tensors(input=input, target=target)
     return _finite(_beta_div(input, target, beta), f"beta_div (beta={beta:g})", input=input, target=target)
 
 
@@ -198,5 +211,6 @@ def poisson_nll(rate: Tensor, counts: Tensor) -> Tensor:
     -------
     Tensor, shape ()
     """
+    _tensors(rate=rate, counts=counts)
     return _finite((rate - torch.xlogy(counts, rate) + torch.lgamma(counts + 1)).sum(), "poisson_nll",
                    rate=rate, counts=counts)

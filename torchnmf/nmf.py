@@ -25,6 +25,7 @@ import numbers
 from collections.abc import Iterable
 from typing import Callable, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,7 +42,7 @@ from .updates import EPSILON, mu_apply, mu_statistics, mu_update
 __all__ = ["BaseComponent", "NMF", "NMFD", "NMF2D", "NMF3D"]
 
 Shape = Union[int, Sequence[int]]
-FactorArg = Union[None, Tensor, Sequence[int]]
+FactorArg = Union[None, Tensor, np.ndarray, Sequence[int], Sequence[Sequence[float]]]
 
 
 def _tuple(value: Shape, n: int, name: str) -> Tuple[int, ...]:
@@ -63,6 +64,29 @@ def _check_vshape(Vshape, ndim: int) -> Tuple[int, ...]:
     return shape
 
 
+def _is_shape(value) -> bool:
+    """A flat tuple, list or ``torch.Size`` (of ints, else refused as a shape) is a shape, as in
+    pytorch-NMF 0.3.5; arrays and nested sequences are values."""
+    return isinstance(value, (tuple, list, torch.Size)) and all(isinstance(s, numbers.Number) for s in value)
+
+
+def _factor_values(value, name: str, fdim: int) -> Optional[Tensor]:
+    """The checked values of a factor given as a tensor, array, DataFrame, scipy matrix or nested
+    sequence; ``None`` when ``value`` is a shape (or not array-like)."""
+    if value is None or _is_shape(value) or not (
+            isinstance(value, (Tensor, np.ndarray, tuple, list)) or hasattr(value, "__array__")
+            or hasattr(value, "tocoo")):
+        return None
+    T = data.as_tensor(value, name, sparse="dense")  # numeric, real, floating (tensors), native dtype
+    if T.dim() != fdim:
+        raise ValueError(f"{name} must have {fdim} dimensions, got shape {tuple(T.shape)}")
+    if 0 in T.shape:
+        raise ValueError(f"{name} has shape {tuple(T.shape)}: every dimension of a factor must be at least 1 "
+                         "(a rank-0 or empty factor has nothing to fit)")
+    data.check_nonnegative(T, name)
+    return T
+
+
 class BaseComponent(nn.Module):
     r"""Base of the NMF layers: owns the non-negative factors W and H.
 
@@ -70,9 +94,11 @@ class BaseComponent(nn.Module):
     ----------
     rank : int, optional
         Number of components R; inferred from W or H when given as tensors.
-    W, H : Tensor or sequence of int, optional
-        The factors, rank in dim 1. A tensor is copied, kept in its own dtype and checked
-        non-negative; a shape gives a uniform random initialisation in the default dtype;
+    W, H : Tensor, array-like or sequence of int, optional
+        The factors, rank in dim 1. A tensor (or numpy array, DataFrame, scipy matrix, nested
+        list) holds the values: it is copied, kept in its own dtype (numpy float64 stays
+        float64) and checked non-negative and non-empty; a tuple, list or ``torch.Size`` of
+        ints is a shape and gives a uniform random initialisation in the default dtype;
         ``None`` leaves the factor to be passed to :meth:`forward`.
     trainable_W, trainable_H : bool, default True
         ``False`` fixes the factor (``requires_grad=False``): no trainer changes it.
@@ -105,19 +131,16 @@ class BaseComponent(nn.Module):
             if value is None:
                 self.register_parameter(name, None)
                 continue
-            if isinstance(value, Tensor):
-                if value.dim() != fdim:
-                    raise ValueError(f"{name} must have {fdim} dimensions, got shape {tuple(value.shape)}")
-                data.as_tensor(value, name)  # floating dtype check
-                data.check_nonnegative(value, name)
-                init = value.detach().clone()
+            values = _factor_values(value, name, fdim)
+            if values is not None:
+                init = values.detach().clone()
             elif isinstance(value, Iterable):
                 shape = tuple(value)
                 if len(shape) != fdim or not all(isinstance(s, numbers.Integral) and s > 0 for s in shape):
                     raise ValueError(f"{name} shape must be {fdim} positive ints, got {shape!r}")
                 init = torch.rand(*shape)
             else:
-                raise TypeError(f"{name} must be a tensor, a shape or None, got {type(value).__name__}")
+                raise TypeError(f"{name} must be a tensor, an array, a shape or None, got {type(value).__name__}")
             r = init.shape[1]
             if inferred is not None and r != inferred:
                 raise ValueError(f"{name} has rank {r} in dim 1, expected rank={inferred}")
@@ -543,8 +566,8 @@ class NMF(BaseComponent):
 def _rank_from(kwargs) -> Optional[int]:
     for name in ("W", "H"):
         v = kwargs.get(name)
-        if isinstance(v, Tensor) and v.dim() > 1:
-            return v.shape[1]
+        if v is not None and not _is_shape(v) and len(np.shape(v)) > 1:  # values (tensor, array, ...)
+            return int(np.shape(v)[1])
     Z = kwargs.get("Z")  # PLCA's component weights
     if isinstance(Z, Tensor) and Z.dim() == 1:
         return Z.shape[0]

@@ -392,7 +392,7 @@ def test_bad_input_is_named():
         bad(None)
     with pytest.raises(ValueError, match="X has shape"):
         trainer.step(lambda: (X[:, :5], model(None)))
-    with pytest.raises(ValueError, match="integer counts.*GammaNMF"):
+    with pytest.raises(ValueError, match="must hold counts.*allow_noninteger=True.*GammaNMF"):
         trainer.step(lambda: (X + 0.5, model(None)))
     for value, message in ((float("nan"), "NaN"), (float("inf"), "NaN or inf"), (-1.0, "non-negative")):
         Xb = X.clone()

@@ -483,7 +483,7 @@ def test_bad_counts_raise_and_input_untouched():
         layer.elbo(neg)
     frac = X.clone()
     frac[0, 0] = 0.5
-    with pytest.raises(ValueError, match="integer counts"):
+    with pytest.raises(ValueError, match="must hold counts.*row 0, column 0 holds 0.5.*round it"):
         layer.fit(frac, max_iter=2)
     for bad in (float("nan"), float("inf")):
         Y = X.clone()
@@ -561,3 +561,15 @@ def test_float32_counts_too_large_are_refused_by_the_elbo():
     with pytest.raises(ValueError, match="X is too large for float32"):
         GammaPoisson(6, 5, 2, dtype=torch.float32).elbo(X)
     assert torch.isfinite(GammaPoisson(6, 5, 2, dtype=DT).elbo(X.double()).total)
+
+
+# -- issue 22.10: set_means with denormal means --------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_set_means_with_denormal_means_leaves_finite_rates(dtype):
+    tiny = torch.finfo(dtype).tiny
+    layer = GammaPoisson(4, 3, 2, dtype=dtype)
+    layer.set_means(torch.full((4, 2), tiny * 2.0 ** -20, dtype=dtype), torch.ones(3, 2, dtype=dtype))
+    for name in ("U_rate", "alpha_rate", "U_shape", "alpha_shape"):
+        assert bool(torch.isfinite(getattr(layer, name)).all()), name
+    X = torch.poisson(torch.full((4, 3), 3.0, dtype=dtype), generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(float(layer.elbo(X)))

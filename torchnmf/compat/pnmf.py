@@ -43,7 +43,8 @@ from sklearn.utils.validation import check_is_fitted
 from torch import Tensor, nn
 from torch.distributions import Normal
 
-from ..data import as_tensor, check_int, check_nonnegative, check_option, check_positive, check_rank, check_real
+from ..data import (as_tensor, check_counts, check_int, check_nonnegative, check_option, check_positive, check_rank,
+                    check_real)
 from ..estimators.pnmf import PNMF as _CorePNMF
 from ..estimators.spatial import SpatialPNMF as _CoreSpatialPNMF
 from ..init import initialize
@@ -86,11 +87,11 @@ class _Knobs:
 
 
 class _Plain(_Knobs, _CorePNMF):
-    pass
+    _display_name = "PNMF"  # messages and progress bars name the class the user made
 
 
 class _Spatial(_Knobs, _CoreSpatialPNMF):
-    pass
+    _display_name = "PNMF"
 
 
 def _bool(value, name: str) -> bool:
@@ -439,8 +440,7 @@ def initialize_factors(X, n_components, init=None, random_state=None, scale_log_
     W : ndarray of shape (n_features, n_components)
     exp_F : ndarray of shape (n_samples, n_components)
     """
-    T = as_tensor(X, "X", ndim=2, sparse="dense", float_only=False).to(torch.float64)
-    check_nonnegative(T, "X")
+    T = check_counts(as_tensor(X, "X", ndim=2, sparse="dense", float_only=False).to(torch.float64), "X")
     K = check_rank(n_components, "n_components")
     target_std = check_positive(target_std, "target_std")
     _bool(scale_log_mu, "scale_log_mu")
@@ -698,7 +698,7 @@ def transform_F(X, W, n_components=None, mode='expanded', E=3, max_iter=200, tol
     check_positive(tol, "tol", allow_zero=True)
     core = _CorePNMF(n_components=K, mode=mode, E=E, learning_rate=learning_rate, verbose=verbose, device=device,
                      transform_max_iter=max_iter)
-    T = core._check_X(X, reset=True)
+    T = core._check_X(X, reset=True, counts=True, **core._count_rule())
     if T.shape[1] != Wt.shape[0]:
         raise ValueError(f"X has {T.shape[1]} features, W has {Wt.shape[0]} rows")
     dtype = T.dtype if T.is_floating_point() else torch.get_default_dtype()
@@ -977,8 +977,7 @@ class PositiveParameter(ConstrainedParameter):
 
         W_all = self.data.detach()
         W = W_all if idy is None else W_all[torch.as_tensor(idy, device=W_all.device)]
-        Xt = as_tensor(X, "X", ndim=2, sparse="dense", dtype=W.dtype, device=W.device)
-        check_nonnegative(Xt, "X")
+        Xt = check_counts(as_tensor(X, "X", ndim=2, sparse="dense", device=W.device), "X").to(W.dtype)
         if self.elbo_mode == "lower-bound":
             expF = terms["exp_mu"][None]
         else:

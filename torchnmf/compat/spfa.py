@@ -41,7 +41,7 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 
 from .. import engine
-from ..data import check_int, check_rank
+from ..data import as_tensor, check_counts, check_finite, check_int, check_rank
 from ..history import History
 from ..poisson.spfa import spike_slab_kl
 
@@ -134,6 +134,8 @@ class SpikeSlab(nn.Module):
 class _Model(nn.Module):
     def __init__(self, n: int, p: int, k: int):
         super().__init__()
+        # checked here, by the caller's names (SpikeSlab(n, k) would call n "p")
+        n, p, k = check_rank(n, "n"), check_rank(p, "p"), check_rank(k, "k")
         self.l = SpikeSlab(n, k)
         self.f = SpikeSlab(p, k)
         self.n, self.p, self.k = int(n), int(p), int(k)
@@ -155,13 +157,18 @@ class _Model(nn.Module):
             writer.add_scalar('loss/err', err, global_step)
             writer.add_scalar('loss/elbo', elbo, global_step)
 
-    def _check_x(self, x) -> Tensor:
+    def _check_x(self, x, counts: bool = False) -> Tensor:
         if not torch.is_tensor(x):
             raise InputTypeError(f"x must be a tensor, got {type(x).__name__}")
         if tuple(x.shape) != (self.n, self.p):
             raise InputError(f"x must have shape {(self.n, self.p)}, got {tuple(x.shape)}")
+        x = as_tensor(x, "x", ndim=2, sparse="dense", float_only=False)  # refuses complex x by name
         if not bool(torch.isfinite(x).all()):
             raise NonFiniteInputError("x must be finite: it has NaN or infinite entries (drop or impute them)")
+        if counts:  # in x's own dtype, before the parameters' (float32) could hide a non-integer
+            if bool((x < 0).any()):
+                raise InputError("x must be non-negative counts")
+            x = check_counts(x, "x")
         return x.detach().to(self.l.mean.dtype)  # detached: the fit's backward must not reach the caller's x.grad
 
     def _init(self, init):
@@ -173,6 +180,8 @@ class _Model(nn.Module):
             if not torch.is_tensor(value) or tuple(value.shape) != (rows, self.k):
                 raise InputError(f"init {name} must be a tensor of shape {(rows, self.k)}, "
                                  f"got {getattr(value, 'shape', type(value).__name__)}")
+            value = as_tensor(value, f"init {name}", sparse="dense", float_only=False)  # complex refused
+            check_finite(value, f"init {name}")
             with torch.no_grad():  # copied in the parameters' dtype; the caller's tensor is not shared
                 mod.mean.copy_(value.to(mod.mean))
 
@@ -307,13 +316,12 @@ class SPFA(_Model):
         NonFiniteLossError
             The fit diverged (``RuntimeError``).
         """
-        x = self._check_x(x)
-        if bool((x < 0).any()):
-            raise InputError("x must be non-negative counts")
+        x = self._check_x(x, counts=True)
         if not torch.is_tensor(s):
             raise InputTypeError(f"s must be a tensor, got {type(s).__name__}")
         if tuple(s.shape) != (self.n, 1):
             raise InputError(f"s must have shape {(self.n, 1)}, got {tuple(s.shape)}")
+        s = as_tensor(s, "s", sparse="dense", float_only=False)  # refuses complex s by name
         if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
             raise InputError("s must be finite and positive (size factors, e.g. torch.ones([n, 1]))")
         s = s.detach().to(x.dtype)

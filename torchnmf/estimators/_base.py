@@ -131,8 +131,15 @@ class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     - ``history_`` is a :class:`torchnmf.history.History` of the objective per iteration.
     """
 
+    @property
+    def _public_name(self) -> str:
+        """The estimator's name in messages and progress bars: a compat wrapper's internal core
+        (e.g. ``compat.pnmf._Plain``) sets ``_display_name`` to the class the user made."""
+        return getattr(type(self), "_display_name", type(self).__name__)
+
     # -- input -----------------------------------------------------------------
-    def _check_X(self, X, *, reset: bool, counts: bool = False, allow_noninteger: bool = True) -> Tensor:
+    def _check_X(self, X, *, reset: bool, counts: bool = False, allow_noninteger: bool = False,
+                 escape: Optional[str] = None) -> Tensor:
         """Validate and convert ``X`` to a tensor on the estimator's device and dtype."""
         device = resolve_device(getattr(self, "device", "auto"))
         X = self._adata_in(X, reset=reset)
@@ -152,27 +159,35 @@ class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
                     self.feature_names_in_ = names
             elif T.shape[1] != self.n_features_in_:
                 raise ValueError(
-                    f"X has {T.shape[1]} features, but {type(self).__name__} is expecting "
+                    f"X has {T.shape[1]} features, but {self._public_name} is expecting "
                     f"{self.n_features_in_} features as input"
                 )
             default = T.dtype if T.dtype in (torch.float32, torch.float64) else torch.float64
             dtype = resolve_dtype(getattr(self, "dtype", None), default)
             T = T.to(device=device if device is not None else T.device, dtype=dtype)
         else:
-            A = _validate_data(self, X, reset=reset, accept_sparse=("csr", "csc", "coo"),
-                               dtype=[np.float64, np.float32])
+            try:
+                A = _validate_data(self, X, reset=reset, accept_sparse=("csr", "csc", "coo"),
+                                   dtype=[np.float64, np.float32])
+            except (ValueError, TypeError) as err:
+                if type(err) not in (ValueError, TypeError):
+                    raise
+                # scikit-learn's message ("Expected 2D array, got scalar array instead", ...)
+                # does not say which argument: name it, keep its advice
+                msg = str(err).replace(type(self).__name__, self._public_name)
+                raise type(err)(msg if msg.startswith("X ") else f"X (shape (n_samples, n_features)): {msg}") from None
             dtype = resolve_dtype(getattr(self, "dtype", None),
                                   torch.float32 if A.dtype == np.float32 else torch.float64)
             T = as_tensor(A, "X", dtype=dtype, device=device)
         vals = T.coalesce().values() if T.layout == torch.sparse_coo else (T.values() if is_sparse(T) else T)
         if vals.numel() and bool((vals < 0).any()):
             # scikit-learn's wording, which its estimator checks look for
-            raise ValueError(f"Negative values in data passed to {type(self).__name__}: X must be non-negative, "
+            raise ValueError(f"Negative values in data passed to {self._public_name}: X must be non-negative, "
                              f"got minimum {float(vals.min()):.4g}")
         if counts:
             from ..data import check_counts
 
-            check_counts(T, "X", allow_noninteger=allow_noninteger)
+            T = check_counts(T, "X", allow_noninteger=allow_noninteger, escape=escape)
         else:
             check_nonnegative(T, "X")
         check_magnitude(T, "X")
@@ -217,7 +232,7 @@ class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     def _new_history(self, name: str, maximize: bool = False, total: Optional[int] = None) -> History:
         # ``_phase``: the label an estimator fitted as a step of another gives this bar (no silent phases)
         return History(verbose=bool(getattr(self, "verbose", False)), total=total,
-                       desc=getattr(self, "_phase", None) or type(self).__name__, name=name, maximize=maximize)
+                       desc=getattr(self, "_phase", None) or self._public_name, name=name, maximize=maximize)
 
     def _bar(self, total: int, what: str):
         """A tqdm bar over ``total`` steps labelled ``'<estimator>: <what>'`` when ``verbose``, else ``None``."""
@@ -227,7 +242,7 @@ class TorchFactorization(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
             from tqdm.auto import tqdm
         except ImportError:  # pragma: no cover - tqdm is an optional dependency
             raise ImportError("verbose progress bars need tqdm: pip install tqdm") from None
-        return tqdm(total=total, desc=f"{type(self).__name__}: {what}", leave=False)
+        return tqdm(total=total, desc=f"{self._public_name}: {what}", leave=False)
 
     def plot_history(self, ax=None, **kwargs):
         """Plot ``history_`` with matplotlib (see :func:`torchnmf.history.plot_history`).

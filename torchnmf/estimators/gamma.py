@@ -188,7 +188,8 @@ class GammaPoissonFactorization(TorchFactorization):
 
         rank = self._check_params()
         X = self._adata_in(X, layer, use_highly_variable, reset=True, counts=not self.allow_noninteger)
-        V = self._check_X(X, reset=True, counts=True, allow_noninteger=bool(self.allow_noninteger))
+        V = self._check_X(X, reset=True, counts=True, allow_noninteger=bool(self.allow_noninteger),
+                         escape="allow_noninteger=True")
         if rank > min(V.shape):
             raise ValueError(f"n_components={rank} is larger than min(n_samples, n_features) = {min(V.shape)} "
                              f"(n_samples={V.shape[0]}, n_features={V.shape[1]})")
@@ -196,6 +197,11 @@ class GammaPoissonFactorization(TorchFactorization):
                              learn_lambda=self.learn_lambda, allow_noninteger=bool(self.allow_noninteger),
                              generator=self._generator(), dtype=V.dtype, device=V.device)
         if self.init != "random":
+            from ..data import _values
+
+            if not bool((_values(V) > 0).any()):  # set_means would say "U is all zero"
+                raise ValueError(f"X is all zero: init={self.init!r} starts from factors of X's counts and has "
+                                 "none; pass X with at least one positive count, or init='random'")
             layer.set_means(*self._start(V, rank))
         self.history_ = self._new_history("elbo", maximize=True, total=self.max_iter)
         # The layer works on nonzeros: hand it those once, whatever the input layout.
@@ -227,7 +233,8 @@ class GammaPoissonFactorization(TorchFactorization):
         """
         check_is_fitted(self, "module_")
         X = self._adata_in(X, layer, reset=False, counts=not self.allow_noninteger)
-        V = self._check_X(X, reset=False, counts=True, allow_noninteger=bool(self.allow_noninteger))
+        V = self._check_X(X, reset=False, counts=True, allow_noninteger=bool(self.allow_noninteger),
+                         escape="allow_noninteger=True")
         V = V.to(device=self.module_.device, dtype=self.module_.dtype)
         bar = self._bar(self.transform_max_iter, "inferring row factors (components fixed)")
         try:
@@ -246,9 +253,10 @@ class GammaPoissonFactorization(TorchFactorization):
         ndarray or Tensor, shape (n_samples, n_features)
         """
         check_is_fitted(self, "module_")
-        from ..data import as_tensor, check_shape
+        from ..data import as_tensor, check_finite, check_shape
 
-        Ut = check_shape(as_tensor(X, "X", ndim=2, float_only=False), (None, self.n_components_), "X")
+        Ut = check_finite(check_shape(as_tensor(X, "X", ndim=2, float_only=False), (None, self.n_components_), "X"),
+                          "X")
         with torch.no_grad():
             A = self.module_.mean_alpha()
             out = Ut.to(device=A.device, dtype=A.dtype) @ A.t()

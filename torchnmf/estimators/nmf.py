@@ -301,10 +301,11 @@ class BetaNMF(TorchFactorization):
             ``X Wᵀ`` (for ``'nmfd'`` the convolution with the templates).
         """
         check_is_fitted(self, "module_")
-        from ..data import as_tensor, check_shape
+        from ..data import as_tensor, check_finite, check_shape
 
         Ht = as_tensor(X, "X", ndim=2, float_only=False)
         check_shape(Ht, (None, self.n_components_), "X")
+        check_finite(Ht, "X")  # a NaN row factor would give a NaN reconstruction without a word
         W = self.module_.W.detach()
         Ht = Ht.to(device=W.device, dtype=W.dtype)
         with torch.no_grad():

@@ -7,11 +7,12 @@ import math
 import warnings
 from typing import Callable, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .. import constraints, engine
-from ..data import as_tensor, check_option, check_positive, check_rank
+from ..data import as_tensor, check_finite, check_option, check_positive, check_rank
 from ..history import History
 from ..init import METHODS as INIT_METHODS
 from ..init import initialize
@@ -114,6 +115,10 @@ class PNMF(TorchFactorization):
         :meth:`transform_W`. Default: as many as the fit took (``n_iter_``), at most 200,
         so a transform never takes longer than its fit by default. ``verbose`` shows their
         progress bar.
+    allow_noninteger : bool, default False
+        Accept any non-negative ``X`` (the Poisson likelihood is then a quasi-likelihood).
+        By default ``X`` holds counts: values within 1e-6 of an integer are rounded (with a
+        warning), others refused (:func:`torchnmf.data.check_counts`).
 
     Attributes
     ----------
@@ -161,7 +166,8 @@ class PNMF(TorchFactorization):
                  learning_rate: Optional[float] = None, optimizer="adam", random_state=None, verbose: bool = False,
                  device=None, dtype=None, init: Optional[str] = None, scheduler: Optional[str] = None,
                  batch_size: Optional[int] = None, y_batch_size: Optional[int] = None, shuffle: bool = True,
-                 prior_scale: float = 1.0, init_scale: float = 0.1, transform_max_iter: Optional[int] = None):
+                 prior_scale: float = 1.0, init_scale: float = 0.1, transform_max_iter: Optional[int] = None,
+                 allow_noninteger: bool = False):
         self.n_components = n_components
         self.loadings_mode = loadings_mode
         self.mode = mode
@@ -183,6 +189,13 @@ class PNMF(TorchFactorization):
         self.prior_scale = prior_scale
         self.init_scale = init_scale
         self.transform_max_iter = transform_max_iter
+        self.allow_noninteger = allow_noninteger
+
+    def _count_rule(self) -> dict:
+        """How :func:`torchnmf.data.check_counts` treats non-integers for this estimator."""
+        if not isinstance(self.allow_noninteger, (bool, np.bool_)):
+            raise TypeError(f"allow_noninteger must be True or False, got {self.allow_noninteger!r}")
+        return dict(allow_noninteger=bool(self.allow_noninteger), escape="allow_noninteger=True")
 
     # -- parameter checks ------------------------------------------------------------
     #: n_components above min(n_samples, n_features) allowed (the PNMF package's API warns instead)
@@ -288,7 +301,8 @@ class PNMF(TorchFactorization):
         Parameters
         ----------
         X : array-like, scipy.sparse, tensor or AnnData of shape (n_samples, n_features)
-            Non-negative (counts; non-integers give a quasi-likelihood). Never modified.
+            Counts: values within 1e-6 of an integer are rounded (with a warning), others
+            refused (see :func:`torchnmf.data.check_counts`). Never modified.
         y : ignored
         return_history : bool, default False
             Return ``history_`` instead of ``self``.
@@ -307,8 +321,8 @@ class PNMF(TorchFactorization):
         -------
         self, or the History if ``return_history``.
         """
-        X = self._adata_in(X, layer, use_highly_variable, reset=True)
-        T = self._check_X(X, reset=True)
+        X = self._adata_in(X, layer, use_highly_variable, reset=True, counts=not self.allow_noninteger)
+        T = self._check_X(X, reset=True, counts=True, **self._count_rule())
         N, D = T.shape
         self._check_params(N, D)
         if callback is not None and not callable(callback):
@@ -409,7 +423,7 @@ class PNMF(TorchFactorization):
                           {k: torch.stack([p.kls[k] for p in parts]).mean() for k in parts[0].kls})
             if not math.isfinite(float(record)):
                 raise FloatingPointError(
-                    f"{type(self).__name__}: the ELBO became {float(record)} at "
+                    f"{self._public_name}: the ELBO became {float(record)} at "
                     f"{'iteration' if per_batch else 'epoch'} {i + 1}; lower learning_rate (now {lr}), use "
                     f"mode='lower-bound', or divide X by a constant (its largest entry is {x_max:.3g}; float64 "
                     f"has more range)")
@@ -440,7 +454,7 @@ class PNMF(TorchFactorization):
 
         try:
             n_iter = engine.run(epoch_step, max_iter=self.max_iter, tol=self.tol, history=history,
-                                model=type(self).__name__, dtype=T.dtype, callback=on_record, window=window,
+                                model=self._public_name, dtype=T.dtype, callback=on_record, window=window,
                                 warmup=warmup).n_iter
         finally:
             history.close()
@@ -463,7 +477,7 @@ class PNMF(TorchFactorization):
         out = self.fit(X, **fit_params)
         if isinstance(out, History):
             raise ValueError("fit_transform does not take return_history; call fit instead")
-        T = self._check_X(X, reset=False)
+        T = self._check_X(X, reset=False, counts=True, **self._count_rule())
         factors = self._fit_factors(T, self._transform_steps())
         return self._output(self._expected_factors(factors), X, "fit_transform")
 
@@ -524,8 +538,8 @@ class PNMF(TorchFactorization):
             Posterior mean and standard deviation of the log-factors.
         """
         check_is_fitted(self, "layer_")
-        X = self._adata_in(X, layer, reset=False)
-        T = self._check_X(X, reset=False)
+        X = self._adata_in(X, layer, reset=False, counts=not self.allow_noninteger)
+        T = self._check_X(X, reset=False, counts=True, **self._count_rule())
         max_iter = self._transform_steps(max_iter)
         factors = self._fit_factors(T, max_iter)
         mu, var = factors.marginals()
@@ -589,7 +603,7 @@ class PNMF(TorchFactorization):
 
             try:
                 engine.run(step, max_iter=max_iter, tol=tol, history=History(name="elbo", maximize=True),
-                           model=f"{type(self).__name__}.transform", dtype=layer.W.dtype, callback=show, warn=False,
+                           model=f"{self._public_name}.transform", dtype=layer.W.dtype, callback=show, warn=False,
                            window=1 if self.mode == "lower-bound" else _STOCHASTIC_WINDOW)  # Monte Carlo: noisy
             finally:
                 if bar is not None:
@@ -603,8 +617,8 @@ class PNMF(TorchFactorization):
         genes are taken by name.
         """
         check_is_fitted(self, "layer_")
-        X = self._adata_in(X, layer, reset=False)
-        T = self._check_X(X, reset=False)
+        X = self._adata_in(X, layer, reset=False, counts=not self.allow_noninteger)
+        T = self._check_X(X, reset=False, counts=True, **self._count_rule())
         factors = self._fit_factors(T, self._transform_steps())
         return self._output(self._expected_factors(factors), X)
 
@@ -614,6 +628,7 @@ class PNMF(TorchFactorization):
         Y = as_tensor(X, "X", ndim=2, sparse="dense", float_only=False)
         if Y.shape[1] != self.n_components_:
             raise ValueError(f"X has {Y.shape[1]} columns, expected n_components={self.n_components_}")
+        check_finite(Y, "X")
         W = self.layer_.W.detach()
         out = Y.to(device=W.device, dtype=W.dtype) @ W.t()
         return self._output(out, X, "inverse_transform")
@@ -634,10 +649,9 @@ class PNMF(TorchFactorization):
             Like :attr:`components_`.
         """
         check_is_fitted(self, "layer_")
-        T = as_tensor(X, "X", ndim=2, float_only=False)
-        from ..data import check_nonnegative
+        from ..data import check_counts
 
-        check_nonnegative(T, "X")
+        T = check_counts(as_tensor(X, "X", ndim=2, float_only=False), "X", **self._count_rule())
         N = self.layer_.n_samples
         if T.shape[0] != N:
             raise ValueError(f"X has {T.shape[0]} samples, expected the {N} training samples")

@@ -51,7 +51,7 @@ class SpatialPNMF(PNMF):
 
     Parameters
     ----------
-    n_components, loadings_mode, mode, E, max_iter, tol, learning_rate, optimizer, random_state, verbose, device, dtype, init, scheduler, batch_size, y_batch_size, shuffle, init_scale, transform_max_iter
+    n_components, loadings_mode, mode, E, max_iter, tol, learning_rate, optimizer, random_state, verbose, device, dtype, init, scheduler, batch_size, y_batch_size, shuffle, init_scale, transform_max_iter, allow_noninteger
         As in :class:`PNMF`, except the defaults ``loadings_mode='softplus'`` and
         ``training_mode='standard'`` (Adam on all parameters; see ``training_mode``).
     training_mode : {'standard', 'natural'}, default 'standard'
@@ -121,13 +121,14 @@ class SpatialPNMF(PNMF):
                  spatial: bool = True, local: bool = False, multigroup: bool = False, num_inducing: int = 100,
                  lengthscale: Optional[float] = None, sigma: float = 1.0, group_diff_param: float = 1.0,
                  jitter: float = 1e-5, cholesky_mode: str = "exp", diagonal_only: bool = False,
-                 inducing_allocation: str = "proportional", K: int = 8, precompute_knn: bool = True):
+                 inducing_allocation: str = "proportional", K: int = 8, precompute_knn: bool = True,
+                 allow_noninteger: bool = False):
         super().__init__(n_components=n_components, loadings_mode=loadings_mode, mode=mode,
                          training_mode=training_mode, E=E, max_iter=max_iter, tol=tol, learning_rate=learning_rate,
                          optimizer=optimizer, random_state=random_state, verbose=verbose, device=device, dtype=dtype,
                          init=init, scheduler=scheduler, batch_size=batch_size, y_batch_size=y_batch_size,
                          shuffle=shuffle, prior_scale=prior_scale, init_scale=init_scale,
-                         transform_max_iter=transform_max_iter)
+                         transform_max_iter=transform_max_iter, allow_noninteger=allow_noninteger)
         self.spatial = spatial
         self.local = local
         self.multigroup = multigroup
@@ -326,7 +327,7 @@ class SpatialPNMF(PNMF):
         C, codes = self._covariates(X, coordinates, groups, fitting=False)
         if not self.spatial:
             return super().transform(X)
-        T = self._check_X(X, reset=False)
+        T = self._check_X(X, reset=False, counts=True, **self._count_rule())
         mean, var = self._predictive(C, codes)
         factors = self._fit_under_predictive(T, mean, var, self.transform_max_iter)
         return self._output(self._expected_factors(factors), X)
@@ -340,7 +341,7 @@ class SpatialPNMF(PNMF):
         C, codes = self._covariates(X, coordinates, groups, fitting=False)
         if not self.spatial:
             return super().transform_F(X, max_iter)
-        T = self._check_X(X, reset=False)
+        T = self._check_X(X, reset=False, counts=True, **self._count_rule())
         max_iter = check_rank(self.transform_max_iter if max_iter is None else max_iter, "max_iter")
         mean, var = self._predictive(C, codes)
         factors = self._fit_under_predictive(T, mean, var, max_iter)

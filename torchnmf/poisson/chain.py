@@ -801,8 +801,8 @@ def chain_data(X, chain: FactorChain, rows: Optional[Tensor] = None) -> CountMat
         return CountMatrix.from_input(X, "X", allow_noninteger=allow, dtype=f0.dtype, device=f0.device,
                                       shape=(n, chain.shape[1]))
     except ValueError as err:
-        if "integer counts" in str(err) and gammas:
-            raise ValueError(f"{err} (set allow_noninteger=True on the GammaNMF layers)") from None
+        if "must hold counts" in str(err) and gammas:
+            raise ValueError(f"{err} (on the GammaNMF layers)") from None
         raise
 
 

@@ -252,10 +252,13 @@ class CountMatrix:
             if shape is not None:
                 check_shape(torch.empty(X.shape, device="meta"), shape, name)
             return X.to(device=device, dtype=dtype)
-        T = as_tensor(X, name, dtype=dtype, device=device, ndim=2, float_only=False)
+        T = as_tensor(X, name, device=device, ndim=2, float_only=False)
         if shape is not None:
             check_shape(T, shape, name)
-        check_counts(T, name, allow_noninteger=allow_noninteger)
+        # checked in the input's own dtype: a float32 cast could hide a non-integer or its noise
+        T = check_counts(T, name, allow_noninteger=allow_noninteger, escape="allow_noninteger=True")
+        if dtype is not None:
+            T = as_tensor(T, name, dtype=dtype)
         # the fits' check: counts too large for the dtype's arithmetic (one float32 entry of
         # 3e38) gave NaN from the trainers' steps and the ELBO without an error
         check_magnitude(T, name, T.dtype)
@@ -617,10 +620,16 @@ class GammaPoisson(nn.Module):
             top = float(T.max())
             if top <= 0:
                 raise ValueError(f"{name} is all zero: no posterior mean to start from")
-            out.append(T.clamp_min(top * 1e-12))  # a new tensor: the caller's is never modified
+            # the floor stays a normal number: shape / (denormal mean) overflows the rate
+            out.append(T.clamp_min(max(top * 1e-12, torch.finfo(T.dtype).tiny)))  # a new tensor
         mu, ma = out
         shape_u = self.a + mu * ma.sum(0)
         shape_a = self.b + ma * mu.sum(0)
+        for name, shape, mean in (("U", shape_u, mu), ("alpha", shape_a, ma)):
+            if not bool(torch.isfinite(shape / mean).all()):
+                raise ValueError(f"{name}'s means are too small for {str(self.dtype).replace('torch.', '')} "
+                                 f"(largest {float(mean.max()):.3g}): the posterior rates shape / mean overflow; "
+                                 "rescale U and alpha (their products are what the data fix) or use float64")
         self._write("U_shape", shape_u)
         self._write("U_rate", shape_u / mu)
         self._write("alpha_shape", shape_a)

@@ -69,8 +69,8 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 
 from .. import constraints
-from ..data import (as_tensor, check_finite, check_magnitude, check_nonnegative, check_option, check_positive,
-                    check_rank, nonzeros)
+from ..data import (as_tensor, check_counts, check_finite, check_magnitude, check_nonnegative, check_option,
+                    check_positive, check_rank, nonzeros)
 from .elbo import ELBO
 
 __all__ = ["FactorPosterior", "IndependentNormal", "LogNormalPoisson", "Counts", "ELBO_MODES", "inv_softplus",
@@ -271,7 +271,7 @@ class Counts:
         else:
             X = as_tensor(X, "X", ndim=2)
             if check:
-                check_nonnegative(X, "X")
+                X = check_counts(X, "X")
             self.rows, self.cols, self.values = nonzeros(X)
             self.shape = tuple(X.shape)
         self.lgamma = torch.lgamma(self.values + 1).sum()

@@ -32,7 +32,8 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
-from ..data import as_tensor, check_magnitude, check_nonnegative, check_option, check_positive, check_rank, nonzeros
+from ..data import (as_tensor, check_counts, check_magnitude, check_nonnegative, check_option, check_positive,
+                    check_rank, nonzeros)
 from .elbo import ELBO
 from .lognormal import _check_idx, inv_softplus
 
@@ -215,8 +216,7 @@ class SparsePoissonFA(nn.Module):
         """
         idx = _check_idx(idx, self.n_samples, "idx")
         E = self.E if E is None else check_rank(E, "E")
-        X = as_tensor(X, "X", ndim=2)
-        check_nonnegative(X, "X")
+        X = check_counts(as_tensor(X, "X", ndim=2), "X")
         check_magnitude(X, "X", self.L.mu.dtype)  # NaN ELBOs without an error otherwise
         B = self.n_samples if idx is None else idx.numel()
         if tuple(X.shape) != (B, self.n_features):
