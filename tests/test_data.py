@@ -162,8 +162,10 @@ def test_count_models_round_near_integers_with_a_warning(model):
     assert torch.equal(noisy, before)  # the caller's matrix is not rounded in place
 
 
-@pytest.mark.parametrize("model", list(_count_models()))
+@pytest.mark.parametrize("model", [m for m in _count_models() if not m.startswith("compat.pnmf")])
 def test_count_models_refuse_non_integers_naming_the_first(model):
+    # the PNMF package's API fits non-integer data as given (its document's example feeds
+    # np.random.rand): tests/test_seed_pnmf.py
     call = _count_models()[model]
     X, _ = _pandas_counts()
     X[1, 2] = 0.5

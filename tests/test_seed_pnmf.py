@@ -106,12 +106,11 @@ def _counts(n=60, d=20, k=3, seed=0):
 
 
 def test_main_interface_example():
-    # the document feeds np.random.rand(100, 50); a count model refuses non-counts (issue 22.11,
-    # tested below), so its example runs on counts
-    X = np.random.default_rng(0).poisson(1.0, (100, 50)).astype(np.float64)
+    X = np.random.default_rng(0).random((100, 50))  # the document's np.random.rand(100, 50)
     X0 = X.copy()
     model = PNMF(n_components=5, random_state=42, max_iter=10, device="cpu")
-    transformed = model.fit_transform(X)
+    with pytest.warns(UserWarning, match="does not hold integer counts: it is fitted as given"):
+        transformed = model.fit_transform(X)
     components = model.components_
     X_reconstructed = model.inverse_transform(transformed)
     assert transformed.shape == (100, 5) and components.shape == (5, 50) and X_reconstructed.shape == X.shape
@@ -122,20 +121,35 @@ def test_main_interface_example():
 
 
 def test_minibatch_example_and_return_history():
-    X_large = np.random.default_rng(1).poisson(1.0, (400, 30)).astype(np.float64)
+    X_large = np.random.default_rng(1).random((400, 30))  # the document's np.random.rand(10000, 500), smaller
     model = PNMF(n_components=4, batch_size=100, shuffle=True, max_iter=4, random_state=0)
-    assert model.fit(X_large) is model
+    with pytest.warns(UserWarning, match="does not hold integer counts"):
+        assert model.fit(X_large) is model
     history, same = PNMF(n_components=3, max_iter=15, random_state=0, optimizer="NAdam",
                          scheduler="plateau").fit(_counts(), return_history=True)
     assert isinstance(history, list) and len(history) == same.n_iter_ and all(isinstance(v, float) for v in history)
     assert history[-1] > history[0]  # the ELBO rises
 
 
-def test_document_example_data_is_refused_as_not_counts():
-    # the document's np.random.rand data: one rule for every count model (issue 22.11)
+def test_document_example_data_is_fitted_here_and_refused_by_torchnmf_pnmf():
+    # the document's np.random.rand data: the adapter fits it as the PNMF package does (with a
+    # warning); torchnmf's own PNMF keeps the one rule for count models (issue 22.11)
+    from torchnmf.estimators import PNMF as CorePNMF
+
     X = np.random.default_rng(0).random((20, 8))
     with pytest.raises(ValueError, match=r"X must hold counts .* row 0, column 0 holds 0\.63.*round it"):
-        PNMF(n_components=2, max_iter=2).fit(X)
+        CorePNMF(n_components=2, max_iter=2).fit(X)
+    with pytest.warns(UserWarning, match="fitted as given"):
+        W, exp_F = initialize_factors(X, n_components=2, random_state=0)
+    with pytest.warns(UserWarning, match="fitted as given"):
+        m = PNMF(n_components=2, max_iter=2, random_state=0).fit(X)
+    with pytest.warns(UserWarning, match="fitted as given"):
+        F = transform_F(X, m.components_.T, n_components=2, max_iter=2)
+    assert np.isfinite(m.components_).all() and np.isfinite(np.asarray(F)).all()
+    # counts stored as floats are still rounded by the count rule, without the quasi-likelihood warning
+    C = _counts(20, 8) + 1e-11
+    with pytest.warns(UserWarning, match="rounded"):
+        PNMF(n_components=2, max_iter=2, random_state=0).fit(C)
 
 
 @pytest.mark.parametrize("optimizer", ["Adam", "AdamW", "NAdam", "SGD", "RMSprop"])
@@ -634,14 +648,15 @@ def test_messages_name_pnmf_not_the_internal_core():
         PNMF(n_components=2, max_iter=2).fit(X[:0])
 
 
-def test_transform_F_and_multiplicative_update_apply_the_count_rule():
-    # issue 22.11: the compat PNMF's other count inputs follow the same rule
+def test_transform_F_and_multiplicative_update_apply_the_data_rule():
+    # issue 22.11: the compat PNMF's other count inputs follow the same rule as its fit: counts
+    # stored as floats are rounded, other non-integers fitted as given with a warning (the document's)
     X = _counts()
     model = PNMF(n_components=2, max_iter=3, random_state=0).fit(X)
     W = model.components_.T
     bad = X[:5].copy()
     bad[1, 2] = 0.5
-    with pytest.raises(ValueError, match=r"X must hold counts .* row 1, column 2 holds 0.5"):
+    with pytest.warns(UserWarning, match="does not hold integer counts: it is fitted as given"):
         transform_F(bad, W, max_iter=2)
     with pytest.warns(UserWarning, match="rounded 1 value within"):
         noisy = X[:5].copy()
@@ -652,5 +667,7 @@ def test_transform_F_and_multiplicative_update_apply_the_count_rule():
     terms, _, _ = pf(E=2)
     Yb = Y.clone()
     Yb[3, 4] = 2.5
-    with pytest.raises(ValueError, match=r"X must hold counts .* row 3, column 4 holds 2.5"):
+    with pytest.warns(UserWarning, match="fitted as given"):
         pf.W.multiplicative_update(Yb, terms)
+    with pytest.raises(ValueError, match="X must be non-negative"):
+        pf.W.multiplicative_update(-Yb, terms)

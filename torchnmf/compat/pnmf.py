@@ -13,7 +13,9 @@ document's behaviour differs from torchnmf's, this module follows the document a
 torchnmf's beside it: :meth:`PNMF.transform` runs the document's NNLS multiplicative updates
 (``method='variational'`` refits ``q(F)``), with mini-batches one iteration is one batch step
 (torchnmf's estimators count epochs), ``n_components`` above ``min(n_samples, n_features)``
-warns instead of failing, and results are ndarrays for tensor input too.
+warns instead of failing, results are ndarrays for tensor input too, and non-integer data
+(the document's own example fits ``np.random.rand(100, 50)``) is fitted as given with a warning,
+where torchnmf's count models refuse it (counts stored as floats are rounded in both).
 
 Which options to use: this :class:`PNMF` keeps the document's defaults (Adam with the
 one-cycle schedule at ``learning_rate=0.01``, ``mode='expanded'``, ``tol=1e-4``), which
@@ -43,8 +45,8 @@ from sklearn.utils.validation import check_is_fitted
 from torch import Tensor, nn
 from torch.distributions import Normal
 
-from ..data import (as_tensor, check_counts, check_int, check_nonnegative, check_option, check_positive, check_rank,
-                    check_real)
+from ..data import (_user_stacklevel, as_tensor, check_counts, check_int, check_nonnegative, check_option,
+                    check_positive, check_rank, check_real)
 from ..estimators.pnmf import PNMF as _CorePNMF
 from ..estimators.spatial import SpatialPNMF as _CoreSpatialPNMF
 from ..init import initialize
@@ -63,8 +65,33 @@ KERNELS = ("Matern32",)
 NEIGHBORS = ("knn",)
 
 
+def _document_rule(check, *args, **kwargs):
+    """``check(*args, **kwargs)`` under the document's data rule.
+
+    The PNMF package fits any non-negative data (its own example feeds ``np.random.rand(100, 50)``),
+    so the adapter does too: counts stored as floats are rounded by torchnmf's rule
+    (:func:`torchnmf.data.check_counts`), and other non-integer data are fitted as given (a Poisson
+    quasi-likelihood) with a warning, where torchnmf's own :class:`~torchnmf.estimators.PNMF`
+    refuses them.
+    """
+    try:
+        return check(*args, **kwargs)
+    except ValueError as err:
+        if "must hold counts" not in str(err):
+            raise
+    warnings.warn("X does not hold integer counts: it is fitted as given (a Poisson quasi-likelihood), as the "
+                  "PNMF package does; torchnmf.estimators.PNMF refuses such data", UserWarning,
+                  stacklevel=_user_stacklevel())
+    return check(*args, **{**kwargs, "allow_noninteger": True})
+
+
 class _Knobs:
     """Scheduler knobs and fixed kernel hyperparameters for the core estimators."""
+
+    def _check_X(self, X, **kwargs):
+        if not kwargs.get("counts"):
+            return super()._check_X(X, **kwargs)
+        return _document_rule(super()._check_X, X, **kwargs)
 
     _overcomplete_ok = True  # the document allows n_components > min(n_samples, n_features); fit warns
     _batch_iterations = True  # the document's iteration is one mini-batch step
@@ -440,7 +467,7 @@ def initialize_factors(X, n_components, init=None, random_state=None, scale_log_
     W : ndarray of shape (n_features, n_components)
     exp_F : ndarray of shape (n_samples, n_components)
     """
-    T = check_counts(as_tensor(X, "X", ndim=2, sparse="dense", float_only=False).to(torch.float64), "X")
+    T = _document_rule(check_counts, as_tensor(X, "X", ndim=2, sparse="dense", float_only=False).to(torch.float64), "X")
     K = check_rank(n_components, "n_components")
     target_std = check_positive(target_std, "target_std")
     _bool(scale_log_mu, "scale_log_mu")
@@ -698,7 +725,7 @@ def transform_F(X, W, n_components=None, mode='expanded', E=3, max_iter=200, tol
     check_positive(tol, "tol", allow_zero=True)
     core = _CorePNMF(n_components=K, mode=mode, E=E, learning_rate=learning_rate, verbose=verbose, device=device,
                      transform_max_iter=max_iter)
-    T = core._check_X(X, reset=True, counts=True, **core._count_rule())
+    T = _document_rule(core._check_X, X, reset=True, counts=True, **core._count_rule())
     if T.shape[1] != Wt.shape[0]:
         raise ValueError(f"X has {T.shape[1]} features, W has {Wt.shape[0]} rows")
     dtype = T.dtype if T.is_floating_point() else torch.get_default_dtype()
@@ -977,7 +1004,7 @@ class PositiveParameter(ConstrainedParameter):
 
         W_all = self.data.detach()
         W = W_all if idy is None else W_all[torch.as_tensor(idy, device=W_all.device)]
-        Xt = check_counts(as_tensor(X, "X", ndim=2, sparse="dense", device=W.device), "X").to(W.dtype)
+        Xt = _document_rule(check_counts, as_tensor(X, "X", ndim=2, sparse="dense", device=W.device), "X").to(W.dtype)
         if self.elbo_mode == "lower-bound":
             expF = terms["exp_mu"][None]
         else:
