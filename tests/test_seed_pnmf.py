@@ -671,3 +671,21 @@ def test_transform_F_and_multiplicative_update_apply_the_data_rule():
         pf.W.multiplicative_update(Yb, terms)
     with pytest.raises(ValueError, match="X must be non-negative"):
         pf.W.multiplicative_update(-Yb, terms)
+
+
+@pytest.mark.parametrize("options, seed", [(dict(optimizer="NAdam"), 3), (dict(training_mode="natural"), 3),
+                                           (dict(loadings_mode="exp"), 0), (dict(spatial=True, num_inducing=20), 2)])
+def test_other_options_do_not_stop_in_the_one_cycle_warm_up(options, seed):
+    # issue 22 item 4: each of these stopped after 7 of 200 epochs before the warm-up rule
+    from sklearn.datasets import load_digits
+    X = load_digits().data[:300]
+    m = PNMF(n_components=10, random_state=seed, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if options.get("spatial"):
+            m.fit(X, coordinates=np.random.default_rng(0).uniform(size=(300, 2)))
+        else:
+            m.fit(X)
+    assert m.n_iter_ > 0.3 * 200
+    R = np.asarray(get_factors(m)) @ np.asarray(get_loadings(m)).T
+    assert np.corrcoef(R.ravel(), X.ravel())[0, 1] > 0.6
