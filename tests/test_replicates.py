@@ -230,6 +230,7 @@ def test_progress_bar_shows_active_replicates(capsys):
     (lambda X: fit_replicates(X, F + 1), ValueError, "rank"),
     (lambda X: fit_replicates(X, [2, 0]), ValueError, "rank"),
     (lambda X: fit_replicates(X, []), ValueError, "rank"),
+    (lambda X: fit_replicates(X, [2, 3, 2]), ValueError, "rank holds 2 more than once"),
     (lambda X: fit_replicates(X, 2.5), TypeError, "rank"),
     (lambda X: fit_replicates(X, 2, 0), ValueError, "n_replicates"),
     (lambda X: fit_replicates(X, 2, 1.5), TypeError, "n_replicates"),

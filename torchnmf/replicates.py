@@ -448,6 +448,10 @@ def _check_ranks(rank, shape) -> Tuple[List[int], bool]:
     ranks = [data.check_rank(k, "rank", max_rank=limit) for k in rank]
     if not ranks:
         raise ValueError("rank must hold at least one rank, got an empty sequence")
+    twice = sorted({k for k in ranks if ranks.count(k) > 1})
+    if twice:
+        raise ValueError(f"rank holds {', '.join(map(str, twice))} more than once: list each rank once "
+                         "(more restarts of a rank come from n_replicates)")
     return ranks, False
 
 
