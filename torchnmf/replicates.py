@@ -52,7 +52,7 @@ from ._csr import csr_tensor, to_csr
 from .distributed import all_reduce_stats, get_rank, get_world_size
 from .engine import ConvergenceWarning, STOP_RULES, _user_stacklevel, has_converged, relative_change
 from .init import _mean, check_random_state
-from .updates import EPSILON, _big_mm, _sparse_parts, mu_apply, mu_statistics
+from .updates import EPSILON, _big_mm, _multiply, _sparse_parts, mu_gamma, mu_statistics
 
 __all__ = ["ReplicateFit", "fit_replicates", "replicate_generator", "init_replicates"]
 
@@ -238,7 +238,7 @@ class _Batch:
     """The stacked factors of the active replicates and one multiplicative update of either."""
 
     def __init__(self, X: Tensor, beta: float, l1: float, l2: float, block_elems: Optional[int]):
-        self.beta, self.l1, self.l2 = beta, l1, l2
+        self.beta, self.l1, self.l2, self.gamma = beta, l1, l2, mu_gamma(beta)
         cuda = X.is_cuda
         self.block = block_elems or (_BLOCK_ELEMS_CUDA if cuda else _BLOCK_ELEMS_CPU)
         self.sparse_block = block_elems or (_SPARSE_ELEMS_CUDA if cuda else _SPARSE_ELEMS_CPU)
@@ -273,8 +273,10 @@ class _Batch:
             num, den, loss = self._sparse(side, W, H, groups, measure)
         else:
             num, den, loss = self._dense(side, W, H, groups, measure)
-        # row-major, so that every rank's block of columns views as (n, R_g, k)
-        return mu_apply(B, num, den, self.beta, self.l1, self.l2).contiguous(), loss
+        # num is a fresh tensor on every path: divided in place. Row-major result, so that every
+        # rank's block of columns views as (n, R_g, k)
+        new = _multiply(B, num, den, self.gamma, self.l1, self.l2, EPSILON, num_is_scratch=True)
+        return new.contiguous(), loss
 
     def _frobenius(self, side, W, H, groups, measure):
         """beta = 2: one product with X for all replicates, Gram terms batched per rank."""
