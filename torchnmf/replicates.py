@@ -332,13 +332,20 @@ class _Batch:
         den = B.new_empty((1, B.shape[1]))
         losses = []
         nnz = max(1, nz.vals.numel())
-        for g in groups:
+        chunks = [max(1, min(len(g.ids), self.sparse_block // nnz)) for g in groups]
+        # keep the expansions of the chunk sizes these groups use (until replicates stop), no others
+        sizes = {min(c, len(g.ids) - r0) for g, c in zip(groups, chunks) for r0 in range(0, len(g.ids), c)}
+        store = self.cache[side].setdefault("expanded", {})
+        for c in set(store) - sizes:
+            del store[c]
+        for g, c in zip(groups, chunks):
             Ag, Bg, R = g.view(A), g.view(B), len(g.ids)
-            c = max(1, min(R, self.sparse_block // nnz))
             lg = []
             for r0 in range(0, R, c):
                 r1 = min(R, r0 + c)
-                ex = self._expanded(side, nz, r1 - r0)
+                if r1 - r0 not in store:
+                    store[r1 - r0] = _Expanded(nz, r1 - r0)
+                ex = store[r1 - r0]
                 Bc = Bg[:, r0:r1].reshape(n * (r1 - r0), g.k)  # row (i, r) = B[i, r]
                 Ac = Ag[:, r0:r1].reshape(m * (r1 - r0), g.k)
                 wh = torch.sparse.sampled_addmm(ex.pattern, Bc, Ac.t(), beta=0.0).values()
@@ -352,14 +359,6 @@ class _Batch:
             if measure:
                 losses.append(torch.cat(lg) + (Bg.sum(0) * Ag.sum(0)).sum(1))
         return num, den, (torch.cat(losses) if measure else None)
-
-    def _expanded(self, side: str, nz, c: int) -> "_Expanded":
-        store = self.cache[side].setdefault("expanded", {})
-        if c not in store:
-            if len(store) >= 2:  # chunks come in at most two sizes (c and the remainder)
-                store.clear()
-            store[c] = _Expanded(nz, c)
-        return store[c]
 
     def _tiles(self, N: int, F: int, R: int):
         """``(replicates, rows)`` per tile: at most ``block`` entries of an (r, n, F) reconstruction."""
@@ -544,8 +543,9 @@ def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *
         Memory budget of the per-replicate work for beta != 2: the entries of one
         reconstruction tile (replicates x rows x features) for a dense ``X`` (default 2**17 on
         a CPU, 2**27 on a GPU), or of one chunk (replicates x non-zeros) for a sparse ``X``
-        with beta = 1 (default 2**19 on a CPU, 2**25 on a GPU). Temporaries take a few times
-        this many entries; no ``R x n_samples x n_features`` tensor is ever made.
+        with beta = 1 (default 2**19 on a CPU, 2**25 on a GPU; X's pattern repeated for a chunk
+        is kept for each chunk size in use, at most the number of ranks plus one). Temporaries
+        take a few times this many entries; no ``R x n_samples x n_features`` tensor is ever made.
     max_columns : int, optional
         Stack at most this many columns (the sum of the replicates' ranks) at once: the
         (rank, replicate) pairs of a process are then fitted in consecutive batches. The
