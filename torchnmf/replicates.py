@@ -544,7 +544,7 @@ def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *
         reconstruction tile (replicates x rows x features) for a dense ``X`` (default 2**17 on
         a CPU, 2**27 on a GPU), or of one chunk (replicates x non-zeros) for a sparse ``X``
         with beta = 1 (default 2**19 on a CPU, 2**25 on a GPU; X's pattern repeated for a chunk
-        is kept for each chunk size in use, at most the number of ranks plus one). Temporaries
+        is kept for each chunk size in use, at most two per rank). Temporaries
         take a few times this many entries; no ``R x n_samples x n_features`` tensor is ever made.
     max_columns : int, optional
         Stack at most this many columns (the sum of the replicates' ranks) at once: the
