@@ -116,6 +116,30 @@ def test_several_ranks_equal_per_rank_calls():
         assert _close(f.W, s.W) and _close(f.H, s.H)
 
 
+def test_stopped_replicates_leave_the_batch(monkeypatch):
+    """Each half-update works on the columns of the replicates still running, no more."""
+    X = _data()
+    widths = []
+    real = rep._Batch.update
+
+    def update(self, side, W, H, groups, measure):
+        widths.append((W.shape[1], H.shape[1], sum(len(g.ids) * g.k for g in groups)))
+        return real(self, side, W, H, groups, measure)
+
+    monkeypatch.setattr(rep._Batch, "update", update)
+    fit = fit_replicates(X, [2, 3], 3, beta=2, tol=2e-4, max_iter=400, random_state=5)
+    n_iter = sorted(n for f in fit for n in f.n_iter.tolist())
+    assert len(set(n_iter)) > 2
+    assert all(w == h == c for w, h, c in widths)
+    running = [c for _, _, c in widths]
+    assert running[0] == 3 * (2 + 3) and running == sorted(running, reverse=True)
+    # the last half-updates work for the replicate that ran longest only
+    last = next(k for f in fit for k, n in zip([f.rank] * 3, f.n_iter.tolist()) if n == n_iter[-1])
+    assert running[-1] == last
+    # one H half-update per iteration of the longest replicate (and its final measure), one W per iteration
+    assert len(widths) == 2 * n_iter[-1] + 1
+
+
 def test_max_columns_batches_equal_one_batch():
     X = _data()
     kw = dict(beta=2, tol=1e-4, max_iter=100, random_state=2)
@@ -230,6 +254,7 @@ def test_progress_bar_shows_active_replicates(capsys):
     (lambda X: fit_replicates(X, F + 1), ValueError, "rank"),
     (lambda X: fit_replicates(X, [2, 0]), ValueError, "rank"),
     (lambda X: fit_replicates(X, []), ValueError, "rank"),
+    (lambda X: fit_replicates(X, [2, 3, 2]), ValueError, "rank holds 2 more than once"),
     (lambda X: fit_replicates(X, 2.5), TypeError, "rank"),
     (lambda X: fit_replicates(X, 2, 0), ValueError, "n_replicates"),
     (lambda X: fit_replicates(X, 2, 1.5), TypeError, "n_replicates"),

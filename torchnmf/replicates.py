@@ -52,7 +52,7 @@ from ._csr import csr_tensor, to_csr
 from .distributed import all_reduce_stats, get_rank, get_world_size
 from .engine import ConvergenceWarning, STOP_RULES, _user_stacklevel, has_converged, relative_change
 from .init import _mean, check_random_state
-from .updates import EPSILON, _big_mm, _sparse_parts, mu_apply, mu_statistics
+from .updates import EPSILON, _big_mm, _multiply, _sparse_parts, mu_gamma, mu_statistics
 
 __all__ = ["ReplicateFit", "fit_replicates", "replicate_generator", "init_replicates"]
 
@@ -238,7 +238,7 @@ class _Batch:
     """The stacked factors of the active replicates and one multiplicative update of either."""
 
     def __init__(self, X: Tensor, beta: float, l1: float, l2: float, block_elems: Optional[int]):
-        self.beta, self.l1, self.l2 = beta, l1, l2
+        self.beta, self.l1, self.l2, self.gamma = beta, l1, l2, mu_gamma(beta)
         cuda = X.is_cuda
         self.block = block_elems or (_BLOCK_ELEMS_CUDA if cuda else _BLOCK_ELEMS_CPU)
         self.sparse_block = block_elems or (_SPARSE_ELEMS_CUDA if cuda else _SPARSE_ELEMS_CPU)
@@ -273,8 +273,10 @@ class _Batch:
             num, den, loss = self._sparse(side, W, H, groups, measure)
         else:
             num, den, loss = self._dense(side, W, H, groups, measure)
-        # row-major, so that every rank's block of columns views as (n, R_g, k)
-        return mu_apply(B, num, den, self.beta, self.l1, self.l2).contiguous(), loss
+        # num is a fresh tensor on every path: divided in place. Row-major result, so that every
+        # rank's block of columns views as (n, R_g, k)
+        new = _multiply(B, num, den, self.gamma, self.l1, self.l2, EPSILON, num_is_scratch=True)
+        return new.contiguous(), loss
 
     def _frobenius(self, side, W, H, groups, measure):
         """beta = 2: one product with X for all replicates, Gram terms batched per rank."""
@@ -330,13 +332,20 @@ class _Batch:
         den = B.new_empty((1, B.shape[1]))
         losses = []
         nnz = max(1, nz.vals.numel())
-        for g in groups:
+        chunks = [max(1, min(len(g.ids), self.sparse_block // nnz)) for g in groups]
+        # keep the expansions of the chunk sizes these groups use (until replicates stop), no others
+        sizes = {min(c, len(g.ids) - r0) for g, c in zip(groups, chunks) for r0 in range(0, len(g.ids), c)}
+        store = self.cache[side].setdefault("expanded", {})
+        for c in set(store) - sizes:
+            del store[c]
+        for g, c in zip(groups, chunks):
             Ag, Bg, R = g.view(A), g.view(B), len(g.ids)
-            c = max(1, min(R, self.sparse_block // nnz))
             lg = []
             for r0 in range(0, R, c):
                 r1 = min(R, r0 + c)
-                ex = self._expanded(side, nz, r1 - r0)
+                if r1 - r0 not in store:
+                    store[r1 - r0] = _Expanded(nz, r1 - r0)
+                ex = store[r1 - r0]
                 Bc = Bg[:, r0:r1].reshape(n * (r1 - r0), g.k)  # row (i, r) = B[i, r]
                 Ac = Ag[:, r0:r1].reshape(m * (r1 - r0), g.k)
                 wh = torch.sparse.sampled_addmm(ex.pattern, Bc, Ac.t(), beta=0.0).values()
@@ -350,14 +359,6 @@ class _Batch:
             if measure:
                 losses.append(torch.cat(lg) + (Bg.sum(0) * Ag.sum(0)).sum(1))
         return num, den, (torch.cat(losses) if measure else None)
-
-    def _expanded(self, side: str, nz, c: int) -> "_Expanded":
-        store = self.cache[side].setdefault("expanded", {})
-        if c not in store:
-            if len(store) >= 2:  # chunks come in at most two sizes (c and the remainder)
-                store.clear()
-            store[c] = _Expanded(nz, c)
-        return store[c]
 
     def _tiles(self, N: int, F: int, R: int):
         """``(replicates, rows)`` per tile: at most ``block`` entries of an (r, n, F) reconstruction."""
@@ -448,6 +449,10 @@ def _check_ranks(rank, shape) -> Tuple[List[int], bool]:
     ranks = [data.check_rank(k, "rank", max_rank=limit) for k in rank]
     if not ranks:
         raise ValueError("rank must hold at least one rank, got an empty sequence")
+    twice = sorted({k for k in ranks if ranks.count(k) > 1})
+    if twice:
+        raise ValueError(f"rank holds {', '.join(map(str, twice))} more than once: list each rank once "
+                         "(more restarts of a rank come from n_replicates)")
     return ranks, False
 
 
@@ -538,8 +543,9 @@ def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *
         Memory budget of the per-replicate work for beta != 2: the entries of one
         reconstruction tile (replicates x rows x features) for a dense ``X`` (default 2**17 on
         a CPU, 2**27 on a GPU), or of one chunk (replicates x non-zeros) for a sparse ``X``
-        with beta = 1 (default 2**19 on a CPU, 2**25 on a GPU). Temporaries take a few times
-        this many entries; no ``R x n_samples x n_features`` tensor is ever made.
+        with beta = 1 (default 2**19 on a CPU, 2**25 on a GPU; X's pattern repeated for a chunk
+        is kept for each chunk size in use, at most two per rank). Temporaries
+        take a few times this many entries; no ``R x n_samples x n_features`` tensor is ever made.
     max_columns : int, optional
         Stack at most this many columns (the sum of the replicates' ranks) at once: the
         (rank, replicate) pairs of a process are then fitted in consecutive batches. The
