@@ -254,3 +254,20 @@ def test_backed_refusals_and_layers(tmp_path):
     with pytest.raises(ValueError, match=r"adata.X \(its first rows\) holds non-integer values.*layer='counts'"):
         ntl.gamma_poisson(backed, 2)
     backed.file.close()
+
+
+def test_backed_svi_starts_from_an_nmf_of_the_first_block(tmp_path):
+    from torchnmf.anndata_io import backed_rows
+    from torchnmf.tl._backed import _first_block_nmf
+
+    adata = make_adata(n=40, d=12, hvg=False)
+    backed = anndata.read_h5ad(write_backed(tmp_path, adata), backed="r")
+    source, _ = backed_rows(backed)
+    H, W = _first_block_nmf(source, 2, 16, 50, torch.device("cpu"), torch.float64, 0)
+    assert H.shape == (16, 2) and W.shape == (12, 2)
+    np.testing.assert_allclose(H.sum(0).numpy(), W.sum(0).numpy(), rtol=1e-10)  # balanced per component
+    ntl.gamma_poisson(backed, 2, batch_size=16, epochs=1, device="cpu", key_added="a")
+    ntl.gamma_poisson(backed, 2, batch_size=16, epochs=1, device="cpu", key_added="b", init="random")
+    assert backed.uns["a"]["params"]["init"] == "nmf" and backed.uns["b"]["params"]["init"] == "random"
+    assert not np.allclose(backed.varm["a"], backed.varm["b"])
+    backed.file.close()

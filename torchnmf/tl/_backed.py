@@ -60,8 +60,29 @@ def nmf_online(source, sel, est, *, batch_size: int, epochs: int, seed: int) -> 
     return Result(np.concatenate(parts), W.cpu().numpy(), history, "beta-divergence", False, epochs, params)
 
 
+def _first_block_nmf(source, K: int, batch_size: int, max_iter: int, device, dtype, seed: int):
+    """KL-NMF (NNDSVDa start) of the first block: ``H`` (B, K), ``W`` (C, K), balanced per component."""
+    from ..engine import ConvergenceWarning
+    from ..estimators import BetaNMF
+
+    first = source.batch(next(blocks(source, batch_size))).X.to_dense().to(device=device, dtype=dtype)
+    est = BetaNMF(K, beta_loss="kullback-leibler", init="nndsvda", max_iter=max_iter, tol=1e-4, random_state=seed,
+                  device=device, dtype=dtype)
+    with warnings.catch_warnings():  # a start, not a result
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        H = est.fit_transform(first)
+    W = est.module_.W.detach()
+    scale = (W.sum(0) / H.sum(0).clamp_min(1e-30)).sqrt()
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    return H * scale, W / scale
+
+
 def gamma_svi(source, sel, est, *, batch_size: int, epochs: int, seed: int) -> Result:
-    """Gamma-Poisson by stochastic variational inference on row blocks (:func:`torchnmf.parallel.fit_gamma_svi`)."""
+    """Gamma-Poisson by stochastic variational inference on row blocks (:func:`torchnmf.parallel.fit_gamma_svi`).
+
+    ``init='nmf'`` or ``'nndsvda'`` (the estimator's): ``q(α)`` starts at a KL-NMF of the first
+    block, every row's ``q(U)`` at that block's mean usage; ``'random'``: random posteriors.
+    """
     from ..estimators._base import resolve_device, resolve_dtype
     from ..history import History
     from ..init import check_random_state
@@ -74,13 +95,16 @@ def gamma_svi(source, sel, est, *, batch_size: int, epochs: int, seed: int) -> R
     layer = GammaPoisson(N, C, int(est.n_components), a=est.a, b=est.b, learn_kappa=est.learn_kappa,
                          learn_lambda=est.learn_lambda, allow_noninteger=bool(est.allow_noninteger),
                          generator=check_random_state(seed), dtype=dtype, device=device)
+    if est.init != "random":  # q(α) from a KL-NMF of the first block; q(U) of every row from its mean there
+        H, W = _first_block_nmf(source, int(est.n_components), batch_size, est.init_max_iter, device, dtype, seed)
+        layer.set_means(H.mean(0, keepdim=True).expand(N, -1), W)
     history = History(name="elbo", maximize=True)
     fit_gamma_svi(layer, source, batch_size=batch_size, epochs=epochs, shuffle=False, seed=seed, history=history,
                   chunk_size=est.chunk_size)
     with torch.no_grad():
         U, A = layer.mean_U().cpu().numpy(), layer.mean_alpha().cpu().numpy()
         sd_U, sd_A = layer.q_U().stddev.cpu().numpy(), layer.q_alpha().stddev.cpu().numpy()
-    params = {k: v for k, v in est.get_params().items() if k not in ("init", "init_max_iter", "tol", "max_iter")}
+    params = {k: v for k, v in est.get_params().items() if k not in ("tol", "max_iter")}
     params.update(batch_size=batch_size, epochs=epochs, fit="fit_gamma_svi")
     return Result(U, A, history, "elbo", False, epochs, params, obsm={"sd": sd_U}, varm={"sd": sd_A},
                   uns={"elbo": float(history[-1])})

@@ -134,7 +134,8 @@ def gamma_poisson(adata, n_components: int = 10, *, layer: Optional[str] = None,
     The usages and loadings written are posterior means; their posterior standard
     deviations go beside them. A backed ``X`` (``anndata.read_h5ad(path, backed='r')``, or a
     path) is streamed from the file by row blocks instead: stochastic variational inference
-    (:func:`torchnmf.parallel.fit_gamma_svi`, ``epochs`` passes in file order, random start).
+    (:func:`torchnmf.parallel.fit_gamma_svi`, ``epochs`` passes in file order), ``q(α)``
+    started from a KL-NMF of the first block (``init='random'``: random posteriors).
 
     Parameters
     ----------
