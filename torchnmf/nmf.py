@@ -274,6 +274,7 @@ class BaseComponent(nn.Module):
         self._check_fit_args(beta, tol, max_iter, alpha, l1_ratio)
         data.check_option(stop_rule, STOP_RULES, "stop_rule")
         V = self._check_V(V, sparse_ok=self._plain())
+        data.check_magnitude(V, "V", V.dtype, beta=beta)  # Σ x² overflows float32 long before Σ x log x
         M = data.check_mask(mask, V.shape, device=V.device, dtype=V.dtype)
         self._check_beta_support(V, beta)
         l1, l2 = float(alpha * l1_ratio), float(alpha * (1 - l1_ratio))

@@ -469,7 +469,7 @@ def _check_start(value, name: str, shape, dtype, device) -> Optional[Tensor]:
     return T
 
 
-def _prepare_X(X, dtype, device) -> Tensor:
+def _prepare_X(X, dtype, device, beta: Optional[float] = None) -> Tensor:
     X = data.as_tensor(X, "X", ndim=2, sparse="keep", dtype=dtype, device=device)
     if X.layout not in (torch.strided, torch.sparse_coo, torch.sparse_csr):
         X = X.to_sparse_coo()
@@ -478,7 +478,7 @@ def _prepare_X(X, dtype, device) -> Tensor:
     data.check_nonnegative(X, "X")
     if X.shape[0] == 0 or X.shape[1] == 0:
         raise ValueError(f"X is empty (shape {tuple(X.shape)}): there is nothing to factorize")
-    data.check_magnitude(X, "X")
+    data.check_magnitude(X, "X", X.dtype, beta=beta)  # Σ x² overflows float32 long before Σ x log x
     return X
 
 
@@ -580,7 +580,7 @@ def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    X = _prepare_X(X, dtype, device)
+    X = _prepare_X(X, dtype, device, beta=data.check_beta(beta))
     ranks, single = _check_ranks(rank, X.shape)
     R = data.check_int(n_replicates, "n_replicates", low=1)
     beta = data.check_beta(beta)
