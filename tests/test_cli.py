@@ -524,3 +524,84 @@ def test_device_advice_in_command_line_words(tmp_path, data, capsys, monkeypatch
     assert main(["fit", str(tmp_path / "x.npy"), "--rank", "2", "--device", device, "-o", str(tmp_path / "f")]) == 2
     err = capsys.readouterr().err
     assert f"--device {device}: " in err and advice in err and "device=" not in err
+
+
+# -- issue 21.3: .h5ad in, .h5ad out --------------------------------------------------------------
+def _adata(hv=True):
+    anndata = pytest.importorskip("anndata")
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(rng.gamma(2.0, 1.0, (40, 3)) @ rng.gamma(1.0, 1.0, (3, 12))).astype(np.float32)
+    var = pd.DataFrame(index=[f"gene{j}" for j in range(12)])
+    if hv:
+        var["highly_variable"] = np.arange(12) % 3 != 0  # 8 of 12
+    adata = anndata.AnnData(X=np.log1p(counts), obs=pd.DataFrame(index=[f"cell{i}" for i in range(40)]), var=var)
+    adata.layers["counts"] = sp.csr_matrix(counts)
+    return adata
+
+
+@pytest.mark.parametrize("model", ["nmf", "gamma-poisson"])
+def test_h5ad_input_writes_out_h5ad_with_the_results(tmp_path, capsys, model):
+    import anndata
+
+    adata = _adata()
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    before = path.read_bytes()
+    out = tmp_path / "res"
+    rc = main(["fit", str(path), "--model", model, "--rank", "3", "--layer", "counts", "--max-iter", "30",
+               "--quiet", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert path.read_bytes() == before  # the input is only read
+    key = {"nmf": "nmf", "gamma-poisson": "gamma_poisson"}[model]
+    res = anndata.read_h5ad(f"{out}.h5ad")
+    fit, summary = read_fit(str(out))
+    assert summary["files"]["anndata"] == f"{out}.h5ad" and "-> " in capsys.readouterr().out
+    assert res.uns[key]["params"]["fit_id"] == summary["fit_id"]  # the three files are one fit
+    np.testing.assert_allclose(res.obsm[f"X_{key}"], fit["H"])
+    hv = np.asarray(res.var["highly_variable"])
+    assert res.varm[key].shape == (12, 3) and not res.varm[key][~hv].any()  # genes not used: zero loadings
+    np.testing.assert_allclose(res.varm[key][hv], fit["W"])
+    assert list(fit["col_names"]) == list(res.var_names[hv])
+    assert res.uns[key]["params"]["use_highly_variable"] and res.uns[key]["params"]["layer"] == "counts"
+    assert f"{key}_1" in res.obs.columns and res.uns[key]["top_features"].shape == (8, 3)
+    # all genes with --no-use-highly-variable; a later run over the output replaces the results
+    rc = main(["fit", f"{out}.h5ad", "--model", model, "--rank", "2", "--layer", "counts", "--max-iter", "5",
+               "--no-use-highly-variable", "--quiet", "-o", str(tmp_path / "again")])
+    assert rc == 0, capsys.readouterr().err
+    again = anndata.read_h5ad(tmp_path / "again.h5ad")
+    assert again.obsm[f"X_{key}"].shape == (40, 2) and f"{key}_3" not in again.obs.columns
+    assert bool(again.varm[key].any(axis=1).all()) or again.varm[key].shape == (12, 2)
+
+
+def test_h5ad_flags_and_failures(tmp_path, capsys):
+    adata = _adata(hv=False)
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    out = tmp_path / "res"
+    rc = main(["fit", str(path), "--rank", "2", "--layer", "counts", "--use-highly-variable", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "highly_variable" in err and "--use-highly-variable" in err and err.count("\n") == 1
+    assert not list(tmp_path.glob("res*"))  # nothing written
+    npy = write(tmp_path, np.ones((5, 4)), ".npy")
+    assert main(["fit", str(npy), "--rank", "2", "--use-highly-variable", "-o", str(out)]) == 2
+    assert "applies to .h5ad input only" in capsys.readouterr().err
+    # a failed h5ad write leaves the previous outputs whole
+    assert main(["fit", str(path), "--rank", "2", "--layer", "counts", "--max-iter", "5", "--quiet",
+                 "-o", str(out)]) == 0
+    old = {ext: (tmp_path / f"res{ext}").read_bytes() for ext in (".npz", ".json", ".h5ad")}
+    import anndata
+
+    def boom(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(anndata.AnnData, "write_h5ad", boom)
+    try:
+        rc = main(["fit", str(path), "--rank", "3", "--layer", "counts", "--max-iter", "5", "--quiet", "-o", str(out)])
+    finally:
+        mp.undo()
+    assert rc == 2 and "No space left" in capsys.readouterr().err
+    assert {ext: (tmp_path / f"res{ext}").read_bytes() for ext in old} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["X.npy", "cells.h5ad", "res.h5ad", "res.json", "res.npz"]

@@ -3,7 +3,7 @@
 ::
 
     torchnmf fit [INPUT] --model {nmf,gamma-poisson,pnmf} --rank K [--beta B] [--max-iter N]
-                 [--tol T] [--init METHOD] [--transpose] [--layer NAME] [--round]
+                 [--tol T] [--init METHOD] [--transpose] [--layer NAME] [--[no-]use-highly-variable] [--round]
                  [--device D] [--seed S] [--quiet] [--debug] -o OUT
     torchnmf plot OUT [--image-shape H W] [--top N] [--components K] [--debug]
     torchnmf consensus FILE --ranks K [K ...] -o OUTDIR ...   (see torchnmf.consensus.cli)
@@ -24,7 +24,9 @@ written to temporary files in the same directory and renamed once both are whole
 write or a killed run leaves the previous pair intact (a kill between the two renames leaves
 a pair whose ``fit_id`` differ, which :func:`read_fit` and ``plot`` refuse); temporary files
 that killed runs left are deleted by the next. ``-o DIR/`` writes ``DIR/NAME.npz`` with
-``NAME`` the input's name.
+``NAME`` the input's name. An ``.h5ad`` input also gives ``OUT.h5ad`` (written with the pair,
+same ``fit_id``): the input's AnnData with the results added as :mod:`torchnmf.tl` adds them,
+fitted on the genes flagged highly variable when the input flags them (``--use-highly-variable``).
 ``plot`` writes ``OUT.png``: the objective history and the components, as images with
 ``--image-shape H W`` (digits: 8 x 8 by default) or as bars of their ``--top`` features.
 
@@ -93,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the file is stored features x samples: swap rows and columns after reading")
     f.add_argument("--layer", default=None, metavar="NAME",
                    help="for .h5ad: the layer to factorize instead of X, or 'raw' for adata.raw.X")
+    f.add_argument("--use-highly-variable", action=argparse.BooleanOptionalAction, default=None,
+                   help="for .h5ad: fit only the genes flagged in var['highly_variable'] (default: when that "
+                        "column exists, as scanpy's sc.tl.pca)")
     f.add_argument("--round", action="store_true",
                    help="round every value to the nearest integer (default: only values within 1e-6 of one, "
                         "for the count models)")
@@ -265,6 +270,70 @@ def _top_features(W: np.ndarray, H: np.ndarray, names) -> list:
     return out
 
 
+#: where each model's results go in OUT.h5ad (obsm['X_<key>'], varm['<key>'], uns['<key>'])
+ANNDATA_KEYS = {"nmf": "nmf", "gamma-poisson": "gamma_poisson", "pnmf": "pnmf"}
+
+
+def _read_anndata(args):
+    """``(Matrix, adata, feature_mask)`` of an .h5ad input: ``X`` or ``--layer``, restricted to the
+    highly variable genes as ``--use-highly-variable`` (default: when flagged) says."""
+    from . import anndata_io
+
+    try:
+        adata = anndata_io.read_anndata(args.input)
+    except ImportError as err:
+        raise CLIError(f"reading {args.input} needs anndata: pip install anndata") from err
+    except FileNotFoundError as err:
+        raise CLIError(str(err)) from err
+    try:
+        sel = anndata_io.select(adata, args.layer, args.use_highly_variable)
+    except (ValueError, TypeError) as err:
+        flags = str(err).replace("use_highly_variable=", "--use-highly-variable / --no-use-highly-variable, was ")
+        raise CLIError(f"{args.input}: {flags.replace('pass layer=', 'use --layer')}") from err
+    source = args.input + (f" (layer {args.layer})" if args.layer else "")
+    if sel.feature_mask is not None:
+        source += f" ({int(sel.feature_mask.sum())} highly variable genes)"
+    M = tio.Matrix(sel.matrix, np.asarray(adata.obs_names, dtype=str), np.asarray(sel.feature_names, dtype=str),
+                   source)
+    return M, adata, sel.feature_mask
+
+
+def _add_results(adata, args, W, H, feature_mask, summary, history) -> None:
+    """The fit written into ``adata`` as :mod:`torchnmf.tl` writes it (results of an earlier run
+    under the same key, carried in from the input file, are replaced)."""
+    from .anndata_io import top_features, write_results
+    from .tl._common import plain_params
+
+    key = ANNDATA_KEYS[args.model]
+    columns = [f"{key}_{k + 1}" for k in range(W.shape[1])]
+    params = {k: summary[k] for k in ("model", "rank", "beta", "max_iter", "tol", "n_iter")}
+    params.update(seed=args.seed, layer=args.layer or "X", use_highly_variable=feature_mask is not None,
+                  fit_id=summary["fit_id"], command="torchnmf fit")
+    names = np.asarray(adata.var_names, dtype=str)
+    uns = {"params": plain_params(params), "objective": summary["objective"], "history": history,
+           "converged": bool(summary["converged"]), "n_iter": int(summary["n_iter"]),
+           "components": np.asarray(columns, dtype=object),
+           "top_features": top_features(W, names if feature_mask is None else names[feature_mask], TOP_FEATURES,
+                                        columns)}
+    write_results(adata, key, H, W, uns, feature_mask, overwrite=True)
+
+
+def _write_h5ad(adata, prefix: str, fh) -> None:
+    """anndata writes to a path: write beside ``prefix`` and copy into ``fh`` (the atomic write's file)."""
+    import shutil
+
+    part = prefix + ".h5ad.part"
+    tio.remove_stale(part)  # one a killed run left behind
+    fd, tmp = tio._temporary(part)
+    os.close(fd)
+    try:
+        adata.write_h5ad(tmp)
+        with open(tmp, "rb") as src:
+            shutil.copyfileobj(src, fh)
+    finally:
+        os.unlink(tmp)
+
+
 def _fit(args) -> int:
     import torch
 
@@ -278,17 +347,26 @@ def _fit(args) -> int:
         raise CLIError(f"--tol must be >= 0, got {args.tol}")
     if args.model != "nmf" and args.beta != 1.0:
         raise CLIError(f"--beta applies to --model nmf only (the {args.model} model has a Poisson likelihood)")
-    if args.layer is not None and (args.input is None or not args.input.lower().endswith(".h5ad")):
+    h5ad = args.input is not None and args.input.lower().endswith(".h5ad")
+    if args.layer is not None and not h5ad:
         raise CLIError("--layer applies to .h5ad input only")
+    if args.use_highly_variable is not None and not h5ad:
+        raise CLIError("--use-highly-variable applies to .h5ad input only")
     prefix = _fit_prefix(args.output, args.input)
     image_shape = None
+    adata = feature_mask = None
     if args.input is not None:
         src = os.path.abspath(args.input)
-        for ext in (".npz", ".json", ".png"):
+        for ext in (".npz", ".json", ".png", ".h5ad"):
             if os.path.abspath(prefix + ext) == src:
                 raise CLIError(f"output {prefix + ext} would overwrite the input; choose another -o")
         try:
-            M = tio.read_matrix(args.input, layer=args.layer, transpose=args.transpose)
+            if h5ad and args.layer != "raw" and not args.transpose:
+                M, adata, feature_mask = _read_anndata(args)
+            else:  # raw (its own genes) or transposed: factors only, no OUT.h5ad
+                if args.use_highly_variable:
+                    raise CLIError("--use-highly-variable cannot be used with --layer raw or --transpose")
+                M = tio.read_matrix(args.input, layer=args.layer, transpose=args.transpose)
         except ValueError as err:
             raise CLIError(str(err)) from err
         source = M.source
@@ -384,16 +462,22 @@ def _fit(args) -> int:
     # whole: a failed write (disk full) or a killed run leaves the previous pair. The fit_id in
     # both lets readers refuse a pair a kill between the two renames could leave mixed.
     arrays["fit_id"] = np.asarray(fit_id)
+    files = [(prefix + ".npz", "wb", lambda fh: np.savez_compressed(fh, **arrays))]
+    if adata is not None:  # the input's AnnData with the results where scanpy looks (docs/single_cell)
+        summary["files"]["anndata"] = prefix + ".h5ad"
+        _add_results(adata, args, W, H, feature_mask, summary, history)
+        files.append((prefix + ".h5ad", "wb", lambda fh: _write_h5ad(adata, prefix, fh)))
+    files.append((prefix + ".json", "w", lambda fh: json.dump(summary, fh, indent=2)))  # last: the summary
+    names = ", ".join(f for f, _, _ in files)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        tio.atomic_write_all([(prefix + ".npz", "wb", lambda fh: np.savez_compressed(fh, **arrays)),
-                              (prefix + ".json", "w", lambda fh: json.dump(summary, fh, indent=2))])
+        tio.atomic_write_all(files)
     except OSError as err:
-        raise CLIError(f"cannot write {prefix}.npz and {prefix}.json: {err.strerror or err}") from err
+        raise CLIError(f"cannot write {names}: {err.strerror or err}") from err
     final = summary["final_objective"]
     rounded = f", {n_rounded} value{'s' if n_rounded != 1 else ''} rounded to counts" if n_rounded else ""
     print(f"{args.model}: {n_samples}x{n_features}, rank {args.rank}, {n_iter} iteration{'s' if n_iter != 1 else ''}, "
-          f"{summary['objective']} {final:.6g}, {seconds:.2f} s{rounded} -> {prefix}.npz, {prefix}.json")
+          f"{summary['objective']} {final:.6g}, {seconds:.2f} s{rounded} -> {names}")
     for message in unconverged[:1]:
         print(f"torchnmf fit: warning: {message}", file=sys.stderr)
     return 0
