@@ -27,3 +27,13 @@ def make_gamma(X, K, seed=0, **kw):
 def gamma_params(layer):
     """Numpy copies of ``U_shape, U_rate, alpha_shape, alpha_rate``."""
     return [getattr(layer, n).detach().cpu().numpy().copy() for n in ("U_shape", "U_rate", "alpha_shape", "alpha_rate")]
+
+
+def huge_float32(kind: str = "one", n: int = 6, m: int = 5) -> torch.Tensor:
+    """Finite float32 counts (n, m) too large for float32 arithmetic (issue 22 item 5): every entry
+    times 1e20 (``kind='scaled'``), or one entry of 3e38 (``'one'``)."""
+    X = torch.poisson(torch.full((n, m), 3.0), generator=torch.Generator().manual_seed(0))
+    if kind == "scaled":
+        return X * 1e20
+    X[1, 2] = 3e38
+    return X

@@ -8,7 +8,7 @@ import torch
 from scipy.special import digamma, logsumexp
 
 from torchnmf.poisson import CountMatrix, GammaPoisson
-from gamma_helpers import gamma_params, make_gamma, simulate_gamma
+from gamma_helpers import gamma_params, make_gamma, simulate_gamma, huge_float32 as _huge_float32
 from torchnmf.trainer import CAVI
 
 DT = torch.float64
@@ -232,15 +232,6 @@ def test_same_data_object_is_indexed_once(monkeypatch):
     assert len(raw) == 1 and raw[0] is X
     trainer.step(lambda: X.clone())  # a new object is indexed again
     assert len([c for c in calls if not isinstance(c, CountMatrix)]) == 2
-
-
-def _huge_float32(kind="one", n=6, m=5):
-    """Finite float32 counts too large for float32 arithmetic (issue 22 item 5)."""
-    X = torch.poisson(torch.full((n, m), 3.0), generator=torch.Generator().manual_seed(0))
-    if kind == "scaled":
-        return X * 1e20
-    X[1, 2] = 3e38
-    return X
 
 
 def test_float32_counts_too_large_are_refused_by_the_step():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.special import digamma, logsumexp
 
-from gamma_helpers import gamma_params, make_gamma, simulate_gamma
+from gamma_helpers import gamma_params, make_gamma, simulate_gamma, huge_float32 as _huge_float32
 from torchnmf.trainer import CAVI, NaturalGradient
 
 DT = torch.float64
@@ -288,15 +288,6 @@ def test_float32_step_with_cache_equals_recomputing(monkeypatch):
     assert float(ea.total) == float(eb.total)
     for p, q in zip(params(a), params(b)):
         np.testing.assert_array_equal(p, q)
-
-
-def _huge_float32(kind="one", n=6, m=5):
-    """Finite float32 counts too large for float32 arithmetic (issue 22 item 5)."""
-    X = torch.poisson(torch.full((n, m), 3.0), generator=torch.Generator().manual_seed(0))
-    if kind == "scaled":
-        return X * 1e20
-    X[1, 2] = 3e38
-    return X
 
 
 def test_float32_counts_too_large_are_refused_by_the_step():

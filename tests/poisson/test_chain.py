@@ -9,7 +9,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import digamma, gammaln, logsumexp
 from torch import nn
 
-from gamma_helpers import DT, gamma_params, make_gamma, simulate_gamma
+from gamma_helpers import DT, gamma_params, make_gamma, simulate_gamma, huge_float32 as _huge_float32
 from torchnmf import NMF
 from torchnmf.poisson import GammaNMF, chain_elbo
 from torchnmf.trainer import CAVI, NaturalGradient
@@ -483,15 +483,6 @@ def test_float32_depth_one_follows_gamma_poisson_float32():
         np.testing.assert_allclose(float(b.total), float(a.total), rtol=1e-6)
     for p, q in zip(gamma_params(ref), [layer.H_shape, layer.H_rate, layer.W_shape, layer.W_rate]):
         np.testing.assert_allclose(q.detach().numpy(), p, rtol=1e-9)
-
-
-def _huge_float32(kind="one", n=6, m=5):
-    """Finite float32 counts too large for float32 arithmetic (issue 22 item 5)."""
-    X = torch.poisson(torch.full((n, m), 3.0), generator=torch.Generator().manual_seed(0))
-    if kind == "scaled":
-        return X * 1e20
-    X[1, 2] = 3e38
-    return X
 
 
 def test_float32_counts_too_large_are_refused_by_the_elbo():

@@ -11,7 +11,7 @@ from scipy.special import digamma, gammaln, logsumexp
 from torchnmf import History
 from torchnmf.poisson import GammaPoisson
 from torchnmf.poisson.gamma import CountMatrix, expected_counts
-from gamma_helpers import gamma_params, make_gamma, simulate_gamma
+from gamma_helpers import gamma_params, make_gamma, simulate_gamma, huge_float32 as _huge_float32
 
 DT = torch.float64
 
@@ -544,15 +544,6 @@ def test_cuda_matches_cpu():
     hg = gpu.fit(X.cuda(), max_iter=10, tol=0)
     assert gpu.U_shape.device.type == "cuda"
     np.testing.assert_allclose(hg.values, hc.values, rtol=1e-4)
-
-
-def _huge_float32(kind="one", n=6, m=5):
-    """Finite float32 counts too large for float32 arithmetic (issue 22 item 5)."""
-    X = torch.poisson(torch.full((n, m), 3.0), generator=torch.Generator().manual_seed(0))
-    if kind == "scaled":
-        return X * 1e20
-    X[1, 2] = 3e38
-    return X
 
 
 def test_float32_counts_too_large_are_refused_by_the_elbo():

@@ -11,6 +11,7 @@ from scipy.special import gammaln, logsumexp
 from torchnmf import constraints
 from torchnmf.poisson import ELBO, Counts, FactorPosterior, IndependentNormal, LogNormalPoisson
 from torchnmf.trainer import GaussianNatural
+from gamma_helpers import huge_float32 as _huge_float32
 
 # small problems: one intra-op thread avoids contention (conftest fixture)
 
@@ -476,15 +477,6 @@ def test_independent_normal_draws_and_kl_equal_torch_distributions():
         prior = Normal(f.prior_loc.expand_as(loc), f.prior_scale.expand_as(loc))
         ref = kl_divergence(Normal(loc, scale), prior).sum() * (8 / loc.shape[1])
         assert torch.equal(f.kl(idx), ref)
-
-
-def _huge_float32(kind="one", n=6, m=5):
-    """Finite float32 counts too large for float32 arithmetic (issue 22 item 5)."""
-    X = torch.poisson(torch.full((n, m), 3.0), generator=torch.Generator().manual_seed(0))
-    if kind == "scaled":
-        return X * 1e20
-    X[1, 2] = 3e38
-    return X
 
 
 def test_float32_counts_too_large_are_refused_by_the_elbo():

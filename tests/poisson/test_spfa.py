@@ -10,6 +10,7 @@ from scipy.special import expit, gammaln
 
 from torchnmf.poisson import ELBO, SparsePoissonFA
 from torchnmf.poisson.spfa import spike_slab_kl
+from gamma_helpers import huge_float32 as _huge_float32
 
 # small problems: one intra-op thread avoids contention (conftest fixture)
 
@@ -215,15 +216,6 @@ def test_bad_input_and_input_not_modified():
     with pytest.raises(ValueError, match=r"idx must lie in \[0, 12\)"):
         m.elbo(X[:2], idx=torch.tensor([0, 12]))
     assert m().shape == (12, 7)
-
-
-def _huge_float32(kind="one", n=6, m=5):
-    """Finite float32 counts too large for float32 arithmetic (issue 22 item 5)."""
-    X = torch.poisson(torch.full((n, m), 3.0), generator=torch.Generator().manual_seed(0))
-    if kind == "scaled":
-        return X * 1e20
-    X[1, 2] = 3e38
-    return X
 
 
 def test_float32_counts_too_large_are_refused_by_the_elbo():
