@@ -253,6 +253,7 @@ def check_magnitude(X: Tensor, name: str = "X", dtype: Optional[torch.dtype] = N
     Tensor
         ``X`` itself.
     """
+    check_not_meta(X, name)  # no values to measure
     v = _values(X)
     dtype = dtype or X.dtype
     if not v.numel() or not v.is_floating_point() or not dtype.is_floating_point:
