@@ -134,6 +134,17 @@ def test_consensus_recovers_planted_programs_and_stability_picks_the_true_rank()
     assert est.usages_[4].shape == (150, 4) and (est.usages_[4] >= 0).all()
 
 
+def test_sparse_input_gives_the_dense_result():
+    X, _, _ = _planted(7, n=70, m=24, k=3)
+    X = X.astype(int)
+    kw = dict(n_replicates=4, n_top_features=16, **FAST)
+    dense = ConsensusNMF(3, **kw).fit(X)
+    sparse = ConsensusNMF(3, **kw).fit(sp.csr_matrix(X))
+    np.testing.assert_allclose(sparse.components_[3], dense.components_[3], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(sparse.usages_[3], dense.usages_[3], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(sparse.transform(sp.csr_matrix(X[:5])), dense.transform(X[:5]), rtol=1e-5, atol=1e-8)
+
+
 def test_k_selection_fields():
     X, _, _ = _planted(1, n=80, m=24, k=3)
     est = ConsensusNMF([2, 3], n_replicates=6, n_top_features=None, **FAST).fit(X)
