@@ -3,7 +3,6 @@ import os
 import time
 import warnings
 
-import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
@@ -90,12 +89,15 @@ def test_other_betas_equal_separate_fits(beta):
         assert _close(fit.W[r], W) and _close(fit.H[r], H)
 
 
-def test_tiles_equal_one_tile():
-    """Dense beta != 2 in small tiles of replicates and rows equals one tile (and NMF.fit)."""
-    X = _data()
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_tiles_equal_one_tile(kind):
+    """beta=1 in small tiles (dense: replicates x rows; sparse: replicates x non-zeros) equals one tile."""
+    X = _as(_data(), kind)
     kw = dict(beta=1, tol=0, max_iter=25, check_every=5, random_state=3)
     whole = fit_replicates(X, K, R, **kw)
-    for block in (F * N * 2, F * 7, 1):  # 2 replicates a tile; 7 rows; one row
+    nnz = int((_data() != 0).sum())
+    blocks = (F * N * 2, F * 7, 1) if kind == "dense" else (nnz * 2, nnz * 3, 1)  # 2 or 3 replicates a chunk; 1 row
+    for block in blocks:
         tiled = fit_replicates(X, K, R, block_elems=block, **kw)
         assert _close(tiled.W, whole.W, 1e-12) and _close(tiled.H, whole.H, 1e-12)
         assert torch.allclose(tiled.loss, whole.loss, rtol=1e-12)
@@ -112,6 +114,44 @@ def test_several_ranks_equal_per_rank_calls():
     for f, s in zip(fits, singles):
         assert f.n_iter.tolist() == s.n_iter.tolist()
         assert _close(f.W, s.W) and _close(f.H, s.H)
+
+
+def test_stopped_replicates_leave_the_batch(monkeypatch):
+    """Each half-update works on the columns of the replicates still running, no more."""
+    X = _data()
+    widths = []
+    real = rep._Batch.update
+
+    def update(self, side, W, H, groups, measure):
+        widths.append((W.shape[1], H.shape[1], sum(len(g.ids) * g.k for g in groups)))
+        return real(self, side, W, H, groups, measure)
+
+    monkeypatch.setattr(rep._Batch, "update", update)
+    fit = fit_replicates(X, [2, 3], 3, beta=2, tol=2e-4, max_iter=400, random_state=5)
+    n_iter = sorted(n for f in fit for n in f.n_iter.tolist())
+    assert len(set(n_iter)) > 2
+    assert all(w == h == c for w, h, c in widths)
+    running = [c for _, _, c in widths]
+    assert running[0] == 3 * (2 + 3) and running == sorted(running, reverse=True)
+    # the last half-updates work for the replicate that ran longest only
+    last = next(k for f in fit for k, n in zip([f.rank] * 3, f.n_iter.tolist()) if n == n_iter[-1])
+    assert running[-1] == last
+    # one H half-update per iteration of the longest replicate (and its final measure), one W per iteration
+    assert len(widths) == 2 * n_iter[-1] + 1
+
+
+def test_max_columns_batches_equal_one_batch():
+    X = _data()
+    kw = dict(beta=2, tol=1e-4, max_iter=100, random_state=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        one = fit_replicates(X, [2, 3], 3, **kw)
+        parts = fit_replicates(X, [2, 3], 3, max_columns=5, **kw)  # parts of 2+2, 2+3, 3, 3 columns
+    for a, b in zip(parts, one):
+        assert a.n_iter.tolist() == b.n_iter.tolist()
+        assert _close(a.W, b.W, 1e-10) and _close(a.H, b.H, 1e-10)
+    assert rep._columns_split([(2, 0), (2, 1), (2, 2), (3, 0)], 5) == [[(2, 0), (2, 1)], [(2, 2), (3, 0)]]
+    assert rep._columns_split([(4, 0)], 3) == [[(4, 0)]]
 
 
 def test_seeding_does_not_depend_on_the_number_of_replicates():
@@ -139,7 +179,7 @@ def test_inputs_not_modified():
     X = _data()
     W0, H0 = init_replicates(X, K, range(2), seed=1)
     copies = [t.clone() for t in (X, W0, H0)]
-    Xs = X.to_sparse_csr()
+    Xs = to_csr(X)
     vals = Xs.values().clone()
     fit = fit_replicates(X, K, 2, beta=1, tol=0, max_iter=12, W0=W0, H0=H0)
     fit_replicates(Xs, K, 2, beta=2, tol=0, max_iter=12, W0=W0, H0=H0)
@@ -147,6 +187,11 @@ def test_inputs_not_modified():
         assert torch.equal(a, b)
     assert torch.equal(Xs.values(), vals)
     assert fit.W.data_ptr() != W0.data_ptr()
+    # starts that require grad: no autograd graph through the iterations, the starts untouched
+    W0g = W0.clone().requires_grad_()
+    fit = fit_replicates(X, K, 2, beta=1, tol=0, max_iter=3, W0=W0g, H0=H0)
+    assert not fit.W.requires_grad and not fit.H.requires_grad and W0g.grad is None
+    assert torch.equal(W0g.detach(), W0)
 
 
 @pytest.mark.parametrize("beta", [1, 2])
@@ -209,6 +254,7 @@ def test_progress_bar_shows_active_replicates(capsys):
     (lambda X: fit_replicates(X, F + 1), ValueError, "rank"),
     (lambda X: fit_replicates(X, [2, 0]), ValueError, "rank"),
     (lambda X: fit_replicates(X, []), ValueError, "rank"),
+    (lambda X: fit_replicates(X, [2, 3, 2]), ValueError, "rank holds 2 more than once"),
     (lambda X: fit_replicates(X, 2.5), TypeError, "rank"),
     (lambda X: fit_replicates(X, 2, 0), ValueError, "n_replicates"),
     (lambda X: fit_replicates(X, 2, 1.5), TypeError, "n_replicates"),
@@ -217,6 +263,7 @@ def test_progress_bar_shows_active_replicates(capsys):
     (lambda X: fit_replicates(X[:0], 2), ValueError, "X is empty"),
     (lambda X: fit_replicates(X[0], 2), ValueError, "X must have 2"),
     (lambda X: fit_replicates(X, 2, 3, W0=torch.rand(3, F, 3, dtype=F64)), ValueError, "W0 has shape"),
+    (lambda X: fit_replicates(X, 2, W0=torch.rand(3, F, 2, dtype=F64)), ValueError, "pass n_replicates=3"),
     (lambda X: fit_replicates(X, 2, 3, H0=torch.rand(2, N, 2, dtype=F64)), ValueError, "H0 has shape"),
     (lambda X: fit_replicates(X, 2, 2, W0=-torch.rand(2, F, 2, dtype=F64)), ValueError, "W0 must be non-negative"),
     (lambda X: fit_replicates(X, [2, 3], 2, W0=torch.rand(2, F, 2, dtype=F64)), ValueError, "single rank"),
@@ -230,6 +277,9 @@ def test_progress_bar_shows_active_replicates(capsys):
     (lambda X: fit_replicates(X, 2, l1_ratio=2), ValueError, "l1_ratio"),
     (lambda X: fit_replicates(X, 2, dtype=torch.int64), TypeError, "dtype"),
     (lambda X: fit_replicates(X, 2, random_state=-1), ValueError, "random_state"),
+    (lambda X: fit_replicates(X, 2, max_columns=0), ValueError, "max_columns"),
+    (lambda X: fit_replicates(X, 2, block_elems=0), ValueError, "block_elems"),
+    (lambda X: fit_replicates(X, 2, stop_rule="x"), ValueError, "stop_rule"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -245,6 +295,18 @@ def _entry(rank, world, port, out):
             warnings.simplefilter("ignore", ConvergenceWarning)
             result = {"fits": fit_replicates(_data(), [2, 3], 3, beta=1, tol=1e-4, max_iter=100, random_state=4),
                       "none": fit_replicates(_data(), 2, 3, tol=0, max_iter=3).W}  # random_state=None: one seed
+        if rank == 1:  # a non-finite objective on one process: both raise, neither hangs
+            real = rep._Batch.update
+
+            def update(self, side, W, H, groups, measure):
+                B, loss = real(self, side, W, H, groups, measure)
+                return B, (loss * float("nan") if measure else loss)
+            rep._Batch.update = update
+        try:
+            fit_replicates(_data(), 2, 4, tol=0, max_iter=3, random_state=0)
+            result["nan"] = "no error"
+        except FloatingPointError as err:
+            result["nan"] = str(err)
     except BaseException as err:
         result = {"error": f"{type(err).__name__}: {err}"}
     path = os.path.join(out, f"rank{rank}.pt")
@@ -281,3 +343,5 @@ def test_two_processes_equal_one(tmp_path):
             assert _close(f.W, g.W, 1e-10) and _close(f.H, g.H, 1e-10)
             assert torch.allclose(f.loss, g.loss, rtol=1e-10)
     assert torch.equal(res[0]["none"], res[1]["none"])
+    assert "another process" in res[0]["nan"]
+    assert "replicate 1 at rank 2" in res[1]["nan"]  # rank 1 fits replicates 1 and 3

@@ -13,7 +13,9 @@ stacked along the rank axis: ``W_all`` is ``(n_features, Σ k_r)`` and ``H_all``
   each replicate: a dense ``X`` is taken in tiles of replicates and rows, each tile one batched
   product, sized so that no tile holds more than ``block_elems`` entries (never an
   ``R x n_samples x n_features`` tensor); a sparse ``X`` gives the sampled products
-  ``H_r W_rᵀ`` at its non-zeros only, through the CSR kernels of :mod:`torchnmf.updates`.
+  ``H_r W_rᵀ`` at its non-zeros only: for beta = 1 one sampled product and one CSR product
+  per chunk of replicates (X's pattern repeated block-diagonally, :class:`_Expanded`), for
+  other betas one replicate at a time through :func:`torchnmf.updates.mu_statistics`.
 
 Each iteration updates H then W with the rules of :meth:`NMF.fit <torchnmf.nmf.BaseComponent.fit>`
 (same exponents, floors, penalties and scikit-learn's zeroing for beta < 1), and every replicate
@@ -21,7 +23,13 @@ follows the fit engine's stop rule on its own (:func:`torchnmf.engine.relative_c
 :func:`torchnmf.engine.has_converged`, the noise floor of the dtype): replicate ``r`` of the batch
 ends with the factors, the objective and the number of iterations of ``NMF.fit`` started from
 the same factors. A replicate that has converged stops changing and stops costing: it leaves the
-stacked tensors at the check where it stopped.
+stacked tensors at the check where it stopped (the remaining columns are copied once, which costs
+less than one product with ``X``). The only host synchronisation is one small copy of the
+replicates' divergences per check.
+
+Memory: the stacked factors and their updates take about ``6 (n_samples + n_features)`` entries
+per stacked column (``max_columns`` fits the replicates in consecutive batches of fewer columns);
+the per-replicate work of beta != 2 at most a few times ``block_elems`` entries.
 
 With :mod:`torch.distributed` initialised (or a ``process_group``) the replicates are divided
 among the processes, each fits its share, and the results are summed back so that every process
@@ -40,21 +48,26 @@ import torch
 from torch import Tensor
 
 from . import data
-from ._csr import to_csr
+from ._csr import csr_tensor, to_csr
 from .distributed import all_reduce_stats, get_rank, get_world_size
-from .engine import ConvergenceWarning, STOP_RULES, has_converged, relative_change
+from .engine import ConvergenceWarning, STOP_RULES, _user_stacklevel, has_converged, relative_change
 from .init import _mean, check_random_state
-from .updates import EPSILON, _big_mm, _sparse_parts, mu_apply, mu_statistics
+from .updates import EPSILON, _big_mm, _multiply, _sparse_parts, mu_gamma, mu_statistics
 
 __all__ = ["ReplicateFit", "fit_replicates", "replicate_generator", "init_replicates"]
 
 #: ``init`` values :func:`fit_replicates` accepts.
 INITS = ("random",)
 
-# entries of one reconstruction tile (replicates x rows x features) for beta != 2: ~32 MiB of
-# float64 per temporary on a CPU (the size updates.py keeps its blocks at), 512 MiB on a GPU
-_BLOCK_ELEMS_CPU = 1 << 22
+# entries of one reconstruction tile (replicates x rows x features) for beta != 2 and a dense X:
+# 1 MiB of float64 per temporary on a CPU (cache-sized: 1.5-2x faster than 32 MiB tiles,
+# measured 2000x500, rank 8), 512 MiB of float32 on a GPU
+_BLOCK_ELEMS_CPU = 1 << 17
 _BLOCK_ELEMS_CUDA = 1 << 27
+# entries (non-zeros x replicates) of one chunk of the sparse KL path (_Expanded: ~36 bytes each);
+# on a CPU smaller chunks stay in cache (measured 1.3x faster than 2**21 at 85k non-zeros)
+_SPARSE_ELEMS_CPU = 1 << 19
+_SPARSE_ELEMS_CUDA = 1 << 25
 
 
 @dataclass
@@ -171,7 +184,7 @@ def init_replicates(X, rank: int, replicates: Sequence[int], seed: int, *, dtype
 class _Group:
     """Replicates of one rank in the stacked factors: columns ``[offset, offset + len(ids) * k)``."""
 
-    def __init__(self, k: int, ids: List[int], offset: int):
+    def __init__(self, k: int, ids: List[Tuple[int, int]], offset: int):
         self.k, self.ids, self.offset = k, ids, offset
 
     @property
@@ -183,11 +196,52 @@ class _Group:
         return A[:, self.cols].view(A.shape[0], len(self.ids), self.k)
 
 
+class _Expanded:
+    """The non-zero pattern of a sparse ``X`` (n, m) repeated for ``c`` replicates, as one CSR matrix.
+
+    Row ``i c + r`` of the ``(n c, m c)`` matrix holds row ``i`` of ``X`` at columns
+    ``j c + r``: with the replicates' factors as ``(n c, k)`` and ``(m c, k)`` matrices (the
+    stacked layout, reshaped), the reconstruction at the non-zeros of all ``c`` replicates is
+    one sampled product and their numerators one CSR product, with no work outside the
+    non-zeros.
+    """
+
+    def __init__(self, nz, c: int):
+        n, m = nz.shape
+        crow, col = nz.crow.long(), nz.col.long()
+        counts = (crow[1:] - crow[:-1]).repeat_interleave(c)  # entries of each row (i, r)
+        crowE = torch.zeros(n * c + 1, dtype=torch.int64, device=crow.device)
+        torch.cumsum(counts, 0, out=crowE[1:])
+        rows = torch.repeat_interleave(torch.arange(n * c, device=crow.device), counts)
+        src = crow[rows // c] + torch.arange(rows.numel(), device=crow.device) - crowE[rows]  # entry of X
+        colE = col[src] * c + rows % c
+        del rows
+        if max(colE.numel(), n * c, m * c) < 2 ** 31 - 1:  # int32: faster CSR products, half the memory
+            crowE, colE = crowE.to(torch.int32), colE.to(torch.int32)
+        self.shape = (n * c, m * c)
+        self.crow, self.col = crowE, colE
+        self.vals = nz.vals[src]
+        self.pattern = self.csr(torch.zeros_like(self.vals))  # sampled_addmm's beta=0 still reads it
+        self._ones: Optional[Tensor] = None
+
+    def csr(self, values: Tensor) -> Tensor:
+        return csr_tensor(self.crow, self.col, values, self.shape)
+
+    def row_sums(self, values: Tensor) -> Tensor:
+        """``Σ_j`` of the matrix holding ``values``, per row, shape (n c,)."""
+        if self._ones is None or self._ones.dtype != values.dtype:
+            self._ones = values.new_ones((self.shape[1], 1))
+        return (self.csr(values) @ self._ones).view(-1)
+
+
 class _Batch:
     """The stacked factors of the active replicates and one multiplicative update of either."""
 
-    def __init__(self, X: Tensor, beta: float, l1: float, l2: float, block_elems: int):
-        self.beta, self.l1, self.l2, self.block = beta, l1, l2, block_elems
+    def __init__(self, X: Tensor, beta: float, l1: float, l2: float, block_elems: Optional[int]):
+        self.beta, self.l1, self.l2, self.gamma = beta, l1, l2, mu_gamma(beta)
+        cuda = X.is_cuda
+        self.block = block_elems or (_BLOCK_ELEMS_CUDA if cuda else _BLOCK_ELEMS_CPU)
+        self.sparse_block = block_elems or (_SPARSE_ELEMS_CUDA if cuda else _SPARSE_ELEMS_CPU)
         self.sparse = data.is_sparse(X)
         self.X = X
         self.Xt = to_csr(X.t()) if self.sparse else X.t()
@@ -219,7 +273,10 @@ class _Batch:
             num, den, loss = self._sparse(side, W, H, groups, measure)
         else:
             num, den, loss = self._dense(side, W, H, groups, measure)
-        return mu_apply(B, num, den, self.beta, self.l1, self.l2), loss
+        # num is a fresh tensor on every path: divided in place. Row-major result, so that every
+        # rank's block of columns views as (n, R_g, k)
+        new = _multiply(B, num, den, self.gamma, self.l1, self.l2, EPSILON, num_is_scratch=True)
+        return new.contiguous(), loss
 
     def _frobenius(self, side, W, H, groups, measure):
         """beta = 2: one product with X for all replicates, Gram terms batched per rank."""
@@ -242,7 +299,15 @@ class _Batch:
         return num, den, (torch.cat(losses) if measure else None)
 
     def _sparse(self, side, W, H, groups, measure):
-        """Sparse X, beta != 2: the update's statistics at X's non-zeros, one replicate at a time."""
+        """Sparse X, beta != 2: the update's statistics at X's non-zeros.
+
+        beta = 1 takes ``c`` replicates at once through :class:`_Expanded` (one sampled product
+        and one CSR product per chunk); other betas need dense blocks of each replicate's
+        reconstruction for the denominator and go one replicate at a time through
+        :func:`torchnmf.updates.mu_statistics`.
+        """
+        if self.beta == 1:
+            return self._sparse_kl(side, W, H, groups, measure)
         X = self.X if side == "H" else self.Xt
         A, B = (W, H) if side == "H" else (H, W)
         num, den = torch.empty_like(B), torch.empty_like(B)
@@ -256,6 +321,43 @@ class _Batch:
                 dg[:, j].copy_(d_)
                 if measure:
                     losses.append(l_.reshape(1))
+        return num, den, (torch.cat(losses) if measure else None)
+
+    def _sparse_kl(self, side, W, H, groups, measure):
+        """Sparse X, beta = 1: ``X / (H_r W_rᵀ)`` at the non-zeros for chunks of replicates."""
+        nz = _sparse_parts(self.X if side == "H" else self.Xt, self.cache[side])
+        A, B = (W, H) if side == "H" else (H, W)
+        n, m = nz.shape
+        num = torch.empty_like(B)
+        den = B.new_empty((1, B.shape[1]))
+        losses = []
+        nnz = max(1, nz.vals.numel())
+        chunks = [max(1, min(len(g.ids), self.sparse_block // nnz)) for g in groups]
+        # keep the expansions of the chunk sizes these groups use (until replicates stop), no others
+        sizes = {min(c, len(g.ids) - r0) for g, c in zip(groups, chunks) for r0 in range(0, len(g.ids), c)}
+        store = self.cache[side].setdefault("expanded", {})
+        for c in set(store) - sizes:
+            del store[c]
+        for g, c in zip(groups, chunks):
+            Ag, Bg, R = g.view(A), g.view(B), len(g.ids)
+            lg = []
+            for r0 in range(0, R, c):
+                r1 = min(R, r0 + c)
+                if r1 - r0 not in store:
+                    store[r1 - r0] = _Expanded(nz, r1 - r0)
+                ex = store[r1 - r0]
+                Bc = Bg[:, r0:r1].reshape(n * (r1 - r0), g.k)  # row (i, r) = B[i, r]
+                Ac = Ag[:, r0:r1].reshape(m * (r1 - r0), g.k)
+                wh = torch.sparse.sampled_addmm(ex.pattern, Bc, Ac.t(), beta=0.0).values()
+                whc = wh.clamp_min(EPSILON)
+                ratio = ex.vals / whc
+                g.view(num)[:, r0:r1] = (ex.csr(ratio) @ Ac).view(n, r1 - r0, g.k)
+                if measure:
+                    terms = torch.xlogy(ex.vals, ratio) - ex.vals  # v log(v / wh) - v
+                    lg.append(ex.row_sums(terms).view(n, r1 - r0).sum(0))
+            g.view(den)[0] = Ag.sum(0)  # the fixed factor's column sums, as NMF.fit's
+            if measure:
+                losses.append(torch.cat(lg) + (Bg.sum(0) * Ag.sum(0)).sum(1))
         return num, den, (torch.cat(losses) if measure else None)
 
     def _tiles(self, N: int, F: int, R: int):
@@ -280,20 +382,20 @@ class _Batch:
             R = len(g.ids)
             nr, nb = self._tiles(N, F, R)
             ng = g.view(num)
-            if side == "W":
-                ng.zero_()
             dg = None if den is None else g.view(den)
-            if dg is not None and side == "W":
-                dg.zero_()
             lg = Hg.new_zeros(R) if measure else None
             for r0 in range(0, R, nr):
                 r1 = min(R, r0 + nr)
-                Wc = Wg[:, r0:r1].permute(1, 0, 2)  # (c, F, k)
+                # products with the thin operand on the left (MKL: ~2x faster, cf. updates._big_mm)
+                Wt = Wg[:, r0:r1].permute(1, 2, 0).contiguous()  # (c, k, F)
+                if side == "W":
+                    accN = Wt.new_zeros(Wt.shape)
+                    accD = None if beta == 1 else Wt.new_zeros(Wt.shape)
                 for n0 in range(0, N, nb):
                     n1 = min(N, n0 + nb)
                     Hc = Hg[n0:n1, r0:r1].permute(1, 0, 2)  # (c, n, k)
                     Xb = X[n0:n1]
-                    WH = torch.bmm(Hc, Wc.transpose(1, 2))  # (c, n, F)
+                    WH = torch.bmm(Hc, Wt)  # (c, n, F)
                     if beta < 2:
                         WH.clamp_min_(EPSILON)
                     if beta == 1:
@@ -312,13 +414,18 @@ class _Batch:
                                               - beta * (D * Xb).sum((1, 2))) / (beta * (beta - 1))
                         Nm = P.mul_(Xb)  # X WH^(beta-2)
                     if side == "H":
-                        ng[n0:n1, r0:r1] = torch.bmm(Nm, Wc).permute(1, 0, 2)
+                        ng[n0:n1, r0:r1] = torch.bmm(Wt, Nm.transpose(1, 2)).permute(2, 0, 1)
                         if D is not None:
-                            dg[n0:n1, r0:r1] = torch.bmm(D, Wc).permute(1, 0, 2)
+                            dg[n0:n1, r0:r1] = torch.bmm(Wt, D.transpose(1, 2)).permute(2, 0, 1)
                     else:
-                        ng[:, r0:r1] += torch.bmm(Nm.transpose(1, 2), Hc).permute(1, 0, 2)
+                        HcT = Hc.transpose(1, 2)  # (c, k, n)
+                        accN.baddbmm_(HcT, Nm)
                         if D is not None:
-                            dg[:, r0:r1] += torch.bmm(D.transpose(1, 2), Hc).permute(1, 0, 2)
+                            accD.baddbmm_(HcT, D)
+                if side == "W":
+                    ng[:, r0:r1] = accN.permute(2, 0, 1)
+                    if accD is not None:
+                        dg[:, r0:r1] = accD.permute(2, 0, 1)
             if beta == 1:  # the denominator is the fixed factor's column sums, as NMF.fit's
                 g.view(den1)[0] = (Wg if side == "H" else Hg).sum(0)
             if measure:
@@ -342,6 +449,10 @@ def _check_ranks(rank, shape) -> Tuple[List[int], bool]:
     ranks = [data.check_rank(k, "rank", max_rank=limit) for k in rank]
     if not ranks:
         raise ValueError("rank must hold at least one rank, got an empty sequence")
+    twice = sorted({k for k in ranks if ranks.count(k) > 1})
+    if twice:
+        raise ValueError(f"rank holds {', '.join(map(str, twice))} more than once: list each rank once "
+                         "(more restarts of a rank come from n_replicates)")
     return ranks, False
 
 
@@ -351,8 +462,10 @@ def _check_start(value, name: str, shape, dtype, device) -> Optional[Tensor]:
     T = data.as_tensor(value, name, dtype=dtype, device=device, ndim=3, sparse="dense")
     data.check_nonnegative(T, name)
     if tuple(T.shape) != tuple(shape):
+        hint = (f"; pass n_replicates={T.shape[0]} to start from its {T.shape[0]} slices"
+                if tuple(T.shape[1:]) == tuple(shape[1:]) else "")
         raise ValueError(f"{name} has shape {tuple(T.shape)}, expected (n_replicates, "
-                         f"{'n_features' if name == 'W0' else 'n_samples'}, rank) = {tuple(shape)}")
+                         f"{'n_features' if name == 'W0' else 'n_samples'}, rank) = {tuple(shape)}{hint}")
     return T
 
 
@@ -375,7 +488,8 @@ def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *
                    init: str = "random", W0=None, H0=None, random_state=None, device=None,
                    dtype: Optional[torch.dtype] = None, alpha: float = 0, l1_ratio: float = 0,
                    verbose: bool = False, process_group=None, stop_rule: str = "relative",
-                   block_elems: Optional[int] = None) -> Union[ReplicateFit, List[ReplicateFit]]:
+                   block_elems: Optional[int] = None,
+                   max_columns: Optional[int] = None) -> Union[ReplicateFit, List[ReplicateFit]]:
     r"""Fit ``n_replicates`` restarts of NMF at each rank as one tensor program.
 
     Replicate ``r`` at rank ``k`` is the fit of :meth:`NMF.fit <torchnmf.nmf.BaseComponent.fit>`
@@ -426,8 +540,17 @@ def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *
     stop_rule : {'relative', 'sklearn'}, default 'relative'
         As ``NMF.fit``.
     block_elems : int, optional
-        Entries of one reconstruction tile (replicates x rows x features) for beta != 2 with a
-        dense ``X``: about 4 million on a CPU, 134 million on a GPU by default.
+        Memory budget of the per-replicate work for beta != 2: the entries of one
+        reconstruction tile (replicates x rows x features) for a dense ``X`` (default 2**17 on
+        a CPU, 2**27 on a GPU), or of one chunk (replicates x non-zeros) for a sparse ``X``
+        with beta = 1 (default 2**19 on a CPU, 2**25 on a GPU; X's pattern repeated for a chunk
+        is kept for each chunk size in use, at most two per rank). Temporaries
+        take a few times this many entries; no ``R x n_samples x n_features`` tensor is ever made.
+    max_columns : int, optional
+        Stack at most this many columns (the sum of the replicates' ranks) at once: the
+        (rank, replicate) pairs of a process are then fitted in consecutive batches. The
+        stacked factors and their updates take about ``6 (n_samples + n_features)`` entries
+        per column; default: every replicate in one batch.
 
     Returns
     -------
@@ -474,8 +597,8 @@ def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *
         raise TypeError(f"verbose must be True or False, got {verbose!r}")
     if block_elems is not None:
         block_elems = data.check_int(block_elems, "block_elems", low=1)
-    else:
-        block_elems = _BLOCK_ELEMS_CUDA if X.is_cuda else _BLOCK_ELEMS_CPU
+    if max_columns is not None:
+        max_columns = data.check_int(max_columns, "max_columns", low=1)
     N, F = X.shape
     if (W0 is not None or H0 is not None) and not single:
         raise ValueError("W0 and H0 need a single rank: fit several ranks without them, or one rank per call")
@@ -499,9 +622,13 @@ def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *
            for k in ranks}
     error: Optional[BaseException] = None
     try:
-        if mine:
-            _fit_local(X, mine, out, W0, H0, seed, beta, tol, max_iter, check_every, l1, l2, stop_rule,
-                       block_elems, verbose and me == 0)
+        batch = _Batch(X, beta, l1, l2, block_elems)
+        parts = _columns_split(mine, max_columns)
+        for n, part in enumerate(parts):
+            desc = f"fit_replicates ({len(part)} replicates"
+            desc += f", part {n + 1}/{len(parts)})" if len(parts) > 1 else ")"
+            _fit_local(batch, part, out, W0, H0, seed, tol, max_iter, check_every, stop_rule,
+                       _bar(verbose and me == 0, max_iter, len(part), desc))
     except (FloatingPointError, RuntimeError) as err:
         if world == 1:
             raise
@@ -512,7 +639,7 @@ def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *
     if tol > 0 and unconverged:
         warnings.warn(f"fit_replicates: {unconverged} of {len(pairs)} replicates reached max_iter={max_iter} "
                       f"before converging (tol={tol:g}, {stop_rule} rule). Increase max_iter, or raise tol.",
-                      ConvergenceWarning, stacklevel=2)
+                      ConvergenceWarning, stacklevel=_user_stacklevel())
     return out[ranks[0]] if single else [out[k] for k in ranks]
 
 
@@ -531,34 +658,45 @@ def _gather(out: Dict[int, ReplicateFit], ranks: List[int], error: Optional[Base
         f.converged = s["converged"] > 0
 
 
-def _fit_local(X, mine, out, W0, H0, seed, beta, tol, max_iter, check_every, l1, l2, rule, block_elems,
-               verbose) -> None:
+def _columns_split(pairs: List[Tuple[int, int]], max_columns: Optional[int]) -> List[List[Tuple[int, int]]]:
+    """``pairs`` (rank, replicate) in consecutive parts of at most ``max_columns`` stacked columns."""
+    if max_columns is None:
+        return [pairs] if pairs else []
+    parts: List[List[Tuple[int, int]]] = []
+    width = 0
+    for pair in pairs:
+        if not parts or width + pair[0] > max_columns:
+            parts.append([])
+            width = 0
+        parts[-1].append(pair)
+        width += pair[0]
+    return parts
+
+
+@torch.no_grad()
+def _fit_local(batch: "_Batch", mine, out, W0, H0, seed, tol, max_iter, check_every, rule, bar) -> None:
     """Fit the replicates ``mine`` (pairs (rank, replicate)) in one batch, writing into ``out``."""
+    X, beta = batch.X, batch.beta
     dtype, device = X.dtype, X.device
-    # the stacked factors: ranks in increasing order of first appearance, replicates in order
+    # the stacked factors: ranks in order of first appearance, replicates in order
     Ws, Hs, groups, offset = [], [], [], 0
     by_rank: Dict[int, List[int]] = {}
     for k, r in mine:
         by_rank.setdefault(k, []).append(r)
     for k, reps in by_rank.items():
-        if W0 is not None or H0 is not None:
-            Wr, Hr = init_replicates(X, k, reps, seed) if (W0 is None or H0 is None) else (None, None)
-            Wk = W0[reps] if W0 is not None else Wr
-            Hk = H0[reps] if H0 is not None else Hr
-        else:
-            Wk, Hk = init_replicates(X, k, reps, seed)
+        Wk, Hk = (None, None) if (W0 is not None and H0 is not None) else init_replicates(X, k, reps, seed)
+        Wk = W0[reps] if W0 is not None else Wk
+        Hk = H0[reps] if H0 is not None else Hk
         Ws.append(Wk.permute(1, 0, 2).reshape(X.shape[1], -1))  # (F, R_k k), replicate-major columns
         Hs.append(Hk.permute(1, 0, 2).reshape(X.shape[0], -1))
         groups.append(_Group(k, [(k, r) for r in reps], offset))
         offset += len(reps) * k
     W = torch.cat(Ws, 1).to(device=device, dtype=dtype).contiguous()
     H = torch.cat(Hs, 1).to(device=device, dtype=dtype).contiguous()
-    batch = _Batch(X, beta, l1, l2, block_elems)
     prev: Dict[Tuple[int, int], float] = {}
     first: Dict[Tuple[int, int], float] = {}
     prev_step = None
     tiny = torch.finfo(torch.float64).eps
-    bar = _bar(verbose, max_iter, len(mine))
 
     def finish(g: _Group, j: int, i: int, converged: bool, value: float):
         k, r = g.ids[j]
@@ -624,11 +762,11 @@ def _fit_local(X, mine, out, W0, H0, seed, beta, tol, max_iter, check_every, l1,
             bar.close()
 
 
-def _bar(verbose: bool, total: int, n: int):
+def _bar(verbose: bool, total: int, n: int, desc: str):
     if not verbose:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is an optional dependency
         raise ImportError("verbose progress bars need tqdm: pip install tqdm") from None
-    return tqdm(total=total, desc=f"fit_replicates ({n} replicates)", leave=False, postfix={"active": n})
+    return tqdm(total=total, desc=desc, leave=False, postfix={"active": n})
