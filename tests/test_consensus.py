@@ -260,7 +260,7 @@ def test_bad_input(kwargs, X, match):
     elif X == "nan":
         base[1, 1] = np.nan
     with pytest.raises(ValueError, match=match):
-        ConsensusNMF(n_top_features=None, **dict(dict(n_replicates=3), **kwargs)).fit(base)
+        ConsensusNMF(n_top_features=None, **dict(dict(n_replicates=4), **kwargs)).fit(base)
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -310,6 +310,7 @@ def test_cli_writes_outputs_and_resumes_from_checkpoint(tmp_path, monkeypatch, c
     (["--ranks", "2", "--replicates", "1"], "--replicates must be at least 2"),
     (["--ranks", "30"], "--ranks 30 is larger than min"),
     (["--ranks", "2", "--genes", "0"], "--genes"),
+    (["--ranks", "2", "--replicates", "3"], "--local-neighborhood-size=0.3 gives int(0.3 * 3) = 0 neighbours"),
 ])
 def test_cli_bad_input_writes_nothing(tmp_path, capsys, extra, match):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).poisson(3, size=(20, 10)) + 1)
@@ -325,3 +326,18 @@ def test_cli_negative_data_and_empty_rows(tmp_path, capsys):
     np.save(tmp_path / "neg.npy", X)
     assert _cli("consensus", str(tmp_path / "neg.npy"), "--ranks", "2", "-o", str(tmp_path / "o")) == 2
     assert "negative" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_cli_csv_with_names_no_prepare(tmp_path):
+    pd = pytest.importorskip("pandas")
+    X, _, _ = _planted(8, n=40, m=12, k=2)
+    df = pd.DataFrame(X / 3.0, index=[f"cell{i}" for i in range(40)], columns=[f"gene{j}" for j in range(12)])
+    df.to_csv(tmp_path / "x.csv")
+    out = tmp_path / "out"
+    assert _cli("consensus", str(tmp_path / "x.csv"), "--ranks", "2", "--replicates", "4", "--no-prepare",
+                "--quiet", "-o", str(out)) == 0
+    with np.load(out / "k2.npz") as z:
+        assert z["feature_names"].tolist() == list(df.columns) and z["sample_names"].tolist() == list(df.index)
+    programs = json.loads((out / "k2.json").read_text())["programs"]
+    assert all(name.startswith("gene") for p in programs for name in p["top_features"])
+    assert json.loads((out / "k_selection.json").read_text())["prepared"] is False
