@@ -48,17 +48,21 @@ def hals_sweep(B: Tensor, G: Tensor, XA: Tensor, l1: float = 0.0, l2: float = 0.
     k = B.shape[2]
     if l2:
         G = G + l2 * torch.eye(k, dtype=G.dtype, device=G.device)
-    hess = G.diagonal(dim1=1, dim2=2)  # (R, k)
+    hess = G.diagonal(dim1=1, dim2=2).t()  # (k, R)
+    # a zero Hessian leaves its column as it is (scikit-learn): a step of grad / inf = 0
+    hess = hess.where(hess != 0, torch.full_like(hess, float("inf")))
+    # components as contiguous (n, R) slabs: the per-component operations run 2-3x faster there
+    # than on strided columns (CPU, 2000 x 20 x 8), which pays for the two copies
+    Bt = B.permute(2, 0, 1).contiguous()  # (k, n, R)
+    Gc = G.permute(2, 1, 0).contiguous()  # Gc[j, l, r] = G[r, l, j]
     violation = B.new_zeros(B.shape[1])
     for j in range(k):
-        b = B[:, :, j]  # (n, R), a strided view
+        b = Bt[j]
         xa = XA[:, :, j] - l1 if l1 else XA[:, :, j]
         # the gradient from the current B: components before j already updated (Gauss-Seidel)
-        grad = torch.einsum("nrk,rk->nr", B, G[:, j]) - xa
+        grad = (Bt * Gc[j].unsqueeze(1)).sum(0) - xa
         pg = grad.where(b != 0, grad.clamp(max=0))
         violation += pg.abs().sum(0)
-        h = hess[:, j]
-        step = (b - grad / h).clamp_(min=0)
-        B[:, :, j] = step.where(h != 0, b)
+        b.sub_(grad / hess[j]).clamp_(min=0)
+    B.copy_(Bt.permute(1, 2, 0))
     return violation
-
