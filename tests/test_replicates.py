@@ -340,6 +340,21 @@ def test_cd_penalty_equals_sklearn():
         assert _close(fit.W[r], W) and _close(fit.H[r], H)
 
 
+def test_cd_zero_component_equals_sklearn():
+    """A component that is all zeros has a zero Hessian: scikit-learn leaves the other factor's column as it is."""
+    pytest.importorskip("sklearn")
+    X = _data()
+    W0, H0 = init_replicates(X, K, range(2), seed=4)
+    W0[1, :, 0] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fit = fit_replicates(X, K, 2, solver="cd", tol=1e-4, max_iter=50, W0=W0, H0=H0)
+    ref = _sklearn_cd(X, W0, H0, tol=1e-4, max_iter=50)
+    assert fit.n_iter.tolist() == [n for _, _, n in ref]
+    for r, (W, H, _) in enumerate(ref):
+        assert _close(fit.W[r], W) and _close(fit.H[r], H)
+
+
 def test_cd_objective_never_increases():
     """HALS is monotone for the Frobenius loss: the objective after i iterations never rises with i."""
     X = _data()
