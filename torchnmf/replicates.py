@@ -35,8 +35,9 @@ Gram matrices batched ``(R, k, k)``, the sweep a loop over the ``k`` components 
 vector operations. Each replicate stops on scikit-learn's rule: the projected-gradient
 ``violation`` of an iteration at most ``tol`` times that of its first iteration; replicate
 ``r`` ends with the factors and the number of iterations of scikit-learn's fit from the same
-factors. Coordinate descent converges in far fewer iterations than the multiplicative updates
-and its replicates end closer to their optima (what a consensus's stability measures).
+factors. At the same cost per iteration (the two products with ``X`` dominate), coordinate
+descent ends its replicates much closer to their optima than the multiplicative updates (what a
+consensus's stability measures).
 
 Memory: the stacked factors and their updates take about ``6 (n_samples + n_features)`` entries
 per stacked column (``max_columns`` fits the replicates in consecutive batches of fewer columns);
@@ -575,7 +576,7 @@ def fit_replicates(X, rank: Union[int, Sequence[int]], n_replicates: int = 10, *
         per column; default: every replicate in one batch.
     solver : {'mu', 'cd'}, default 'mu'
         Multiplicative updates (any beta), or coordinate descent (HALS, beta = 2 only), as
-        scikit-learn's ``NMF(solver='cd')``: far fewer iterations to a tighter optimum. See the
+        scikit-learn's ``NMF(solver='cd')``: replicates end much closer to their optima. See the
         module documentation.
 
     Returns
