@@ -338,6 +338,9 @@ def test_cli_writes_outputs_and_resumes_from_checkpoint(tmp_path, monkeypatch, c
     calls.clear()
     assert _cli("consensus", *args[:-2], "--replicates", "5", "-o", str(out)) == 2  # other settings
     assert "other settings (replicates 4 -> 5)" in capsys.readouterr().err and calls == []
+    assert _cli("consensus", *args[:-2], "--solver", "mu", "-o", str(out)) == 2  # a checkpoint of cd is not MU's
+    assert "other settings" in capsys.readouterr().err and calls == []
+    assert ks["solver"] == "cd" and ks["tol"] == 1e-4
 
 
 @pytest.mark.parametrize("extra, match", [

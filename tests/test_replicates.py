@@ -394,6 +394,7 @@ def _entry(rank, world, port, out):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             result = {"fits": fit_replicates(_data(), [2, 3], 3, beta=1, tol=1e-4, max_iter=100, random_state=4),
+                      "cd": fit_replicates(_data(), [2, 3], 3, solver="cd", tol=1e-4, max_iter=100, random_state=4),
                       "none": fit_replicates(_data(), 2, 3, tol=0, max_iter=3).W}  # random_state=None: one seed
         if rank == 1:  # a non-finite objective on one process: both raise, neither hangs
             real = rep._Batch.update
@@ -436,8 +437,9 @@ def test_two_processes_equal_one(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         one = fit_replicates(_data(), [2, 3], 3, beta=1, tol=1e-4, max_iter=100, random_state=4)
+        one_cd = fit_replicates(_data(), [2, 3], 3, solver="cd", tol=1e-4, max_iter=100, random_state=4)
     for r in res:
-        for f, g in zip(r["fits"], one):
+        for f, g in zip(r["fits"] + r["cd"], one + one_cd):
             assert f.n_iter.tolist() == g.n_iter.tolist()
             assert f.converged.tolist() == g.converged.tolist()
             assert _close(f.W, g.W, 1e-10) and _close(f.H, g.H, 1e-10)
