@@ -12,6 +12,7 @@ rule and stop per replicate, and the iterations done are shown.
     python benchmarks/replicates.py --betas 2 1 --iters 100 --density 0.05
     python benchmarks/replicates.py --rows 500 --cols 200 --reps 5 --iters 20   # a quick look
     python benchmarks/replicates.py --clock cpu --threads 1     # loaded machine: CPU seconds
+    python benchmarks/replicates.py --methods batch-cd sklearn-cd batch --betas 2   # coordinate descent
 
 Timings on a shared machine are noisy: use ``--clock cpu`` and ``--repeat`` there.
 """
