@@ -134,6 +134,17 @@ def test_consensus_recovers_planted_programs_and_stability_picks_the_true_rank()
     assert est.usages_[4].shape == (150, 4) and (est.usages_[4] >= 0).all()
 
 
+def test_sparse_input_gives_the_dense_result():
+    X, _, _ = _planted(7, n=70, m=24, k=3)
+    X = X.astype(int)
+    kw = dict(n_replicates=4, n_top_features=16, **FAST)
+    dense = ConsensusNMF(3, **kw).fit(X)
+    sparse = ConsensusNMF(3, **kw).fit(sp.csr_matrix(X))
+    np.testing.assert_allclose(sparse.components_[3], dense.components_[3], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(sparse.usages_[3], dense.usages_[3], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(sparse.transform(sp.csr_matrix(X[:5])), dense.transform(X[:5]), rtol=1e-5, atol=1e-8)
+
+
 def test_k_selection_fields():
     X, _, _ = _planted(1, n=80, m=24, k=3)
     est = ConsensusNMF([2, 3], n_replicates=6, n_top_features=None, **FAST).fit(X)
@@ -249,7 +260,7 @@ def test_bad_input(kwargs, X, match):
     elif X == "nan":
         base[1, 1] = np.nan
     with pytest.raises(ValueError, match=match):
-        ConsensusNMF(n_top_features=None, **dict(dict(n_replicates=3), **kwargs)).fit(base)
+        ConsensusNMF(n_top_features=None, **dict(dict(n_replicates=4), **kwargs)).fit(base)
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -299,6 +310,7 @@ def test_cli_writes_outputs_and_resumes_from_checkpoint(tmp_path, monkeypatch, c
     (["--ranks", "2", "--replicates", "1"], "--replicates must be at least 2"),
     (["--ranks", "30"], "--ranks 30 is larger than min"),
     (["--ranks", "2", "--genes", "0"], "--genes"),
+    (["--ranks", "2", "--replicates", "3"], "--local-neighborhood-size=0.3 gives int(0.3 * 3) = 0 neighbours"),
 ])
 def test_cli_bad_input_writes_nothing(tmp_path, capsys, extra, match):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).poisson(3, size=(20, 10)) + 1)
@@ -314,3 +326,18 @@ def test_cli_negative_data_and_empty_rows(tmp_path, capsys):
     np.save(tmp_path / "neg.npy", X)
     assert _cli("consensus", str(tmp_path / "neg.npy"), "--ranks", "2", "-o", str(tmp_path / "o")) == 2
     assert "negative" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_cli_csv_with_names_no_prepare(tmp_path):
+    pd = pytest.importorskip("pandas")
+    X, _, _ = _planted(8, n=40, m=12, k=2)
+    df = pd.DataFrame(X / 3.0, index=[f"cell{i}" for i in range(40)], columns=[f"gene{j}" for j in range(12)])
+    df.to_csv(tmp_path / "x.csv")
+    out = tmp_path / "out"
+    assert _cli("consensus", str(tmp_path / "x.csv"), "--ranks", "2", "--replicates", "4", "--no-prepare",
+                "--quiet", "-o", str(out)) == 0
+    with np.load(out / "k2.npz") as z:
+        assert z["feature_names"].tolist() == list(df.columns) and z["sample_names"].tolist() == list(df.index)
+    programs = json.loads((out / "k2.json").read_text())["programs"]
+    assert all(name.startswith("gene") for p in programs for name in p["top_features"])
+    assert json.loads((out / "k_selection.json").read_text())["prepared"] is False

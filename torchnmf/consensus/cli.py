@@ -151,7 +151,10 @@ def run(args, error=ValueError) -> int:
         params = est._validate()
         prep = est._prepare(M.X, M.col_names, M.row_names)
     except (ValueError, TypeError) as err:
-        msg = str(err).replace("n_top_features", "--genes")
+        msg = str(err)
+        for name, flag in (("n_top_features", "--genes"), ("local_neighborhood_size", "--local-neighborhood-size"),
+                           ("n_replicates", "--replicates")):
+            msg = msg.replace(name, flag)
         raise error(f"{M.source}: {msg}") from err
     top = min(prep.X.shape)
     bad = [k for k in params["ranks"] if k > top]

@@ -182,6 +182,9 @@ class ConsensusNMF(BaseEstimator):
         lns = data.check_real(self.local_neighborhood_size, "local_neighborhood_size", low=0, high=1)
         if lns <= 0:
             raise ValueError(f"local_neighborhood_size must be in (0, 1], got {lns}")
+        if int(lns * n_rep) < 1:  # cNMF would divide by zero neighbours
+            raise ValueError(f"local_neighborhood_size={lns} gives int({lns} * {n_rep}) = 0 neighbours for the local "
+                             f"density with n_replicates={n_rep}; raise local_neighborhood_size or n_replicates")
         max_iter = data.check_int(self.max_iter, "max_iter", low=1)
         tol = data.check_real(self.tol, "tol", low=0)
         if self.random_state is None:
