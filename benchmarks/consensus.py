@@ -13,7 +13,8 @@ checks the two prepared matrices are the same (same features, values to 1e-10), 
 factorize one matrix. Same ranks, replicates, density threshold and thread count
 (``--threads``: ``torch.set_num_threads`` for ours, OMP/OpenBLAS/MKL variables for cNMF, run
 in its own process from its own environment). Frobenius loss: cNMF then fits each replicate
-with scikit-learn's coordinate descent (its choice), ours with batched multiplicative updates.
+with scikit-learn's coordinate descent (its choice), ours with batched coordinate descent
+(``--solver cd``, the default) or batched multiplicative updates (``--solver mu``).
 
 Printed per data set and rank: stability (silhouette) of both, our error and cNMF's
 ``prediction_error`` / 2 (cNMF's is the sum of squares, ours half of it), the matched
@@ -139,6 +140,7 @@ def run_ours(X, names, args, ranks):
     torch.set_num_threads(args.threads)
     est = ConsensusNMF(ranks, args.replicates, beta_loss="frobenius", n_top_features=args.genes, prepare=True,
                        density_threshold=args.density_threshold, max_iter=args.max_iter, tol=args.tol,
+                       solver=args.solver,
                        random_state=args.seed, device=args.device)
     t0 = time.perf_counter()
     import warnings
@@ -165,7 +167,7 @@ def compare(label, X, names, args, truth=None):
             break
         X = X[~empty]
     print(f"\n## {label}: {X.shape[0]} x {X.shape[1]} counts, --genes {args.genes}, ranks {ranks}, "
-          f"{args.replicates} replicates, {args.threads} thread(s), device {args.device}")
+          f"{args.replicates} replicates, {args.threads} thread(s), device {args.device}, solver {args.solver}")
     est, ours_s = run_ours(X, names, args, ranks)
     theirs = None
     if os.path.exists(args.cnmf_python):
@@ -238,7 +240,9 @@ def main(argv=None):
     p.add_argument("--sim-genes", type=int, default=1000, help="sim: genes")
     p.add_argument("--identity", type=int, default=4, help="sim: identity programs")
     p.add_argument("--activity", type=int, default=2, help="sim: activity programs")
-    p.add_argument("--tol", type=float, default=1e-6, help="ours: stop rule (cNMF keeps its 1e-4 with CD)")
+    p.add_argument("--tol", type=float, default=None,
+                   help="ours: stop rule (default: 1e-4 with cd, as cNMF; 1e-6 with mu)")
+    p.add_argument("--solver", default="cd", choices=("cd", "mu"), help="ours: replicate solver (default: cd)")
     p.add_argument("--max-iter", type=int, default=1000, help="ours: iteration limit (cNMF: 1000)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")

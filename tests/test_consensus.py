@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from torchnmf.consensus import estimator as est_mod  # noqa: E402
 from torchnmf.consensus.cluster import cluster_components, local_density  # noqa: E402
 from torchnmf.consensus.cophenetic import cophenetic_correlation  # noqa: E402
 from torchnmf.consensus.prepare import fano_selection, prepare  # noqa: E402
+from torchnmf.engine import ConvergenceWarning  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::torchnmf.engine.ConvergenceWarning")
 FAST = dict(max_iter=300, tol=1e-5, random_state=0)
@@ -213,11 +215,44 @@ def test_names_go_through_and_transform():
     assert list(named.feature_names_) == list(df.columns)
 
 
+@pytest.mark.parametrize("beta_loss,solver,expect,tol", [("frobenius", "auto", "cd", 1e-4),
+                                                          ("kullback-leibler", "auto", "mu", 1e-6),
+                                                          ("frobenius", "mu", "mu", 1e-6)])
+def test_solver_auto_is_cd_for_frobenius_as_cnmf(monkeypatch, beta_loss, solver, expect, tol):
+    """The replicates' solver: coordinate descent for Frobenius (cNMF's choice), MU otherwise; its default tol."""
+    from torchnmf import replicates
+
+    seen = []
+    real = replicates.fit_replicates
+
+    def spy(*args, **kw):
+        seen.append((kw["solver"], kw["tol"]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(replicates, "fit_replicates", spy)
+    X, _, _ = _planted(2, n=60, m=20, k=3)
+    est = ConsensusNMF([2, 3], n_replicates=4, n_top_features=None, beta_loss=beta_loss, solver=solver,
+                       max_iter=200, random_state=0)
+    assert est.get_params()["solver"] == solver and est.get_params()["tol"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(X)
+    assert seen == [(expect, tol)] * 2 and est.solver_ == expect
+
+
+def test_solver_cd_needs_frobenius():
+    X, _, _ = _planted(2, n=60, m=20, k=3)
+    with pytest.raises(ValueError, match="solver='cd'.*frobenius"):
+        ConsensusNMF(3, n_replicates=4, beta_loss="kullback-leibler", solver="cd").fit(X)
+    with pytest.raises(ValueError, match="solver must be"):
+        ConsensusNMF(3, n_replicates=4, solver="hals").fit(X)
+
+
 def test_sklearn_conventions_clone_get_params_pickle():
     from sklearn.base import clone
 
-    est = ConsensusNMF([2, 3], n_replicates=4, beta_loss="kullback-leibler", density_threshold=0.4)
-    assert est.get_params()["density_threshold"] == 0.4
+    est = ConsensusNMF([2, 3], n_replicates=4, beta_loss="kullback-leibler", density_threshold=0.4, solver="mu")
+    assert est.get_params()["density_threshold"] == 0.4 and clone(est).solver == "mu"
     c = clone(est).set_params(n_replicates=5)
     assert c.n_replicates == 5 and est.n_replicates == 4
     bad = ConsensusNMF(ranks=[1, 3])  # parameters are checked in fit, not __init__

@@ -280,10 +280,95 @@ def test_progress_bar_shows_active_replicates(capsys):
     (lambda X: fit_replicates(X, 2, max_columns=0), ValueError, "max_columns"),
     (lambda X: fit_replicates(X, 2, block_elems=0), ValueError, "block_elems"),
     (lambda X: fit_replicates(X, 2, stop_rule="x"), ValueError, "stop_rule"),
+    (lambda X: fit_replicates(X, 2, solver="hals"), ValueError, "solver"),
+    (lambda X: fit_replicates(X, 2, beta=1, solver="cd"), ValueError, "solver='cd'.*beta=2"),
+    (lambda X: fit_replicates(X, 2, solver="cd", check_every=5), ValueError, "check_every"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call(_data())
+
+
+# -- coordinate descent (solver='cd') ----------------------------------------------------------
+def _sklearn_cd(X, W0, H0, **kw):
+    """Each replicate by scikit-learn's NMF(solver='cd', shuffle=False) from the same factors.
+
+    scikit-learn's X ≈ W H is ours X ≈ H Wᵀ: its W is our H, its H our Wᵀ.
+    """
+    from sklearn.decomposition import NMF as SkNMF
+
+    out = []
+    for r in range(W0.shape[0]):
+        m = SkNMF(W0.shape[2], solver="cd", beta_loss="frobenius", init="custom", shuffle=False, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Hs = m.fit_transform(X.numpy(), W=H0[r].numpy().copy(), H=W0[r].T.numpy().copy())
+        out.append((torch.from_numpy(m.components_.T.copy()), torch.from_numpy(Hs), m.n_iter_))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dense", "csr", "coo", "scipy"])
+def test_cd_equals_sklearn(kind):
+    """Replicate r of the batch is scikit-learn's coordinate descent from its factors, stop included."""
+    pytest.importorskip("sklearn")
+    X = _data()
+    W0, H0 = init_replicates(X, K, range(R), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fit = fit_replicates(_as(X, kind), K, R, solver="cd", tol=1e-4, max_iter=300, W0=W0, H0=H0)
+    ref = _sklearn_cd(X, W0, H0, tol=1e-4, max_iter=300)
+    assert fit.n_iter.tolist() == [n for _, _, n in ref]
+    assert len(set(fit.n_iter.tolist())) > 1  # the replicates stopped at different iterations
+    assert fit.converged.tolist() == [n < 300 for _, _, n in ref]
+    for r, (W, H, _) in enumerate(ref):
+        assert _close(fit.W[r], W) and _close(fit.H[r], H)
+        loss = 0.5 * float(((X - H @ W.T) ** 2).sum())
+        assert abs(float(fit.loss[r]) - loss) <= 1e-10 * loss
+
+
+def test_cd_penalty_equals_sklearn():
+    """alpha, l1_ratio: our unscaled l1, l2 are scikit-learn's alpha_W = alpha / n_features, alpha_H = alpha / n_samples."""
+    pytest.importorskip("sklearn")
+    X = _data()
+    W0, H0 = init_replicates(X, K, range(3), seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fit = fit_replicates(X, K, 3, solver="cd", tol=1e-5, max_iter=500, W0=W0, H0=H0, alpha=2.0, l1_ratio=0.3)
+    ref = _sklearn_cd(X, W0, H0, tol=1e-5, max_iter=500, alpha_W=2.0 / F, alpha_H=2.0 / N, l1_ratio=0.3)
+    assert fit.n_iter.tolist() == [n for _, _, n in ref]
+    for r, (W, H, _) in enumerate(ref):
+        assert _close(fit.W[r], W) and _close(fit.H[r], H)
+
+
+def test_cd_objective_never_increases():
+    """HALS is monotone for the Frobenius loss: the objective after i iterations never rises with i."""
+    X = _data()
+    W0, H0 = init_replicates(X, K, range(R), seed=3)
+    losses = torch.stack([fit_replicates(X, K, R, solver="cd", tol=0, max_iter=i, W0=W0, H0=H0).loss
+                          for i in range(1, 16)])  # (iterations, R)
+    assert bool((losses[1:] <= losses[:-1] * (1 + 1e-12)).all())
+    assert bool((losses[-1] < losses[0]).all())
+
+
+def test_cd_several_ranks_equal_per_rank_calls():
+    X = to_csr(_data())
+    kw = dict(solver="cd", tol=1e-4, max_iter=200, random_state=11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fits = fit_replicates(X, [2, 4, 3], 3, **kw)
+        singles = [fit_replicates(X, k, 3, **kw) for k in (2, 4, 3)]
+    for f, s in zip(fits, singles):
+        assert f.n_iter.tolist() == s.n_iter.tolist()
+        assert _close(f.W, s.W, 1e-12) and _close(f.H, s.H, 1e-12)
+
+
+def test_cd_float32_close_to_float64():
+    X = _data()
+    kw = dict(solver="cd", tol=0, max_iter=30, random_state=2)
+    f64 = fit_replicates(X, K, R, **kw)
+    f32 = fit_replicates(X.float(), K, R, **kw)
+    assert f32.W.dtype == torch.float32
+    assert torch.allclose(f32.loss, f64.loss, rtol=1e-4)
 
 
 # -- two gloo processes ------------------------------------------------------------------------

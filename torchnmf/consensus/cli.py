@@ -4,7 +4,8 @@
 
     torchnmf consensus FILE --ranks 5 6 7 8 [--replicates 100] [--genes 2000 | --no-prepare]
                        [--beta-loss {frobenius,kullback-leibler}] [--density-threshold 0.5]
-                       [--local-neighborhood-size 0.3] [--max-iter 1000] [--tol 1e-6]
+                       [--local-neighborhood-size 0.3] [--max-iter 1000] [--tol TOL]
+                       [--solver {auto,cd,mu}]
                        [--device auto] [--seed 0] [--transpose] [--layer NAME] [--top 30]
                        [--overwrite] [--quiet] [--debug] -o OUTDIR
 
@@ -60,7 +61,12 @@ def add_parser(sub) -> None:
     c.add_argument("--local-neighborhood-size", type=float, default=0.3,
                    help="neighbours for the local density, as a fraction of --replicates (default: 0.3)")
     c.add_argument("--max-iter", type=int, default=1000, help="iteration limit of each fit (default: 1000)")
-    c.add_argument("--tol", type=float, default=1e-6, help="stop rule of each fit (default: 1e-6)")
+    c.add_argument("--tol", type=float, default=None,
+                   help="stop rule of each fit (default: 1e-4 with coordinate descent, as cNMF; 1e-6 with "
+                        "multiplicative updates)")
+    c.add_argument("--solver", choices=("auto", "cd", "mu"), default="auto",
+                   help="replicate solver: coordinate descent (frobenius only) or multiplicative updates "
+                        "(default: auto, cd for frobenius, as cNMF)")
     c.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1'... (default: auto)")
     c.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     c.add_argument("--transpose", action="store_true", help="the file is stored features x samples")
@@ -90,7 +96,7 @@ def _check_args(args, error) -> None:
         raise error(f"--local-neighborhood-size must be in (0, 1], got {args.local_neighborhood_size}")
     if args.max_iter < 1:
         raise error(f"--max-iter must be a positive integer, got {args.max_iter}")
-    if not (math.isfinite(args.tol) and args.tol >= 0):
+    if args.tol is not None and not (math.isfinite(args.tol) and args.tol >= 0):
         raise error(f"--tol must be >= 0, got {args.tol}")
     if args.top < 1:
         raise error(f"--top must be a positive integer, got {args.top}")
@@ -145,8 +151,8 @@ def run(args, error=ValueError) -> int:
     est = ConsensusNMF(args.ranks, args.replicates, beta_loss=args.beta_loss,
                        n_top_features=2000 if args.genes is None else args.genes, prepare=prepare,
                        density_threshold=args.density_threshold, local_neighborhood_size=args.local_neighborhood_size,
-                       max_iter=args.max_iter, tol=args.tol, random_state=args.seed, device=args.device,
-                       verbose=not args.quiet)
+                       max_iter=args.max_iter, tol=args.tol, solver=args.solver, random_state=args.seed,
+                       device=args.device, verbose=not args.quiet)
     try:
         params = est._validate()
         prep = est._prepare(M.X, M.col_names, M.row_names)
@@ -164,7 +170,7 @@ def run(args, error=ValueError) -> int:
     fp_params = dict(replicates=params["n_replicates"], beta=params["beta"], prepared=prep.prepared,
                      genes=est.n_top_features if prep.prepared else None, density_threshold=params["density_threshold"],
                      local_neighborhood_size=params["local_neighborhood_size"], max_iter=params["max_iter"],
-                     tol=params["tol"], seed=params["seed"], dtype=str(params["dtype"]))
+                     tol=params["tol"], seed=params["seed"], dtype=str(params["dtype"]), solver=params["solver"])
     fp = fingerprint(fp_params, prep.X)
     out = args.output
     path = {k: os.path.join(out, f"k{k}.npz") for k in params["ranks"]}
@@ -206,7 +212,7 @@ def run(args, error=ValueError) -> int:
     summary = {"ranks": ranks, "stability": [_num(v) for v in table["stability"]],
                "error": [_num(v) for v in table["error"]], "cophenetic": [_num(v) for v in table["cophenetic"]],
                "kept": [int(v) for v in table["kept"]], "replicates": params["n_replicates"],
-               "beta_loss": args.beta_loss, "input": M.source, "shape": list(M.shape),
+               "beta_loss": args.beta_loss, "solver": params["solver"], "tol": params["tol"], "input": M.source, "shape": list(M.shape),
                "prepared_shape": list(prep.X.shape), "prepared": prep.prepared}
     _write_json(os.path.join(out, "k_selection.json"), summary, error)
     import matplotlib

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ class RankResult:
 
 def fit_rank(X: torch.Tensor, k: int, *, n_replicates: int, beta: float, tol: float, max_iter: int, seed: int,
              density_threshold: float, local_neighborhood_size: float, device=None, dtype=None,
-             verbose: bool = False) -> RankResult:
+             verbose: bool = False, solver: str = "mu", refit_tol: Optional[float] = None) -> RankResult:
     """Fit ``n_replicates`` NMFs of rank ``k`` to the prepared ``X`` and form their consensus.
 
     Parameters
@@ -63,8 +64,10 @@ def fit_rank(X: torch.Tensor, k: int, *, n_replicates: int, beta: float, tol: fl
         Seeds the replicates (from ``(seed, k, r)``), the k-means and the refit.
     density_threshold, local_neighborhood_size : float
         As :func:`~torchnmf.consensus.cluster.cluster_components`.
-    device, dtype, verbose
+    device, dtype, verbose, solver
         Passed to :func:`~torchnmf.replicates.fit_replicates`.
+    refit_tol : float, optional
+        Stop rule of the usage refit (default ``tol``).
 
     Returns
     -------
@@ -75,7 +78,7 @@ def fit_rank(X: torch.Tensor, k: int, *, n_replicates: int, beta: float, tol: fl
     with warnings.catch_warnings():  # the estimator reports unconverged replicates once per rank, by rank
         warnings.simplefilter("ignore", ConvergenceWarning)
         fit = fit_replicates(X, k, n_replicates, beta=beta, tol=tol, max_iter=max_iter, random_state=seed,
-                             device=device, dtype=dtype, verbose=verbose)
+                             device=device, dtype=dtype, verbose=verbose, solver=solver)
     if not (bool(torch.isfinite(fit.W).all()) and bool(torch.isfinite(fit.H).all())):
         raise FloatingPointError(f"a replicate at rank {k} diverged (non-finite factors); try dtype='float64'")
     W = fit.W.detach().to("cpu", torch.float64).numpy()
@@ -87,5 +90,5 @@ def fit_rank(X: torch.Tensor, k: int, *, n_replicates: int, beta: float, tol: fl
     coph = cophenetic_correlation(H, max_samples=MAX_SAMPLES, seed=seed)
     n_converged = int(fit.converged.sum())
     del fit, W, H  # R x samples x k: free it before the refit
-    usages, error = refit_usages(X, clustering.consensus, beta=beta, tol=tol, max_iter=max_iter, seed=seed)
+    usages, error = refit_usages(X, clustering.consensus, beta=beta, tol=tol if refit_tol is None else refit_tol, max_iter=max_iter, seed=seed)
     return RankResult(usages, clustering.stability, error, coph, int(clustering.kept.sum()), n_converged, clustering)
