@@ -35,6 +35,15 @@ def _spin(stop_at: float) -> None:
         x += 1
 
 
+def _torch_job(stop_at: float) -> None:
+    """Another user's torch job: matrix products on every core, default (spinning) OpenMP threads."""
+    import torch
+
+    a = torch.rand(600, 600)
+    while time.time() < stop_at:
+        a = torch.tanh(a @ a)
+
+
 def _fit_seconds(policy: str | None, args) -> float:
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
@@ -54,11 +63,13 @@ def main(argv=None) -> None:
     p.add_argument("--busy", type=int, default=os.cpu_count() or 2, help="busy processes under load")
     args = p.parse_args(argv)
     rows = []
-    for load in ("quiet", "busy"):
+    for load in ("quiet", "busy", "torch"):
         procs = []
-        if load == "busy":
+        if load != "quiet":
             stop_at = time.time() + 3600
-            procs = [mp.Process(target=_spin, args=(stop_at,), daemon=True) for _ in range(args.busy)]
+            job = _spin if load == "busy" else _torch_job
+            n = args.busy if load == "busy" else 1
+            procs = [mp.get_context("spawn").Process(target=job, args=(stop_at,), daemon=True) for _ in range(n)]
             for q in procs:
                 q.start()
         try:
@@ -69,7 +80,8 @@ def main(argv=None) -> None:
             for q in procs:
                 q.terminate()
     print(f"NMF.fit beta=1, {args.size[0]}x{args.size[1]} rank {args.rank}, {args.iters} iterations, "
-          f"{os.cpu_count()} cores, best of {args.repeat}; busy = {args.busy} spinning processes")
+          f"{os.cpu_count()} cores, best of {args.repeat}; busy = {args.busy} spinning Python processes, "
+          f"torch = one other torch job (products on every core, default OpenMP policy)")
     print(f"{'machine':8s} {'OMP_WAIT_POLICY':18s} {'seconds':>8s} {'ms/iter':>8s}")
     for load, policy, s in rows:
         print(f"{load:8s} {policy:18s} {s:8.2f} {1e3 * s / args.iters:8.2f}")

@@ -271,3 +271,49 @@ def test_backed_svi_starts_from_an_nmf_of_the_first_block(tmp_path):
     assert backed.uns["a"]["params"]["init"] == "nmf" and backed.uns["b"]["params"]["init"] == "random"
     assert not np.allclose(backed.varm["a"], backed.varm["b"])
     backed.file.close()
+
+
+def _programs_adata(n=60, d=24, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    W = np.zeros((k, d))
+    for j in range(k):
+        W[j, j * (d // k):(j + 1) * (d // k)] = rng.gamma(2.0, 1.0, d // k)
+    U = rng.gamma(0.5, 4.0, (n, k))
+    counts = rng.poisson(U @ W + 0.05).astype(np.float32)
+    counts[counts.sum(1) == 0, 0] = 1
+    adata = anndata.AnnData(X=sp.csr_matrix(counts), obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]),
+                            var=pd.DataFrame(index=[f"g{j}" for j in range(d)]))
+    adata.var["highly_variable"] = np.arange(d) != d - 1  # one gene left out
+    return adata
+
+
+def test_consensus_writes_the_most_stable_rank_as_consensus_nmf_finds_it():
+    from torchnmf.consensus import ConsensusNMF
+
+    adata = _programs_adata()
+    before = adata.X.toarray().copy()
+    opts = dict(n_replicates=6, n_top_genes=20, max_iter=300, random_state=0, device="cpu")
+    assert ntl.consensus(adata, (2, 3, 4), **opts) is None
+    hv = adata.var["highly_variable"].to_numpy()
+    est = ConsensusNMF((2, 3, 4), n_replicates=6, n_top_features=20, max_iter=300, random_state=0, device="cpu")
+    est.fit(adata.X[:, hv], feature_names=np.asarray(adata.var_names[hv]))
+    table = est.k_selection_
+    best = int(table["k"][int(np.argmax(table["stability"]))])
+    uns = adata.uns["consensus"]
+    assert uns["k"] == best and list(uns["k_selection"]["k"]) == [2, 3, 4]
+    np.testing.assert_allclose(uns["k_selection"]["stability"], table["stability"])
+    np.testing.assert_allclose(adata.obsm["X_consensus"], est.usages_[best])
+    W = adata.varm["consensus"]
+    assert W.shape == (24, best) and not W[~hv].any()
+    kept = np.flatnonzero(hv)[est.features_]
+    np.testing.assert_allclose(W[kept], est.components_[best].T)
+    dropped = np.setdiff1d(np.arange(24), kept)
+    assert not W[dropped].any()  # genes not selected, or not over-dispersed: zero loadings
+    np.testing.assert_array_equal(adata.X.toarray(), before)
+    # a chosen rank; a rank not fitted is refused and leaves adata as it was
+    out = ntl.consensus(adata, (2, 3), k=2, copy=True, overwrite=True, **opts)
+    assert out.uns["consensus"]["k"] == 2 and out.obsm["X_consensus"].shape == (60, 2)
+    assert adata.uns["consensus"]["k"] == best  # copy=True: adata keeps its results
+    with pytest.raises(ValueError, match=r"k=5 is not among the ranks fitted \(2, 3\)"):
+        ntl.consensus(adata, (2, 3), k=5, key_added="other", **opts)
+    assert "other" not in adata.uns and "X_other" not in adata.obsm

@@ -204,3 +204,15 @@ def test_sparse_nan_in_V_stays_local():
     V[0, V[0].nonzero()[0, 0]] = float("nan")
     out = mu_update(V.to_sparse_csr(), W, H, 1)
     assert torch.isnan(out[0]).any() and torch.isfinite(out[1:]).all()
+
+
+def test_subnormal_denominator_is_zero_not_nan():
+    # a zero entry of H whose denominator is subnormal (collapsing factors: 3.7e-315 was seen in a
+    # Frobenius fit) gave 0 * inf = NaN; such a denominator is floored like an exact zero
+    V = torch.tensor([[1.0, 2.0], [3.0, 1.0], [2.0, 2.0]], dtype=torch.float64)
+    W = torch.tensor([[1.0, 1e-200], [1e-200, 0.0]], dtype=torch.float64)
+    H = torch.tensor([[0.0, 1e-120], [1.0, 1.0], [0.0, 1e-120]], dtype=torch.float64)
+    assert 0 < float((H @ (W.T @ W))[0, 0]) < torch.finfo(torch.float64).tiny  # subnormal
+    out = mu_update(V, W, H, beta=2)
+    assert torch.isfinite(out).all() and out[0, 0] == 0 and out[2, 0] == 0
+    torch.testing.assert_close(out[1], H[1] * (V[1] @ W) / (H[1] @ (W.T @ W)))

@@ -466,12 +466,18 @@ def mu_apply(H: Tensor, num: Tensor, den: Tensor, beta: float = 1, l1: float = 0
 
 def _multiply(H: Tensor, num: Tensor, den: Tensor, g: float, l1: float, l2: float, eps: float,
               out: Optional[Tensor] = None, num_is_scratch: bool = False) -> Tensor:
-    """``H ∘ (num / (den + l1 + l2 H))^g``, zero denominators floored at ``eps``."""
+    """``H ∘ (num / (den + l1 + l2 H))^g``, zero (and subnormal) denominators floored at ``eps``.
+
+    A subnormal denominator is zero for the update's purpose: dividing by it overflows to inf,
+    and a factor entry already at 0 then gives 0 · inf = NaN (a Frobenius fit whose entries
+    collapse reached 3.7e-315 and failed).
+    """
     if l1:
         den = den + l1
     if l2:
         den = den + l2 * H
-    den = torch.where(den == 0, torch.as_tensor(eps, dtype=den.dtype, device=den.device), den)
+    den = torch.where(den < torch.finfo(den.dtype).tiny, torch.as_tensor(eps, dtype=den.dtype, device=den.device),
+                      den)
     mult = num.div_(den) if num_is_scratch else num / den
     if g != 1:
         mult.pow_(g)

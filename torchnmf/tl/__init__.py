@@ -25,9 +25,11 @@ every entry the earlier results had written). Nothing else in ``adata`` changes:
 that are not unique are made unique (with a warning) only for the copy the fit uses.
 ``anndata`` is needed only here and in :mod:`torchnmf.anndata_io`.
 
-There is no ``consensus`` function yet: it waits for a consensus estimator in torchnmf.
+:func:`consensus` runs cNMF's study (:class:`~torchnmf.consensus.ConsensusNMF`) and writes the
+programs of one rank the same way, with the k-selection table in ``uns['<key>']``.
 """
+from .consensus import consensus
 from .deep import deep_poisson
 from .factorize import gamma_poisson, nmf, pnmf
 
-__all__ = ["nmf", "gamma_poisson", "pnmf", "deep_poisson"]
+__all__ = ["nmf", "gamma_poisson", "pnmf", "deep_poisson", "consensus"]

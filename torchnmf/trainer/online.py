@@ -151,7 +151,8 @@ class OnlineMU(torch.optim.Optimizer):
             den = den + l1
         if l2:
             den = den + l2 * W
-        den = torch.where(den == 0, torch.as_tensor(eps, dtype=den.dtype, device=den.device), den)
+        den = torch.where(den < torch.finfo(den.dtype).tiny, torch.as_tensor(eps, dtype=den.dtype, device=den.device),
+                          den)  # a subnormal denominator is zero here too (see updates._multiply)
         g = mu_gamma(beta)
         state = self.state[p]
         if not state:
