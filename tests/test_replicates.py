@@ -183,6 +183,8 @@ def test_inputs_not_modified():
     vals = Xs.values().clone()
     fit = fit_replicates(X, K, 2, beta=1, tol=0, max_iter=12, W0=W0, H0=H0)
     fit_replicates(Xs, K, 2, beta=2, tol=0, max_iter=12, W0=W0, H0=H0)
+    fit_replicates(Xs, K, 2, solver="cd", tol=0, max_iter=12, W0=W0, H0=H0)
+    fit_replicates(X, K, 2, solver="cd", tol=0, max_iter=12, W0=W0, H0=H0)
     for a, b in zip((X, W0, H0), copies):
         assert torch.equal(a, b)
     assert torch.equal(Xs.values(), vals)
