@@ -379,3 +379,14 @@ def test_cli_csv_with_names_no_prepare(tmp_path):
     programs = json.loads((out / "k2.json").read_text())["programs"]
     assert all(name.startswith("gene") for p in programs for name in p["top_features"])
     assert json.loads((out / "k_selection.json").read_text())["prepared"] is False
+
+
+def test_cli_reports_unconverged_ranks_in_one_line_each(tmp_path, capsys):
+    X, _, _ = _planted(6, n=60, m=20, k=3)
+    np.save(tmp_path / "x.npy", X.astype(int))
+    assert _cli("consensus", str(tmp_path / "x.npy"), "--ranks", "2", "3", "--replicates", "4", "--genes", "15",
+                "--max-iter", "3", "--solver", "mu", "--quiet", "-o", str(tmp_path / "out")) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [line for line in lines if line.startswith("torchnmf consensus: warning: rank ")], err
+    assert len(lines) == 2 and all("raise --max-iter" in line for line in lines)

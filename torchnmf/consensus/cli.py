@@ -28,7 +28,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
+import warnings
 from typing import List
 
 import numpy as np
@@ -198,11 +200,20 @@ def run(args, error=ValueError) -> int:
             raise error(f"cannot write {path[res.clustering.k]}: {err.strerror or err}") from err
         _write_json(os.path.join(out, f"k{res.clustering.k}.json"), _programs(res, prep.feature_names, args.top), error)
 
+    from ..engine import ConvergenceWarning
+
     t0 = time.perf_counter()
     try:
-        results = est._fit_ranks(prep, params, done, on_rank=on_rank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            results = est._fit_ranks(prep, params, done, on_rank=on_rank)
     except (ValueError, FloatingPointError) as err:
         raise error(str(err).replace("density_threshold=", "--density-threshold ")) from err
+    # ranks that did not converge: one line each after the table, as 'torchnmf fit' does; others as they were
+    unconverged = [str(w.message).splitlines()[0] for w in caught if issubclass(w.category, ConvergenceWarning)]
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     for k in done:  # a run killed between a rank's .npz and .json: write the missing .json
         jpath = os.path.join(out, f"k{k}.json")
         if not os.path.exists(jpath):
@@ -217,7 +228,7 @@ def run(args, error=ValueError) -> int:
     _write_json(os.path.join(out, "k_selection.json"), summary, error)
     import matplotlib
 
-    if "matplotlib.pyplot" not in __import__("sys").modules:
+    if "matplotlib.pyplot" not in sys.modules:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -237,4 +248,7 @@ def run(args, error=ValueError) -> int:
           f"{seconds:.1f} s -> {out}")
     for k, s, e, kept in zip(ranks, summary["stability"], summary["error"], summary["kept"]):
         print(f"  k={k}: stability {s if s is None else round(s, 4)}, error {e:.6g}, kept {kept}")
+    for message in unconverged:
+        print(f"torchnmf consensus: warning: {message.replace('raise max_iter', 'raise --max-iter')}",
+              file=sys.stderr)
     return 0
