@@ -99,7 +99,7 @@ def test_default_input_is_digits(tmp_path):
     "args, match",
     [
         (["fit", "missing.npy", "--rank", "2"], "no such file"),
-        (["fit", "X.txt", "--rank", "2"], "unknown input format"),
+        (["fit", "X.xlsx", "--rank", "2"], "unknown input format"),
         (["fit", "--rank", "2", "--model", "svd"], "invalid choice"),
         (["fit", "--rank", "0"], "--rank"),
         (["fit", "--rank", "two"], "invalid int"),

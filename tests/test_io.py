@@ -430,3 +430,34 @@ def test_round_counts_refuses_nan_inf_and_negative(value, sparse):
     A = sp.csr_matrix(X) if sparse else X
     with pytest.raises(ValueError, match=r"row 3, column 2"):
         round_counts(A, force=True)
+
+
+# -- issue 23 item 9: numeric .txt files, ragged tables named by line ----------------------------
+def test_numeric_txt_files_are_read(tmp_path):
+    import gzip
+
+    X = np.arange(12, dtype=np.float64).reshape(4, 3) / 2
+    np.savetxt(tmp_path / "x.txt", X)
+    M = read_matrix(tmp_path / "x.txt")
+    np.testing.assert_array_equal(M.X, X)
+    assert M.row_names is None and M.col_names is None
+    with gzip.open(tmp_path / "x.txt.gz", "wt") as fh:
+        np.savetxt(fh, X, fmt="%d")
+    np.testing.assert_array_equal(read_matrix(tmp_path / "x.txt.gz").X, np.floor(X))
+    (tmp_path / "w.txt").write_text("1 2 3\n4 x 6\n")
+    with pytest.raises(ReadError, match=r"w.txt: .*white space"):
+        read_matrix(tmp_path / "w.txt")
+    (tmp_path / "e.txt").write_text("")
+    with pytest.raises(ReadError, match="e.txt is empty"):
+        read_matrix(tmp_path / "e.txt")
+
+
+@pytest.mark.parametrize("ext, sep", [(".tsv", "\t"), (".csv", ",")])
+def test_ragged_line_is_named(tmp_path, ext, sep):
+    path = tmp_path / f"r{ext}"
+    path.write_text(sep.join("abc") + "\n" + sep.join("123") + "\n\n" + sep.join("45") + "\n" + sep.join("789") + "\n")
+    with pytest.raises(ReadError, match=rf"r{ext} line 4 has 2 fields where the lines before have 3: a ragged line"):
+        read_matrix(path)
+    path.write_text(sep.join("abc") + "\n" + sep.join("123") + "\n" + sep.join(["4", "", "6"]) + "\n")
+    M = read_matrix(path)  # an empty field is a missing value, not a ragged line
+    assert M.shape == (2, 3) and np.isnan(M.X[1, 1])

@@ -11,6 +11,7 @@
 ``.csv``, ``.tsv`` (also ``.gz``)    numbers with an optional header line (column names) and an
                                      optional first column of row labels (needs :mod:`pandas`
                                      when labelled; see :func:`read_matrix` for the rules)
+``.txt`` (also ``.gz``)              numbers separated by white space (``numpy.savetxt``), no names
 ``.mtx`` (also ``.gz``)              Matrix Market; ``matrix.mtx`` is read as 10x writes it
 a directory                          10x layout: ``matrix.mtx(.gz)`` (features x barcodes),
                                      ``features.tsv(.gz)`` or ``genes.tsv(.gz)``,
@@ -42,8 +43,9 @@ import numpy as np
 __all__ = ["Matrix", "ReadError", "read_matrix", "round_counts", "first_entry", "atomic_write",
            "atomic_write_all", "remove_stale", "available_memory", "FORMATS", "MISSING", "MAX_EMPTY"]
 
-FORMATS = (".npy", ".npz", ".mtx", ".mtx.gz", ".csv", ".csv.gz", ".tsv", ".tsv.gz", ".h5ad", "10x directory")
-_EXTS = (".npy", ".npz", ".mtx", ".csv", ".tsv", ".h5ad")
+FORMATS = (".npy", ".npz", ".mtx", ".mtx.gz", ".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz", ".h5ad",
+           "10x directory")
+_EXTS = (".npy", ".npz", ".mtx", ".csv", ".tsv", ".txt", ".h5ad")
 
 
 class ReadError(ValueError):
@@ -319,6 +321,8 @@ def read_matrix(path: Union[str, os.PathLike], *, layer: Optional[str] = None, t
                 M = _read_mtx(path)
             elif ext in (".csv", ".tsv"):
                 M = _read_table(path, "\t" if ext == ".tsv" else ",")
+            elif ext == ".txt":
+                M = _read_txt(path)
             else:
                 M = _read_h5ad(path, layer)
         except ReadError:
@@ -489,6 +493,35 @@ def _first_rows(path: str, sep: str) -> Tuple[Optional[List[str]], Optional[List
     return first, second, lines
 
 
+def _read_txt(path: str) -> Matrix:
+    """Numbers separated by white space, one row a line (``numpy.savetxt``'s default), no names."""
+    try:
+        X = np.loadtxt(path, ndmin=2, dtype=np.float64)
+    except ValueError as err:
+        raise ReadError(f"cannot read {path}: {str(err).splitlines()[0]} (a .txt file holds numbers separated by "
+                        "white space; for names use .csv or .tsv with a header line)") from None
+    if X.size == 0:
+        raise ReadError(f"{path} is empty")
+    return Matrix(X)
+
+
+def _check_ragged(path: str, sep: str, header: bool, n: int) -> None:
+    """Refuse a data line with fewer than ``n`` fields, naming it (pandas pads it with NaN)."""
+    with _open_text(path) as fh:
+        reader = csv.reader(fh, delimiter=sep)
+        skip = int(header)
+        for record in reader:
+            if not record:
+                continue
+            if skip:
+                skip -= 1
+                continue
+            if len(record) < n:
+                fields = f"{len(record)} field{'s' if len(record) != 1 else ''}"
+                raise ReadError(f"{path} line {reader.line_num} has {fields} where the lines before have {n}: a "
+                                "ragged line (a missing value is an empty field between separators, or NA)")
+
+
 def _line_of(path: str, sep: str, row: int, header: bool) -> int:
     """The 1-based file line of data row ``row`` (0-based; blank lines skipped as pandas does)."""
     with _open_text(path) as fh:
@@ -578,6 +611,8 @@ def _read_table(path: str, sep: str) -> Matrix:
                     + ("leave the header's first cell empty" if header else "add a header line with an empty first cell"))
         raise ReadError(f"{path} line {_line_of(path, sep, i, header)}: {value!r} at {where} is not a number{hint}")
     X = data.to_numpy(dtype=np.float64)
+    if np.isnan(X).any():  # pandas fills a short (ragged) line with NaN: name the line instead
+        _check_ragged(path, sep, header, n)
     cols = None
     if names is not None:
         cols = _names(v.strip() for v in names)
