@@ -234,6 +234,32 @@ def test_backed_x_is_streamed_by_blocks_and_written_into_the_object(tmp_path, mo
     backed.file.close()
 
 
+def test_a_path_is_fitted_without_its_anndata_in_memory(tmp_path, monkeypatch):
+    # anndata loads obs (a name per cell) even backed: a path's fit reads X alone, the same results
+    import gc
+
+    from torchnmf.tl import _backed
+
+    adata = make_adata(n=60, d=12)
+    path = write_backed(tmp_path, adata)
+    backed = anndata.read_h5ad(path, backed="r")
+    ntl.nmf(backed, 2, batch_size=16, epochs=2, max_iter=10, device="cpu")
+    usages, loadings = backed.obsm["X_nmf"], backed.varm["nmf"]
+    backed.file.close()
+    del adata, backed
+    gc.collect()
+    alive = []
+    fit = _backed.nmf_online
+    monkeypatch.setattr(_backed, "nmf_online", lambda *a, **k: alive.append(
+        sum(type(o) is anndata.AnnData for o in gc.get_objects())) or fit(*a, **k))
+    out = ntl.nmf(str(path), 2, batch_size=16, epochs=2, max_iter=10, device="cpu", key_added="p")
+    assert alive == [0]
+    assert out.isbacked and out.obsm["X_p"].shape == (60, 2) and out.uns["p"]["params"]["fit"] == "fit_nmf_online"
+    np.testing.assert_array_equal(out.obsm["X_p"], usages)  # as the fit of the opened file
+    np.testing.assert_array_equal(out.varm["p"], loadings)
+    out.file.close()
+
+
 def test_backed_refusals_and_layers(tmp_path):
     adata = make_adata(n=30, d=10)
     adata.layers["lognorm"] = adata.X.copy()

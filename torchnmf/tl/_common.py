@@ -1,6 +1,7 @@
 """What every :mod:`torchnmf.tl` function does around its fit: read, check, fit, then write."""
 from __future__ import annotations
 
+import gc
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
@@ -51,6 +52,17 @@ def plain_params(params: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def _stream_file(path: str, dtype, sel: Selection, stream: Callable) -> Result:
+    """``stream(source, sel)`` with the rows of the file's ``X`` read through h5py alone (no AnnData open)."""
+    import h5py
+
+    from ..anndata_io import BackedRows
+
+    columns = None if sel.feature_mask is None else np.flatnonzero(sel.feature_mask)
+    with h5py.File(path, "r") as f:
+        return stream(BackedRows(f["X"], columns, dtype=dtype), sel)
+
+
 def run(adata, fit: Callable[[Selection], Result], *, model: str, layer: Optional[str],
         use_highly_variable: Optional[bool], key_added: str, copy: bool, overwrite: bool, counts: bool,
         n_top_features: int, obs_columns: bool, stream: Optional[Callable] = None, batch_size: int = 1024):
@@ -82,7 +94,16 @@ def run(adata, fit: Callable[[Selection], Result], *, model: str, layer: Optiona
             first = source.batch(range(min(source.shape[0], check_rank(batch_size, "batch_size")))).X
             head = Selection(first.values().numpy(), None, None, None, "adata.X (its first rows)")
             check_integer_counts(head, adata, model, escape=", or allow_noninteger=True for a quasi-likelihood fit")
-        res = stream(source, sel)
+        if from_path:  # anndata holds obs (a name per cell: ~80 MiB at 300k cells) even backed: not during the fit
+            path, dtype = adata.filename, source.dtype
+            sel.matrix = None  # anndata's backed X refers back to the AnnData
+            adata.file.close()
+            adata = source = None
+            gc.collect()
+            res = _stream_file(path, dtype, sel, stream)
+            adata = read_anndata(path, backed="r")  # to write the results into
+        else:
+            res = stream(source, sel)
     else:
         sel = select(adata, layer, use_highly_variable)
         if counts:
