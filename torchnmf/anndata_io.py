@@ -508,12 +508,14 @@ class BackedRows(SparseRows):
         cols, vals, lens = [], [], []
         for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if rows.size else []:
             lo, hi = int(indptr[run[0]]), int(indptr[run[-1] + 1])
-            cols.append(np.asarray(a["indices"][lo:hi], dtype=np.int64))
-            vals.append(np.asarray(a["data"][lo:hi]))
+            cols.append(a["indices"][lo:hi])  # the file's integer type: widened once, at the end
+            vals.append(a["data"][lo:hi])
             lens.append(np.diff(indptr[run[0]:run[-1] + 2]))
-        c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-        v = np.concatenate(vals) if vals else np.zeros(0)
+        # a block of consecutive rows is one run: no concatenated copy (the peak is a few copies of the block)
+        c = (cols[0] if len(cols) == 1 else np.concatenate(cols)) if cols else np.zeros(0, np.int64)
+        v = (vals[0] if len(vals) == 1 else np.concatenate(vals)) if vals else np.zeros(0)
         n = np.concatenate(lens) if lens else np.zeros(0, np.int64)
+        del cols, vals
         if not np.isfinite(v).all() or (v.size and v.min() < 0):
             what = "NaN or infinity" if not np.isfinite(v).all() else "negative values"
             raise ValueError(f"X holds {what} in rows {rows.min()}..{rows.max()}")
@@ -530,7 +532,9 @@ class BackedRows(SparseRows):
         M = sp.csr_matrix((v, c, crow), shape=(len(rows), self.shape[1]))
         M.sum_duplicates()  # sorted columns, repeats summed, as SparseRows does for non-canonical files
         np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
-        X = csr_tensor(torch.from_numpy(M.indptr.astype(np.int64)), torch.from_numpy(M.indices.astype(np.int64)),
+        del c, v
+        X = csr_tensor(torch.from_numpy(M.indptr.astype(np.int64, copy=False)),
+                       torch.from_numpy(M.indices.astype(np.int64, copy=False)),
                        torch.from_numpy(M.data.astype(np_dtype, copy=False)).to(self.dtype), M.shape)
         return RowBatch(torch.from_numpy(rows), X)
 
