@@ -5,6 +5,8 @@ float32) to an ``.h5ad`` once, then fits it in a fresh process per case:
 
 * ``backed``: ``anndata.read_h5ad(path, backed='r')``; the rows come from the file in blocks
   of ``--batch-size`` (:class:`torchnmf.anndata_io.BackedRows`);
+* ``h5py``: the same blocks with no AnnData opened (``BackedRows`` over ``h5py.File(path)['X']``),
+  as :mod:`torchnmf.tl` now fits a path: anndata loads ``obs`` (a name per cell) even backed;
 * ``memory``: ``anndata.read_h5ad(path)`` (the matrix in memory), the same fit over
   :class:`torchnmf.streaming.SparseRows` of it.
 
@@ -105,6 +107,13 @@ def case(path: str, mode: str, fit: str, rank: int, batch_size: int, epochs: int
     if mode == "backed":
         adata = anndata.read_h5ad(path, backed="r")
         source, _ = backed_rows(adata, use_highly_variable=False, dtype=torch.float32)
+    elif mode == "h5py":
+        import h5py
+
+        from torchnmf.anndata_io import BackedRows
+
+        adata = h5py.File(path, "r")
+        source = BackedRows(adata["X"], dtype=torch.float32)
     else:
         adata = anndata.read_h5ad(path)
         source = SparseRows(adata.X, dtype=torch.float32, check=False)
@@ -116,7 +125,7 @@ def case(path: str, mode: str, fit: str, rank: int, batch_size: int, epochs: int
     times = [0.0] + history.times
     per_epoch = statistics.median(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else total
     peak = rss_mib("VmHWM")
-    indptr = np.asarray(source._arrays["indptr"]) if mode == "backed" else np.asarray(adata.X.indptr)
+    indptr = np.asarray(source._arrays["indptr"]) if mode != "memory" else np.asarray(adata.X.indptr)
     block_nnz = max(int(indptr[min(lo + batch_size, N)] - indptr[lo]) for lo in range(0, N, batch_size))
     block = block_nnz * (4 + 8) + (batch_size + 1) * 8  # float32 values, int64 columns, row pointers
     queue.put(dict(mode=mode, fit=fit, peak=peak - base, block=block / 2 ** 20, factors=factors / 2 ** 20,
@@ -150,13 +159,13 @@ def main(argv=None):
         ctx = mp.get_context("spawn")
         for fit in args.fits:
             rows = {}
-            for mode in ("memory", "backed"):
+            for mode in ("memory", "backed", "h5py"):
                 q = ctx.Queue()
                 proc = ctx.Process(target=case, args=(path, mode, fit, args.rank, args.batch_size, args.epochs, q))
                 proc.start()
                 rows[mode] = q.get()
                 proc.join()
-            for mode in ("memory", "backed"):
+            for mode in ("memory", "backed", "h5py"):
                 r = rows[mode]
                 ratio = r["peak"] / (r["block"] + r["factors"])
                 speed = r["per_epoch"] / rows["memory"]["per_epoch"]
