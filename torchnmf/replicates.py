@@ -732,6 +732,18 @@ def _stack(X: Tensor, mine, W0, H0, seed) -> Tuple[Tensor, Tensor, List[_Group]]
 
 
 @torch.no_grad()
+def _finish(out, W: Tensor, H: Tensor, g: "_Group", j: int, i: int, converged: bool, value: float) -> None:
+    """Write replicate ``j`` of group ``g`` (its columns of the stacked ``W``, ``H``) into ``out``."""
+    k, r = g.ids[j]
+    c = slice(g.offset + j * k, g.offset + (j + 1) * k)
+    f = out[k]
+    f.W[r].copy_(W[:, c])
+    f.H[r].copy_(H[:, c])
+    f.n_iter[r] = i
+    f.converged[r] = converged
+    f.loss[r] = value
+
+
 def _fit_local(batch: "_Batch", mine, out, W0, H0, seed, tol, max_iter, check_every, rule, bar) -> None:
     """Fit the replicates ``mine`` (pairs (rank, replicate)) in one batch, writing into ``out``."""
     X, beta = batch.X, batch.beta
@@ -741,16 +753,6 @@ def _fit_local(batch: "_Batch", mine, out, W0, H0, seed, tol, max_iter, check_ev
     first: Dict[Tuple[int, int], float] = {}
     prev_step = None
     tiny = torch.finfo(torch.float64).eps
-
-    def finish(g: _Group, j: int, i: int, converged: bool, value: float):
-        k, r = g.ids[j]
-        c = slice(g.offset + j * k, g.offset + (j + 1) * k)
-        f = out[k]
-        f.W[r].copy_(W[:, c])
-        f.H[r].copy_(H[:, c])
-        f.n_iter[r] = i
-        f.converged[r] = converged
-        f.loss[r] = value
 
     i = 0
     try:
@@ -776,7 +778,7 @@ def _fit_local(batch: "_Batch", mine, out, W0, H0, seed, tol, max_iter, check_ev
                         prev[pair] = value
                         converged = has_converged(change, tol, dtype, rule)
                         if end or converged:
-                            finish(g, j, i, converged, value)
+                            _finish(out, W, H, g, j, i, converged, value)
                         else:
                             ids.append(j)
                     j_all += len(g.ids)
@@ -826,16 +828,6 @@ def _fit_local_cd(batch: "_Batch", mine, out, W0, H0, seed, tol, max_iter, bar) 
     grams = [_gram(W, g) for g in groups]  # WᵀW per replicate, kept up to date after each W sweep
     first: Dict[Tuple[int, int], float] = {}
 
-    def finish(g: _Group, j: int, i: int, converged: bool, value: float):
-        k, r = g.ids[j]
-        c = slice(g.offset + j * k, g.offset + (j + 1) * k)
-        f = out[k]
-        f.W[r].copy_(W[:, c])
-        f.H[r].copy_(H[:, c])
-        f.n_iter[r] = i
-        f.converged[r] = converged
-        f.loss[r] = value
-
     try:
         for i in range(1, max_iter + 1):
             XW = batch.product("H", W)
@@ -866,7 +858,7 @@ def _fit_local_cd(batch: "_Batch", mine, out, W0, H0, seed, tol, max_iter, bar) 
                     # scikit-learn's rule: a zero first violation is a fixed point
                     converged = first[pair] == 0 or v / first[pair] <= tol
                     if converged or i == max_iter:
-                        finish(g, j, i, converged, value)
+                        _finish(out, W, H, g, j, i, converged, value)
                     else:
                         ids.append(j)
                 j_all += len(g.ids)
