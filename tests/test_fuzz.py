@@ -487,18 +487,23 @@ def test_bad_values_raise_a_named_error_or_give_finite_results(name, V, data):
     x = _bad(V, kind, data.draw)
     if name.startswith("cli") and isinstance(x, torch.Tensor):
         x = x.numpy()
+    _named_error_or_finite(name, fn, arg, x, kind, kind)
+
+
+def _named_error_or_finite(name, fn, arg, x, kind, outcome_kind):
+    """``fn(x)`` raises an allowed error naming ``arg`` or gives finite results; ``x`` untouched."""
     before = _snapshot(x)
     try:
         got = _call(fn, x)
     except ALLOWED as err:
         _unchanged(x, before)
         assert _names_argument(err, arg), f"{name} on {kind}: {type(err).__name__} does not name {arg!r}: {err}"
-        OUTCOMES[(name, kind, "raised")] += 1
+        OUTCOMES[(name, outcome_kind, "raised")] += 1
         return
     _unchanged(x, before)
     for a in _flatten(got):
         assert np.isfinite(a).all(), f"{name} on {kind}: succeeded with non-finite results"
-    OUTCOMES[(name, kind, "finite")] += 1
+    OUTCOMES[(name, outcome_kind, "finite")] += 1
 
 
 # issue 22: IO and CLI
@@ -726,18 +731,7 @@ def test_float32_data_of_large_magnitude_raises_or_stays_finite(name, kind, V, d
     # issue 22 item 5: trainers, ELBOs and metrics returned NaN/inf without an error
     fn, arg = HUGE_CASES[name][:2]
     x = _huge(V, kind, data.draw)
-    before = _snapshot(x)
-    try:
-        got = _call(fn, x)
-    except ALLOWED as err:
-        _unchanged(x, before)
-        assert _names_argument(err, arg), f"{name} on {kind}: {type(err).__name__} does not name {arg!r}: {err}"
-        OUTCOMES[(name, f"huge-{kind}", "raised")] += 1
-        return
-    _unchanged(x, before)
-    for a in _flatten(got):
-        assert np.isfinite(a).all(), f"{name} on {kind}: succeeded with non-finite results"
-    OUTCOMES[(name, f"huge-{kind}", "finite")] += 1
+    _named_error_or_finite(name, fn, arg, x, kind, f"huge-{kind}")
 
 
 # issue 22: clear errors
