@@ -203,6 +203,60 @@ def test_backed_rows_read_blocks_of_the_file(tmp_path):
     backed.file.close()
 
 
+def _raw_csr_file(path, data, indices, indptr, shape):
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        g = f.create_group("X")
+        g.attrs["encoding-type"], g.attrs["shape"] = "csr_matrix", shape
+        g.create_dataset("data", data=data, chunks=(min(3, len(data)),))
+        g.create_dataset("indices", data=indices, chunks=(min(3, len(data)),))
+        g.create_dataset("indptr", data=indptr)
+    return h5py.File(path, "r")
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("value_dtype", [np.float32, np.float64, np.int64])
+def test_backed_rows_equal_scipy_for_any_file_layout(tmp_path, index_dtype, value_dtype):
+    from torchnmf.anndata_io import BackedRows
+
+    # row 0 unsorted, row 2 empty, row 3 a repeated column (summed), rows 1 and 4 canonical
+    indptr = np.array([0, 3, 5, 5, 8, 10])
+    indices = np.array([4, 0, 2, 1, 3, 2, 2, 0, 0, 4], dtype=index_dtype)
+    data = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], dtype=value_dtype)
+    f = _raw_csr_file(tmp_path / "x.h5", data, indices, indptr, (5, 5))
+    M = sp.csr_matrix((data.astype(np.float64), indices, indptr), shape=(5, 5)).toarray()
+    for columns in (None, np.array([0, 2, 3])):
+        source = BackedRows(f["X"], columns, dtype=torch.float32)
+        keep = slice(None) if columns is None else columns
+        for rows in ([0, 1, 2, 3, 4], [1, 2], [4, 0, 3], [2], []):
+            X = source.batch(rows).X
+            assert X.layout == torch.sparse_csr and X.dtype == torch.float32
+            assert X.col_indices().dtype == X.crow_indices().dtype == torch.int32  # the kernels' index type
+            cols = X.col_indices().numpy()
+            for r in range(len(rows)):  # canonical: columns strictly increase within each row
+                lo, hi = X.crow_indices()[r:r + 2].tolist()
+                assert (np.diff(cols[lo:hi]) > 0).all()
+            np.testing.assert_array_equal(X.to_dense().numpy(), M[np.array(rows, dtype=int)][:, keep])
+    f.close()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(data=np.array([1.0, -2.0])), "negative values in rows 0..1"),
+    (dict(data=np.array([1.0, np.nan])), "NaN or infinity in rows 0..1"),
+    (dict(indices=np.array([0, 7])), r"column index outside \[0, 3\)"),
+])
+def test_backed_rows_refuse_bad_blocks_by_rows(tmp_path, bad, message):
+    from torchnmf.anndata_io import BackedRows
+
+    parts = dict(data=np.array([1.0, 2.0]), indices=np.array([0, 1]), indptr=np.array([0, 1, 2]), shape=(2, 3))
+    parts.update(bad)
+    f = _raw_csr_file(tmp_path / "bad.h5", **parts)
+    with pytest.raises(ValueError, match=message):
+        BackedRows(f["X"]).batch([0, 1])
+    f.close()
+
+
 def test_backed_x_is_streamed_by_blocks_and_written_into_the_object(tmp_path, monkeypatch):
     from torchnmf.anndata_io import BackedRows
     from torchnmf.streaming import SparseRows

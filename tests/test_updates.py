@@ -216,3 +216,53 @@ def test_subnormal_denominator_is_zero_not_nan():
     out = mu_update(V, W, H, beta=2)
     assert torch.isfinite(out).all() and out[0, 0] == 0 and out[2, 0] == 0
     torch.testing.assert_close(out[1], H[1] * (V[1] @ W) / (H[1] @ (W.T @ W)))
+
+
+@pytest.mark.parametrize("beta", [0.5, 1, 1.5, 2, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_w_statistics_from_the_pattern_of_v_equal_dense(beta, masked):
+    """OnlineMU's W statistics reuse the CSR pattern of V for Vᵀ (no COO transpose of the batch)."""
+    from torchnmf.updates import mu_statistics
+
+    V, W, H = sparse_problem()
+    M = (torch.rand(V.shape, generator=torch.Generator().manual_seed(1)) > 0.3).double() if masked else None
+    S = V.to_sparse_csr()
+    cache = {}
+    mu_update(S, W, H, beta, mask=M, cache=cache)  # builds the pattern of V, as the H updates do
+    Mt = None if M is None else M.T
+    for tcache in ({"nz": cache["nz"].transposed()}, None):  # the shared pattern, or one from the CSC view
+        num, den, loss = mu_statistics(S.t(), H, W, beta, Mt, with_loss=True, cache=tcache)
+        ref = mu_statistics(V.T.contiguous(), H, W, beta, Mt, with_loss=True)
+        for a, b in zip((num, den, loss), ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert S.layout == torch.sparse_csr and torch.equal(S.to_dense(), V)
+
+
+def test_w_numerator_through_the_transposed_pattern_any_dtype():
+    from torchnmf.updates import _sparse_parts
+
+    V, W, H = sparse_problem(N=40, C=30, R=4)
+    nz = _sparse_parts(V.to_sparse_csr(), None)
+    vals = torch.rand(nz.vals.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    dense = torch.zeros(V.shape, dtype=torch.float64)
+    dense[nz.rows, nz.col.long()] = vals
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        out = nz.tmm(vals.to(dtype), H.to(dtype))
+        assert out.shape == (30, 4) and out.dtype == dtype
+        torch.testing.assert_close(out.double(), dense.T @ H.to(dtype).double(), rtol=tol, atol=tol)
+
+
+def test_csc_pattern_by_counting_equals_by_sorting():
+    from torchnmf._csr import csc_pattern
+    from torchnmf.updates import _sparse_parts
+
+    V, _, _ = sparse_problem(N=50, C=20, R=2)
+    nz = _sparse_parts(V.to_sparse_csr(), None)
+    a = csc_pattern(nz.crow, nz.col, nz.shape, lambda: nz.rows, counting=True)
+    b = csc_pattern(nz.crow, nz.col, nz.shape, lambda: nz.rows, counting=False)
+    for x, y in zip(a, b):
+        assert torch.equal(x.long(), y.long())
+    ccol, rows, perm = a
+    T = V.T.to_sparse_csr()
+    assert torch.equal(ccol.long(), T.crow_indices()) and torch.equal(rows.long(), T.col_indices())
+    assert torch.equal(nz.vals[perm.long()], T.values())

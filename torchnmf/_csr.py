@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["quiet_csr", "to_csr", "csr_tensor"]
+__all__ = ["quiet_csr", "to_csr", "csr_tensor", "is_canonical", "csc_pattern", "sampled_mm"]
 
 
 @contextlib.contextmanager
@@ -39,3 +39,53 @@ def csr_tensor(crow: Tensor, col: Tensor, values: Tensor, shape: Tuple[int, int]
     """A CSR tensor of shape ``shape`` from trusted parts (no invariant checks) inside :func:`quiet_csr`."""
     with quiet_csr():
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def is_canonical(crow: Tensor, col: Tensor) -> bool:
+    """Whether the column indices ``col`` (nnz,) increase strictly within every row of the CSR pointers ``crow``.
+
+    What ``coalesce`` gives (sorted, no repeats); one ``nnz``-sized flag array, no sort.
+    """
+    nnz = col.numel()
+    if nnz < 2:
+        return True
+    down = col[1:] <= col[:-1]  # neighbours out of order; those across a row start do not count
+    inner = crow[1:-1].long()
+    inner = inner[(inner > 0) & (inner < nnz)]
+    down[inner - 1] = False
+    return not bool(down.any())
+
+
+def csc_pattern(crow: Tensor, col: Tensor, shape: Tuple[int, int], rows: Callable[[], Tensor], counting: bool):
+    """Column pointers (C + 1,), rows by column (nnz,) and each CSC entry's CSR position (nnz,) of a CSR pattern.
+
+    ``counting``: scipy's counting sort on the host (O(nnz), no int64 sort keys); otherwise a
+    stable ``argsort`` of the columns (any device). Both keep the rows of a column increasing.
+    """
+    N, C = shape
+    idx = col.dtype
+    if counting:
+        import numpy as np
+        import scipy.sparse as sp
+
+        np_idx = np.int32 if idx == torch.int32 else np.int64
+        T = sp.csr_matrix((np.arange(col.numel(), dtype=np_idx), col.numpy(), crow.numpy()), shape=(N, C)).tocsc()
+        return tuple(torch.from_numpy(a.astype(np_idx, copy=False)) for a in (T.indptr, T.indices, T.data))
+    perm = torch.argsort(col, stable=True)
+    ccol = torch.zeros(C + 1, dtype=torch.long, device=col.device)
+    ccol[1:] = torch.bincount(col, minlength=C).cumsum(0)
+    return ccol.to(idx), rows()[perm].to(idx), perm
+
+
+def sampled_mm(crow: Tensor, col: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """``(A @ B)[r, c]`` at every non-zero ``(r, c)`` of the CSR pattern ``(crow, col)``, shape (nnz,).
+
+    ``A`` (N, K), ``B`` (K, C), float32 or float64. ``torch.sparse.sampled_addmm`` writing into
+    a fresh values array over the pattern's own indices: the plain call also returns int64
+    copies of them (measured at 409,600 non-zeros and K = 10 on CPU: 1.2 vs 3.9 ms, and no
+    index copies). Not differentiable: where a gradient flows call ``sampled_addmm`` itself.
+    """
+    out = A.new_zeros(col.numel())  # zeros: beta=0 still multiplies the old values by 0
+    target = csr_tensor(crow, col, out, (crow.numel() - 1, B.shape[1]))
+    torch.sparse.sampled_addmm(target, A, B, beta=0.0, out=target)
+    return out

@@ -454,14 +454,28 @@ def backed_rows(adata, layer: Optional[str] = None, use_highly_variable: Optiona
     return BackedRows(group, columns, dtype=dtype), sel
 
 
+def _uncached(group, name: str):
+    """``group[name]`` opened with no chunk cache: blocks are read once, in order (HDF5 2 caches 8 MiB per dataset)."""
+    import h5py
+
+    dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+    dapl.set_chunk_cache(0, 0, 1.0)
+    return h5py.Dataset(h5py.h5d.open(group.id, name.encode(), dapl=dapl))
+
+
 class BackedRows(SparseRows):
     """Rows of a CSR matrix inside an open ``.h5ad`` (HDF5) file, read one block at a time.
 
     A :class:`~torchnmf.streaming.SparseRows` whose arrays stay in the file: a batch of
     consecutive rows is one read of their nonzeros (scattered rows: one read per run of
     consecutive rows, so stream in order: ``shuffle=False``). Only ``indptr`` (one integer
-    per row) is held in memory. ``columns`` keeps those columns only (the highly variable
-    genes), dropped block by block.
+    per row, in the file's integer type) is held in memory. ``columns`` keeps those columns
+    only (the highly variable genes), dropped block by block.
+
+    A block is read straight into the arrays of the CSR batch it becomes (no chunk cache,
+    no concatenated or widened copies): column indices and row pointers are int32 where
+    they fit, as torchnmf's sparse kernels use them, so a block holds its nonzeros' values
+    and one 4-byte index each.
 
     Parameters
     ----------
@@ -475,17 +489,20 @@ class BackedRows(SparseRows):
 
     def __init__(self, group, columns: Optional[np.ndarray] = None, dtype: Optional[torch.dtype] = None):
         n_rows, n_cols = (int(s) for s in group.attrs["shape"])
-        data = group["data"]
+        data, indices = _uncached(group, "data"), _uncached(group, "indices")
         self.layout, self._path, self._memory, self._dense = "csr", None, None, False
-        self._arrays = {"data": data, "indices": group["indices"], "shape": (n_rows, n_cols), "canonical": False,
-                        "indptr": np.asarray(group["indptr"][:], dtype=np.int64)}
+        indptr = group["indptr"][:]
+        if indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
+            raise TypeError(f"X's indptr and indices must be integers, got {indptr.dtype} and {indices.dtype}")
+        self._arrays = {"data": data, "indices": indices, "shape": (n_rows, n_cols), "canonical": False,
+                        "indptr": indptr}
         if np.dtype(data.dtype).kind not in "iuf":
             raise TypeError(f"X must hold real numbers, got dtype {data.dtype}")
         self._remap = None
         width = n_cols
         if columns is not None:
             columns = np.asarray(columns, dtype=np.int64)
-            self._remap = np.full(n_cols, -1, dtype=np.int64)
+            self._remap = np.full(n_cols, -1, dtype=np.int32 if n_cols < 2 ** 31 else np.int64)
             self._remap[columns] = np.arange(len(columns))
             width = len(columns)
         self.shape = (n_rows, width)
@@ -498,44 +515,54 @@ class BackedRows(SparseRows):
 
     def batch(self, rows):
         """The given global rows as a :class:`~torchnmf.streaming.RowBatch` (CSR, kept columns only)."""
-        from ._csr import csr_tensor
+        from ._csr import csr_tensor, is_canonical
 
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        n_rows = self._arrays["shape"][0]
+        a = self._arrays
+        (n_rows, n_cols), indptr = a["shape"], a["indptr"]
         if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
             raise IndexError(f"row index out of range for a matrix of {n_rows} rows")
-        indptr, a = self._arrays["indptr"], self._arrays
-        cols, vals, lens = [], [], []
-        for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if rows.size else []:
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if rows.size else []
+        lens = (indptr[rows + 1] - indptr[rows]).astype(np.int64) if rows.size else np.zeros(0, np.int64)
+        nnz = int(lens.sum())
+        idx = np.int32 if max(nnz, n_cols) < 2 ** 31 else np.int64
+        crow = np.zeros(len(rows) + 1, dtype=idx)
+        np.cumsum(lens, out=crow[1:])
+        # read every run straight into the batch's arrays (in the file's types; narrowed or cast after)
+        c = np.empty(nnz, dtype=a["indices"].dtype)
+        v = np.empty(nnz, dtype=a["data"].dtype)
+        at = 0
+        for run in runs:
             lo, hi = int(indptr[run[0]]), int(indptr[run[-1] + 1])
-            cols.append(a["indices"][lo:hi])  # the file's integer type: widened once, at the end
-            vals.append(a["data"][lo:hi])
-            lens.append(np.diff(indptr[run[0]:run[-1] + 2]))
-        # a block of consecutive rows is one run: no concatenated copy (the peak is a few copies of the block)
-        c = (cols[0] if len(cols) == 1 else np.concatenate(cols)) if cols else np.zeros(0, np.int64)
-        v = (vals[0] if len(vals) == 1 else np.concatenate(vals)) if vals else np.zeros(0)
-        n = np.concatenate(lens) if lens else np.zeros(0, np.int64)
-        del cols, vals
-        if not np.isfinite(v).all() or (v.size and v.min() < 0):
-            what = "NaN or infinity" if not np.isfinite(v).all() else "negative values"
-            raise ValueError(f"X holds {what} in rows {rows.min()}..{rows.max()}")
-        if self._remap is not None:
-            row_of = np.repeat(np.arange(len(rows)), n)
-            new = self._remap[c]
-            keep = new >= 0
-            c, v = new[keep], v[keep]
-            n = np.bincount(row_of[keep], minlength=len(rows))
-        import scipy.sparse as sp
-
-        crow = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(n, out=crow[1:])
-        M = sp.csr_matrix((v, c, crow), shape=(len(rows), self.shape[1]))
-        M.sum_duplicates()  # sorted columns, repeats summed, as SparseRows does for non-canonical files
+            if hi > lo:
+                a["indices"].read_direct(c, np.s_[lo:hi], np.s_[at:at + hi - lo])
+                a["data"].read_direct(v, np.s_[lo:hi], np.s_[at:at + hi - lo])
+            at += hi - lo
+        where = f"rows {rows.min()}..{rows.max()}" if rows.size else "no rows"
+        if nnz and not np.isfinite(v).all():
+            raise ValueError(f"X holds NaN or infinity in {where}")
+        if nnz and v.min() < 0:
+            raise ValueError(f"X holds negative values in {where}")
+        if nnz and (c.min() < 0 or c.max() >= n_cols):
+            raise ValueError(f"X holds a column index outside [0, {n_cols}) in {where}")
+        c = c.astype(idx, copy=False)
         np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
-        del c, v
-        X = csr_tensor(torch.from_numpy(M.indptr.astype(np.int64, copy=False)),
-                       torch.from_numpy(M.indices.astype(np.int64, copy=False)),
-                       torch.from_numpy(M.data.astype(np_dtype, copy=False)).to(self.dtype), M.shape)
+        v = v.astype(np_dtype, copy=False)
+        if self._remap is not None:
+            c = self._remap[c]
+            keep = c >= 0
+            kept = np.zeros(nnz + 1, dtype=idx)
+            np.cumsum(keep, out=kept[1:])
+            crow = kept[crow]  # kept nonzeros before each row start
+            c, v = c[keep], v[keep]
+            del keep, kept
+        if not is_canonical(torch.from_numpy(crow), torch.from_numpy(c)):  # sorted columns within rows, repeats summed, as SparseRows does
+            import scipy.sparse as sp
+
+            M = sp.csr_matrix((v, c, crow), shape=(len(rows), self.shape[1]))
+            M.sum_duplicates()
+            crow, c, v = M.indptr.astype(idx, copy=False), M.indices.astype(idx, copy=False), M.data
+        X = csr_tensor(torch.from_numpy(crow), torch.from_numpy(c), torch.from_numpy(v), (len(rows), self.shape[1]))
         return RowBatch(torch.from_numpy(rows), X)
 
     def __repr__(self) -> str:

@@ -133,7 +133,8 @@ def assign_(p: Tensor, value: Tensor) -> Tensor:
     return p
 
 
-def positive(module: nn.Module, name: str, mode: str = "multiplicative", requires_grad: Optional[bool] = None) -> nn.Module:
+def positive(module: nn.Module, name: str, mode: str = "multiplicative", requires_grad: Optional[bool] = None,
+             *, copy: bool = True) -> nn.Module:
     """Make ``module.<name>`` a positive parameter in ``mode``.
 
     The current attribute (a tensor or parameter of non-negative values) becomes the
@@ -148,6 +149,9 @@ def positive(module: nn.Module, name: str, mode: str = "multiplicative", require
     mode : {'softplus', 'exp', 'projected', 'multiplicative'}, default 'multiplicative'
     requires_grad : bool, optional
         Default keeps the current parameter's flag (True for a plain tensor).
+    copy : bool, default True
+        The raw parameter holds a copy of the value; ``False`` (a layer's own fresh tensor, in
+        any mode) takes its storage, so a layer of many rows allocates its parameters once.
 
     Returns
     -------
@@ -168,17 +172,17 @@ def positive(module: nn.Module, name: str, mode: str = "multiplicative", require
         flag = (value.requires_grad if isinstance(value, nn.Parameter) else True) if requires_grad is None else requires_grad
         value = value.detach()
         delattr(module, name)
-    if not bool((value >= 0).all()):
+    if value.numel() and not bool(value.min() >= 0):  # NaN fails too; no full-size flag array
         raise ValueError(f"{name} must be non-negative to be a positive parameter")
     if mode in _TRANSFORMS:
         # parametrize applies right_inverse to the registered value in place, so the raw
         # parameter stays this PositiveParameter object.
-        module.register_parameter(name, PositiveParameter(value.clone(), mode, flag))
+        module.register_parameter(name, PositiveParameter(value.clone() if copy else value, mode, flag))
         parametrize.register_parametrization(module, name, _TRANSFORMS[mode]())
         if mode_of(getattr(module.parametrizations, name).original) != mode:  # pragma: no cover
             raise RuntimeError("torch.nn.utils.parametrize replaced the raw parameter")
     else:
-        module.register_parameter(name, PositiveParameter(value.clone(), mode, flag))
+        module.register_parameter(name, PositiveParameter(value.clone() if copy else value, mode, flag))
     return module
 
 

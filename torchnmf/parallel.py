@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import data
+from ._memory import release_freed
 from .constraints import assign_, value_of
 from .distributed import (Checkpointer, all_reduce_stats, broadcast_, check_shards, get_rank, get_world_size,
                           is_distributed, stats_reducer)
@@ -165,8 +166,14 @@ def _batches(loader, epoch: int, n_steps: int):
     loader.batch_sampler.set_epoch(epoch)
     done = 0
     while done < n_steps:
-        for batch in loader:
+        batches = iter(loader)
+        while True:
+            release_freed()  # the last block's working set, before the next is read (see torchnmf._memory)
+            batch = next(batches, None)
+            if batch is None:
+                break
             yield batch
+            batch = None  # not held while the loader reads the next one: one block in memory at a time
             done += 1
             if done == n_steps:
                 return
@@ -275,6 +282,7 @@ def fit_nmf_online(model, source, *, batch_size: int = 1024, epochs: int = 10, b
             Hb = (math.sqrt(max(mean, 1e-12) / R) * torch.rand(Vb.shape[0], R, generator=g, dtype=W.dtype))
             Hb = Hb.to(W.device)
             total += float(opt.step(lambda: (Vb, Hb)))
+            del batch, Vb, Hb  # before the next block is read
         return total
 
     try:
@@ -462,6 +470,8 @@ def fit_gamma_svi(layer, source, *, batch_size: int = 1024, epochs: int = 10, lr
             # every process measures the same (last) step: the estimate's statistics are summed
             estimate = trainer.step(lambda: (Xb, rows) if scale is None else (Xb, rows, scale),
                                     elbo=step == n_steps - 1)
+            trainer._forget()
+            del batch, Xb, rows  # before the next block is read
         return estimate
 
     try:

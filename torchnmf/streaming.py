@@ -570,13 +570,13 @@ class EpochSampler(Sampler):
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[list]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+        # the order as one tensor (8 bytes a row), made into a list a batch at a time: a list of
+        # every row's int held ~36 bytes a row for the whole epoch (11 MiB for 300k rows)
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)) \
+            if self.shuffle else None
         for lo in range(0, self.n, self.batch_size):
-            chunk = order[lo:lo + self.batch_size]
+            hi = min(self.n, lo + self.batch_size)
+            chunk = order[lo:hi].tolist() if order is not None else list(range(lo, hi))
             if self.drop_last and len(chunk) < self.batch_size:
                 return
             yield chunk

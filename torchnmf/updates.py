@@ -22,7 +22,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._csr import csr_tensor, to_csr
+from ._csr import csc_pattern, csr_tensor, sampled_mm, to_csr
 from .data import check_beta, check_not_meta
 
 __all__ = ["mu_update", "mu_gamma", "mu_statistics", "mu_apply", "EPSILON"]
@@ -119,7 +119,7 @@ class _Nonzeros:
             crow, col = crow.to(torch.int32), col.to(torch.int32)
         self.crow, self.col = crow, col
         self._rows: Optional[Tensor] = None
-        self._pattern: Dict[torch.dtype, Tensor] = {}
+        self._csc: Optional[Tuple[Tensor, Tensor, Tensor]] = None
 
     @property
     def rows(self) -> Tensor:
@@ -137,10 +137,7 @@ class _Nonzeros:
         """``(H Wᵀ)[n, c]`` at every non-zero ``(n, c)``, shape (nnz,), without forming ``H Wᵀ``."""
         if H.dtype not in (torch.float32, torch.float64) or W.dtype != H.dtype:
             return _gather_dot(H, W, self.rows, self.col.long())
-        pattern = self._pattern.get(H.dtype)
-        if pattern is None:  # zero values: sampled_addmm's beta=0 still multiplies a NaN of V by 0
-            pattern = self._pattern[H.dtype] = self.csr(self.vals.new_zeros(self.vals.shape, dtype=H.dtype))
-        return torch.sparse.sampled_addmm(pattern, H, W.t(), beta=0.0).values()
+        return sampled_mm(self.crow, self.col, H, W.t())
 
     def mm(self, values: Tensor, W: Tensor) -> Tensor:
         """``S @ W`` for the matrix ``S`` of this pattern holding ``values`` (nnz,); shape (N, R)."""
@@ -151,11 +148,64 @@ class _Nonzeros:
         return self.csr(values) @ W
 
 
-def _sparse_parts(V: Tensor, cache: Optional[dict]) -> _Nonzeros:
-    """The :class:`_Nonzeros` of a sparse 2-D ``V``, cached in ``cache``."""
+    def tmm(self, values: Tensor, H: Tensor) -> Tensor:
+        """``Sᵀ @ H`` for the matrix ``S`` of this pattern holding ``values`` (nnz,); ``H`` (N, R), result (C, R).
+
+        Through the CSR matrix of ``Sᵀ`` (its pattern built once): one permutation of
+        ``values``, no COO copy or sort of the indices per product.
+        """
+        if values.dtype != H.dtype:
+            values = values.to(H.dtype)
+        N, C = self.shape
+        if H.dtype not in (torch.float32, torch.float64):
+            return torch.sparse.mm(torch.sparse_coo_tensor(torch.stack([self.col.long(), self.rows]), values, (C, N),
+                                                           check_invariants=False), H)
+        ccol, rows_by_col, perm = self._transpose()
+        return csr_tensor(ccol, rows_by_col, values[perm], (C, N)) @ H
+
+    def _transpose(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """CSC pattern of this CSR one (see :func:`torchnmf._csr.csc_pattern`), built once."""
+        if self._csc is None:
+            self._csc = csc_pattern(self.crow, self.col, self.shape, lambda: self.rows,
+                                     counting=self.col.device.type == "cpu")
+        return self._csc
+
+    def transposed(self) -> "_TransposedNonzeros":
+        """The same non-zeros seen as those of ``Vᵀ`` (C, N), without copying them."""
+        return _TransposedNonzeros(self)
+
+
+class _TransposedNonzeros:
+    """The non-zeros of ``Vᵀ`` for the :class:`_Nonzeros` of ``V``: same values and order, roles swapped.
+
+    What :func:`_sparse_update` needs for the update of ``W`` in ``V ≈ H Wᵀ`` (``Vᵀ ≈ W Hᵀ``)
+    from a CSR ``V``: reconstructions at the non-zeros by the same sampled product, the
+    numerator through the transposed pattern (:meth:`_Nonzeros.tmm`).
+    """
+
+    def __init__(self, base: _Nonzeros):
+        self.base, self.shape, self.vals = base, base.shape[::-1], base.vals
+
+    @property
+    def rows(self) -> Tensor:
+        return self.base.col.long()
+
+    @property
+    def col(self) -> Tensor:
+        return self.base.rows
+
+    def dot(self, H: Tensor, W: Tensor) -> Tensor:
+        return self.base.dot(W, H)
+
+    def mm(self, values: Tensor, W: Tensor) -> Tensor:
+        return self.base.tmm(values, W)
+
+
+def _sparse_parts(V: Tensor, cache: Optional[dict]) -> Union[_Nonzeros, _TransposedNonzeros]:
+    """The :class:`_Nonzeros` of a sparse 2-D ``V`` (of ``V.t()``, transposed, for a CSC ``V``), cached in ``cache``."""
     if cache is not None and "nz" in cache:
         return cache["nz"]
-    nz = _Nonzeros(V)
+    nz = _Nonzeros(V.t()).transposed() if V.layout == torch.sparse_csc else _Nonzeros(V)
     if cache is not None:
         cache["nz"] = nz
     return nz

@@ -564,3 +564,57 @@ def test_set_means_with_denormal_means_leaves_finite_rates(dtype):
         assert bool(torch.isfinite(getattr(layer, name)).all()), name
     X = torch.poisson(torch.full((4, 3), 3.0, dtype=dtype), generator=torch.Generator().manual_seed(0))
     assert np.isfinite(float(layer.elbo(X)))
+
+
+def test_start_of_many_rows_is_the_same_in_every_mode_and_dtype():
+    """q(U)'s start is drawn in blocks of rows, written in place: one point for every mode and dtype."""
+    from torchnmf.poisson import gamma
+
+    n, rank = 3 * gamma._INIT_BLOCK // 4 + 5, 4  # three blocks and a short one
+    kappa = torch.linspace(1, 2, n, dtype=torch.float64)
+
+    def start(mode, dtype):
+        layer = GammaPoisson(n, 7, rank, a=0.3, b=0.2, kappa=kappa.tolist(), mode=mode,
+                             generator=torch.Generator().manual_seed(3), dtype=dtype)
+        return [getattr(layer, k).detach() for k in ("U_shape", "alpha_shape", "U_rate", "alpha_rate")]
+
+    ref = start("multiplicative", torch.float64)
+    U = ref[0]
+    assert ((U >= 0.3) & (U < 1.3)).all() and U.std() > 0.25  # prior + Uniform(0, 1)
+    step = gamma._INIT_BLOCK // rank
+    assert not torch.equal(U[:step], U[step:2 * step])  # every block draws new numbers
+    torch.testing.assert_close(ref[2], kappa[:, None].expand(n, rank), rtol=0, atol=0)
+    for mode, dtype in (("multiplicative", torch.float32), ("softplus", torch.float64), ("softplus", torch.float32),
+                        ("projected", torch.float64)):
+        tol = 1e-6 if dtype == torch.float32 or mode == "softplus" else 0
+        for a, b in zip(start(mode, dtype), ref):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_count_matrix_of_a_canonical_csr_equals_the_general_path(dtype):
+    """Streamed CSR blocks are indexed without COO copies or a sort: the same CountMatrix."""
+    X, _, _ = simulate(40, 23, 3)
+    X[5] = 0  # an empty row
+    X[:, 7] = 0  # an empty column
+    S = X.to(dtype).to_sparse_csr()
+    S = torch.sparse_csr_tensor(S.crow_indices().int(), S.col_indices().int(), S.values(), S.shape)
+    fast = CountMatrix.from_input(S)
+    ref = CountMatrix(*torch.nonzero(X, as_tuple=True), X[X != 0].to(dtype), tuple(X.shape))
+    assert fast.values.data_ptr() == S.values().data_ptr()  # shared, not copied
+    for name in ("crow", "cols", "ccol", "csc_pos", "rows_by_col", "values", "row_totals", "col_totals",
+                 "row_totals64", "col_totals64", "log_factorial64", "log_factorial"):
+        a, b = getattr(fast, name), getattr(ref, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    # not canonical (a row's columns out of order, or an explicit zero): the general path, same result
+    crow, col, val = S.crow_indices(), S.col_indices().clone(), S.values().clone()
+    lo = int(crow[0])
+    col[lo:lo + 2] = col[lo:lo + 2].flip(0)
+    val[lo:lo + 2] = val[lo:lo + 2].flip(0)
+    shuffled = CountMatrix.from_input(torch.sparse_csr_tensor(crow, col, val, S.shape, check_invariants=False))
+    zero = val.clone()
+    zero[3] = 0
+    with_zero = CountMatrix.from_input(torch.sparse_csr_tensor(crow, S.col_indices(), zero, S.shape))
+    assert torch.equal(shuffled.values, ref.values) and torch.equal(shuffled.csc_pos, ref.csc_pos)
+    assert with_zero.nnz == ref.nnz - 1

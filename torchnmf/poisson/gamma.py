@@ -54,6 +54,7 @@ from torch.distributions import Gamma, kl_divergence
 from torch.nn.utils import parametrize
 
 from .. import constraints
+from .._csr import csc_pattern, is_canonical, sampled_mm
 from .._special import digamma_positive
 from ..data import (as_tensor, check_counts, check_magnitude, check_option, check_positive, check_positive_vector,
                     check_rank, check_shape, nonzeros)
@@ -262,8 +263,50 @@ class CountMatrix:
         # the fits' check: counts too large for the dtype's arithmetic (one float32 entry of
         # 3e38) gave NaN from the trainers' steps and the ELBO without an error
         check_magnitude(T, name, T.dtype)
+        if T.layout == torch.sparse_csr and is_canonical(T.crow_indices(), T.col_indices()):
+            vals = T.values()
+            if not bool((vals == 0).any()):  # explicit zeros are dropped by the general path
+                return cls._from_csr(T.crow_indices(), T.col_indices(), vals, tuple(T.shape))
         rows, cols, vals = nonzeros(T)
         return cls(rows, cols, vals, tuple(T.shape))
+
+    @classmethod
+    def _from_csr(cls, crow: Tensor, col: Tensor, values: Tensor, shape: Tuple[int, int]) -> "CountMatrix":
+        """From canonical CSR parts (sorted columns, no repeats, no zeros), shared where their types allow.
+
+        The path of streamed row blocks: no COO indices, no int64 sort keys, no sort (the CSC
+        pattern by scipy's counting sort on the host); the sums over the nonzeros in blocks.
+        """
+        out = object.__new__(cls)
+        n_rows, n_cols = out.shape = (int(shape[0]), int(shape[1]))
+        idx = out.index_dtype = torch.int32 if max(values.numel(), n_rows, n_cols) < 2 ** 31 - 1 else torch.int64
+        out.values, out.crow, out.cols = values, crow.to(idx), col.to(idx)
+        out.ccol, out.rows_by_col, perm = csc_pattern(out.crow, out.cols, out.shape, out.row_indices,
+                                                       counting=values.device.type == "cpu")
+        out.csc_pos = torch.empty_like(perm, dtype=idx)
+        out.csc_pos[perm] = torch.arange(perm.numel(), dtype=idx, device=perm.device)
+        del perm
+        out.row_totals, out.col_totals = values.new_zeros(n_rows), values.new_zeros(n_cols)
+        wide = values.dtype != torch.float64
+        out.row_totals64 = values.new_zeros(n_rows, dtype=torch.float64) if wide else out.row_totals
+        out.col_totals64 = values.new_zeros(n_cols, dtype=torch.float64) if wide else out.col_totals
+        log_factorial = values.new_zeros((), dtype=torch.float64)
+        for r0, r1 in _row_blocks(out.crow, _BLOCK):
+            lo, hi = int(out.crow[r0]), int(out.crow[r1])
+            rows = torch.repeat_interleave(torch.arange(r0, r1, device=values.device),
+                                           (out.crow[r0 + 1:r1 + 1] - out.crow[r0:r1]).long(), output_size=hi - lo)
+            cols, v = out.cols[lo:hi], values[lo:hi]
+            out.row_totals.index_add_(0, rows, v)
+            out.col_totals.index_add_(0, cols, v)
+            v64 = v.double()
+            if wide:
+                out.row_totals64.index_add_(0, rows, v64)
+                out.col_totals64.index_add_(0, cols, v64)
+            log_factorial += torch.lgamma(v64 + 1).sum()
+            del rows, v64
+        out.log_factorial64 = log_factorial
+        out.log_factorial = log_factorial.to(values.dtype)
+        return out
 
     def __repr__(self) -> str:
         return f"CountMatrix(shape={self.shape}, nnz={self.nnz}, dtype={self.dtype}, device={self.device})"
@@ -274,6 +317,9 @@ class CountMatrix:
 #: pass of a 1M-nonzero matrix held several nnz-sized float64 arrays at once). The sampled
 #: product itself is not split by default: each call has a fixed cost.
 _BLOCK = 1 << 17
+
+#: Entries of q(U)'s start drawn and written at once by GammaPoisson.reset_parameters.
+_INIT_BLOCK = 1 << 16
 
 
 def _row_blocks(crow: Tensor, chunk_size: Optional[int]) -> List[Tuple[int, int]]:
@@ -388,10 +434,12 @@ def expected_counts(data: CountMatrix, elog_u: Tensor, elog_a: Tensor, need_rows
         # one block (the default): its bounds are known without reading crow (host syncs)
         i0, i1 = (0, data.nnz) if (r0, r1) == (0, n) else (int(crow[r0]), int(crow[r1]))
         crow_b, cols_b = crow[r0:r1 + 1] - i0, cols[i0:i1]
-        # beta=0: the pattern's values (the counts, finite) are multiplied by 0, not read
-        pattern = _csr(crow_b, cols_b, x_all[i0:i1], (r1 - r0, m))
-        d_all = torch.sparse.sampled_addmm(pattern, gu[r0:r1], gaT, beta=0.0).values()
-        del pattern
+        if torch.is_grad_enabled() and (gu.requires_grad or gaT.requires_grad):
+            # beta=0: the pattern's values (the counts, finite) are multiplied by 0, not read
+            d_all = torch.sparse.sampled_addmm(_csr(crow_b, cols_b, x_all[i0:i1], (r1 - r0, m)), gu[r0:r1], gaT,
+                                               beta=0.0).values()
+        else:  # no index copies (see sampled_mm)
+            d_all = sampled_mm(crow_b, cols_b, gu[r0:r1], gaT)
         # X / d of the block: written over d where no gradient flows through d
         w_all = d_all
         if d_all.requires_grad:
@@ -548,7 +596,7 @@ class GammaPoisson(nn.Module):
         kw = dict(dtype=dtype, device=device)
         for name in self._names:
             setattr(self, name, nn.Parameter(torch.ones((n_rows if name.startswith("U") else n_cols, rank), **kw)))
-            constraints.positive(self, name, mode)
+            constraints.positive(self, name, mode, copy=False)  # allocated once: no full-size copy freed
         self.reset_parameters(generator)
 
     # -- parameters ------------------------------------------------------------
@@ -575,15 +623,29 @@ class GammaPoisson(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """Random initialisation: shapes ``prior + Uniform(0, 1)``, rates equal to the prior rates."""
+        gen_device = generator.device if generator is not None else self.device
         for name, prior in (("U_shape", self.a), ("alpha_shape", self.b)):
-            shape = self._raw(name).shape
-            gen_device = generator.device if generator is not None else self.device
-            # drawn in float64 so that layers of any dtype start from the same point
-            noise = torch.rand(shape, generator=generator, dtype=torch.float64, device=gen_device)
-            noise = noise.to(device=self.device, dtype=self.dtype)
-            self._write(name, prior + noise)
-        self._write("U_rate", self.kappa[:, None].expand(self.n_rows, self.rank).clone())
-        self._write("alpha_rate", self.lambda_[:, None].expand(self.n_cols, self.rank).clone())
+            raw = self._raw(name)
+            n, rank = raw.shape
+            # drawn in float64, so that layers of any dtype and mode start from the same point; from a
+            # host generator in blocks of a fixed number of entries, written in place where the raw
+            # parameter holds the values: a layer of many rows needs no full-size temporaries
+            direct = constraints.mode_of(raw) in ("multiplicative", "projected")
+            value = raw if direct else torch.empty(raw.shape, dtype=self.dtype, device=self.device)
+            step = max(1, _INIT_BLOCK // rank) if gen_device.type == "cpu" else n
+            for lo in range(0, n, step):
+                noise = torch.rand((min(step, n - lo), rank), generator=generator, dtype=torch.float64,
+                                   device=gen_device)
+                value[lo:lo + step].copy_(noise).add_(prior)
+                del noise
+            if not direct:
+                self._write(name, value)
+        for name, rate in (("U_rate", self.kappa), ("alpha_rate", self.lambda_)):
+            raw = self._raw(name)
+            if constraints.mode_of(raw) in ("multiplicative", "projected"):
+                raw.copy_(rate[:, None].expand_as(raw))
+            else:
+                self._write(name, rate[:, None].expand_as(raw).clone())
 
     @torch.no_grad()
     def set_means(self, U, alpha) -> None:

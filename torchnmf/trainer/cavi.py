@@ -89,10 +89,15 @@ class _ConjugateTrainer(torch.optim.Optimizer):
         src = self._source
         if src is not None and src[0] is X and src[1] is rows:
             return src[2], src[3]
+        self._source = src = None  # the previous batch's index is not kept while this one's is built
         data = self.layer.prepare(X, rows)
         r = None if rows is None else torch.as_tensor(rows)
         self._source = (X, rows, data, r)
         return data, r
+
+    def _forget(self) -> None:
+        """Drop the reused index of the last batch (a streaming fit never passes a batch twice)."""
+        self._source = None
 
     def _statistics(self, data, rows, which, scale: float = 1.0) -> Dict[str, object]:
         stats = self.layer.statistics(data, rows=rows, scale=scale, chunk_size=self.param_groups[0]["chunk_size"],

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import data
+from .._csr import to_csr
 from ..constraints import assign_, value_of
 from ..distributed import all_reduce_stats
 from ..updates import EPSILON, mu_gamma, mu_statistics, mu_update
@@ -140,8 +141,15 @@ class OnlineMU(torch.optim.Optimizer):
             if beta < 1:  # as scikit-learn, for stability
                 Hn.masked_fill_(Hn < torch.finfo(torch.float64).eps, 0.0)
         H.copy_(Hn)
-        Vt = V.t() if V.layout == torch.strided else V.to_sparse_coo().coalesce().t().coalesce()
-        num, den, loss = mu_statistics(Vt, H, W, beta, None if M is None else M.t(), eps=eps, with_loss=True)
+        # Vᵀ without copying V: a view (dense) or the CSC transpose of a CSR V, whose statistics reuse
+        # the non-zero pattern the H updates built (a COO transpose cost several copies of the batch)
+        if V.layout not in (torch.strided, torch.sparse_csr):
+            V = to_csr(V.coalesce() if V.layout == torch.sparse_coo else V)
+            cache.pop("nz", None)
+        tcache = {"nz": cache["nz"].transposed()} if "nz" in cache else None
+        num, den, loss = mu_statistics(V.t(), H, W, beta, None if M is None else M.t(), eps=eps, with_loss=True,
+                                       cache=tcache)
+        del cache, tcache
         stats = {"num": num, "den": den, "loss": loss, "rows": torch.tensor(float(H.shape[0]), dtype=W.dtype,
                                                                              device=W.device)}
         if self.distributed:
