@@ -279,3 +279,53 @@ def test_non_native_arrays_are_saved_and_served(tmp_path, kind):
     ds = SparseRows(str(d))
     assert ds.dtype == torch.float64
     np.testing.assert_array_equal(ds.batch([0, 1]).X.to_dense().numpy(), C.toarray())
+
+
+@pytest.mark.parametrize("fit", ["nmf_online", "gamma_svi"])
+def test_streaming_fits_hold_one_block_at_a_time(monkeypatch, fit):
+    """When a block is read, no earlier block (nor anything made from it) is alive; big blocks are trimmed after."""
+    import gc
+    import weakref
+
+    import torchnmf.parallel as parallel
+    from torchnmf.nmf import NMF
+    from torchnmf.poisson import GammaPoisson
+
+    X = sp.random(60, 12, density=0.4, format="csr", random_state=0)
+    X.data = np.ceil(X.data * 5)
+    source = SparseRows(X)
+    alive, reads, trims = [], [], []
+    batch = SparseRows.batch
+
+    def read(self, rows):
+        gc.disable()  # only reference counting may free the last block (a cycle would hold it until a collection)
+        reads.append(sum(r() is not None for r in alive))
+        out = batch(self, rows)
+        alive.append(weakref.ref(out.X))
+        return out
+
+    monkeypatch.setattr(SparseRows, "batch", read)
+    monkeypatch.setattr(parallel, "_TRIM_BYTES", 1)  # every block counts as big here
+    monkeypatch.setattr(parallel, "release_freed", lambda: trims.append(len(reads)))
+    try:
+        if fit == "nmf_online":
+            parallel.fit_nmf_online(NMF(W=torch.rand(12, 3, dtype=torch.float64), rank=3), source, batch_size=16,
+                                    epochs=2, shuffle=False)
+        else:
+            parallel.fit_gamma_svi(GammaPoisson(60, 12, 3, dtype=torch.float64), source, batch_size=16, epochs=2,
+                                   shuffle=False)
+    finally:
+        gc.enable()
+    assert len(reads) == 8 and reads == [0] * 8
+    assert trims == [1, 2, 3, 5, 6, 7]  # before every read but an epoch's first (4 blocks an epoch)
+
+
+def test_release_freed_trims_glibc_and_is_a_no_op_elsewhere():
+    import platform
+    import sys
+
+    from torchnmf._memory import release_freed
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert release_freed() is glibc
+    assert release_freed() is glibc  # looked up once, callable again

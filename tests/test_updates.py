@@ -266,3 +266,34 @@ def test_csc_pattern_by_counting_equals_by_sorting():
     T = V.T.to_sparse_csr()
     assert torch.equal(ccol.long(), T.crow_indices()) and torch.equal(rows.long(), T.col_indices())
     assert torch.equal(nz.vals[perm.long()], T.values())
+
+
+@pytest.mark.parametrize("beta", [0.5, 1, 1.5, 2, 3])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_sparse_update_in_parts_equals_one_pass(monkeypatch, beta, masked, dtype):
+    """A large sparse V is taken in parts of consecutive rows: the same update, statistics and loss."""
+    import torchnmf.updates as updates
+    from torchnmf.updates import mu_statistics
+
+    V, W, H = sparse_problem(N=23, C=17, R=3)
+    V[4] = 0  # an empty row inside a part
+    M = (torch.rand(V.shape, generator=torch.Generator().manual_seed(1)) > 0.3).double() if masked else None
+    S = V.to_sparse_csr()
+    V, W, H, S = (t.to(dtype) for t in (V, W, H, S))
+    M = None if M is None else M.to(dtype)
+    Mt = None if M is None else M.T
+
+    def run():
+        cache = {}
+        out = mu_update(S, W, H, beta, mask=M, l1=0.05, with_loss=True, cache=cache)
+        stats = mu_statistics(S.t(), H, W, beta, Mt, with_loss=True, cache={"nz": cache["nz"].transposed()})
+        return cache["nz"], (*out, *stats)
+
+    whole, ref = run()
+    monkeypatch.setattr(updates, "_NNZ_BLOCK", 9)
+    parted, got = run()
+    assert len(whole.parts()) == 1 and len(parted.parts()) > 5
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=3e-2, atol=3e-2)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b.double(), **tol)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["quiet_csr", "to_csr", "csr_tensor", "is_canonical", "csc_pattern", "sampled_mm"]
+__all__ = ["quiet_csr", "to_csr", "csr_tensor", "is_canonical", "csc_pattern", "sampled_mm", "row_blocks"]
 
 
 @contextlib.contextmanager
@@ -89,3 +89,28 @@ def sampled_mm(crow: Tensor, col: Tensor, A: Tensor, B: Tensor) -> Tensor:
     target = csr_tensor(crow, col, out, (crow.numel() - 1, B.shape[1]))
     torch.sparse.sampled_addmm(target, A, B, beta=0.0, out=target)
     return out
+
+
+def row_blocks(crow: Tensor, chunk_size: Optional[int]) -> List[Tuple[int, int]]:
+    """Contiguous row ranges holding at most ``chunk_size`` nonzeros each (or a single row)."""
+    n = crow.numel() - 1
+    if chunk_size is None:  # before reading crow: each read is a host sync on a GPU
+        return [(0, n)]
+    nnz = int(crow[-1])
+    if nnz <= chunk_size:
+        return [(0, n)]
+    ptr = crow.tolist()
+    blocks, start = [], 0
+    while start < n:
+        # last row end r with ptr[r] - ptr[start] <= chunk_size, at least one row
+        target = ptr[start] + chunk_size
+        lo, hi = start + 1, n
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if ptr[mid] <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        blocks.append((start, lo))
+        start = lo
+    return blocks

@@ -161,17 +161,25 @@ def _steps_per_epoch(n_local_batches: int, group, timeout) -> int:
     return int(all_reduce_stats({"n": t}, group=group, timeout=timeout, op="max")["n"])
 
 
+# a block whose values take this much is followed by a trim (smaller ones free too little to pay for it)
+_TRIM_BYTES = 1 << 20
+
+
 def _batches(loader, epoch: int, n_steps: int):
     """``n_steps`` batches of ``epoch``'s order, starting over when the loader runs out."""
     loader.batch_sampler.set_epoch(epoch)
-    done = 0
+    done, big = 0, False
     while done < n_steps:
         batches = iter(loader)
         while True:
-            release_freed()  # the last block's working set, before the next is read (see torchnmf._memory)
+            if big:  # the last block's working set, before the next is read (see torchnmf._memory)
+                release_freed()
             batch = next(batches, None)
             if batch is None:
                 break
+            X = batch.X
+            big = (X.values() if X.layout != torch.strided else X).nbytes >= _TRIM_BYTES
+            del X
             yield batch
             batch = None  # not held while the loader reads the next one: one block in memory at a time
             done += 1
@@ -274,7 +282,9 @@ def fit_nmf_online(model, source, *, batch_size: int = 1024, epochs: int = 10, b
 
     def epoch_step(epoch, measure):
         total = 0.0
-        for step, batch in enumerate(_batches(loader, epoch, n_steps)):
+        step = -1
+        for batch in _batches(loader, epoch, n_steps):  # not enumerate: it keeps the last batch alive
+            step += 1
             Vb = batch.X.to(device=W.device, dtype=W.dtype)
             # scikit-learn's random start, sqrt(mean(V) / R) * U(0, 1), from a seed per batch
             mean = float(Vb.values().sum() if data.is_sparse(Vb) else Vb.sum()) / max(1, Vb.numel())
@@ -282,7 +292,7 @@ def fit_nmf_online(model, source, *, batch_size: int = 1024, epochs: int = 10, b
             Hb = (math.sqrt(max(mean, 1e-12) / R) * torch.rand(Vb.shape[0], R, generator=g, dtype=W.dtype))
             Hb = Hb.to(W.device)
             total += float(opt.step(lambda: (Vb, Hb)))
-            del batch, Vb, Hb  # before the next block is read
+            batch = Vb = Hb = None  # before the next block is read
         return total
 
     try:
@@ -460,7 +470,9 @@ def fit_gamma_svi(layer, source, *, batch_size: int = 1024, epochs: int = 10, lr
 
     def epoch_step(epoch, measure):
         estimate = None
-        for step, batch in enumerate(_batches(loader, epoch, n_steps)):
+        step = -1
+        for batch in _batches(loader, epoch, n_steps):  # not enumerate: it keeps the last batch alive
+            step += 1
             Xb, rows = batch.X.to(layer.device), batch.rows.to(layer.device)
             scale = None
             if distributed:  # the union of the processes' batches stands for the full data
@@ -471,7 +483,7 @@ def fit_gamma_svi(layer, source, *, batch_size: int = 1024, epochs: int = 10, lr
             estimate = trainer.step(lambda: (Xb, rows) if scale is None else (Xb, rows, scale),
                                     elbo=step == n_steps - 1)
             trainer._forget()
-            del batch, Xb, rows  # before the next block is read
+            batch = Xb = rows = None  # before the next block is read
         return estimate
 
     try:

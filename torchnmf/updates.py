@@ -22,7 +22,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._csr import csc_pattern, csr_tensor, sampled_mm, to_csr
+from ._csr import csc_pattern, csr_tensor, row_blocks, sampled_mm, to_csr
 from .data import check_beta, check_not_meta
 
 __all__ = ["mu_update", "mu_gamma", "mu_statistics", "mu_apply", "EPSILON"]
@@ -32,6 +32,9 @@ EPSILON = float(torch.finfo(torch.float32).eps)
 
 # rows of a dense reconstruction block built at once (keeps temporaries near 32 MB)
 _BLOCK_ELEMS = 1 << 22
+
+# non-zeros of a sparse V handled at once (_Nonzeros.parts): 256 KiB float32 temporaries
+_NNZ_BLOCK = 1 << 16
 
 # The optional fused GPU path (the package's ``kernels`` module) registers itself here when it is
 # imported: it depends on this module, never the reverse. The package imports its names lazily,
@@ -120,6 +123,33 @@ class _Nonzeros:
         self.crow, self.col = crow, col
         self._rows: Optional[Tensor] = None
         self._csc: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+        self._parts: Optional[list] = None
+        self.row0, self._keep_csc = 0, True
+
+    def parts(self) -> list:
+        """``(part, H rows, W rows)``: the pattern in parts of consecutive rows of at most ``_NNZ_BLOCK`` non-zeros.
+
+        One part, this pattern itself, when it holds no more (the products of the whole
+        block, as before). Each part is a :class:`_Nonzeros` of its rows (views of the
+        indices and values, its own row pointers) with ``row0`` its first row; it does not
+        keep its transposed pattern (:meth:`tmm` rebuilds it: once per block in OnlineMU).
+        """
+        if self._parts is None:  # the list never holds self: no reference cycle keeps a block alive
+            self._parts = []
+            blocks = row_blocks(self.crow, _NNZ_BLOCK) if self.row0 == 0 and self._keep_csc else [None]
+            for r0, r1 in blocks if len(blocks) > 1 else []:
+                i0, i1 = int(self.crow[r0]), int(self.crow[r1])
+                part = object.__new__(_Nonzeros)
+                part.shape, part.vals = (r1 - r0, self.shape[1]), self.vals[i0:i1]
+                part.crow, part.col = self.crow[r0:r1 + 1] - i0, self.col[i0:i1]
+                part._rows = part._csc = None
+                part._parts, part.row0, part._keep_csc = [], r0, False
+                self._parts.append((part, slice(r0, r1), slice(None)))
+        return self._parts or [(self, slice(None), slice(None))]
+
+    def at(self, M: Tensor) -> Tensor:
+        """``M`` (N, C) at this pattern's non-zeros, shape (nnz,)."""
+        return M[self.rows + self.row0, self.col.long()]
 
     @property
     def rows(self) -> Tensor:
@@ -165,10 +195,12 @@ class _Nonzeros:
 
     def _transpose(self) -> Tuple[Tensor, Tensor, Tensor]:
         """CSC pattern of this CSR one (see :func:`torchnmf._csr.csc_pattern`), built once."""
-        if self._csc is None:
-            self._csc = csc_pattern(self.crow, self.col, self.shape, lambda: self.rows,
-                                     counting=self.col.device.type == "cpu")
-        return self._csc
+        if self._csc is not None:
+            return self._csc
+        csc = csc_pattern(self.crow, self.col, self.shape, lambda: self.rows, counting=self.col.device.type == "cpu")
+        if self._keep_csc:
+            self._csc = csc
+        return csc
 
     def transposed(self) -> "_TransposedNonzeros":
         """The same non-zeros seen as those of ``Vᵀ`` (C, N), without copying them."""
@@ -185,6 +217,7 @@ class _TransposedNonzeros:
 
     def __init__(self, base: _Nonzeros):
         self.base, self.shape, self.vals = base, base.shape[::-1], base.vals
+        self._parts: Optional[list] = None
 
     @property
     def rows(self) -> Tensor:
@@ -193,6 +226,16 @@ class _TransposedNonzeros:
     @property
     def col(self) -> Tensor:
         return self.base.rows
+
+    def parts(self) -> list:
+        """The base's parts seen transposed: the part of rows ``r0:r1`` of ``V`` reads rows ``r0:r1`` of ``W`` here."""
+        if self._parts is None:  # as the base's: never self (no reference cycle)
+            self._parts = [(p.transposed(), ws, hs) for p, hs, ws in self.base.parts() if p is not self.base]
+        return self._parts or [(self, slice(None), slice(None))]
+
+    def at(self, M: Tensor) -> Tensor:
+        """``M`` (C, N) at these non-zeros (``M`` is the mask of ``Vᵀ``)."""
+        return M[self.base.col.long(), self.base.rows + self.base.row0]
 
     def dot(self, H: Tensor, W: Tensor) -> Tensor:
         return self.base.dot(W, H)
@@ -324,33 +367,60 @@ def _dense_update(V, W, H, beta, M, eps, with_loss, cache):
 
 
 def _sparse_update(V, W, H, beta, M, eps, with_loss, cache):
-    """Numerator, denominator and (optionally) the divergence for a sparse ``V``, on its non-zeros."""
+    """Numerator, denominator and (optionally) the divergence for a sparse ``V``, on its non-zeros.
+
+    The non-zeros are taken in parts of at most ``_NNZ_BLOCK`` (consecutive rows of the CSR
+    pattern, see :meth:`_Nonzeros.parts`): the arrays over the non-zeros (reconstruction,
+    ratio) are one part's, so a streamed block's working set stays a fraction of the block.
+    """
     if beta <= 0:
         raise ValueError("beta <= 0 needs a strictly positive V; a sparse V has zeros")
     nz = _sparse_parts(V, cache)
-    vals = nz.vals
+    parts = nz.parts()
+    num = None if len(parts) == 1 else H.new_zeros(H.shape)
+    t1 = t2 = H.new_zeros(()) if with_loss else None  # the divergence's sums over the non-zeros
+    for part, hs, ws in parts:
+        Hp, Wp, vals = H[hs], W[ws], part.vals
+        if beta == 2 and M is None:
+            contrib = part.mm(vals, Wp)
+        else:
+            m = None if M is None else part.at(M)
+            wh = part.dot(Hp, Wp)  # a fresh array: for KL clamped and divided in place (one nnz array, not three)
+            whc = wh.clamp_min_(eps) if beta < 2 else wh
+            if beta == 1:
+                r = ratio = torch.div(vals, whc, out=whc)  # X / (HWᵀ), also read by the loss
+            elif beta == 2:
+                r = vals
+            else:
+                r = vals * whc.pow(beta - 2)
+            if m is not None:
+                r = r * m
+            contrib = part.mm(r, Wp)
+            del r
+            if with_loss:
+                w = 1 if m is None else m
+                if beta == 1:
+                    t1 = t1 + (w * torch.xlogy(vals, ratio).sub_(vals)).sum()
+                elif beta == 2:
+                    t1, t2 = t1 + (w * vals * vals).sum(), t2 + (w * vals * wh).sum()
+                else:
+                    t1 = t1 + (w * vals.pow(beta)).sum()
+                    t2 = t2 + (w * vals * whc.pow(beta - 1)).sum()
+            del wh, whc
+        if num is None:
+            num = contrib
+        else:
+            num[hs] += contrib
+        del contrib
     loss = None
-    m = None if M is None else M[nz.rows, nz.col.long()]
     if beta == 2 and M is None:
-        num = nz.mm(vals, W)
         WtW = W.t() @ W
         den = H @ WtW
         if with_loss:
             if "sq" not in cache:
-                cache["sq"] = torch.dot(vals, vals)
+                cache["sq"] = torch.dot(nz.vals, nz.vals)
             loss = 0.5 * (cache["sq"] - 2 * (H * num).sum() + ((H.t() @ H) * WtW).sum())
         return num, den, loss
-    wh = nz.dot(H, W)
-    whc = wh.clamp_min(eps) if beta < 2 else wh
-    if beta == 1:
-        r = vals / whc
-    elif beta == 2:
-        r = vals
-    else:
-        r = vals * whc.pow(beta - 2)
-    if m is not None:
-        r = r * m
-    num = nz.mm(r, W)
     if beta == 1:
         if M is None:
             den = W.sum(0).expand_as(H)
@@ -361,14 +431,12 @@ def _sparse_update(V, W, H, beta, M, eps, with_loss, cache):
     else:
         den, all_sum = _dense_blocks(H, W, beta, eps, M, with_loss)
     if with_loss:
-        w = 1 if m is None else m
         if beta == 1:
-            loss = (w * (torch.xlogy(vals, vals / whc) - vals)).sum() + all_sum
+            loss = t1 + all_sum
         elif beta == 2:
-            loss = 0.5 * ((w * vals * vals).sum() - 2 * (w * vals * wh).sum() + all_sum)
+            loss = 0.5 * (t1 - 2 * t2 + all_sum)
         else:
-            loss = ((w * vals.pow(beta)).sum() + (beta - 1) * all_sum
-                    - beta * (w * vals * whc.pow(beta - 1)).sum()) / (beta * (beta - 1))
+            loss = (t1 + (beta - 1) * all_sum - beta * t2) / (beta * (beta - 1))
     return num, den, loss
 
 

@@ -618,3 +618,24 @@ def test_count_matrix_of_a_canonical_csr_equals_the_general_path(dtype):
     with_zero = CountMatrix.from_input(torch.sparse_csr_tensor(crow, S.col_indices(), zero, S.shape))
     assert torch.equal(shuffled.values, ref.values) and torch.equal(shuffled.csc_pos, ref.csc_pos)
     assert with_zero.nnz == ref.nnz - 1
+
+
+@pytest.mark.parametrize("chunk", [None, 13])
+def test_column_sums_of_a_streamed_batch_without_its_column_pattern(chunk):
+    """A CountMatrix made from canonical CSR builds no column-major pattern: the column sums go block by block."""
+    from torchnmf.poisson.gamma import expected_counts
+
+    X, _, _ = simulate(40, 23, 3)
+    X[:, 7] = 0
+    g = torch.Generator().manual_seed(4)
+    elog_u, elog_a = torch.randn(40, 3, generator=g, dtype=DT), torch.randn(23, 3, generator=g, dtype=DT)
+    lean = CountMatrix.from_input(X.to_sparse_csr())
+    full = CountMatrix.from_input(X)
+    assert not lean.has_csc and full.has_csc
+    got = expected_counts(lean, elog_u, elog_a, chunk_size=chunk)
+    ref = expected_counts(full, elog_u, elog_a, chunk_size=chunk)
+    assert not lean.has_csc  # still not built
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    lean.csc_pos  # built on first use, equal to the general path's
+    assert lean.has_csc and torch.equal(lean.csc_pos, full.csc_pos) and torch.equal(lean.ccol, full.ccol)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ from torch.distributions import Gamma, kl_divergence
 from torch.nn.utils import parametrize
 
 from .. import constraints
-from .._csr import csc_pattern, is_canonical, sampled_mm
+from .._csr import csc_pattern, is_canonical, row_blocks as _row_blocks, sampled_mm
 from .._special import digamma_positive
 from ..data import (as_tensor, check_counts, check_magnitude, check_option, check_positive, check_positive_vector,
                     check_rank, check_shape, nonzeros)
@@ -174,7 +174,21 @@ class CountMatrix:
         # does not make a second 'rows' target beside streaming.RowBatch.rows
         if name == "rows":
             return self.row_indices()
+        if name in ("ccol", "rows_by_col", "csc_pos") and "crow" in self.__dict__:  # see _from_csr
+            self._build_csc()
+            return self.__dict__[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def has_csc(self) -> bool:
+        """Whether the column-major pattern (``ccol``, ``rows_by_col``, ``csc_pos``) is built."""
+        return "csc_pos" in self.__dict__
+
+    def _build_csc(self) -> None:
+        self.ccol, self.rows_by_col, perm = csc_pattern(self.crow, self.cols, self.shape, self.row_indices,
+                                                        counting=self.values.device.type == "cpu")
+        self.csc_pos = torch.empty_like(perm, dtype=self.index_dtype)
+        self.csc_pos[perm] = torch.arange(perm.numel(), dtype=self.index_dtype, device=perm.device)
 
     def totals(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """Row and column sums of the counts for a computation in ``dtype``, shapes (n_rows,), (n_cols,).
@@ -281,11 +295,8 @@ class CountMatrix:
         n_rows, n_cols = out.shape = (int(shape[0]), int(shape[1]))
         idx = out.index_dtype = torch.int32 if max(values.numel(), n_rows, n_cols) < 2 ** 31 - 1 else torch.int64
         out.values, out.crow, out.cols = values, crow.to(idx), col.to(idx)
-        out.ccol, out.rows_by_col, perm = csc_pattern(out.crow, out.cols, out.shape, out.row_indices,
-                                                       counting=values.device.type == "cpu")
-        out.csc_pos = torch.empty_like(perm, dtype=idx)
-        out.csc_pos[perm] = torch.arange(perm.numel(), dtype=idx, device=perm.device)
-        del perm
+        # the column-major pattern (ccol, rows_by_col, csc_pos) is built on first use: the local
+        # steps of a streamed batch never read it, and its column sums go block by block without it
         out.row_totals, out.col_totals = values.new_zeros(n_rows), values.new_zeros(n_cols)
         wide = values.dtype != torch.float64
         out.row_totals64 = values.new_zeros(n_rows, dtype=torch.float64) if wide else out.row_totals
@@ -320,31 +331,6 @@ _BLOCK = 1 << 17
 
 #: Entries of q(U)'s start drawn and written at once by GammaPoisson.reset_parameters.
 _INIT_BLOCK = 1 << 16
-
-
-def _row_blocks(crow: Tensor, chunk_size: Optional[int]) -> List[Tuple[int, int]]:
-    """Contiguous row ranges holding at most ``chunk_size`` nonzeros each (or a single row)."""
-    n = crow.numel() - 1
-    if chunk_size is None:  # before reading crow: each read is a host sync on a GPU
-        return [(0, n)]
-    nnz = int(crow[-1])
-    if nnz <= chunk_size:
-        return [(0, n)]
-    ptr = crow.tolist()
-    blocks, start = [], 0
-    while start < n:
-        # last row end r with ptr[r] - ptr[start] <= chunk_size, at least one row
-        target = ptr[start] + chunk_size
-        lo, hi = start + 1, n
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if ptr[mid] <= target:
-                lo = mid
-            else:
-                hi = mid - 1
-        blocks.append((start, lo))
-        start = lo
-    return blocks
 
 
 def _column_terms(elog_a: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -424,8 +410,11 @@ def expected_counts(data: CountMatrix, elog_u: Tensor, elog_a: Tensor, need_rows
     # sum X (log d + m_c + m_t), the shifts summed through the row and column totals
     log_norm = (row_totals * mu[:, 0]).sum() + (col_totals * ma[:, 0]).sum()
     row_counts = gu.new_zeros(n, K) if need_rows else None
-    # X / d in column-major order, filled block by block, for the column sums' product
-    w_csc = data.values.new_empty(data.nnz, dtype=dtype) if need_cols else None
+    # X / d in column-major order, filled block by block, for the column sums' product; without a
+    # built column-major pattern (a streamed batch), each block's transpose is taken on its own
+    by_block = need_cols and not data.has_csc
+    w_csc = data.values.new_empty(data.nnz, dtype=dtype) if need_cols and not by_block else None
+    col_sums = gu.new_zeros(m, K) if by_block else None
     col_fix = None
     tiny = math.sqrt(torch.finfo(dtype).tiny)
     # the counts in the factors' dtype (a float64 copy only for the float64 ELBO pass of a float32 layer)
@@ -490,14 +479,23 @@ def expected_counts(data: CountMatrix, elog_u: Tensor, elog_a: Tensor, need_rows
         with torch.no_grad():
             if need_rows:
                 row_counts[r0:r1] += gu[r0:r1] * (_csr(crow_b, cols_b, w_all, (r1 - r0, m)) @ ga)
-            if need_cols:
+            if by_block:
+                def block_rows():  # CSR row of each of the block's nonzeros (for the sort on a GPU)
+                    return torch.repeat_interleave(torch.arange(r1 - r0, device=crow_b.device),
+                                                   (crow_b[1:] - crow_b[:-1]).long())
+
+                ccol_b, rows_b, perm = csc_pattern(crow_b, cols_b, (r1 - r0, m), block_rows,
+                                                   counting=crow_b.device.type == "cpu")
+                col_sums += _csr(ccol_b, rows_b, w_all[perm], (m, r1 - r0)) @ gu[r0:r1]
+                del ccol_b, rows_b, perm
+            elif need_cols:
                 w_csc[data.csc_pos[i0:i1]] = w_all
         del w_all, d_all
     col_counts = None
     if need_cols:
         with torch.no_grad():
-            col_counts = ga * (_csr(data.ccol, data.rows_by_col, w_csc, (m, n)) @ gu)
-            del w_csc
+            col_counts = ga * (col_sums if by_block else _csr(data.ccol, data.rows_by_col, w_csc, (m, n)) @ gu)
+            del w_csc, col_sums
             if col_fix is not None:
                 col_counts += col_fix
     return row_counts, col_counts, log_norm
