@@ -121,6 +121,11 @@ class CountMatrix:
     -----
     Memory: ``nnz`` values and three ``nnz`` index arrays (``cols``, ``csc_pos``,
     ``rows_by_col``), int32 where the sizes allow: 16 bytes per nonzero for float32 counts.
+    Made by :meth:`from_input` from a canonical CSR tensor (sorted columns, no repeats or
+    zeros, e.g. a streamed batch) it shares the tensor's values and indices and builds the
+    column-major pattern (``ccol``, ``rows_by_col``, ``csc_pos``) only when one of them is
+    first read (:attr:`has_csc`); :func:`expected_counts` takes the column sums block by block
+    without it.
     """
 
     def __init__(self, rows: Tensor, cols: Tensor, values: Tensor, shape: Tuple[int, int]):
