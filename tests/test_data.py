@@ -196,3 +196,34 @@ def test_check_counts_sparse_layouts_and_escape():
         assert data.check_counts(X.round(), "V") is not None
         I = torch.tensor([[1, 2]])
         assert data.check_counts(I, "V") is I
+
+
+def test_count_and_magnitude_checks_in_blocks_name_the_same_entries(monkeypatch):
+    """check_counts and check_magnitude go through the values in blocks: same warnings, errors and results."""
+    import warnings
+
+    from torchnmf import data
+
+    X = torch.zeros(6, 5, dtype=torch.float64)
+    X[::2, ::2] = torch.arange(1.0, 10.0, dtype=torch.float64).reshape(3, 3)
+    X[1, 1], X[3, 4] = 4 + 1e-9, 2 - 1e-9  # near-integers, in different blocks
+    for block in (data._CHECK_BLOCK, 2):
+        monkeypatch.setattr(data, "_CHECK_BLOCK", block)
+        for T in (X, X.to_sparse_csr(), X.to_sparse()):
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                out = data.check_counts(T, "X")
+            assert [str(m.message).split(" within")[0] for m in w] == ["X: rounded 2 values"]
+            dense = out.to_dense() if out.layout != torch.strided else out
+            assert torch.equal(dense, X.round())
+            bad = T.clone() if T.layout == torch.strided else T.to_dense()
+            bad[4, 2] = 2.5  # in the last block
+            bad = bad if T.layout == torch.strided else (bad.to_sparse_csr() if T.layout == torch.sparse_csr
+                                                           else bad.to_sparse())
+            with pytest.raises(ValueError, match="row 4, column 2 holds 2.5"):
+                data.check_counts(bad, "X")
+        big = X.float().clone()
+        big[5, 4] = 3e38
+        with pytest.raises(ValueError, match="too large for float32"):
+            data.check_magnitude(big.to_sparse_csr(), "X")
+        data.check_magnitude(X.to_sparse_csr(), "X", beta=2)

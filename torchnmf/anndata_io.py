@@ -467,9 +467,9 @@ class BackedRows(SparseRows):
     """Rows of a CSR matrix inside an open ``.h5ad`` (HDF5) file, read one block at a time.
 
     A :class:`~torchnmf.streaming.SparseRows` whose arrays stay in the file: a batch of
-    consecutive rows is one read of their nonzeros (scattered rows: one read per run of
-    consecutive rows, so stream in order: ``shuffle=False``). Only ``indptr`` (one integer
-    per row, in the file's integer type) is held in memory. ``columns`` keeps those columns
+    consecutive rows is one read of their row pointers and one of their nonzeros (scattered
+    rows: reads per run of consecutive rows, so stream in order: ``shuffle=False``). Nothing
+    per row is held in memory, not even the row pointers. ``columns`` keeps those columns
     only (the highly variable genes), dropped block by block.
 
     A block is read straight into the arrays of the CSR batch it becomes (no chunk cache,
@@ -491,7 +491,7 @@ class BackedRows(SparseRows):
         n_rows, n_cols = (int(s) for s in group.attrs["shape"])
         data, indices = _uncached(group, "data"), _uncached(group, "indices")
         self.layout, self._path, self._memory, self._dense = "csr", None, None, False
-        indptr = group["indptr"][:]
+        indptr = _uncached(group, "indptr")  # read per block too: nothing per row stays in memory
         if indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
             raise TypeError(f"X's indptr and indices must be integers, got {indptr.dtype} and {indices.dtype}")
         self._arrays = {"data": data, "indices": indices, "shape": (n_rows, n_cols), "canonical": False,
@@ -523,7 +523,8 @@ class BackedRows(SparseRows):
         if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
             raise IndexError(f"row index out of range for a matrix of {n_rows} rows")
         runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if rows.size else []
-        lens = (indptr[rows + 1] - indptr[rows]).astype(np.int64) if rows.size else np.zeros(0, np.int64)
+        ptrs = [np.asarray(indptr[int(run[0]):int(run[-1]) + 2], dtype=np.int64) for run in runs]  # one read a run
+        lens = np.concatenate([np.diff(p) for p in ptrs]) if ptrs else np.zeros(0, np.int64)
         nnz = int(lens.sum())
         idx = np.int32 if max(nnz, n_cols) < 2 ** 31 else np.int64
         crow = np.zeros(len(rows) + 1, dtype=idx)
@@ -532,16 +533,17 @@ class BackedRows(SparseRows):
         c = np.empty(nnz, dtype=a["indices"].dtype)
         v = np.empty(nnz, dtype=a["data"].dtype)
         at = 0
-        for run in runs:
-            lo, hi = int(indptr[run[0]]), int(indptr[run[-1] + 1])
+        for p in ptrs:
+            lo, hi = int(p[0]), int(p[-1])
             if hi > lo:
                 a["indices"].read_direct(c, np.s_[lo:hi], np.s_[at:at + hi - lo])
                 a["data"].read_direct(v, np.s_[lo:hi], np.s_[at:at + hi - lo])
             at += hi - lo
         where = f"rows {rows.min()}..{rows.max()}" if rows.size else "no rows"
-        if nnz and not np.isfinite(v).all():
+        lo, hi = (v.min(), v.max()) if nnz else (0, 0)  # NaN propagates: no flag arrays over the block
+        if not (np.isfinite(lo) and np.isfinite(hi)):
             raise ValueError(f"X holds NaN or infinity in {where}")
-        if nnz and v.min() < 0:
+        if lo < 0:
             raise ValueError(f"X holds negative values in {where}")
         if nnz and (c.min() < 0 or c.max() >= n_cols):
             raise ValueError(f"X holds a column index outside [0, {n_cols}) in {where}")

@@ -621,9 +621,14 @@ def test_count_matrix_of_a_canonical_csr_equals_the_general_path(dtype):
 
 
 @pytest.mark.parametrize("chunk", [None, 13])
-def test_column_sums_of_a_streamed_batch_without_its_column_pattern(chunk):
+@pytest.mark.parametrize("block", [None, 7])
+def test_column_sums_of_a_streamed_batch_without_its_column_pattern(monkeypatch, chunk, block):
     """A CountMatrix made from canonical CSR builds no column-major pattern: the column sums go block by block."""
+    from torchnmf.poisson import gamma as gamma_mod
     from torchnmf.poisson.gamma import expected_counts
+
+    if block is not None:  # the transposes in parts of _BLOCK nonzeros, many parts per block
+        monkeypatch.setattr(gamma_mod, "_BLOCK", block)
 
     X, _, _ = simulate(40, 23, 3)
     X[:, 7] = 0

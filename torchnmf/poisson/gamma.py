@@ -484,15 +484,19 @@ def expected_counts(data: CountMatrix, elog_u: Tensor, elog_a: Tensor, need_rows
         with torch.no_grad():
             if need_rows:
                 row_counts[r0:r1] += gu[r0:r1] * (_csr(crow_b, cols_b, w_all, (r1 - r0, m)) @ ga)
-            if by_block:
-                def block_rows():  # CSR row of each of the block's nonzeros (for the sort on a GPU)
-                    return torch.repeat_interleave(torch.arange(r1 - r0, device=crow_b.device),
-                                                   (crow_b[1:] - crow_b[:-1]).long())
+            if by_block:  # transposed in parts of _BLOCK nonzeros: part-sized index arrays
+                for q0, q1 in _row_blocks(crow_b, _BLOCK):
+                    j0, j1 = int(crow_b[q0]), int(crow_b[q1])
+                    crow_q, cols_q = crow_b[q0:q1 + 1] - j0, cols_b[j0:j1]
 
-                ccol_b, rows_b, perm = csc_pattern(crow_b, cols_b, (r1 - r0, m), block_rows,
-                                                   counting=crow_b.device.type == "cpu")
-                col_sums += _csr(ccol_b, rows_b, w_all[perm], (m, r1 - r0)) @ gu[r0:r1]
-                del ccol_b, rows_b, perm
+                    def part_rows():  # CSR row of each of the part's nonzeros (for the sort on a GPU)
+                        return torch.repeat_interleave(torch.arange(q1 - q0, device=crow_q.device),
+                                                       (crow_q[1:] - crow_q[:-1]).long())
+
+                    ccol_q, rows_q, perm = csc_pattern(crow_q, cols_q, (q1 - q0, m), part_rows,
+                                                       counting=crow_q.device.type == "cpu")
+                    col_sums += _csr(ccol_q, rows_q, w_all[j0:j1][perm], (m, q1 - q0)) @ gu[r0 + q0:r0 + q1]
+                    del ccol_q, rows_q, perm
             elif need_cols:
                 w_csc[data.csc_pos[i0:i1]] = w_all
         del w_all, d_all
