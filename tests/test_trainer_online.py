@@ -234,3 +234,23 @@ def test_positive_parameter_value_is_updated_in_place():
     H = torch.tensor(H0[:6])
     OnlineMU(m.parameters()).step(lambda: (torch.tensor(V[:6]), H))
     assert m.W is raw and bool((raw >= 0).all())
+
+
+@pytest.mark.parametrize("beta", [1, 2, 1.5])
+def test_a_sparse_batch_taken_in_parts_equals_the_dense_step(beta):
+    """A CSR batch of more non-zeros than OnlineMU's parts (32,768): the same H, W and divergence as dense."""
+    from torchnmf.trainer import online
+
+    g = torch.Generator().manual_seed(0)
+    V = torch.rand(300, 160, generator=g, dtype=torch.float64)
+    V[V < 0.2] = 0
+    assert int((V != 0).sum()) > online._NNZ_BLOCK  # two parts at least
+    results = []
+    for X in (V, V.to_sparse_csr()):
+        W = torch.rand(160, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        H = torch.rand(300, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        opt = OnlineMU([W], beta=beta, n_samples=600, inner_iter=3)
+        loss = opt.step(lambda: (X, H))
+        results.append((H, W, loss))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -126,8 +126,11 @@ class _Nonzeros:
         self._parts: Optional[list] = None
         self.row0, self._keep_csc = 0, True
 
-    def parts(self) -> list:
-        """``(part, H rows, W rows)``: the pattern in parts of consecutive rows of at most ``_NNZ_BLOCK`` non-zeros.
+    def parts(self, size: Optional[int] = None) -> list:
+        """``(part, H rows, W rows)``: the pattern in parts of consecutive rows of at most ``size`` non-zeros.
+
+        ``size`` defaults to ``_NNZ_BLOCK``; the parts are made on the first call (later calls
+        return them whatever ``size``).
 
         One part, this pattern itself, when it holds no more (the products of the whole
         block, as before). Each part is a :class:`_Nonzeros` of its rows (views of the
@@ -136,7 +139,8 @@ class _Nonzeros:
         """
         if self._parts is None:  # the list never holds self: no reference cycle keeps a block alive
             self._parts = []
-            blocks = row_blocks(self.crow, _NNZ_BLOCK) if self.row0 == 0 and self._keep_csc else [None]
+            size = _NNZ_BLOCK if size is None else size
+            blocks = row_blocks(self.crow, size) if self.row0 == 0 and self._keep_csc else [None]
             for r0, r1 in blocks if len(blocks) > 1 else []:
                 i0, i1 = int(self.crow[r0]), int(self.crow[r1])
                 part = object.__new__(_Nonzeros)
@@ -227,10 +231,10 @@ class _TransposedNonzeros:
     def col(self) -> Tensor:
         return self.base.rows
 
-    def parts(self) -> list:
+    def parts(self, size: Optional[int] = None) -> list:
         """The base's parts seen transposed: the part of rows ``r0:r1`` of ``V`` reads rows ``r0:r1`` of ``W`` here."""
         if self._parts is None:  # as the base's: never self (no reference cycle)
-            self._parts = [(p.transposed(), ws, hs) for p, hs, ws in self.base.parts() if p is not self.base]
+            self._parts = [(p.transposed(), ws, hs) for p, hs, ws in self.base.parts(size) if p is not self.base]
         return self._parts or [(self, slice(None), slice(None))]
 
     def at(self, M: Tensor) -> Tensor:
@@ -369,14 +373,15 @@ def _dense_update(V, W, H, beta, M, eps, with_loss, cache):
 def _sparse_update(V, W, H, beta, M, eps, with_loss, cache):
     """Numerator, denominator and (optionally) the divergence for a sparse ``V``, on its non-zeros.
 
-    The non-zeros are taken in parts of at most ``_NNZ_BLOCK`` (consecutive rows of the CSR
-    pattern, see :meth:`_Nonzeros.parts`): the arrays over the non-zeros (reconstruction,
-    ratio) are one part's, so a streamed block's working set stays a fraction of the block.
+    The non-zeros are taken in parts of at most ``cache["nnz_block"]`` (default
+    ``_NNZ_BLOCK``; consecutive rows of the CSR pattern, see :meth:`_Nonzeros.parts`): the
+    arrays over the non-zeros (reconstruction, ratio) are one part's, so a streamed block's
+    working set stays a fraction of the block.
     """
     if beta <= 0:
         raise ValueError("beta <= 0 needs a strictly positive V; a sparse V has zeros")
     nz = _sparse_parts(V, cache)
-    parts = nz.parts()
+    parts = nz.parts(cache.get("nnz_block"))
     num = None if len(parts) == 1 else H.new_zeros(H.shape)
     t1 = t2 = H.new_zeros(()) if with_loss else None  # the divergence's sums over the non-zeros
     for part, hs, ws in parts:

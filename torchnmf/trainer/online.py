@@ -15,6 +15,10 @@ from ..updates import EPSILON, mu_gamma, mu_statistics, mu_update
 __all__ = ["OnlineMU"]
 
 
+#: Non-zeros of a sparse batch handled at once (see torchnmf.updates._NNZ_BLOCK).
+_NNZ_BLOCK = 1 << 15
+
+
 class OnlineMU(torch.optim.Optimizer):
     r"""Online multiplicative updates of the shared factor of ``V (N, C) ≈ H Wᵀ``, batch by batch.
 
@@ -134,7 +138,9 @@ class OnlineMU(torch.optim.Optimizer):
         with torch.enable_grad():  # a closure may build its batch with autograd on
             V, H, M = self._batch(closure, W)
         beta, eps, l1, l2 = group["beta"], group["eps"], group["l1"], group["l2"]
-        cache: dict = {}
+        # parts of 32,768 non-zeros: a streamed block's working set is then about half the block
+        # (65,536, mu_update's default, held about a block; measured in benchmarks/anndata_backed.py)
+        cache: dict = {"nnz_block": _NNZ_BLOCK}
         Hn = H
         for _ in range(group["inner_iter"]):
             Hn = mu_update(V, W, Hn, beta, M, l1, l2, eps=eps, cache=cache)
@@ -146,7 +152,9 @@ class OnlineMU(torch.optim.Optimizer):
         if V.layout not in (torch.strided, torch.sparse_csr):
             V = to_csr(V.coalesce() if V.layout == torch.sparse_coo else V)
             cache.pop("nz", None)
-        tcache = {"nz": cache["nz"].transposed()} if "nz" in cache else None
+        tcache = {"nnz_block": _NNZ_BLOCK}
+        if "nz" in cache:
+            tcache["nz"] = cache["nz"].transposed()
         num, den, loss = mu_statistics(V.t(), H, W, beta, None if M is None else M.t(), eps=eps, with_loss=True,
                                        cache=tcache)
         del cache, tcache
