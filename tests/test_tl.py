@@ -397,3 +397,33 @@ def test_consensus_writes_the_most_stable_rank_as_consensus_nmf_finds_it():
     with pytest.raises(ValueError, match=r"k=5 is not among the ranks fitted \(2, 3\)"):
         ntl.consensus(adata, (2, 3), k=5, key_added="other", **opts)
     assert "other" not in adata.uns and "X_other" not in adata.obsm
+
+
+def test_streamed_usages_stop_per_block_and_warn_once_for_unfinished_blocks(tmp_path):
+    """The usages of a streamed NMF follow the estimator's stop rule per block, one warning for blocks at max_iter."""
+    from torchnmf.engine import ConvergenceWarning
+    from torchnmf.nmf import NMF
+    from torchnmf.streaming import SparseRows
+    from torchnmf.tl import _backed
+
+    adata = make_adata(n=60, d=12)
+    X = adata.layers["counts"].tocsr()
+    source = SparseRows(X)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        short = _backed.nmf_online(source, None, BetaNMF(2, max_iter=3, tol=1e-4, device="cpu"), batch_size=16,
+                                   epochs=1, seed=0)
+    msgs = [str(m.message) for m in w if issubclass(m.category, ConvergenceWarning)]
+    assert msgs == ["nmf: the usages of 4 of 4 blocks reached max_iter=3 before tol=0.0001; raise max_iter for "
+                    "converged usages"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = _backed.nmf_online(source, None, BetaNMF(2, max_iter=5000, tol=1e-4, device="cpu"), batch_size=16,
+                                 epochs=1, seed=0)
+    # each block's usages are NMF.transform's with the same start and stop rule
+    model = NMF(W=torch.as_tensor(res.loadings), rank=2)
+    V = torch.as_tensor(X[16:32].toarray())
+    H0 = torch.full((16, 2), (float(V.sum()) / V.numel() / 2) ** 0.5, dtype=V.dtype)
+    ref = model.transform(V, beta=1, tol=1e-4, max_iter=5000, H=H0)
+    np.testing.assert_allclose(res.usages[16:32], ref.numpy(), rtol=1e-6, atol=1e-9)
+    assert short.usages.shape == res.usages.shape == (60, 2) and np.isfinite(res.usages).all()
