@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["quiet_csr", "to_csr", "csr_tensor", "is_canonical", "csc_pattern", "sampled_mm", "row_blocks"]
+__all__ = ["quiet_csr", "to_csr", "csr_tensor", "is_canonical", "csc_pattern", "sampled_mm", "row_blocks", "row_indices"]
 
 
 @contextlib.contextmanager
@@ -114,3 +114,13 @@ def row_blocks(crow: Tensor, chunk_size: Optional[int]) -> List[Tuple[int, int]]
         blocks.append((start, lo))
         start = lo
     return blocks
+
+
+def row_indices(crow: Tensor, first: int = 0, nnz: Optional[int] = None) -> Tensor:
+    """Row of each non-zero of the CSR row pointers ``crow`` (int64, shape (nnz,)), counting from ``first``.
+
+    ``nnz`` (``crow[-1] - crow[0]``), when known, saves a host sync on a GPU.
+    """
+    counts = (crow[1:] - crow[:-1]).long()
+    return torch.repeat_interleave(torch.arange(first, first + counts.numel(), device=crow.device), counts,
+                                   output_size=nnz)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._csr import csr_tensor
+from ._csr import csr_tensor, row_indices
 
 __all__ = [
     "as_tensor",
@@ -343,10 +343,10 @@ def _first(X: Tensor, mask: Tensor) -> Tuple[int, int, float]:
         rows, cols = X.coalesce().indices()[:2]
     elif X.layout == torch.sparse_csr:
         crow, cols = X.crow_indices(), X.col_indices()
-        rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
+        rows = row_indices(crow)
     elif X.layout == torch.sparse_csc:
         ccol, rows = X.ccol_indices(), X.row_indices()
-        cols = torch.repeat_interleave(torch.arange(ccol.numel() - 1, device=ccol.device), ccol.diff())
+        cols = row_indices(ccol)  # the column of each entry, from the CSC column pointers
     else:  # blocked layouts: report the first block's entry
         return 0, 0, float(v.reshape(-1)[int(k[0])])
     key = rows[k].long() * int(X.shape[1]) + cols[k].long()

@@ -22,7 +22,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._csr import csc_pattern, csr_tensor, row_blocks, sampled_mm, to_csr
+from ._csr import csc_pattern, csr_tensor, row_blocks, row_indices, sampled_mm, to_csr
 from .data import check_beta, check_not_meta
 
 __all__ = ["mu_update", "mu_gamma", "mu_statistics", "mu_apply", "EPSILON"]
@@ -140,7 +140,7 @@ class _Nonzeros:
         if self._parts is None:  # the list never holds self: no reference cycle keeps a block alive
             self._parts = []
             size = _NNZ_BLOCK if size is None else size
-            blocks = row_blocks(self.crow, size) if self.row0 == 0 and self._keep_csc else [None]
+            blocks = row_blocks(self.crow, size)  # a part's own list is [] already: never re-split
             for r0, r1 in blocks if len(blocks) > 1 else []:
                 i0, i1 = int(self.crow[r0]), int(self.crow[r1])
                 part = object.__new__(_Nonzeros)
@@ -159,8 +159,7 @@ class _Nonzeros:
     def rows(self) -> Tensor:
         """Row of each non-zero, shape (nnz,) (int64, made on first use)."""
         if self._rows is None:
-            counts = (self.crow[1:] - self.crow[:-1]).long()
-            self._rows = torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts)
+            self._rows = row_indices(self.crow, nnz=self.vals.numel())
         return self._rows
 
     def csr(self, values: Tensor) -> Tensor:
@@ -180,7 +179,6 @@ class _Nonzeros:
         if W.dtype not in (torch.float32, torch.float64):  # CPU CSR products take fp32/fp64 only
             return _spmm(self.rows, self.col.long(), values, self.shape, W)
         return self.csr(values) @ W
-
 
     def tmm(self, values: Tensor, H: Tensor) -> Tensor:
         """``Sᵀ @ H`` for the matrix ``S`` of this pattern holding ``values`` (nnz,); ``H`` (N, R), result (C, R).

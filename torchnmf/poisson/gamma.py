@@ -54,7 +54,7 @@ from torch.distributions import Gamma, kl_divergence
 from torch.nn.utils import parametrize
 
 from .. import constraints
-from .._csr import csc_pattern, is_canonical, row_blocks as _row_blocks, sampled_mm
+from .._csr import csc_pattern, is_canonical, row_blocks as _row_blocks, row_indices, sampled_mm
 from .._special import digamma_positive
 from ..data import (as_tensor, check_counts, check_magnitude, check_option, check_positive, check_positive_vector,
                     check_rank, check_shape, nonzeros)
@@ -170,9 +170,7 @@ class CountMatrix:
 
     def row_indices(self) -> Tensor:
         """Row of each nonzero, shape (nnz,), int64, made from ``crow`` (it is not stored)."""
-        counts = (self.crow[1:] - self.crow[:-1]).long()
-        return torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts,
-                                       output_size=self.nnz)
+        return row_indices(self.crow, nnz=self.nnz)
 
     def __getattr__(self, name: str):
         # ``rows`` (see Attributes) is computed, not stored; not a property so that autodoc
@@ -309,8 +307,7 @@ class CountMatrix:
         log_factorial = values.new_zeros((), dtype=torch.float64)
         for r0, r1 in _row_blocks(out.crow, _BLOCK):
             lo, hi = int(out.crow[r0]), int(out.crow[r1])
-            rows = torch.repeat_interleave(torch.arange(r0, r1, device=values.device),
-                                           (out.crow[r0 + 1:r1 + 1] - out.crow[r0:r1]).long(), output_size=hi - lo)
+            rows = row_indices(out.crow[r0:r1 + 1], first=r0, nnz=hi - lo)
             cols, v = out.cols[lo:hi], values[lo:hi]
             out.row_totals.index_add_(0, rows, v)
             out.col_totals.index_add_(0, cols, v)
@@ -488,12 +485,8 @@ def expected_counts(data: CountMatrix, elog_u: Tensor, elog_a: Tensor, need_rows
                 for q0, q1 in _row_blocks(crow_b, _BLOCK):
                     j0, j1 = int(crow_b[q0]), int(crow_b[q1])
                     crow_q, cols_q = crow_b[q0:q1 + 1] - j0, cols_b[j0:j1]
-
-                    def part_rows():  # CSR row of each of the part's nonzeros (for the sort on a GPU)
-                        return torch.repeat_interleave(torch.arange(q1 - q0, device=crow_q.device),
-                                                       (crow_q[1:] - crow_q[:-1]).long())
-
-                    ccol_q, rows_q, perm = csc_pattern(crow_q, cols_q, (q1 - q0, m), part_rows,
+                    ccol_q, rows_q, perm = csc_pattern(crow_q, cols_q, (q1 - q0, m),
+                                                       lambda: row_indices(crow_q, nnz=j1 - j0),  # (on a GPU)
                                                        counting=crow_q.device.type == "cpu")
                     col_sums += _csr(ccol_q, rows_q, w_all[j0:j1][perm], (m, q1 - q0)) @ gu[r0 + q0:r0 + q1]
                     del ccol_q, rows_q, perm
