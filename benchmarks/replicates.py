@@ -58,19 +58,8 @@ def run_batch_cd(X, k, R, W0, H0, beta, iters, tol, dtype, check_every):
 
 
 def run_sklearn_cd(X, k, R, W0, H0, beta, iters, tol, dtype, check_every):
-    from sklearn.decomposition import non_negative_factorization
-
-    np_dtype = np.float32 if dtype == torch.float32 else np.float64
-    Xs = X.astype(np_dtype)
-    losses, n_iter = [], []
-    for r in range(R):
-        W_sk = np.ascontiguousarray(H0[r].numpy().astype(np_dtype))
-        H_sk = np.ascontiguousarray(W0[r].numpy().T.astype(np_dtype))
-        W, H, n = non_negative_factorization(Xs, W=W_sk, H=H_sk, n_components=k, init="custom", solver="cd",
-                                             beta_loss=2, tol=tol, max_iter=iters, shuffle=False)
-        n_iter.append(n)
-        losses.append(_divergence(Xs, W, H, 2))
-    return losses, n_iter
+    """scikit-learn's coordinate descent, replicate by replicate (beta = 2 only, no shuffling)."""
+    return run_sklearn(X, k, R, W0, H0, 2, iters, tol, dtype, check_every, solver="cd")
 
 
 def run_sequential(X, k, R, W0, H0, beta, iters, tol, dtype, check_every):
@@ -86,7 +75,7 @@ def run_sequential(X, k, R, W0, H0, beta, iters, tol, dtype, check_every):
     return losses, n_iter
 
 
-def run_sklearn(X, k, R, W0, H0, beta, iters, tol, dtype, check_every):
+def run_sklearn(X, k, R, W0, H0, beta, iters, tol, dtype, check_every, solver="mu"):
     from sklearn.decomposition import non_negative_factorization
 
     np_dtype = np.float32 if dtype == torch.float32 else np.float64
@@ -95,8 +84,9 @@ def run_sklearn(X, k, R, W0, H0, beta, iters, tol, dtype, check_every):
     for r in range(R):
         W_sk = np.ascontiguousarray(H0[r].numpy().astype(np_dtype))
         H_sk = np.ascontiguousarray(W0[r].numpy().T.astype(np_dtype))
-        W, H, n = non_negative_factorization(Xs, W=W_sk, H=H_sk, n_components=k, init="custom", solver="mu",
-                                             beta_loss=beta, tol=tol, max_iter=iters)
+        W, H, n = non_negative_factorization(Xs, W=W_sk, H=H_sk, n_components=k, init="custom", solver=solver,
+                                             beta_loss=beta, tol=tol, max_iter=iters,
+                                             **({"shuffle": False} if solver == "cd" else {}))
         n_iter.append(n)
         losses.append(_divergence(Xs, W, H, beta))
     return losses, n_iter

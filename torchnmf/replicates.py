@@ -211,6 +211,14 @@ class _Group:
         return A[:, self.cols].view(A.shape[0], len(self.ids), self.k)
 
 
+def _survivors(g: _Group, ids: List[int], offset: int, keep_cols: List[int], new_groups: List[_Group]) -> int:
+    """Keep replicates ``ids`` (positions in ``g``) running: their columns into ``keep_cols``, their group at
+    ``offset`` into ``new_groups``; return the offset after them (shared by the MU and coordinate-descent loops)."""
+    keep_cols.extend(c for j in ids for c in range(g.offset + j * g.k, g.offset + (j + 1) * g.k))
+    new_groups.append(_Group(g.k, [g.ids[j] for j in ids], offset))
+    return offset + len(ids) * g.k
+
+
 class _Expanded:
     """The non-zero pattern of a sparse ``X`` (n, m) repeated for ``c`` replicates, as one CSR matrix.
 
@@ -783,9 +791,7 @@ def _fit_local(batch: "_Batch", mine, out, W0, H0, seed, tol, max_iter, check_ev
                             ids.append(j)
                     j_all += len(g.ids)
                     if ids:
-                        keep_cols.extend(c for j in ids for c in range(g.offset + j * g.k, g.offset + (j + 1) * g.k))
-                        new_groups.append(_Group(g.k, [g.ids[j] for j in ids], offset))
-                        offset += len(ids) * g.k
+                        offset = _survivors(g, ids, offset, keep_cols, new_groups)
                 prev_step = i
                 if len(keep_cols) < H.shape[1]:  # some replicates stopped: compact the stacked factors
                     groups = new_groups
@@ -863,10 +869,8 @@ def _fit_local_cd(batch: "_Batch", mine, out, W0, H0, seed, tol, max_iter, bar) 
                         ids.append(j)
                 j_all += len(g.ids)
                 if ids:
-                    keep_cols.extend(c for j in ids for c in range(g.offset + j * g.k, g.offset + (j + 1) * g.k))
-                    new_groups.append(_Group(g.k, [g.ids[j] for j in ids], offset))
+                    offset = _survivors(g, ids, offset, keep_cols, new_groups)
                     new_grams.append(G if len(ids) == len(g.ids) else G[torch.tensor(ids, device=G.device)])
-                    offset += len(ids) * g.k
             if bar is not None:
                 bar.update(i - bar.n)
                 bar.set_postfix(active=sum(len(g.ids) for g in new_groups), refresh=False)
